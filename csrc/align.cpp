@@ -1,0 +1,328 @@
+// Alignment kernels (see align.h and engine/_align_py.py for the algorithms and their rules).
+//
+// mined_align stores the DTW matrix banded: row i keeps columns [lo_i, hi_i] only, so memory and time are
+// O(m * band) with a band and O(m * n) without. Costs are integers, so the accumulated matrix is int64
+// with a large sentinel for "unreachable"; comparisons in the backtrack match numpy's float inf exactly.
+// Token strings repeat a lot (" the", "\n", digits), so distinct strings get small ids and a lazily
+// filled (teacher id x student id) table memoizes the Levenshtein costs when it fits in 64 MiB.
+//
+// nearest scans candidate buckets by length |len_q - len_c| = 0, 1, 2, ... and stops once the distance
+// can no longer beat the best found (d >= |len difference|). Each comparison is first filtered by a
+// lower bound from 256-bit byte-set signatures (every byte value present in one string and absent from
+// the other costs at least one edit), then computed with Myers' bit-parallel algorithm (Hyyro's global
+// variant) for queries up to 64 bytes, exiting early once the remaining columns cannot bring the score
+// under the threshold; longer queries use the plain O(la * lb) recurrence.
+#include "align.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <limits>
+#include <thread>
+#include <unordered_map>
+
+namespace profuser {
+
+// ------------------------------------------------------------------------------------------------
+// offsets
+// ------------------------------------------------------------------------------------------------
+
+void check_offsets(const int32_t* off, int64_t n, const char* name, int64_t seq) {
+  if (n <= 0) throw AlignError("sequence " + std::to_string(seq) + ": " + name + " offsets are empty");
+  for (int64_t r = 0; r < n; ++r) {
+    const int32_t a = off[2 * r], b = off[2 * r + 1];
+    if (a < 0 || b < a)
+      throw AlignError("sequence " + std::to_string(seq) + ": " + name + " offsets row " + std::to_string(r) +
+                       " is not a span: [" + std::to_string(a) + ", " + std::to_string(b) + "]");
+    if (r > 0 && a < off[2 * (r - 1)])
+      throw AlignError("sequence " + std::to_string(seq) + ": " + name + " offsets decrease at row " +
+                       std::to_string(r) + ": start " + std::to_string(a) + " after " +
+                       std::to_string(off[2 * (r - 1)]));
+  }
+}
+
+static inline bool clean(const int32_t* o, int64_t i) {
+  return i == 0 || (o[2 * i] != o[2 * (i - 1)] && o[2 * (i - 1) + 1] <= o[2 * i]);
+}
+
+void offsets_align(const int32_t* st, int64_t n, const int32_t* te, int64_t m, int32_t* out) {
+  int64_t r = 0;  // teacher cursor: starts are non-decreasing on both sides, so one merge pass suffices
+  for (int64_t s = 0; s < n; ++s) {
+    out[s] = -1;
+    const int32_t c = st[2 * s];
+    while (r < m && te[2 * r] < c) ++r;
+    if (r < m && te[2 * r] == c && clean(st, s) && clean(te, r)) out[s] = static_cast<int32_t>(r);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Levenshtein
+// ------------------------------------------------------------------------------------------------
+
+template <typename T>
+int64_t lev(const T* a, int64_t la, const T* b, int64_t lb) {
+  if (la < lb) { std::swap(a, b); std::swap(la, lb); }
+  if (lb == 0) return la;
+  std::vector<int64_t> row(static_cast<size_t>(lb + 1));
+  for (int64_t j = 0; j <= lb; ++j) row[j] = j;
+  for (int64_t i = 1; i <= la; ++i) {
+    int64_t diag = row[0];
+    row[0] = i;
+    for (int64_t j = 1; j <= lb; ++j) {
+      const int64_t up = row[j];
+      row[j] = std::min({up + 1, row[j - 1] + 1, diag + (a[i - 1] != b[j - 1] ? 1 : 0)});
+      diag = up;
+    }
+  }
+  return row[lb];
+}
+template int64_t lev<uint8_t>(const uint8_t*, int64_t, const uint8_t*, int64_t);
+template int64_t lev<int32_t>(const int32_t*, int64_t, const int32_t*, int64_t);
+
+// Small strings: a stack row instead of a heap vector (the DTW calls this millions of times).
+template <typename T>
+static inline int64_t lev_small(const T* a, int64_t la, const T* b, int64_t lb) {
+  if (la < lb) { std::swap(a, b); std::swap(la, lb); }
+  if (lb == 0) return la;
+  if (lb > 63) return lev(a, la, b, lb);
+  int64_t row[64];
+  for (int64_t j = 0; j <= lb; ++j) row[j] = j;
+  for (int64_t i = 1; i <= la; ++i) {
+    int64_t diag = row[0];
+    row[0] = i;
+    const T ca = a[i - 1];
+    for (int64_t j = 1; j <= lb; ++j) {
+      const int64_t up = row[j];
+      int64_t v = diag + (ca != b[j - 1] ? 1 : 0);
+      v = std::min(v, up + 1);
+      v = std::min(v, row[j - 1] + 1);
+      row[j] = v;
+      diag = up;
+    }
+  }
+  return row[lb];
+}
+
+template <typename T>
+void check_strings(const Strings<T>& s, int64_t data_len, const char* name, int64_t seq) {
+  if (s.count <= 0) throw AlignError("sequence " + std::to_string(seq) + ": " + name + " tokens are empty");
+  if (s.off[0] != 0 || s.off[s.count] != data_len)
+    throw AlignError("sequence " + std::to_string(seq) + ": " + name + " string offsets do not span the data");
+  for (int64_t i = 0; i < s.count; ++i)
+    if (s.off[i + 1] < s.off[i])
+      throw AlignError("sequence " + std::to_string(seq) + ": " + name + " string offsets decrease at " +
+                       std::to_string(i));
+}
+template void check_strings<uint8_t>(const Strings<uint8_t>&, int64_t, const char*, int64_t);
+template void check_strings<int32_t>(const Strings<int32_t>&, int64_t, const char*, int64_t);
+
+// ------------------------------------------------------------------------------------------------
+// mined DTW
+// ------------------------------------------------------------------------------------------------
+
+namespace {
+
+// Distinct-string ids for a token list (hash of the code units).
+std::vector<int32_t> string_ids(const Strings<int32_t>& s, int32_t* n_distinct) {
+  std::unordered_map<std::u32string, int32_t> ids;
+  ids.reserve(static_cast<size_t>(s.count) * 2);
+  std::vector<int32_t> out(static_cast<size_t>(s.count));
+  for (int64_t i = 0; i < s.count; ++i) {
+    std::u32string key(reinterpret_cast<const char32_t*>(s.at(i)), static_cast<size_t>(s.len(i)));
+    auto it = ids.emplace(std::move(key), static_cast<int32_t>(ids.size())).first;
+    out[i] = it->second;
+  }
+  *n_distinct = static_cast<int32_t>(ids.size());
+  return out;
+}
+
+}  // namespace
+
+void mined_align(const Strings<int32_t>& student, const Strings<int32_t>& teacher, int64_t band, int64_t seq,
+                 int32_t* out) {
+  const int64_t m = teacher.count, n = student.count;
+  constexpr int64_t INF = std::numeric_limits<int64_t>::max() / 4;
+  // band limits, exactly as _align_py.band_limits
+  std::vector<int64_t> lo(m), hi(m), base(m + 1);
+  for (int64_t i = 0; i < m; ++i) {
+    int64_t l = 0, h = n - 1;
+    if (band >= 0) {
+      l = (i * n) / m - band;
+      h = ((i + 1) * n + m - 1) / m - 1 + band;
+    }
+    lo[i] = std::clamp<int64_t>(l, 0, n - 1);
+    hi[i] = std::clamp<int64_t>(h, 0, n - 1);
+  }
+  base[0] = 0;
+  for (int64_t i = 0; i < m; ++i) base[i + 1] = base[i] + (hi[i] - lo[i] + 1);
+  std::vector<int64_t> D(static_cast<size_t>(base[m]));
+  auto at = [&](int64_t i, int64_t j) -> int64_t {  // D(i, j) with out-of-band / border = INF
+    if (i < 0 || j < 0 || j < lo[i] || j > hi[i]) return INF;
+    return D[static_cast<size_t>(base[i] + j - lo[i])];
+  };
+
+  int32_t ut = 0, us = 0;
+  const std::vector<int32_t> tid = string_ids(teacher, &ut);
+  const std::vector<int32_t> sid = string_ids(student, &us);
+  const bool memo = static_cast<int64_t>(ut) * us <= (int64_t{16} << 20);
+  std::vector<int32_t> table(memo ? static_cast<size_t>(ut) * us : 0, -1);
+
+  for (int64_t i = 0; i < m; ++i) {
+    const int32_t* ts = teacher.at(i);
+    const int64_t tl = teacher.len(i);
+    for (int64_t j = lo[i]; j <= hi[i]; ++j) {
+      int64_t c;
+      if (memo) {
+        int32_t& slot = table[static_cast<size_t>(tid[i]) * us + sid[j]];
+        if (slot < 0) slot = static_cast<int32_t>(lev_small(ts, tl, student.at(j), student.len(j)));
+        c = slot;
+      } else {
+        c = lev_small(ts, tl, student.at(j), student.len(j));
+      }
+      int64_t best;
+      if (i == 0 && j == 0) {
+        best = 0;
+      } else {
+        best = std::min({at(i - 1, j), at(i, j - 1), at(i - 1, j - 1)});
+      }
+      D[static_cast<size_t>(base[i] + j - lo[i])] = best >= INF ? INF : best + c;
+    }
+  }
+  if (at(m - 1, n - 1) >= INF)
+    throw AlignError("sequence " + std::to_string(seq) + ": no DTW path inside band=" + std::to_string(band));
+
+  // backtrack: ties to the diagonal, then up (teacher step), then left (student step)
+  std::vector<int32_t> count(static_cast<size_t>(n), 0), row(static_cast<size_t>(n), -1);
+  int64_t i = m - 1, j = n - 1;
+  while (i > 0 || j > 0) {
+    count[j] += 1;
+    row[j] = static_cast<int32_t>(i);
+    const int64_t diag = (i > 0 && j > 0) ? at(i - 1, j - 1) : INF;
+    const int64_t up = i > 0 ? at(i - 1, j) : INF;
+    const int64_t left = j > 0 ? at(i, j - 1) : INF;
+    if (diag <= up && diag <= left) { --i; --j; }
+    else if (up <= left) { --i; }
+    else { --j; }
+  }
+  count[0] += 1;
+  row[0] = 0;
+  for (int64_t s = 0; s < n; ++s) {
+    out[s] = -1;
+    if (count[s] != 1) continue;
+    const int64_t r = row[s];
+    if (teacher.len(r) == student.len(s) &&
+        std::equal(teacher.at(r), teacher.at(r) + teacher.len(r), student.at(s)))
+      out[s] = static_cast<int32_t>(r);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// nearest string (vocabulary MinED map)
+// ------------------------------------------------------------------------------------------------
+
+namespace {
+
+struct Sig {
+  uint64_t w[4];
+};
+
+Sig signature(const uint8_t* s, int64_t n) {
+  Sig g{{0, 0, 0, 0}};
+  for (int64_t i = 0; i < n; ++i) g.w[s[i] >> 6] |= uint64_t{1} << (s[i] & 63);
+  return g;
+}
+
+inline int64_t sig_bound(const Sig& a, const Sig& b) {
+  int64_t x = 0, y = 0;
+  for (int k = 0; k < 4; ++k) {
+    x += __builtin_popcountll(a.w[k] & ~b.w[k]);
+    y += __builtin_popcountll(b.w[k] & ~a.w[k]);
+  }
+  return std::max(x, y);
+}
+
+// Myers/Hyyro bit-parallel global edit distance, pattern <= 64 bytes; returns > thr when it exceeds thr.
+inline int64_t myers(const uint64_t* peq, int64_t la, const uint8_t* b, int64_t lb, int64_t thr) {
+  uint64_t pv = la == 64 ? ~uint64_t{0} : ((uint64_t{1} << la) - 1), mv = 0;
+  const uint64_t last = uint64_t{1} << (la - 1);
+  int64_t score = la;
+  for (int64_t j = 0; j < lb; ++j) {
+    const uint64_t eq = peq[b[j]];
+    const uint64_t xv = eq | mv;
+    const uint64_t xh = (((eq & pv) + pv) ^ pv) | eq;
+    uint64_t ph = mv | ~(xh | pv);
+    uint64_t mh = pv & xh;
+    if (ph & last) ++score;
+    else if (mh & last) --score;
+    ph = (ph << 1) | 1;
+    mh <<= 1;
+    pv = mh | ~(xv | ph);
+    mv = ph & xv;
+    if (score - (lb - j - 1) > thr) return thr + 1;  // each remaining column lowers it by at most 1
+  }
+  return score;
+}
+
+}  // namespace
+
+void nearest(const Strings<uint8_t>& q, const Strings<uint8_t>& c, const int32_t* max_dist,
+             const uint8_t* cand_ok, int n_threads, int32_t* out_id, int32_t* out_dist) {
+  int64_t max_len = 0;
+  for (int64_t k = 0; k < c.count; ++k) max_len = std::max(max_len, c.len(k));
+  std::vector<std::vector<int32_t>> bucket(static_cast<size_t>(max_len + 1));
+  std::vector<Sig> sig(static_cast<size_t>(c.count));
+  for (int64_t k = 0; k < c.count; ++k) {
+    sig[k] = signature(c.at(k), c.len(k));
+    if (cand_ok[k] && c.len(k) > 0) bucket[c.len(k)].push_back(static_cast<int32_t>(k));
+  }
+
+  std::atomic<int64_t> next{0};
+  auto work = [&]() {
+    uint64_t peq[256];
+    for (;;) {
+      const int64_t lo = next.fetch_add(64);
+      if (lo >= q.count) return;
+      const int64_t hi = std::min(q.count, lo + 64);
+      for (int64_t qi = lo; qi < hi; ++qi) {
+        out_id[qi] = -1;
+        out_dist[qi] = -1;
+        const uint8_t* a = q.at(qi);
+        const int64_t la = q.len(qi), k = max_dist[qi];
+        if (la == 0 || k < 0) continue;
+        const Sig sa = signature(a, la);
+        const bool bitpar = la <= 64;
+        if (bitpar) {
+          std::memset(peq, 0, sizeof(peq));
+          for (int64_t x = 0; x < la; ++x) peq[a[x]] |= uint64_t{1} << x;
+        }
+        int64_t best_d = k + 1, best_id = -1;
+        for (int64_t delta = 0; delta <= k; ++delta) {
+          if (delta > best_d) break;
+          for (int side = 0; side < (delta == 0 ? 1 : 2); ++side) {
+            const int64_t L = side == 0 ? la - delta : la + delta;
+            if (L <= 0 || L > max_len) continue;
+            for (const int32_t ci : bucket[L]) {
+              // a tie only wins with a smaller index, so the threshold depends on the candidate
+              const int64_t thr = ci < best_id ? best_d : best_d - 1;
+              if (delta > thr || sig_bound(sa, sig[ci]) > thr) continue;
+              const int64_t d = bitpar ? myers(peq, la, c.at(ci), L, thr) : lev(a, la, c.at(ci), L);
+              if (d <= thr) { best_d = d; best_id = ci; }
+            }
+          }
+        }
+        if (best_id >= 0) {
+          out_id[qi] = static_cast<int32_t>(best_id);
+          out_dist[qi] = static_cast<int32_t>(best_d);
+        }
+      }
+    }
+  };
+  if (n_threads <= 0) n_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  n_threads = static_cast<int>(std::min<int64_t>(n_threads, std::max<int64_t>(1, q.count / 64)));
+  std::vector<std::thread> pool;
+  for (int t = 1; t < n_threads; ++t) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+}
+
+}  // namespace profuser

@@ -1,0 +1,573 @@
+"""Streaming loader: prepared set + student tokenization + every source's stored top-k -> padded batches.
+
+Data flow for one shard j (docs/contracts.md sections 3 and 4). Shard j of the prepared set and of every
+source store cover the same rows in the same order, so a shard is the unit of work:
+
+    prepared/part-j        example_id, prompt, response, system
+    teachers/<t>/<mode>/part-j   per row: the teacher's predicted tokens (offsets, ids, logprobs, top-k)
+         |  check example_id equality (error names file and row), offsets, counts, NaN (error or drop)
+         v
+    student encoding       collate.encode_batch: chat template, response-only predicted positions
+         v
+    alignment              align.align_offsets(student pred_offsets, teacher pred_offsets) per example and
+                           teacher -> global teacher token index per student predicted token (-1 = none)
+         v
+    gather + weights       one fancy index per teacher into the flat [sum R, K] top-k arrays; advantage
+                           weights (engine/weights.py) per example or per token
+         v
+    ProcessedShard         flat arrays; collate.collate pads any subset of its examples into a batch
+
+Ids stay teacher ids (the loss maps them with `loader.vocab_maps`, built once per teacher).
+
+Order, sharding, resume. An epoch's order is a pure function of (seed, epoch, rank, world_size) and the
+manifests: the rank's shards are permuted, their rows streamed through a shuffle buffer (the classic
+reservoir: a full buffer emits a uniformly chosen slot that the next row refills), all on integer keys
+(shard, row) before any data is read. Ranks: when n_shards % world_size == 0 rank r takes shards
+j % W == r (it reads only those); otherwise every rank reads every shard and keeps the rows whose global
+index k = j * shard_size + row has k % W == r. Either way every example is on exactly one rank.
+`state_dict()` is {epoch, consumed keys}; resuming recomputes the order and continues at the same key,
+so the following batches are identical. A shard is processed when its first key comes up and freed after
+its last one, so memory is bounded by the buffer span, not by the dataset.
+
+`iter(loader)` yields the rest of the current epoch, then advances to the next epoch (new order).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from . import collate as _collate
+from . import store
+from .weights import ADVANTAGES, CE_METRICS, advantage_weights, example_metric
+
+MODES = ("train", "infer")
+LEVELS = ("example", "token")
+ALIGN_METHODS = ("offsets", "mined")
+NAN_POLICIES = ("error", "drop")
+
+
+DataError = store.StoreError  # bad or inconsistent input data; the message names the file (and row)
+
+
+@dataclass
+class FusionDataConfig:
+    """Options of the streaming loader (docs/contracts.md section 4).
+
+    data_dir: holds prepared/, teachers/<source>/<mode>/ and scores/.
+    sources: the T source names (folders under teachers/), in the order of the teacher axis.
+    student: the student's model spec; a source whose manifest model equals it and whose tokenizer hash
+        equals the student tokenizer's is "the student itself" (see student_as_candidate).
+    mode: "train" (gold responses, every source teaches) | "infer" (the vote winner's response, only the
+        winner teaches).
+    k: top-k entries per teacher in the batch (<= every store's k); None = the largest stored k.
+    max_length: student sequence length cap (the response is truncated, never the prompt).
+    advantage / advantage_level / ce_metric: see engine/weights.py.
+    student_as_candidate: the student's own source may win MinCE / get AvgCE weight (FuseLLM's ref model).
+    shuffle_buffer: rows in the shuffle buffer; <= 1 = no shuffling at all (shards in order).
+    align_method: "offsets" (exact character offsets) | "mined" (edit-distance alignment of token strings).
+    nan_policy: "error" (raise naming file and row) | "drop" (skip the example, count it, warn).
+    source_models: optional {source: model spec}; the manifest's model must equal it and its tokenizer
+        must hash to the manifest's tokenizer_hash.
+    pad_to_multiple_of: batch length L is rounded up to it.
+    drop_last: drop the last incomplete batch of an epoch.
+    """
+
+    data_dir: str
+    sources: list[str]
+    student: str
+    mode: str = "train"
+    k: int | None = None
+    max_length: int | None = 2048
+    batch_size: int = 8
+    advantage: str = "minCE"
+    advantage_level: str = "example"
+    ce_metric: str = "per_byte"
+    student_as_candidate: bool = True
+    shuffle_buffer: int = 1024
+    seed: int = 0
+    align_method: str = "offsets"
+    nan_policy: str = "error"
+    source_models: dict[str, str] | None = None
+    pad_to_multiple_of: int = 8
+    drop_last: bool = False
+
+    def __post_init__(self):
+        for name, allowed in (("mode", MODES), ("advantage", ADVANTAGES), ("advantage_level", LEVELS),
+                              ("ce_metric", CE_METRICS), ("align_method", ALIGN_METHODS),
+                              ("nan_policy", NAN_POLICIES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"FusionDataConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if isinstance(self.sources, str) or not self.sources:
+            raise ValueError(f"FusionDataConfig.sources must be a non-empty list of names, got {self.sources!r}")
+        if len(set(self.sources)) != len(self.sources):
+            raise ValueError(f"FusionDataConfig.sources has duplicates: {self.sources}")
+        for name in ("batch_size", "pad_to_multiple_of"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"FusionDataConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.k is not None and self.k < 1:
+            raise ValueError(f"FusionDataConfig.k must be >= 1 or None, got {self.k}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"FusionDataConfig.max_length must be >= 2 or None, got {self.max_length}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# store reading: engine/store.py checks the shard, we take flat numpy views of it
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _list_flat(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(row offsets [n + 1] int64, flat values) of a list column, without Python objects."""
+    arr = col.combine_chunks()
+    offs = arr.offsets.to_numpy().astype(np.int64)
+    return offs - offs[0], arr.values.to_numpy(zero_copy_only=False)[offs[0]:offs[-1]]
+
+
+@dataclass
+class TeacherShard:
+    """One source's records for one shard, as flat arrays (row i owns tokens [tok_off[i], tok_off[i+1])).
+
+    offsets [sum R, 2] int32, token_ids [sum R] int32, token_logprobs [sum R] float16, topk_ids
+    [sum R, k] int32, topk_logprobs [sum R, k] float16; nll_sum [n] float64, n_tokens / n_bytes [n] int64;
+    response: pa.StringArray [n]; bad_rows [n] bool: a NaN in the row's log-probs or nll_sum.
+    """
+
+    path: Path
+    k: int
+    response: pa.Array
+    tok_off: np.ndarray
+    offsets: np.ndarray
+    token_ids: np.ndarray
+    token_logprobs: np.ndarray
+    topk_ids: np.ndarray
+    topk_logprobs: np.ndarray
+    nll_sum: np.ndarray
+    n_tokens: np.ndarray
+    n_bytes: np.ndarray
+    bad_rows: np.ndarray
+
+    def nan_column(self, i: int) -> str:
+        """Name of a column holding a NaN in row i (for error messages)."""
+        a, z = self.tok_off[i], self.tok_off[i + 1]
+        if np.isnan(self.token_logprobs[a:z]).any():
+            return "token_logprobs"
+        return "topk_logprobs" if np.isnan(self.topk_logprobs[a:z]).any() else "nll_sum"
+
+
+def read_teacher_shard(path: Path, k: int, prepared: pa.Table, *, gold: bool) -> TeacherShard:
+    """Read one teacher shard, check it with store.validate_teacher_table against the prepared shard
+    (row count, example ids, list lengths, offsets, n_bytes; with gold=True the responses too), and flag
+    NaN rows without dropping them (the loader applies nan_policy: in inference mode only the vote
+    winner's NaN matters)."""
+    t = store.read_table(path, what="teacher shard")
+    store.validate_teacher_table(t, path, k, prepared=prepared, nan_policy="drop")
+    if gold:
+        store.check_train_responses(t, prepared, path)
+    tok_off, token_ids = _list_flat(t["token_ids"])
+    flat = {name: _list_flat(t[name])[1] for name in ("pred_offsets", "token_logprobs", "topk_ids", "topk_logprobs")}
+    tlp = flat["token_logprobs"].astype(np.float16, copy=False)
+    klp = flat["topk_logprobs"].astype(np.float16, copy=False).reshape(-1, k)
+    nll_sum = t["nll_sum"].to_numpy(zero_copy_only=False).astype(np.float64)
+    n = t.num_rows
+    row_of = np.repeat(np.arange(n), np.diff(tok_off))
+    bad_rows = np.isnan(nll_sum)
+    for vals in (tlp, klp):
+        nan = np.isnan(vals).reshape(vals.shape[0], -1).any(1) if vals.size else np.zeros(0, bool)
+        if nan.any():
+            bad_rows |= np.bincount(row_of[nan], minlength=n) > 0
+    return TeacherShard(
+        path=path, k=k, response=t["response"].combine_chunks(), tok_off=tok_off,
+        offsets=flat["pred_offsets"].astype(np.int32, copy=False).reshape(-1, 2),
+        token_ids=token_ids.astype(np.int32, copy=False), token_logprobs=tlp,
+        topk_ids=flat["topk_ids"].astype(np.int32, copy=False).reshape(-1, k), topk_logprobs=klp,
+        nll_sum=nll_sum, n_tokens=t["n_tokens"].to_numpy().astype(np.int64),
+        n_bytes=t["n_bytes"].to_numpy().astype(np.int64), bad_rows=bad_rows)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# processed shards and the epoch order
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProcessedShard:
+    """The examples of one shard that this rank keeps, ready to collate (S = sum of predicted tokens).
+
+    enc: collate.EncodedBatch of the kept examples; teacher_ids [T, S, K] int32 (-1 = no aligned teacher
+    token), teacher_logprobs [T, S, K] float16, teacher_weights [T, S] float32; row_index [rows of the
+    shard] int64: example index of each shard row, -1 = not on this rank or dropped; example_ids list[str];
+    mode 0 (train) or 1 (infer).
+    """
+
+    enc: _collate.EncodedBatch
+    teacher_ids: np.ndarray
+    teacher_logprobs: np.ndarray
+    teacher_weights: np.ndarray
+    row_index: np.ndarray
+    example_ids: list
+    mode: int
+
+
+def buffer_shuffle(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Permutation [n] of a stream of n items through a shuffle buffer of `size` slots.
+
+    The first `size` items fill the buffer; each later item replaces a uniformly chosen slot whose item
+    is emitted; the buffer is emitted in random order at the end. An item moves at most ~size places
+    earlier, so readers only need the shards spanned by the buffer.
+    """
+    if size <= 1 or n <= 1:
+        return np.arange(n, dtype=np.int64)
+    size = min(size, n)
+    buf = list(range(size))
+    picks = rng.integers(0, size, n - size).tolist()
+    out = []
+    for i, j in zip(range(size, n), picks):
+        out.append(buf[j])
+        buf[j] = i
+    tail = np.asarray(buf, dtype=np.int64)[rng.permutation(size)]
+    return np.concatenate([np.asarray(out, dtype=np.int64), tail])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the loader
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _same_model(a: str, b: str) -> bool:
+    """True if two model specs name the same model (same alias, or paths to the same folder)."""
+    if str(a) == str(b):
+        return True
+    pa_, pb = Path(str(a)).expanduser(), Path(str(b)).expanduser()
+    return pa_.exists() and pb.exists() and pa_.resolve() == pb.resolve()
+
+
+class FusionLoader:
+    """Iterate padded fusion batches (docs/contracts.md section 4) from a prepared set and teacher stores.
+
+    Args:
+        cfg: FusionDataConfig.
+        tokenizer: the student's tokenizer (fast, with its chat template).
+        rank, world_size: this process's data-parallel rank and the number of ranks.
+        teacher_tokenizers: optional {source: tokenizer}; otherwise loaded from the manifest's model with
+            profuser.engine.models.load_tokenizer when needed (vocab maps, "mined" alignment). Either way a
+            tokenizer whose hash differs from the manifest's tokenizer_hash is an error.
+    Attributes:
+        source_names: list[str] [T]; k: K; vocab_maps: list[torch.IntTensor [V_t] | None] [T];
+        is_student [T] / candidates [T]: bool arrays; stats: counters (examples, dropped_nan, dropped_long).
+    """
+
+    def __init__(self, cfg: FusionDataConfig, tokenizer, rank: int = 0, world_size: int = 1, *,
+                 teacher_tokenizers: dict | None = None):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+        from .align import tokenizer_hash
+
+        self.cfg, self.tokenizer, self.rank, self.world_size = cfg, tokenizer, int(rank), int(world_size)
+        root = Path(cfg.data_dir)
+        self.prepared = store.PreparedManifest.load(root)
+        self._prep_manifest_path = store.prepared_dir(root) / "manifest.json"
+        self.n_shards, self.shard_size = self.prepared.n_shards, self.prepared.shard_size
+        self._rows = np.array([self.prepared.shard_rows(j) for j in range(self.n_shards)], dtype=np.int64)
+        self.source_names = list(cfg.sources)
+        self._mpaths = [store.TeacherManifest.path(root, s, cfg.mode) for s in self.source_names]
+        self.manifests = [self._check_manifest(t) for t in range(len(self.source_names))]
+        stored_k = [m.k for m in self.manifests]
+        self.k = int(cfg.k) if cfg.k is not None else max(stored_k)
+        for t, kt in enumerate(stored_k):
+            if self.k > kt:
+                raise DataError(f"{self._mpaths[t]}: stores k={kt} but FusionDataConfig.k={self.k}")
+
+        self._student_hash = tokenizer_hash(tokenizer)
+        self.is_student = np.array([m.tokenizer_hash == self._student_hash and _same_model(m.model, cfg.student)
+                                    for m in self.manifests], dtype=bool)
+        self.candidates = ~self.is_student | bool(cfg.student_as_candidate)
+        if not self.candidates.any():
+            raise ValueError(f"no candidate teacher: every source in {self.source_names} is the student "
+                             f"{cfg.student!r} and student_as_candidate is False")
+        # ties go to the student source first (FuseLLM's ref model wins ties), then to config order
+        self.priority = np.argsort(~self.is_student, kind="stable")
+        self._teacher_toks = {}
+        for name, tok in (teacher_tokenizers or {}).items():
+            self._set_teacher_tok(self.source_names.index(name), tok)
+        if cfg.source_models:
+            for name in cfg.source_models:
+                self.teacher_tokenizer(self.source_names.index(name))
+        self._votes = self._read_votes(store.scores_dir(root) / "votes.parquet") if cfg.mode == "infer" else None
+        self._vocab_maps = None
+        self.epoch, self._consumed = 0, 0
+        self.stats = {"examples": 0, "dropped_nan": 0, "dropped_long": 0}
+
+    # ---- manifests, votes, tokenizers ---------------------------------------------------------------
+
+    def _check_manifest(self, t: int) -> store.TeacherManifest:
+        path, name = self._mpaths[t], self.source_names[t]
+        m = store.TeacherManifest.load(self.cfg.data_dir, name, self.cfg.mode)
+        configured = (self.cfg.source_models or {}).get(name)
+        m.check(path, prepared=self.prepared, model=None if configured is None or _same_model(m.model, configured)
+                else configured)
+        missing = [j for j in range(self.n_shards) if str(j) not in m.completed]
+        if missing:
+            raise DataError(f"{path}: shards {missing[:10]}{'...' if len(missing) > 10 else ''} of {self.n_shards} "
+                            f"are not completed (missing shard; run `profuser teach/generate` again to finish)")
+        for j in range(self.n_shards):
+            rows = int(m.completed[str(j)].get("rows", self._rows[j]))
+            if rows != self._rows[j]:
+                raise DataError(f"{path}: shard {j} has {rows} rows but the prepared shard has {self._rows[j]}")
+        return m
+
+    def _set_teacher_tok(self, t: int, tok):
+        from .align import tokenizer_hash
+
+        self.manifests[t].check(self._mpaths[t], tokenizer_hash=tokenizer_hash(tok))
+        self._teacher_toks[t] = tok
+
+    def teacher_tokenizer(self, t: int):
+        """Source t's tokenizer (loaded from its configured or manifest model, hash-checked)."""
+        if t not in self._teacher_toks:
+            from .models import load_tokenizer
+
+            name = self.source_names[t]
+            spec = (self.cfg.source_models or {}).get(name, self.manifests[t].model)
+            self._set_teacher_tok(t, load_tokenizer(spec))
+        return self._teacher_toks[t]
+
+    def _read_votes(self, path: Path) -> dict:
+        table = store.read_table(path, ("example_id", "winner"), what="votes table")
+        index = {name: t for t, name in enumerate(self.source_names)}
+        votes = {}
+        for row, (eid, winner) in enumerate(zip(table["example_id"].to_pylist(), table["winner"].to_pylist())):
+            if winner not in index:
+                raise DataError(f"{path}: row {row}: winner {winner!r} of example {eid!r} is not one of the "
+                                f"configured sources {self.source_names}")
+            votes[eid] = index[winner]
+        return votes
+
+    @property
+    def vocab_maps(self) -> list:
+        """[T] torch.int32 [V_t] teacher id -> student id (-1 = none), or None for the student's vocabulary."""
+        if self._vocab_maps is None:
+            from .align import build_vocab_map
+            from .models import cache_root
+
+            maps = []
+            for t, m in enumerate(self.manifests):
+                if m.tokenizer_hash == self._student_hash:
+                    maps.append(None)
+                    continue
+                vm = build_vocab_map(self.teacher_tokenizer(t), self.tokenizer, teacher_size=int(m.vocab_size),
+                                     cache_dir=cache_root() / "vocab_maps")
+                maps.append(torch.from_numpy(np.ascontiguousarray(vm, dtype=np.int32)))
+            self._vocab_maps = maps
+        return self._vocab_maps
+
+    # ---- order and state ----------------------------------------------------------------------------
+
+    def _rank_rows(self, j: int) -> np.ndarray:
+        """Rows of shard j that belong to this rank (all of them under shard-level sharding)."""
+        W = self.world_size
+        if self.n_shards % W == 0:
+            return np.arange(self._rows[j]) if j % W == self.rank else np.zeros(0, np.int64)
+        first = (self.rank - j * self.shard_size) % W
+        return np.arange(first, self._rows[j], W, dtype=np.int64)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """[M, 2] int64 (shard, row) keys of this rank in the order of `epoch`; no data is read."""
+        shards = np.arange(self.n_shards, dtype=np.int64)
+        if self.n_shards % self.world_size == 0:
+            shards = shards[shards % self.world_size == self.rank]
+        shuffle = self.cfg.shuffle_buffer > 1
+        rng = np.random.default_rng([abs(int(self.cfg.seed)), int(epoch)])
+        if shuffle:
+            shards = rng.permutation(shards)
+        parts = [np.stack([np.full(r.shape, j), r], 1) for j in shards for r in [self._rank_rows(int(j))]]
+        keys = np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
+        return keys[buffer_shuffle(len(keys), self.cfg.shuffle_buffer if shuffle else 1, rng)]
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (an upper bound when rows are dropped)."""
+        n = len(self.epoch_order(0))
+        return n // self.cfg.batch_size if self.cfg.drop_last else math.ceil(n / self.cfg.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self._consumed = int(epoch), 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self._consumed, "seed": self.cfg.seed,
+                "rank": self.rank, "world_size": self.world_size, "fingerprint": self.prepared.fingerprint,
+                "stats": dict(self.stats)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for key, mine in (("seed", self.cfg.seed), ("world_size", self.world_size), ("rank", self.rank),
+                          ("fingerprint", self.prepared.fingerprint)):
+            if key in sd and sd[key] != mine:
+                raise ValueError(f"loader state has {key}={sd[key]!r} but this loader has {mine!r}: "
+                                 f"cannot resume the same order")
+        self.epoch, self._consumed = int(sd["epoch"]), int(sd["consumed"])
+        self.stats.update(sd.get("stats", {}))
+
+    # ---- iteration ----------------------------------------------------------------------------------
+
+    def __iter__(self):
+        epoch, order = self.epoch, self.epoch_order(self.epoch)
+        last = {}
+        for pos, j in enumerate(order[:, 0].tolist()):
+            last[j] = pos
+        cache: dict[int, ProcessedShard] = {}
+        batch, pos = [], self._consumed
+        B = self.cfg.batch_size
+        while pos < len(order):
+            j, row = int(order[pos, 0]), int(order[pos, 1])
+            sh = cache.get(j)
+            if sh is None:
+                sh = cache[j] = self._process(j)
+            i = int(sh.row_index[row])
+            if i >= 0:
+                batch.append((sh, i))
+            if last[j] == pos:
+                del cache[j]
+            pos += 1
+            if len(batch) == B:
+                out = self._collate(batch)
+                batch = []
+                self._consumed = pos
+                yield out
+        if batch and not self.cfg.drop_last:
+            out = self._collate(batch)
+            self._consumed = pos
+            yield out
+        self.epoch, self._consumed = epoch + 1, 0
+
+    def _collate(self, items) -> dict:
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        self.stats["examples"] += len(items)
+        return _collate.collate(items, n_teachers=len(self.source_names), k=self.k, pad_id=int(pad),
+                                pad_to_multiple_of=self.cfg.pad_to_multiple_of)
+
+    # ---- one shard ----------------------------------------------------------------------------------
+
+    def _process(self, j: int) -> ProcessedShard:
+        cfg, T, K = self.cfg, len(self.source_names), self.k
+        infer = cfg.mode == "infer"
+        prep_path = store.prepared_dir(cfg.data_dir) / store.shard_name(j)
+        prep = store.read_prepared_shard(cfg.data_dir, j, self.prepared)
+        n = int(self._rows[j])
+        pids = prep["example_id"].combine_chunks()
+        recs = [read_teacher_shard(self._mpaths[t].parent / store.shard_name(j), self.manifests[t].k, prep,
+                                   gold=not infer) for t in range(T)]
+
+        sel = self._rank_rows(j)
+        eids = pids.take(pa.array(sel)).to_pylist()
+        if infer:
+            winners = np.array([self._votes.get(e, -1) for e in eids], dtype=np.int64)
+            if (winners < 0).any():
+                e = eids[int(np.nonzero(winners < 0)[0][0])]
+                raise DataError(f"{Path(cfg.data_dir) / 'scores' / 'votes.parquet'}: no vote for example {e!r}")
+            use = np.arange(T)[:, None] == winners[None]                 # [T, n_sel] records in use
+        else:
+            winners = None
+            use = np.ones((T, len(sel)), bool)
+        bad = np.zeros(len(sel), bool)
+        for t in range(T):
+            bad |= use[t] & recs[t].bad_rows[sel]
+        if bad.any():
+            i = int(np.nonzero(bad)[0][0])
+            t = int(np.nonzero(use[:, i] & np.array([r.bad_rows[sel[i]] for r in recs]))[0][0])
+            if cfg.nan_policy == "error":
+                raise DataError(f"{recs[t].path}: row {sel[i]} (example_id {eids[i]!r}): NaN in "
+                                f"{recs[t].nan_column(int(sel[i]))} (set nan_policy='drop' to skip such rows)")
+            self.stats["dropped_nan"] += int(bad.sum())
+            warnings.warn(f"shard {j}: dropped {int(bad.sum())} example(s) with NaN log-probabilities "
+                          f"(first: {recs[t].path} row {sel[i]}); {self.stats['dropped_nan']} so far", stacklevel=3)
+            keep = ~bad
+            sel, use, eids = sel[keep], use[:, keep], [e for e, k_ in zip(eids, keep) if k_]
+            winners = winners[keep] if winners is not None else None
+
+        idx = pa.array(sel)
+        prompts = prep["prompt"].combine_chunks().take(idx).to_pylist()
+        systems = prep["system"].combine_chunks().take(idx).to_pylist()
+        if infer:
+            resp = [r.response.take(idx).to_pylist() for r in recs]
+            responses = [resp[w][i] for i, w in enumerate(winners.tolist())]
+        else:
+            responses = prep["response"].combine_chunks().take(idx).to_pylist()
+        errors = []
+        enc = _collate.encode_batch(self.tokenizer, prompts, responses, systems, max_length=cfg.max_length,
+                                    errors=errors)
+        ok = np.ones(len(sel), bool)
+        for i, msg in errors:
+            if "max_length" not in msg:
+                where = recs[int(winners[i])].path if infer else prep_path
+                raise DataError(f"{where}: row {sel[i]} (example_id {eids[i]!r}): cannot encode for the student: {msg}")
+            ok[i] = False
+        if not ok.all():
+            self.stats["dropped_long"] += int((~ok).sum())
+            warnings.warn(f"shard {j}: dropped {int((~ok).sum())} example(s) whose templated prompt exceeds "
+                          f"max_length={cfg.max_length}; {self.stats['dropped_long']} so far", stacklevel=3)
+
+        G = self._align(enc, recs, sel, use)                             # [T, S] global teacher token, -1
+        S = G.shape[1]
+        tids = np.full((T, S, K), -1, np.int32)
+        tlps = np.full((T, S, K), -np.inf, np.float16)
+        for t, rec in enumerate(recs):
+            hit = np.nonzero(G[t] >= 0)[0]
+            if hit.size:
+                g = G[t, hit]
+                tids[t, hit] = rec.topk_ids[g, :K]
+                tlps[t, hit] = rec.topk_logprobs[g, :K]
+        tw = self._weights(enc, recs, sel, G, winners)
+        row_index = np.full(n, -1, np.int64)
+        row_index[sel[ok]] = np.nonzero(ok)[0]
+        return ProcessedShard(enc=enc, teacher_ids=tids, teacher_logprobs=tlps, teacher_weights=tw,
+                              row_index=row_index, example_ids=eids, mode=int(infer))
+
+    def _align(self, enc, recs, sel, use) -> np.ndarray:
+        """[T, S] int64: global token index (into the teacher's flat arrays) aligned to each student
+        predicted token, -1 where none. use [T, n_sel] says which (teacher, example) records to align."""
+        from .align import align_mined, align_offsets_batch, token_strings
+
+        T, S = len(recs), int(enc.pred_off[-1])
+        G = np.full((T, S), -1, np.int64)
+        po = enc.pred_off
+        for t, rec in enumerate(recs):
+            ex = [i for i in np.nonzero(use[t])[0].tolist() if po[i + 1] > po[i]]
+            rows = sel[ex] if ex else np.zeros(0, np.int64)
+            ta, tz = rec.tok_off[rows], rec.tok_off[rows + 1]
+            if self.cfg.align_method == "offsets":        # one call into the C++ extension per teacher
+                found = align_offsets_batch([enc.pred_offsets[po[i]:po[i + 1]] for i in ex],
+                                            [rec.offsets[a:z] for a, z in zip(ta.tolist(), tz.tolist())])
+            else:
+                ttok = self.teacher_tokenizer(t)
+                found = [align_mined(token_strings(self.tokenizer, enc.pred_ids[po[i]:po[i + 1]]),
+                                     token_strings(ttok, rec.token_ids[a:z]), seq_index=int(row))
+                         for i, a, z, row in zip(ex, ta.tolist(), tz.tolist(), rows.tolist())]
+            for i, a, r in zip(ex, ta.tolist(), found):
+                r = np.asarray(r, dtype=np.int64)
+                G[t, po[i]:po[i + 1]] = np.where(r >= 0, r + a, -1)
+        return G
+
+    def _weights(self, enc, recs, sel, G, winners) -> np.ndarray:
+        """[T, S] float32 teacher weights at every student predicted token (0 where not aligned)."""
+        cfg, T = self.cfg, len(recs)
+        ex_of = np.repeat(np.arange(len(sel)), np.diff(enc.pred_off))
+        aligned = G >= 0
+        if winners is not None:                                          # inference mode: the vote decides
+            w = (np.arange(T)[:, None] == winners[None]) & self.candidates[:, None]
+            return (w.astype(np.float32)[:, ex_of] * aligned).astype(np.float32)
+        if cfg.advantage_level == "example":
+            metric = example_metric(np.stack([r.nll_sum[sel] for r in recs]), np.stack([r.n_tokens[sel] for r in recs]),
+                                    np.stack([r.n_bytes[sel] for r in recs]), cfg.ce_metric)
+            w = advantage_weights(metric, self.candidates, cfg.advantage, self.priority)
+            return (w[:, ex_of] * aligned).astype(np.float32)
+        nll = np.full(G.shape, np.inf)
+        for t, rec in enumerate(recs):
+            hit = aligned[t]
+            nll[t, hit] = -rec.token_logprobs[G[t, hit]].astype(np.float64)
+        return advantage_weights(nll, self.candidates, cfg.advantage, self.priority)

@@ -1,0 +1,450 @@
+"""`profuser teach` (training mode): every source's top-k distributions on the gold responses.
+
+    profuser teach --data-dir runs/wn --source smollm2-135m-instruct gemma3-270m --k 8
+    torchrun --nproc_per_node 8 -m profuser.engine.cli teach --data-dir ... --source ...   # shards by rank
+
+For each source and each prepared example (prompt, gold response), the conversation is encoded with the
+source's own chat template (chat.encode_example) and run teacher-forced. At each predicted position p
+(a response token or the end-of-turn), with hidden state h_p [H] and the lm_head W [V, H]:
+
+    z = W h_p (+ the model's own logit transform, e.g. Gemma-2 soft-capping),  lp = log_softmax(z) [V]
+    store  topk(lp, K)  (ids int32, log-probs fp16, descending)  and  lp[token]  (the token's log-prob)
+    nll_sum = -sum_r lp_r[token_r],   n_bytes = utf-8 bytes of the predicted text (+1 for end-of-turn)
+
+MinCE compares nll_sum / n_bytes across sources (tokenizers of different granularity: per token is not
+comparable); nll_sum / n_tokens is kept for the per-token variant.
+
+Memory. The base model returns hidden states [B, L, H]; only the R predicted rows are gathered ([N, H]),
+and the lm_head runs on chunks of those rows sized so one fp32 [rows, V] logits block stays under
+`logit_chunk_bytes`. So no [B, L, V] tensor exists, and only [N, K] results leave the device.
+
+Batches. Examples of a shard are sorted by length and cut into batches of at most `batch_tokens` padded
+tokens (B * L_max) and `max_batch_size` rows: length bucketing, so padding stays small. Right padding.
+
+Distribution and resumption: rank r of W owns shards j % W == r (engine/dist.py); each finished shard
+is written atomically and recorded in the manifest, so a killed run redoes at most the shard in progress
+(engine/store.py). bf16 on GPU, fp32 on CPU (dtype "auto").
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from . import dist as _dist
+from . import models
+from .store import (PreparedManifest, RecordBatch, StoreError, TeacherManifest, WriteOptions, owned_shards,
+                    read_prepared_shard, read_table, remove_stale_tmp, shard_name, teacher_dir, update_manifest,
+                    validate_teacher_table, write_table_atomic)
+
+log = logging.getLogger("profuser.teach")
+NAN_POLICIES = ("error", "drop")
+
+
+@dataclass
+class TeachConfig:
+    """Options shared by teach and generate.
+
+    sources: model specs (alias or local folder); names: store folder per source (default: the alias or
+    the folder name). batch_tokens: padded tokens per forward (B * L_max). logit_chunk_bytes: cap on one
+    fp32 logits block. nan_policy: "error" raises naming the row; "drop" stores the row with nll_sum = NaN
+    (every reader then skips it) and warns with a count, keeping shard j row-aligned with prepared shard j.
+    """
+
+    data_dir: str
+    sources: list = field(default_factory=list)
+    names: list | None = None
+    k: int = 8
+    batch_tokens: int = 8192
+    max_batch_size: int = 64
+    max_length: int | None = 2048
+    device: str = "auto"
+    dtype: str = "auto"
+    logit_chunk_bytes: int = 256 << 20
+    nan_policy: str = "error"
+    overwrite: bool = False
+    rank: int | None = None
+    world_size: int | None = None
+    progress: bool = True
+    write: WriteOptions = field(default_factory=WriteOptions)
+
+    def __post_init__(self):
+        if not self.sources:
+            raise ValueError("no --source given")
+        if self.names is not None and len(self.names) != len(self.sources):
+            raise ValueError(f"--name has {len(self.names)} entries for {len(self.sources)} sources")
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}")
+        if self.batch_tokens < 1 or self.max_batch_size < 1:
+            raise ValueError("batch_tokens and max_batch_size must be >= 1")
+        names = self.source_names
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique, got {names} (use --name)")
+
+    @property
+    def source_names(self) -> list[str]:
+        return list(self.names) if self.names else [models.model_name(s) for s in self.sources]
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the math: hidden states of predicted positions -> top-k log-probs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def logits_from_hidden(model, h: torch.Tensor) -> torch.Tensor:
+    """The model's output logits for hidden rows h [N, H] -> [N, V] float32 (as model(...).logits)."""
+    z = model.get_output_embeddings()(h).float()
+    cfg = getattr(model, "config", None)
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:  # Gemma-2 style soft-capping, applied inside the HF forward
+        z = torch.tanh(z / cap) * cap
+    scale = getattr(cfg, "logit_scale", None)  # Cohere multiplies; Granite divides by logits_scaling
+    if scale and getattr(cfg, "model_type", "") in ("cohere", "cohere2"):
+        z = z * scale
+    div = getattr(cfg, "logits_scaling", None)
+    if div and div != 1.0:
+        z = z / div
+    return z
+
+
+@torch.no_grad()
+def topk_logprobs(model, h: torch.Tensor, targets: torch.Tensor | None, k: int, chunk_bytes: int = 256 << 20):
+    """Top-k of log_softmax over the full vocabulary for each hidden row, in row chunks.
+
+    Args:
+        h: [N, H] hidden states of the predicting positions; targets: [N] int64 or None.
+    Returns:
+        topk_ids [N, k] int64, topk_lp [N, k] float32 (descending), token_lp [N] float32 (or None).
+    """
+    V = model.get_output_embeddings().weight.shape[0]
+    rows = max(1, chunk_bytes // (4 * V))
+    ids, lps, tlp = [], [], []
+    for s in range(0, h.shape[0], rows):
+        lp = torch.log_softmax(logits_from_hidden(model, h[s:s + rows]), dim=-1)
+        v, i = lp.topk(min(k, V), dim=-1)
+        ids.append(i)
+        lps.append(v)
+        if targets is not None:
+            tlp.append(lp.gather(1, targets[s:s + rows, None]).squeeze(1))
+    if not ids:
+        z = h.new_zeros((0, k))
+        return z.long(), z.float(), (z[:, 0].float() if targets is not None else None)
+    return torch.cat(ids), torch.cat(lps), (torch.cat(tlp) if targets is not None else None)
+
+
+@torch.no_grad()
+def forward_predicted(model, encs: list, k: int, device: torch.device, pad_id: int,
+                      chunk_bytes: int = 256 << 20):
+    """Teacher-forced top-k at the predicted positions of a batch of EncodedExamples.
+
+    Returns numpy arrays over the N = sum R predicted tokens in example order:
+    topk_ids int32 [N, k], topk_lp float32 [N, k], token_lp float32 [N].
+    """
+    B, L = len(encs), max(len(e.input_ids) for e in encs)
+    ids = np.full((B, L), pad_id, dtype=np.int64)
+    mask = np.zeros((B, L), dtype=np.int64)
+    for b, e in enumerate(encs):
+        ids[b, : len(e.input_ids)] = e.input_ids
+        mask[b, : len(e.input_ids)] = 1
+    rows_b = np.concatenate([np.full(e.n_predicted, b) for b, e in enumerate(encs)]).astype(np.int64)
+    rows_p = np.concatenate([e.pred_pos for e in encs]).astype(np.int64)
+    tgt = np.concatenate([e.pred_ids for e in encs]).astype(np.int64)
+    hidden = model.base_model(input_ids=torch.from_numpy(ids).to(device),
+                              attention_mask=torch.from_numpy(mask).to(device)).last_hidden_state
+    h = hidden[torch.from_numpy(rows_b).to(device), torch.from_numpy(rows_p).to(device)]
+    ti, tl, tok = topk_logprobs(model, h, torch.from_numpy(tgt).to(device), k, chunk_bytes)
+    return ti.int().cpu().numpy(), tl.float().cpu().numpy(), tok.float().cpu().numpy()
+
+
+def length_batches(lengths: list[int], batch_tokens: int, max_batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length: B * L_max <= batch_tokens (a longer single example
+    gets its own batch), B <= max_batch_size. Sorted by length, longest first (OOM shows up at once)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, cur = [], []
+    for i in order:
+        lmax = lengths[cur[0]] if cur else lengths[i]
+        if cur and ((len(cur) + 1) * lmax > batch_tokens or len(cur) >= max_batch_size):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def predicted_bytes(response: str, offsets: np.ndarray) -> int:
+    """utf-8 bytes of the predicted text, +1 when the end-of-turn is predicted (its span is [len, len])."""
+    if offsets.shape[0] == 0:
+        return 0
+    ends_turn = int(offsets[-1, 0]) == len(response)
+    return len(response[: int(offsets[-1, 1])].encode("utf-8")) + int(ends_turn)
+
+
+def check_nan(batch: RecordBatch, policy: str, where: str) -> int:
+    """NaN log-probs: raise naming the row, or mark the rows (nll_sum becomes NaN). Returns the count."""
+    R = np.diff(batch.off)
+    row_of = np.repeat(np.arange(len(batch.example_ids)), R)
+    bad_tok = np.isnan(batch.token_logprobs) | np.isnan(batch.topk_logprobs).any(1)
+    if not bad_tok.any():
+        return 0
+    rows = np.unique(row_of[bad_tok])
+    if policy == "error":
+        raise FloatingPointError(f"{where}: row {rows[0]} (example_id {batch.example_ids[rows[0]]!r}): NaN "
+                                 f"log-probabilities from the model ({rows.size} rows; --nan-policy drop marks them)")
+    batch.token_logprobs[np.isin(row_of, rows)] = np.nan  # nll_sum becomes NaN: readers drop the row
+    return int(rows.size)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the shard driver (shared with generate)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """tqdm over examples with a tokens/s postfix (silent when disabled)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.t0, self.tokens = time.perf_counter(), 0
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="ex", dynamic_ncols=True)
+
+    def update(self, examples: int, tokens: int) -> None:
+        self.tokens += tokens
+        if self.bar is not None:
+            self.bar.update(examples)
+            self.bar.set_postfix(tok_s=f"{self.tokens / max(time.perf_counter() - self.t0, 1e-9):.0f}")
+
+    def close(self) -> float:
+        if self.bar is not None:
+            self.bar.close()
+        return self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+
+
+def open_store(cfg: TeachConfig, name: str, spec: str, mode: str, tok_hash: str, vocab_size: int,
+               prepared: PreparedManifest, generation: dict | None = None) -> TeacherManifest:
+    """Create the (source, mode) manifest, or check an existing one (StoreError naming it on mismatch)."""
+    from filelock import FileLock
+
+    folder = teacher_dir(cfg.data_dir, name, mode)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = TeacherManifest.path(cfg.data_dir, name, mode)
+    fresh = TeacherManifest(source=name, model=str(spec), mode=mode, tokenizer_hash=tok_hash,
+                            vocab_size=int(vocab_size), k=cfg.k, prepared_fingerprint=prepared.fingerprint,
+                            shard_size=prepared.shard_size, n_shards=prepared.n_shards, generation=generation)
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            try:
+                old = TeacherManifest.load(cfg.data_dir, name, mode)
+                old.check(path, prepared=prepared, tokenizer_hash=tok_hash, vocab_size=int(vocab_size), k=cfg.k,
+                          model=str(spec))
+                if mode == "infer" and generation is not None:
+                    settings = {k: v for k, v in (old.generation or {}).items() if not k.startswith("n_")}
+                    if settings != generation:
+                        raise StoreError(f"{path}: generation settings {settings} differ from {generation}")
+                return old
+            except StoreError:
+                if not cfg.overwrite:
+                    raise
+            for p in folder.glob("part-*.parquet*"):
+                p.unlink()
+        fresh.save(cfg.data_dir)
+    return fresh
+
+
+def adopt_orphans(cfg: TeachConfig, name: str, mode: str, shards: list[int], man: TeacherManifest,
+                  prepared: PreparedManifest) -> None:
+    """A shard file renamed into place but missing from the manifest (killed in between): check, record."""
+    folder = teacher_dir(cfg.data_dir, name, mode)
+    for j in shards:
+        path = folder / shard_name(j)
+        if str(j) in man.completed or not path.exists():
+            continue
+        try:
+            t = read_table(path, what="teacher shard")
+            validate_teacher_table(t, path, man.k, prepared=read_prepared_shard(cfg.data_dir, j, prepared),
+                                   nan_policy="drop")
+        except StoreError as exc:
+            log.warning("discarding unrecorded shard %s (%s)", path, exc)
+            path.unlink()
+            continue
+        info = {"file": path.name, "rows": t.num_rows, "tokens": int(pc.sum(t["n_tokens"]).as_py() or 0),
+                "bytes": path.stat().st_size}
+        man.completed.update(update_manifest(cfg.data_dir, name, mode, j, info).completed)
+
+
+
+def run_shards(cfg: TeachConfig, name: str, spec: str, mode: str, tok_hash: str, vocab_size: int,
+               compute: Callable[[pa.Table, str, "Progress"], tuple[RecordBatch, dict]], generation: dict | None = None,
+               after_shard: Callable[[int], None] | None = None) -> dict:
+    """Run `compute(prepared_shard, where, progress) -> (records, counters)` over this rank's missing shards.
+
+    Returns {"shards": done, "skipped": already complete, "tokens": n, "tok_s": rate, "bytes": on disk}.
+    """
+    prepared = PreparedManifest.load(cfg.data_dir)
+    di = _dist.dist_info(cfg.rank, cfg.world_size)
+    man = open_store(cfg, name, spec, mode, tok_hash, vocab_size, prepared, generation)
+    folder = teacher_dir(cfg.data_dir, name, mode)
+    mine = owned_shards(prepared.n_shards, di.rank, di.world_size)
+    remove_stale_tmp(folder, mine)
+    adopt_orphans(cfg, name, mode, mine, man, prepared)
+    todo = [j for j in mine if str(j) not in man.completed]
+    prog = Progress(sum(prepared.shard_rows(j) for j in todo), f"{mode} {name} r{di.rank}", cfg.progress)
+    stats = {"shards": 0, "skipped": len(mine) - len(todo), "tokens": 0, "bytes": 0, "nan_rows": 0}
+    for j in todo:
+        table = read_prepared_shard(cfg.data_dir, j, prepared)
+        where = f"source {name} ({mode}) shard {j}"
+        records, counters = compute(table, where, prog)
+        out = records.to_table()
+        n_bytes = write_table_atomic(out, folder / shard_name(j), cfg.write)
+        tokens = int(out["n_tokens"].to_numpy().sum())
+        update_manifest(cfg.data_dir, name, mode, j, {"file": shard_name(j), "rows": out.num_rows,
+                                                      "tokens": tokens, "bytes": n_bytes},
+                        generation=counters if mode == "infer" else None)
+        stats["shards"] += 1
+        stats["tokens"] += tokens
+        stats["bytes"] += n_bytes
+        stats["nan_rows"] += counters.get("n_nan_rows", 0)
+        if after_shard is not None:
+            after_shard(j)
+    stats["tok_s"] = prog.close()
+    if stats["nan_rows"]:
+        warnings.warn(f"{name} ({mode}): {stats['nan_rows']} rows had NaN log-probabilities; stored with "
+                      f"nll_sum = NaN so readers skip them")
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------------------
+# training mode
+# ---------------------------------------------------------------------------------------------------------
+
+
+def teach_shard(model, tok, cfg: TeachConfig, device, table: pa.Table, where: str, prog: Progress):
+    """Records of one prepared shard (rows in shard order)."""
+    from .chat import encode_example
+
+    eids, prompts = table["example_id"].to_pylist(), table["prompt"].to_pylist()
+    responses, systems = table["response"].to_pylist(), table["system"].to_pylist()
+    encs = []
+    for i, (p, r, s) in enumerate(zip(prompts, responses, systems)):
+        try:
+            encs.append(encode_example(tok, p, r, system=s, max_length=cfg.max_length))
+        except ValueError as exc:
+            raise ValueError(f"{where}: row {i} (example_id {eids[i]!r}): {exc}") from exc
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    n = len(encs)
+    R = np.array([e.n_predicted for e in encs], dtype=np.int64)
+    off = np.concatenate([[0], np.cumsum(R)])
+    topk_ids = np.zeros((off[-1], cfg.k), np.int32)
+    topk_lp = np.zeros((off[-1], cfg.k), np.float32)
+    tok_lp = np.zeros(off[-1], np.float32)
+    for batch in length_batches([len(e.input_ids) for e in encs], cfg.batch_tokens, cfg.max_batch_size):
+        ti, tl, tk = forward_predicted(model, [encs[i] for i in batch], cfg.k, device, pad, cfg.logit_chunk_bytes)
+        s = 0
+        for i in batch:
+            topk_ids[off[i]:off[i + 1]] = ti[s:s + R[i]]
+            topk_lp[off[i]:off[i + 1]] = tl[s:s + R[i]]
+            tok_lp[off[i]:off[i + 1]] = tk[s:s + R[i]]
+            s += R[i]
+        prog.update(len(batch), int(R[batch].sum()))
+    pred_offsets = np.concatenate([e.pred_offsets for e in encs]) if n else np.zeros((0, 2), np.int32)
+    records = RecordBatch(
+        example_ids=eids, responses=responses, off=off, pred_offsets=pred_offsets,
+        token_ids=np.concatenate([e.pred_ids for e in encs]).astype(np.int32), token_logprobs=tok_lp,
+        topk_ids=topk_ids, topk_logprobs=topk_lp,
+        n_bytes=np.array([predicted_bytes(r, e.pred_offsets) for r, e in zip(responses, encs)], np.int32))
+    return records, {"n_nan_rows": check_nan(records, cfg.nan_policy, where)}
+
+
+def load_source(spec: str, cfg: TeachConfig, local_rank: int):
+    """(model, tokenizer, device, tokenizer hash, vocab size) of one source."""
+    from .align import tokenizer_hash
+
+    device = _dist.device_for(local_rank, cfg.device)
+    tok = models.load_tokenizer(spec)
+    model = models.load_model(spec, dtype=resolve_dtype(cfg.dtype, device)).to(device)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return model, tok, device, tokenizer_hash(tok), vocab
+
+
+def teach(cfg: TeachConfig, *, after_shard=None) -> dict:
+    """Training-mode pass of every source; returns {source name: stats}."""
+    di = _dist.dist_info(cfg.rank, cfg.world_size)
+    out = {}
+    for spec, name in zip(cfg.sources, cfg.source_names):
+        model, tok, device, thash, vocab = load_source(spec, cfg, di.local_rank)
+        stats = run_shards(cfg, name, spec, "train", thash, vocab,
+                           lambda t, w, p: teach_shard(model, tok, cfg, device, t, w, p), after_shard=after_shard)
+        out[name] = stats
+        print(f"teach {name}: {stats['shards']} shards written, {stats['skipped']} already complete, "
+              f"{stats['tokens']} tokens at {stats['tok_s']:.0f} tok/s, "
+              f"{stats['bytes'] / max(stats['tokens'], 1):.1f} B/token on disk", file=sys.stderr)
+        del model
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------
+
+
+def add_common_arguments(p) -> None:
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--source", dest="sources", nargs="+", required=True,
+                   help=f"model specs: aliases ({', '.join(models.ALIASES)}) or local HF folders")
+    p.add_argument("--name", dest="names", nargs="+", default=None, help="store name per source")
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--batch-tokens", type=int, default=8192)
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto = bf16 on GPU, fp32 on CPU")
+    p.add_argument("--nan-policy", choices=NAN_POLICIES, default="error")
+    p.add_argument("--overwrite", action="store_true", help="replace a store built for another model / set")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--compression-level", type=int, default=WriteOptions.compression_level)
+    _dist.add_arguments(p)
+
+
+def config_from_args(args) -> dict:
+    return dict(data_dir=args.data_dir, sources=list(args.sources), names=args.names, k=args.k,
+                batch_tokens=args.batch_tokens, max_batch_size=args.max_batch_size, device=args.device,
+                dtype=args.dtype, nan_policy=args.nan_policy, overwrite=args.overwrite, rank=args.rank,
+                world_size=args.world_size, progress=not args.no_progress,
+                write=WriteOptions(compression_level=args.compression_level))
+
+
+def add_arguments(p) -> None:
+    add_common_arguments(p)
+    p.add_argument("--max-length", type=int, default=2048, help="truncate the response beyond this many tokens")
+
+
+def run(args) -> int:
+    try:
+        teach(TeachConfig(**config_from_args(args), max_length=args.max_length))
+    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
+        print(f"profuser teach: error: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,135 @@
+"""Per-row loss and gradient coefficients of the fusion loss, shared by the chunked and triton backends.
+
+A backend reduces each row of logits z_i (after softcap) to a few statistics, and this module turns them
+into the loss and into the coefficients of dLoss/dz. Rows are independent, so it works on any chunk.
+
+Inputs per row i (S = T*K slots of the SparseTarget):
+    lse    = logsumexp_v z_iv          lse_t = logsumexp_v z_iv / T   (== lse when T == 1)
+    z_label = z_i[label_i]             z_sup[s] = z_i[ids_is] (anything where ids == -1, it is masked)
+
+Loss (M = fused mixture, Msum = sum_u M_u, q = softmax(z), qT = softmax(z / T)):
+    CE_i = lse - z_label
+    KD_i = T^2 * (neg_entropy - sum_s mass_s * (z_sup_s / T - lse_t))            [renormalize]
+         = neg_entropy - sum_s mass_s * (z_sup_s - lse) - r log(1 - s_sup)     [tail_bucket, T == 1]
+      where s_sup = sum over distinct support ids j of q_j, and neg_entropy already holds r log r.
+    loss_i = lam * CE_i + (1 - lam) * KD_i on rows with a KD term, lam * CE_i on other valid rows, 0 on
+    ignored rows.
+s_sup is clamped to [0, 1 - eps(dtype)]: when the student puts (numerically) all its mass on the
+support, 1 - s_sup underflows to 0 and log(1 - s_sup) would be -inf; the clamp bounds the tail term by
+r * log(1/eps) (~16 r in float32) and keeps its gradient finite.
+
+Gradient, with g_i the upstream gradient of loss_i (reduction scale times grad_output):
+    dLoss/dz_iv = alpha_i q_iv + beta_i qT_iv + sum_{s: sp_ids[i,s] == v} sp_coef[i,s]
+    CE part: alpha += g lam,                sp(label) -= g lam
+    KD part: beta  = g (1-lam) T Msum,      sp(ids_s) -= g (1-lam) T mass_s
+    tail:    with c = g (1-lam) r / (1 - s_sup):  d[-r log(1-s_sup)]/dz_v = c q_v (1[v in S] - s_sup)
+             alpha -= c s_sup,              sp(first distinct ids_s) += c q(ids_s)
+The softcap chain rule dz/dz_raw = 1 - tanh(z_raw/cap)^2 = 1 - (z/cap)^2 is the backend's job.
+sp_ids [N, S+1]: column 0 is the label (-1 on ignored rows), columns 1.. are target.ids.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .params import FusionParams, FusionStats
+from .targets import SparseTarget
+
+
+class RowTerms(NamedTuple):
+    """Per-row values [N] in the compute dtype: loss (0 on ignored rows), ce, kd, sup_mass (s_sup)."""
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    kd: torch.Tensor
+    sup_mass: torch.Tensor
+
+
+def _support_mass(target: SparseTarget, lse: torch.Tensor, z_sup: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_sup [N, S] = softmax(z)_ids on first distinct slots else 0, s_sup [N])."""
+    q = torch.where(target.first, (z_sup - lse.unsqueeze(1)).exp(), torch.zeros_like(z_sup))
+    return q, q.sum(1)
+
+
+def row_loss(
+    target: SparseTarget,
+    lse: torch.Tensor,
+    lse_t: torch.Tensor,
+    z_label: torch.Tensor,
+    z_sup: torch.Tensor,
+    params: FusionParams,
+) -> RowTerms:
+    """Loss terms per row. lse, lse_t, z_label [N]; z_sup [N, S]; all in the compute dtype."""
+    dt = lse.dtype
+    T = params.temperature
+    mass = target.mass.to(dt)
+    zero = torch.zeros((), dtype=dt, device=lse.device)
+    ce = torch.where(target.valid, lse - z_label, zero)
+    logq = torch.where(target.ids >= 0, z_sup / T - lse_t.unsqueeze(1), zero)
+    kd = (T * T) * (target.neg_entropy.to(dt) - (mass * logq).sum(1))
+    _, s_sup = _support_mass(target, lse, z_sup)
+    if params.tail_bucket:
+        s_cl = s_sup.clamp(0.0, 1.0 - torch.finfo(dt).eps)
+        kd = kd - target.tail.to(dt) * torch.log1p(-s_cl)
+    kd = torch.where(target.has_kd, kd, zero)
+    s_sup = torch.where(target.has_kd, s_sup, zero)
+    loss = params.lam * ce + (1.0 - params.lam) * kd
+    return RowTerms(loss, ce, kd, s_sup)
+
+
+def grad_coefs(
+    target: SparseTarget,
+    lse: torch.Tensor,
+    lse_t: torch.Tensor,
+    z_label: torch.Tensor,
+    z_sup: torch.Tensor,
+    params: FusionParams,
+    g: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Coefficients of dLoss/dz (see module doc). g: [N] or 0-dim upstream gradient per row.
+
+    Returns alpha [N], beta [N], sp_ids [N, S+1] int64 (-1 = none), sp_coef [N, S+1] (0 where -1).
+    """
+    dt = lse.dtype
+    T = params.temperature
+    N = lse.shape[0]
+    g = torch.broadcast_to(g.to(dt), (N,))
+    zero = torch.zeros((), dtype=dt, device=lse.device)
+    gv = torch.where(target.valid, g, zero)
+    gk = torch.where(target.has_kd, g * (1.0 - params.lam), zero)
+    mass = target.mass.to(dt)
+
+    alpha = gv * params.lam
+    beta = gk * T * mass.sum(1)
+    sp_kd = -(gk * T).unsqueeze(1) * mass
+    if params.tail_bucket:
+        q_sup, s_sup = _support_mass(target, lse, z_sup)
+        s_cl = s_sup.clamp(0.0, 1.0 - torch.finfo(dt).eps)
+        c = gk * target.tail.to(dt) / (1.0 - s_cl)
+        alpha = alpha - c * s_cl
+        sp_kd = sp_kd + c.unsqueeze(1) * q_sup
+    sp_ids = torch.cat([target.label.unsqueeze(1), target.ids], dim=1)
+    sp_coef = torch.cat([(-gv * params.lam).unsqueeze(1), sp_kd], dim=1)
+    sp_coef = torch.where(sp_ids >= 0, sp_coef, zero)
+    return alpha, beta, sp_ids, sp_coef
+
+
+def make_stats(target: SparseTarget, terms: RowTerms, argmax: torch.Tensor) -> FusionStats:
+    """FusionStats from the per-row terms of all N rows and argmax [N] (argmax_v z_iv)."""
+    def mean_over(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        n = mask.sum()
+        s = torch.where(mask, x.to(torch.float32), torch.zeros((), device=x.device)).sum()
+        return torch.where(n > 0, s / n.clamp_min(1), torch.zeros_like(s))
+
+    correct = (argmax.to(torch.int64) == target.label).to(torch.float32)
+    kept_frac = torch.where(target.total > 0, target.kept / target.total.clamp_min(1),
+                            torch.zeros_like(target.total))
+    return FusionStats(
+        ce=mean_over(terms.ce, target.valid),
+        kd=mean_over(terms.kd, target.has_kd),
+        accuracy=mean_over(correct, target.valid),
+        kept_fraction=kept_frac,
+        student_mass_on_support=mean_over(terms.sup_mass, target.has_kd),
+    )
