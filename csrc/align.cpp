@@ -241,27 +241,31 @@ inline int64_t sig_bound(const Sig& a, const Sig& b) {
   return std::max(x, y);
 }
 
-// Myers/Hyyro bit-parallel global edit distance, pattern <= 64 bytes; returns > thr when it exceeds thr.
-inline int64_t myers(const uint64_t* peq, int64_t la, const uint8_t* b, int64_t lb, int64_t thr) {
-  uint64_t pv = la == 64 ? ~uint64_t{0} : ((uint64_t{1} << la) - 1), mv = 0;
-  const uint64_t last = uint64_t{1} << (la - 1);
-  int64_t score = la;
-  for (int64_t j = 0; j < lb; ++j) {
-    const uint64_t eq = peq[b[j]];
-    const uint64_t xv = eq | mv;
-    const uint64_t xh = (((eq & pv) + pv) ^ pv) | eq;
-    uint64_t ph = mv | ~(xh | pv);
-    uint64_t mh = pv & xh;
-    if (ph & last) ++score;
-    else if (mh & last) --score;
-    ph = (ph << 1) | 1;
-    mh <<= 1;
-    pv = mh | ~(xv | ph);
-    mv = ph & xv;
-    if (score - (lb - j - 1) > thr) return thr + 1;  // each remaining column lowers it by at most 1
-  }
-  return score;
+// Myers/Hyyro bit-parallel global edit distance for a pattern of la <= 64 bytes, one text column at a time.
+struct MyersState {
+  uint64_t pv, mv;
+  int64_t score;
+};
+
+inline MyersState myers_step(const MyersState& s, uint64_t eq, uint64_t last) {
+  const uint64_t xv = eq | s.mv;
+  const uint64_t xh = (((eq & s.pv) + s.pv) ^ s.pv) | eq;
+  uint64_t ph = s.mv | ~(xh | s.pv);
+  uint64_t mh = s.pv & xh;
+  int64_t score = s.score;
+  if (ph & last) ++score;
+  else if (mh & last) --score;
+  ph = (ph << 1) | 1;
+  mh <<= 1;
+  return MyersState{mh | ~(xv | ph), ph & xv, score};
 }
+
+// One length bucket of candidates, sorted by their bytes, with the common-prefix length to the previous one:
+// consecutive candidates share the Myers states of their common prefix (a trie walk without the trie).
+struct Bucket {
+  std::vector<int32_t> ids;  // candidate indices, sorted by (bytes, index)
+  std::vector<int32_t> lcp;  // lcp[k] = common prefix of ids[k-1] and ids[k] (lcp[0] = 0)
+};
 
 }  // namespace
 
@@ -269,20 +273,35 @@ void nearest(const Strings<uint8_t>& q, const Strings<uint8_t>& c, const int32_t
              const uint8_t* cand_ok, int n_threads, int32_t* out_id, int32_t* out_dist) {
   int64_t max_len = 0;
   for (int64_t k = 0; k < c.count; ++k) max_len = std::max(max_len, c.len(k));
-  std::vector<std::vector<int32_t>> bucket(static_cast<size_t>(max_len + 1));
+  std::vector<Bucket> bucket(static_cast<size_t>(max_len + 1));
   std::vector<Sig> sig(static_cast<size_t>(c.count));
   for (int64_t k = 0; k < c.count; ++k) {
     sig[k] = signature(c.at(k), c.len(k));
-    if (cand_ok[k] && c.len(k) > 0) bucket[c.len(k)].push_back(static_cast<int32_t>(k));
+    if (cand_ok[k] && c.len(k) > 0) bucket[c.len(k)].ids.push_back(static_cast<int32_t>(k));
+  }
+  for (int64_t L = 1; L <= max_len; ++L) {
+    Bucket& B = bucket[L];
+    std::sort(B.ids.begin(), B.ids.end(), [&](int32_t x, int32_t y) {
+      const int r = std::memcmp(c.at(x), c.at(y), static_cast<size_t>(L));
+      return r != 0 ? r < 0 : x < y;
+    });
+    B.lcp.assign(B.ids.size(), 0);
+    for (size_t k = 1; k < B.ids.size(); ++k) {
+      const uint8_t *x = c.at(B.ids[k - 1]), *y = c.at(B.ids[k]);
+      int32_t p = 0;
+      while (p < L && x[p] == y[p]) ++p;
+      B.lcp[k] = p;
+    }
   }
 
   std::atomic<int64_t> next{0};
   auto work = [&]() {
     uint64_t peq[256];
+    std::vector<MyersState> st(static_cast<size_t>(max_len + 1));
     for (;;) {
-      const int64_t lo = next.fetch_add(64);
+      const int64_t lo = next.fetch_add(16);
       if (lo >= q.count) return;
-      const int64_t hi = std::min(q.count, lo + 64);
+      const int64_t hi = std::min(q.count, lo + 16);
       for (int64_t qi = lo; qi < hi; ++qi) {
         out_id[qi] = -1;
         out_dist[qi] = -1;
@@ -291,9 +310,12 @@ void nearest(const Strings<uint8_t>& q, const Strings<uint8_t>& c, const int32_t
         if (la == 0 || k < 0) continue;
         const Sig sa = signature(a, la);
         const bool bitpar = la <= 64;
+        uint64_t last = 0;
         if (bitpar) {
           std::memset(peq, 0, sizeof(peq));
           for (int64_t x = 0; x < la; ++x) peq[a[x]] |= uint64_t{1} << x;
+          last = uint64_t{1} << (la - 1);
+          st[0] = MyersState{la == 64 ? ~uint64_t{0} : ((uint64_t{1} << la) - 1), 0, la};
         }
         int64_t best_d = k + 1, best_id = -1;
         for (int64_t delta = 0; delta <= k; ++delta) {
@@ -301,12 +323,41 @@ void nearest(const Strings<uint8_t>& q, const Strings<uint8_t>& c, const int32_t
           for (int side = 0; side < (delta == 0 ? 1 : 2); ++side) {
             const int64_t L = side == 0 ? la - delta : la + delta;
             if (L <= 0 || L > max_len) continue;
-            for (const int32_t ci : bucket[L]) {
-              // a tie only wins with a smaller index, so the threshold depends on the candidate
+            const Bucket& B = bucket[L];
+            const size_t nb = B.ids.size();
+            int64_t valid = 0;  // columns of st[] that hold the states of the current candidate's prefix
+            size_t kk = 0;
+            while (kk < nb) {
+              valid = std::min<int64_t>(valid, B.lcp[kk]);
+              const int32_t ci = B.ids[kk];
+              // a tie only wins with a smaller index, so the acceptance threshold depends on the candidate
               const int64_t thr = ci < best_id ? best_d : best_d - 1;
-              if (delta > thr || sig_bound(sa, sig[ci]) > thr) continue;
-              const int64_t d = bitpar ? myers(peq, la, c.at(ci), L, thr) : lev(a, la, c.at(ci), L);
+              if (delta > best_d || sig_bound(sa, sig[ci]) > thr) { ++kk; continue; }
+              const uint8_t* b = c.at(ci);
+              if (!bitpar) {
+                const int64_t d = lev(a, la, b, L);
+                if (d <= thr) { best_d = d; best_id = ci; }
+                ++kk;
+                continue;
+              }
+              int64_t j = valid;
+              bool pruned = false;
+              for (; j < L; ++j) {
+                st[j + 1] = myers_step(st[j], peq[b[j]], last);
+                // every later column lowers the score by at most 1: nothing sharing b[0..j] gets <= best_d
+                if (st[j + 1].score - (L - j - 1) > best_d) { pruned = true; break; }
+              }
+              if (pruned) {
+                valid = j + 1;
+                const int64_t shared = j + 1;
+                ++kk;
+                while (kk < nb && B.lcp[kk] >= shared) ++kk;  // the whole subtree under this prefix
+                continue;
+              }
+              valid = L;
+              const int64_t d = st[L].score;
               if (d <= thr) { best_d = d; best_id = ci; }
+              ++kk;
             }
           }
         }
@@ -318,7 +369,7 @@ void nearest(const Strings<uint8_t>& q, const Strings<uint8_t>& c, const int32_t
     }
   };
   if (n_threads <= 0) n_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  n_threads = static_cast<int>(std::min<int64_t>(n_threads, std::max<int64_t>(1, q.count / 64)));
+  n_threads = static_cast<int>(std::min<int64_t>(n_threads, std::max<int64_t>(1, q.count / 16)));
   std::vector<std::thread> pool;
   for (int t = 1; t < n_threads; ++t) pool.emplace_back(work);
   work();

@@ -2,11 +2,20 @@
 
 Two jobs, both on flat numpy arrays so the loader never loops over tokens in Python:
 
-1. `encode_batch`: the student's tokenization of many (prompt, response) pairs at once. It gives exactly
-   what `profuser.engine.chat.encode_example` gives for each pair (tests/test_data_encode.py checks it on
-   real text, truncation included), but tokenizes all prefixes, responses and suffixes with one fast-
-   tokenizer batch call each instead of three calls per example (about 5x faster on short examples).
-   Tokenizers without offsets, or without a fast backend, go through encode_example one by one.
+1. `StudentEncoder.encode_batch`: the student's tokenization of many (prompt, response) pairs at once.
+   It gives exactly what `profuser.engine.chat.encode_example` gives for each pair (tests/test_data_encode.py
+   checks it on real text, truncation included) at a fraction of the cost. On short instruction data the
+   chat template, not the response, dominates, so:
+     - all responses go through one fast-tokenizer batch call (with offsets);
+     - a *template plan* per distinct system prompt: the template is rendered once with a sentinel
+       prompt, giving prefix = head + prompt + tail. The head up to its last special token and the tail
+       from its first special token are tokenized once (a special token splits the text, so the pieces
+       on either side tokenize independently); per example only head' + prompt + tail' is tokenized
+       (e.g. "user\n" + prompt), in one batch call. A plan is used only after it reproduces
+       chat.render_parts and the full prefix tokenization exactly on probe prompts (edge whitespace,
+       markup, non-ASCII, empty), and each batch re-renders its first example as a spot check. A template
+       that rewrites or branches on the prompt fails the checks and is rendered per example (exact path).
+   Tokenizers without a chat template or a fast backend go through encode_example one by one.
 
 2. `collate`: pad a list of processed examples into the batch dict of docs/contracts.md section 4.
    Labels are already shifted: labels[b, p] = input_ids[b, p + 1] at the predicted positions p, -100
@@ -56,40 +65,147 @@ def _from_examples(encs: list[chat.EncodedExample]) -> EncodedBatch:
     )
 
 
-def _fast_ok(tok) -> bool:
-    return bool(getattr(tok, "is_fast", False)) and bool(getattr(tok, "chat_template", None))
+_SENTINEL = "\x00\x02PROFUSER_PROMPT\x02\x00"
+_PROBES = ("What is a cat?", "  padded \n\n prompt  ", "<b>&amp; {{ x }} {% raw %}'\"", "Ünïcödé 東京 😀", "",
+           "line one\nline two\t", " ")
 
 
-def encode_batch(tok, prompts: list[str], responses: list[str], systems: list[str | None], *,
-                 max_length: int | None = None, errors: list | None = None) -> EncodedBatch:
-    """Encode n conversations like chat.encode_example (see EncodedBatch for the shapes).
+def _backend(tok):
+    """The Rust tokenizer when calling it directly is what tok(...) does (no truncation or padding set):
+    it skips transformers' per-example conversion to Python dicts (half the tokenization time)."""
+    bt = getattr(tok, "backend_tokenizer", None) if getattr(tok, "is_fast", False) else None
+    if bt is None or bt.truncation is not None or bt.padding is not None:
+        return None
+    return bt
 
-    errors: when a list is given, an example that encode_example would reject (ValueError: prompt longer
-    than max_length, ids that do not describe the text) is encoded as empty (L = R = 0) and
-    (i, message) is appended; otherwise the ValueError propagates.
-    """
-    n = len(prompts)
-    if not _fast_ok(tok):
-        encs = []
-        for i in range(n):
+
+def _ids(tok, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    bt = _backend(tok)
+    if bt is None:
+        return tok(texts, add_special_tokens=False)["input_ids"]
+    return [e.ids for e in bt.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+def _ids_offsets(tok, texts: list[str]) -> tuple[list, list]:
+    """(ids, offsets) per text, offsets as [(start, end)] character spans."""
+    bt = _backend(tok)
+    if bt is None:
+        enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return enc["input_ids"], enc["offset_mapping"]
+    encs = bt.encode_batch(texts, add_special_tokens=False)
+    return [e.ids for e in encs], [e.offsets for e in encs]
+
+
+class _Plan:
+    """prefix(prompt) = head + prompt + tail for one system prompt; ids = head_ids + ids(mid) + tail_ids."""
+
+    def __init__(self, tok, system):
+        prefix, self.suffix = chat.render_parts(tok, _SENTINEL, system)
+        if prefix.count(_SENTINEL) != 1 or _SENTINEL in self.suffix:
+            raise ValueError("the prompt is not inserted verbatim")
+        head, tail = prefix.split(_SENTINEL)
+        specials = [t.content for t in getattr(tok, "added_tokens_decoder", {}).values()
+                    if not (t.lstrip or t.rstrip or t.single_word or t.normalized)]
+        cut_h = max([head.rfind(sp) + len(sp) for sp in specials if sp in head], default=0)
+        cut_t = min([tail.find(sp) for sp in specials if sp in tail], default=len(tail))
+        self.head, self.tail, self.mid_head, self.mid_tail = head, tail, head[cut_h:], tail[:cut_t]
+        self.head_ids = _ids(tok, [head[:cut_h]])[0] if cut_h else []
+        self.tail_ids = _ids(tok, [tail[cut_t:]])[0] if cut_t < len(tail) else []
+        for probe in _PROBES:  # strings and ids must match the exact path
+            if chat.render_parts(tok, probe, system) != (head + probe + tail, self.suffix):
+                raise ValueError("the template rewrites or branches on the prompt")
+            if self.prefix_ids(tok, [probe])[0] != _ids(tok, [head + probe + tail])[0]:
+                raise ValueError("the pieces around the special tokens do not tokenize independently")
+
+    def prefix_ids(self, tok, prompts: list[str]) -> list[list[int]]:
+        mids = _ids(tok, [self.mid_head + p + self.mid_tail for p in prompts])
+        return [self.head_ids + m + self.tail_ids for m in mids]
+
+
+class StudentEncoder:
+    """Batched chat.encode_example for one tokenizer (see the module header); keeps template plans."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.fast = bool(getattr(tok, "is_fast", False)) and bool(getattr(tok, "chat_template", None))
+        self._plans: dict = {}
+
+    def _plan(self, system):
+        if system not in self._plans:
             try:
-                encs.append(chat.encode_example(tok, prompts[i], responses[i], system=systems[i],
-                                                max_length=max_length))
-            except ValueError as exc:
-                if errors is None:
-                    raise
-                errors.append((i, str(exc)))
-                encs.append(chat.EncodedExample(np.zeros(0, np.int32), np.zeros(0, np.int32),
-                                                np.zeros((0, 2), np.int32), np.zeros(0, np.int32)))
-        return _from_examples(encs)
+                self._plans[system] = _Plan(self.tok, system)
+            except Exception:  # noqa: BLE001 - any failure means: render this system's prompts one by one
+                self._plans[system] = None
+        return self._plans[system]
 
-    parts = [chat.render_parts(tok, prompts[i], systems[i]) for i in range(n)]
-    # one batch call per part kind; suffixes are nearly always identical, tokenize each distinct one once
-    prefix_ids = tok([p for p, _ in parts], add_special_tokens=False)["input_ids"] if n else []
-    distinct = sorted({s for _, s in parts})
-    sfx = dict(zip(distinct, tok(distinct, add_special_tokens=False)["input_ids"])) if distinct else {}
+    def _parts(self, prompts, systems) -> tuple[list, list]:
+        """(prefix ids, suffix string) per example, through the plans where they hold."""
+        tok, n = self.tok, len(prompts)
+        pre, suf = [None] * n, [None] * n
+        by_plan, rendered = {}, []
+        for i in range(n):
+            ok = isinstance(prompts[i], str) and (systems[i] is None or isinstance(systems[i], str))
+            if ok and self._plan(systems[i]) is not None:
+                by_plan.setdefault(systems[i], []).append(i)
+            else:
+                rendered.append(i)
+        for system, idx in by_plan.items():
+            plan, p0 = self._plans[system], prompts[idx[0]]
+            if chat.render_parts(tok, p0, system) != (plan.head + p0 + plan.tail, plan.suffix):
+                self._plans[system] = None  # the spot check failed: never use this plan again
+                rendered += idx
+                continue
+            for i, ids in zip(idx, plan.prefix_ids(tok, [prompts[i] for i in idx])):
+                pre[i], suf[i] = ids, plan.suffix
+        rendered = [i for i in rendered if isinstance(prompts[i], str)]  # _assemble rejects the others
+        parts = [chat.render_parts(tok, prompts[i], systems[i]) for i in rendered]
+        for i, ids, (_, s) in zip(rendered, _ids(tok, [p for p, _ in parts]), parts):
+            pre[i], suf[i] = ids, s
+        return pre, suf
+
+    def encode_batch(self, prompts: list[str], responses: list[str], systems: list[str | None], *,
+                     max_length: int | None = None, errors: list | None = None) -> EncodedBatch:
+        """Encode n conversations like chat.encode_example (see EncodedBatch for the shapes).
+
+        errors: when a list is given, an example that encode_example would reject (ValueError: prompt
+        longer than max_length, ids that do not describe the text) is encoded as empty (L = R = 0) and
+        (i, message) is appended; otherwise the ValueError propagates.
+        """
+        if not self.fast:
+            return _encode_each(self.tok, prompts, responses, systems, max_length, errors)
+        pre, suf = self._parts(prompts, systems)
+        return _assemble(self.tok, prompts, responses, pre, suf, max_length, errors)
+
+
+def encode_batch(tok, prompts, responses, systems, *, max_length=None, errors=None) -> EncodedBatch:
+    """One-off StudentEncoder(tok).encode_batch (the loader keeps one encoder, and so its plans)."""
+    return StudentEncoder(tok).encode_batch(prompts, responses, systems, max_length=max_length, errors=errors)
+
+
+def _encode_each(tok, prompts, responses, systems, max_length, errors) -> EncodedBatch:
+    encs = []
+    for i in range(len(prompts)):
+        try:
+            encs.append(chat.encode_example(tok, prompts[i], responses[i], system=systems[i], max_length=max_length))
+        except ValueError as exc:
+            if errors is None:
+                raise
+            errors.append((i, str(exc)))
+            encs.append(chat.EncodedExample(np.zeros(0, np.int32), np.zeros(0, np.int32),
+                                            np.zeros((0, 2), np.int32), np.zeros(0, np.int32)))
+    return _from_examples(encs)
+
+
+def _assemble(tok, prompts, responses, prefix_ids, suffixes, max_length, errors) -> EncodedBatch:
+    """prefix ids + response ids + suffix ids per example, with encode_example's truncation rule."""
+    n = len(prompts)
+    distinct = sorted({s for s in suffixes if s})
+    sfx = dict(zip(distinct, _ids(tok, distinct)))
     sfx[""] = []
-    enc = tok(list(responses), add_special_tokens=False, return_offsets_mapping=True) if n else None
+    texts = [r if isinstance(r, str) else "" for r in responses]
+    resp_ids_all, resp_off_all = _ids_offsets(tok, texts) if n else ([], [])
 
     ids_chunks, pos_chunks, pid_chunks, off_chunks = [], [], [], []
     lens = np.zeros(n, np.int64)
@@ -100,13 +216,12 @@ def encode_batch(tok, prompts: list[str], responses: list[str], systems: list[st
             if not isinstance(prompts[i], str) or not isinstance(response, str):
                 raise ValueError("prompt and response must be str")
             pre = prefix_ids[i]
-            suffix_ids = list(sfx[parts[i][1]])
+            suffix_ids = list(sfx[suffixes[i] or ""])
             if not pre:
                 raise ValueError("the templated prompt encodes to no tokens")
             if response:
-                resp_ids = np.asarray(enc["input_ids"][i], dtype=np.int32)
-                resp_off = chat.canonical_offsets(np.asarray(enc["offset_mapping"][i], np.int32).reshape(-1, 2),
-                                                  response)
+                resp_ids = np.asarray(resp_ids_all[i], dtype=np.int32)
+                resp_off = chat.canonical_offsets(np.asarray(resp_off_all[i], np.int32).reshape(-1, 2), response)
             else:
                 resp_ids, resp_off = np.zeros(0, np.int32), np.zeros((0, 2), np.int32)
             eot = chat.end_of_turn_id(tok, suffix_ids)

@@ -46,6 +46,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     data_dir: str = "runs/demo/data"  # holds prepared/, teachers/<source>/<mode>/, scores/
+    # inference-mode store when it lives in its own folder (e.g. generated for a subset of the prompts);
+    # None: the same data_dir as training mode
+    infer_data_dir: str | None = None
     sources: list[str] = field(default_factory=lambda: ["smollm2-135m-instruct", "gemma3-270m"])
     k: int = 10  # top-k entries per teacher and token used by the loss
     max_length: int = 128

@@ -160,15 +160,28 @@ class TeacherShard:
         return "topk_logprobs" if np.isnan(self.topk_logprobs[a:z]).any() else "nll_sum"
 
 
-def read_teacher_shard(path: Path, k: int, prepared: pa.Table, *, gold: bool) -> TeacherShard:
+def read_teacher_shard(path: Path, k: int, prepared: pa.Table, *, gold: bool,
+                       validated: set | None = None) -> TeacherShard:
     """Read one teacher shard, check it with store.validate_teacher_table against the prepared shard
     (row count, example ids, list lengths, offsets, n_bytes; with gold=True the responses too), and flag
     NaN rows without dropping them (the loader applies nan_policy: in inference mode only the vote
-    winner's NaN matters)."""
+    winner's NaN matters).
+
+    validated: a set of (path, mtime_ns, size, gold) already checked; an unchanged file is not re-checked
+    in later epochs (the checks loop over rows in Python: about a third of a shard's first read).
+    """
     t = store.read_table(path, what="teacher shard")
-    store.validate_teacher_table(t, path, k, prepared=prepared, nan_policy="drop")
-    if gold:
-        store.check_train_responses(t, prepared, path)
+    try:
+        st = path.stat()
+        key = (str(path), st.st_mtime_ns, st.st_size, gold)
+    except OSError:
+        key = None
+    if validated is None or key not in validated:
+        store.validate_teacher_table(t, path, k, prepared=prepared, nan_policy="drop")
+        if gold:
+            store.check_train_responses(t, prepared, path)
+        if validated is not None and key is not None:
+            validated.add(key)
     tok_off, token_ids = _list_flat(t["token_ids"])
     flat = {name: _list_flat(t[name])[1] for name in ("pred_offsets", "token_logprobs", "topk_ids", "topk_logprobs")}
     tlp = flat["token_logprobs"].astype(np.float16, copy=False)
@@ -300,6 +313,8 @@ class FusionLoader:
                 self.teacher_tokenizer(self.source_names.index(name))
         self._votes = self._read_votes(store.scores_dir(root) / "votes.parquet") if cfg.mode == "infer" else None
         self._vocab_maps = None
+        self._encoder = _collate.StudentEncoder(tokenizer)
+        self._validated: set = set()  # (path, mtime_ns, size) of shards already checked by the store validator
         self.epoch, self._consumed = 0, 0
         self.stats = {"examples": 0, "dropped_nan": 0, "dropped_long": 0}
 
@@ -461,7 +476,7 @@ class FusionLoader:
         n = int(self._rows[j])
         pids = prep["example_id"].combine_chunks()
         recs = [read_teacher_shard(self._mpaths[t].parent / store.shard_name(j), self.manifests[t].k, prep,
-                                   gold=not infer) for t in range(T)]
+                                   gold=not infer, validated=self._validated) for t in range(T)]
 
         sel = self._rank_rows(j)
         eids = pids.take(pa.array(sel)).to_pylist()
@@ -499,8 +514,7 @@ class FusionLoader:
         else:
             responses = prep["response"].combine_chunks().take(idx).to_pylist()
         errors = []
-        enc = _collate.encode_batch(self.tokenizer, prompts, responses, systems, max_length=cfg.max_length,
-                                    errors=errors)
+        enc = self._encoder.encode_batch(prompts, responses, systems, max_length=cfg.max_length, errors=errors)
         ok = np.ones(len(sel), bool)
         for i, msg in errors:
             if "max_length" not in msg:

@@ -88,8 +88,10 @@ ALIASES: dict[str, Alias] = {
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _convert_once(final: Path, build: Callable[[Path], None], source: dict) -> Path:
+def _convert_once(final: Path, build: Callable[[Path], None], source: Callable[[], dict]) -> Path:
     """Run `build(tmp_dir)` once under a file lock, then rename tmp_dir to `final`.
+
+    `source()` gives the provenance written into the marker (called only when converting).
 
     The marker file is written inside tmp_dir before the rename, so `final` exists only when complete.
     """
@@ -106,7 +108,7 @@ def _convert_once(final: Path, build: Callable[[Path], None], source: dict) -> P
         tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
         try:
             build(tmp)
-            (tmp / _MARKER).write_text(json.dumps(source, indent=1))
+            (tmp / _MARKER).write_text(json.dumps(source(), indent=1))
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -158,8 +160,8 @@ def resolve_model(spec: str | os.PathLike) -> Path:
     key = str(spec)
     if key in ALIASES:
         alias = ALIASES[key]
-        source = {"alias": key, "gguf": str(alias.gguf()), "license": alias.license, "dtype": "float32"}
-        return _convert_once(cache_root() / "models" / key, lambda out: _build_model(alias, out), source)
+        return _convert_once(cache_root() / "models" / key, lambda out: _build_model(alias, out),
+                             lambda: {"alias": key, "gguf": str(alias.gguf()), "license": alias.license})
     path = Path(key).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -180,9 +182,8 @@ def resolve_tokenizer(spec: str | os.PathLike) -> Path:
         if (model_dir / _MARKER).is_file():
             return model_dir
         alias = ALIASES[key]
-        source = {"alias": key, "gguf": str(alias.gguf()), "license": alias.license, "tokenizer_only": True}
         return _convert_once(cache_root() / "tokenizers" / key, lambda out: _build_tokenizer(alias, out),
-                             source)
+                             lambda: {"alias": key, "gguf": str(alias.gguf()), "tokenizer_only": True})
     path = Path(key).expanduser()
     if path.is_dir():
         return path

@@ -108,6 +108,7 @@ def _tmp_name(path: Path) -> Path:
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
+    path = Path(path)
     tmp = _tmp_name(path)
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
@@ -115,17 +116,20 @@ def write_json_atomic(path: Path, obj: dict) -> None:
 
 def write_table_atomic(table: pa.Table, path: Path, opts: WriteOptions = WriteOptions()) -> int:
     """Write `table` as Parquet to tmp, fsync, rename to `path`. Returns the file size in bytes."""
+    path = Path(path)
     encodings = {}
     if opts.byte_stream_split:
         for f in table.schema:
-            t = f.type.value_type if pa.types.is_list(f.type) else f.type
+            is_list = pa.types.is_list(f.type)
+            t = f.type.value_type if is_list else f.type
             if pa.types.is_float16(t) or pa.types.is_int32(t) or pa.types.is_float32(t):
-                encodings[f.name] = "BYTE_STREAM_SPLIT"
+                # the encoding applies to leaf columns: a list's values are "<name>.list.element"
+                encodings[f"{f.name}.list.element" if is_list else f.name] = "BYTE_STREAM_SPLIT"
     tmp = _tmp_name(path)
     try:
         pq.write_table(table, tmp, compression=opts.compression, compression_level=opts.compression_level,
                        use_dictionary=[f.name for f in table.schema if f.name not in encodings
-                                       and not pa.types.is_list(f.type)],
+                                       and not pa.types.is_list(f.type)] or False,
                        column_encoding=encodings or None, row_group_size=opts.row_group_size,
                        write_statistics=False)
         with open(tmp, "rb") as f:

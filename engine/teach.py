@@ -298,9 +298,9 @@ def adopt_orphans(cfg: TeachConfig, name: str, mode: str, shards: list[int], man
 
 
 def run_shards(cfg: TeachConfig, name: str, spec: str, mode: str, tok_hash: str, vocab_size: int,
-               compute: Callable[[pa.Table, str, "Progress"], tuple[RecordBatch, dict]], generation: dict | None = None,
+               compute: Callable[[int, pa.Table, str, "Progress"], tuple[RecordBatch, dict]], generation: dict | None = None,
                after_shard: Callable[[int], None] | None = None) -> dict:
-    """Run `compute(prepared_shard, where, progress) -> (records, counters)` over this rank's missing shards.
+    """Run `compute(j, prepared_shard_j, where, progress) -> (records, counters)` over this rank's missing shards.
 
     Returns {"shards": done, "skipped": already complete, "tokens": n, "tok_s": rate, "bytes": on disk}.
     """
@@ -317,7 +317,7 @@ def run_shards(cfg: TeachConfig, name: str, spec: str, mode: str, tok_hash: str,
     for j in todo:
         table = read_prepared_shard(cfg.data_dir, j, prepared)
         where = f"source {name} ({mode}) shard {j}"
-        records, counters = compute(table, where, prog)
+        records, counters = compute(j, table, where, prog)
         out = records.to_table()
         n_bytes = write_table_atomic(out, folder / shard_name(j), cfg.write)
         tokens = int(out["n_tokens"].to_numpy().sum())
@@ -384,8 +384,9 @@ def load_source(spec: str, cfg: TeachConfig, local_rank: int):
     from .align import tokenizer_hash
 
     device = _dist.device_for(local_rank, cfg.device)
-    tok = models.load_tokenizer(spec)
+    # the model first: for an alias it converts the GGUF once, tokenizer included
     model = models.load_model(spec, dtype=resolve_dtype(cfg.dtype, device)).to(device)
+    tok = models.load_tokenizer(spec)
     vocab = model.get_output_embeddings().weight.shape[0]
     return model, tok, device, tokenizer_hash(tok), vocab
 
@@ -397,7 +398,7 @@ def teach(cfg: TeachConfig, *, after_shard=None) -> dict:
     for spec, name in zip(cfg.sources, cfg.source_names):
         model, tok, device, thash, vocab = load_source(spec, cfg, di.local_rank)
         stats = run_shards(cfg, name, spec, "train", thash, vocab,
-                           lambda t, w, p: teach_shard(model, tok, cfg, device, t, w, p), after_shard=after_shard)
+                           lambda j, t, w, p: teach_shard(model, tok, cfg, device, t, w, p), after_shard=after_shard)
         out[name] = stats
         print(f"teach {name}: {stats['shards']} shards written, {stats['skipped']} already complete, "
               f"{stats['tokens']} tokens at {stats['tok_s']:.0f} tok/s, "

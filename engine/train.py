@@ -179,7 +179,9 @@ class FusionStep(nn.Module):
         row_mode = batch["mode"][:, None].expand(B, L).reshape(B * L).index_select(0, rows)
         T, K = batch["teacher_ids"].shape[0], batch["teacher_ids"].shape[-1]
         t_ids = batch["teacher_ids"].reshape(T, B * L, K).index_select(1, rows)  # [T, N, K]
+        # the loader writes -inf at empty slots (id -1); the loss library rejects non-finite log-probs
         t_lp = batch["teacher_logprobs"].reshape(T, B * L, K).index_select(1, rows)
+        t_lp = t_lp.masked_fill(t_ids < 0, 0.0)
         t_w = batch["teacher_weights"].reshape(T, B * L).index_select(1, rows)  # [T, N]
         # keeps every parameter in the graph on every rank, even with no labelled rows: ZeRO's gradient
         # reduction is collective, a rank whose loss skipped a parameter would hang the others
@@ -238,14 +240,14 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 def check_store(cfg: TrainConfig, modes: list[str]) -> None:
     """Fail early with a clear message when the prepared set / teacher store is missing or mismatched."""
-    root = Path(cfg.data.data_dir)
-    prepared = root / "prepared" / "manifest.json"
-    if not prepared.is_file():
-        raise FileNotFoundError(f"data.data_dir={root}: no prepared set ({prepared} is missing); "
-                                "run `profuser prepare` first")
-    fingerprint = json.loads(prepared.read_text()).get("fingerprint")
-    for source in cfg.data.sources:
-        for mode in modes:
+    for mode in modes:
+        key, root = data_dir_of(cfg, mode)
+        prepared = root / "prepared" / "manifest.json"
+        if not prepared.is_file():
+            raise FileNotFoundError(f"{key}={root}: no prepared set ({prepared} is missing); "
+                                    "run `profuser prepare` first")
+        fingerprint = json.loads(prepared.read_text()).get("fingerprint")
+        for source in cfg.data.sources:
             manifest = root / "teachers" / source / mode / "manifest.json"
             if not manifest.is_file():
                 step = "teach" if mode == "train" else "generate"
@@ -256,6 +258,13 @@ def check_store(cfg: TrainConfig, modes: list[str]) -> None:
                 raise ValueError(f"{manifest}: built for another prepared set (prepared_fingerprint "
                                  f"{m.get('prepared_fingerprint')!r} != {fingerprint!r} in {prepared}); "
                                  "re-run teach/generate on this prepared set")
+
+
+def data_dir_of(cfg: TrainConfig, mode: str) -> tuple[str, Path]:
+    """(config key, folder) of the store of `mode`."""
+    if mode == "infer" and cfg.data.infer_data_dir:
+        return "data.infer_data_dir", Path(cfg.data.infer_data_dir)
+    return "data.data_dir", Path(cfg.data.data_dir)
 
 
 def check_vocab(loader, vocab_rows: int, student: str) -> None:
@@ -304,7 +313,7 @@ def build_loaders(cfg: TrainConfig, tok, modes: list[str], rank: int, world: int
     loaders = {}
     for mode in modes:
         dcfg = FusionDataConfig(
-            data_dir=d.data_dir, sources=list(d.sources), student=cfg.model.student, mode=mode, k=d.k,
+            data_dir=str(data_dir_of(cfg, mode)[1]), sources=list(d.sources), student=cfg.model.student, mode=mode, k=d.k,
             max_length=d.max_length, batch_size=d.micro_batch_size, advantage=d.advantage,
             advantage_level=d.advantage_level, ce_metric=d.ce_metric, student_as_candidate=d.student_as_candidate,
             shuffle_buffer=d.shuffle_buffer, seed=cfg.seed, align_method=d.align_method, nan_policy=d.nan_policy)

@@ -236,7 +236,8 @@ def _chunk_blocked(h, weight, bias, tg: SparseTarget, params, g, out: _Out, r0, 
     if out.dh is not None:
         out.dh[r0:r1] += torch.einsum("cs,csh->ch", coef, weight[safe].to(cdt)).to(out.dh.dtype)
     if out.dw is not None:
-        out.dw.index_add_(0, safe.reshape(-1), (coef.unsqueeze(2) * h.to(cdt).unsqueeze(1)).reshape(-1, h.shape[1]))
+        rows_x_coef = (coef.unsqueeze(2) * h.to(cdt).unsqueeze(1)).reshape(-1, h.shape[1])
+        out.dw.index_add_(0, safe.reshape(-1), rows_x_coef)
     if out.db is not None:
         out.db.index_add_(0, safe.reshape(-1), coef.reshape(-1))
 
@@ -267,17 +268,20 @@ class _ChunkedFusionLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, target, params, cfg, want_stats):
         need = tuple(ctx.needs_input_grad[:3])
         grad_now = any(need) and params.reduction != "none"
-        scale = reduction_scale(params, target.valid, torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+        cdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        scale = reduction_scale(params, target.valid, cdt)
         out = _run(hidden, weight, bias, target, params, scale if grad_now else None, need, want_stats, cfg)
+        # Inputs are kept as plain references (no version check): only reduction "none" and a second
+        # backward through a retained graph recompute from them.
+        ctx.inputs, ctx.scale, ctx.grads = (hidden, weight, bias), scale, None
         if params.reduction == "none":
             loss = out.loss
-            ctx.save_for_backward(hidden, weight, bias)
         else:
             loss = out.loss.sum() * scale
-            ctx.save_for_backward(
-                out.dh, None if out.dw is None else out.dw.to(weight.dtype),
-                None if out.db is None else out.db.to(bias.dtype),
-            )
+            # The first backward scales these in place and hands them over (no second [V, H] copy; autograd
+            # can adopt them as .grad); a later backward (retain_graph, gradcheck) recomputes instead.
+            ctx.grads = (out.dh, None if out.dw is None else out.dw.to(weight.dtype),
+                         None if out.db is None else out.db.to(bias.dtype))
         ctx.target, ctx.params, ctx.cfg, ctx.need = target, params, cfg, need
         if want_stats:
             st = make_stats(target, RowTerms(out.loss, out.ce, out.kd, out.sup), out.argmax)
@@ -289,17 +293,16 @@ class _ChunkedFusionLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        if ctx.params.reduction == "none":
-            hidden, weight, bias = ctx.saved_tensors
-            out = _run(hidden, weight, bias, ctx.target, ctx.params, grad_loss, ctx.need, False, ctx.cfg)
+        if ctx.grads is None:
+            hidden, weight, bias = ctx.inputs
+            g = grad_loss if ctx.params.reduction == "none" else grad_loss * ctx.scale
+            out = _run(hidden, weight, bias, ctx.target, ctx.params, g, ctx.need, False, ctx.cfg)
             dh = out.dh
             dw = None if out.dw is None else out.dw.to(weight.dtype)
             db = None if out.db is None else out.db.to(bias.dtype)
         else:
-            dh, dw, db = ctx.saved_tensors
-            dh = None if dh is None else dh * grad_loss.to(dh.dtype)
-            dw = None if dw is None else dw * grad_loss.to(dw.dtype)
-            db = None if db is None else db * grad_loss.to(db.dtype)
+            dh, dw, db = (None if x is None else x.mul_(grad_loss.to(x.dtype)) for x in ctx.grads)
+            ctx.grads = None
         return dh, dw, db, None, None, None, None
 
 

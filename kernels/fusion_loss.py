@@ -38,7 +38,7 @@ def make_params(lam=0.9, temperature=1.0, softcap=None, missing_mass="renormaliz
     """Check the scalar options and return a FusionParams (num_items resolved to a float or None)."""
     if not isinstance(lam, (int, float)) or not (0.0 <= float(lam) <= 1.0):
         raise _err("lam", f"must be a number in [0, 1], got {lam!r}")
-    if not isinstance(temperature, (int, float)) or not (float(temperature) > 0.0) or temperature == float("inf"):
+    if not isinstance(temperature, (int, float)) or not (0.0 < float(temperature) < float("inf")):
         raise _err("temperature", f"must be a finite number > 0, got {temperature!r}")
     if softcap is not None and (not isinstance(softcap, (int, float)) or not (float(softcap) > 0.0)):
         raise _err("softcap", f"must be None or a number > 0, got {softcap!r}")
@@ -53,7 +53,8 @@ def make_params(lam=0.9, temperature=1.0, softcap=None, missing_mass="renormaliz
     if num_items is not None:
         if isinstance(num_items, torch.Tensor):
             if num_items.numel() != 1:
-                raise _err("num_items", f"must be a number or a 1-element tensor, got shape {tuple(num_items.shape)}")
+                raise _err("num_items", f"must be a number or a 1-element tensor, got shape "
+                                        f"{tuple(num_items.shape)}")
             num_items = num_items.item()  # a global count (e.g. all-reduced): one host sync
         if not isinstance(num_items, (int, float)) or not (float(num_items) >= 0.0):
             raise _err("num_items", f"must be a number >= 0, got {num_items!r}")
@@ -113,7 +114,8 @@ def validate_inputs(hidden, weight, labels, teacher_ids, teacher_logprobs, teach
     if vocab_maps is not None:
         if isinstance(vocab_maps, torch.Tensor) or len(vocab_maps) != T:
             n = "a tensor" if isinstance(vocab_maps, torch.Tensor) else f"{len(vocab_maps)} entries"
-            raise _err("vocab_maps", f"must be a sequence of T={T} entries (None or int tensor [V_t]), got {n}")
+            raise _err("vocab_maps", f"must be a sequence of T={T} entries (None or int tensor [V_t]), "
+                                     f"got {n}")
         for t, vm in enumerate(vocab_maps):
             if vm is None:
                 continue
@@ -236,7 +238,8 @@ class FusionLoss(nn.Module):
             raise _err("backend", f"must be one of {BACKENDS}, got {backend!r}")
         make_params(lam, temperature, softcap, missing_mass, ignore_index, reduction)  # fail at construction
         self.options = dict(lam=lam, temperature=temperature, softcap=softcap, missing_mass=missing_mass,
-                            ignore_index=ignore_index, reduction=reduction, backend=backend, validate=validate)
+                            ignore_index=ignore_index, reduction=reduction, backend=backend,
+                            validate=validate)
 
     def forward(self, hidden, weight, labels, teacher_ids, teacher_logprobs, teacher_weights=None, *,
                 vocab_maps=None, bias=None, num_items=None, return_stats=False):

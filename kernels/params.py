@@ -67,7 +67,8 @@ class FusionStats:
                                                     "student_mass_on_support")}
 
 
-def reduction_scale(params: FusionParams, valid: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def reduction_scale(params: FusionParams, valid: torch.Tensor,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """0-dim tensor s such that loss = s * sum_i loss_i for reductions "mean" / "sum" (1 for "none").
 
     valid: [N] bool, rows whose label != ignore_index (only counted for "mean" without num_items).

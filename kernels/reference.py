@@ -38,7 +38,8 @@ def reference_fusion_loss(
     return_stats: bool = False,
 ):
     """Dense fusion loss. hidden [N, H], weight [V, H], bias [V] | None, labels [N],
-    teacher_ids / teacher_logprobs [T, N, K], teacher_weights [T, N] | None, vocab_maps None | T x ([V_t] | None).
+    teacher_ids / teacher_logprobs [T, N, K], teacher_weights [T, N] | None,
+    vocab_maps None | T x ([V_t] | None).
 
     Returns loss ([N] for reduction "none", else 0-dim), or (loss, FusionStats).
     """
@@ -81,7 +82,8 @@ def reference_fusion_loss(
         else:
             x = torch.where(kept, lp / temp, torch.full_like(lp, float("-inf")))
             norm = torch.logsumexp(x, dim=1, keepdim=True)
-            p = torch.where(kept, (x - torch.where(kept, norm, torch.zeros_like(norm))).exp(), torch.zeros_like(lp))
+            norm = torch.where(kept, norm, torch.zeros_like(norm))   # rows with nothing kept: -inf -> 0
+            p = torch.where(kept, (x - norm).exp(), torch.zeros_like(lp))
         w = torch.ones(N, dtype=cdt, device=dev) if teacher_weights is None else teacher_weights[t].to(cdt)
         w = torch.where(kept.any(1), w, torch.zeros_like(w))
         wsum = wsum + w

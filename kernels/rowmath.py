@@ -47,7 +47,8 @@ class RowTerms(NamedTuple):
     sup_mass: torch.Tensor
 
 
-def _support_mass(target: SparseTarget, lse: torch.Tensor, z_sup: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _support_mass(target: SparseTarget, lse: torch.Tensor,
+                  z_sup: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q_sup [N, S] = softmax(z)_ids on first distinct slots else 0, s_sup [N])."""
     q = torch.where(target.first, (z_sup - lse.unsqueeze(1)).exp(), torch.zeros_like(z_sup))
     return q, q.sum(1)

@@ -36,6 +36,7 @@ upcast result up to summation order, at tensor-core speed; the gradient GEMMs th
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,9 @@ import triton.language as tl
 # Read at import, the same moment @triton.jit reads it: kernels defined without it cannot run on the CPU.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 AUTOTUNE = os.environ.get("PROFUSER_AUTOTUNE", "0") not in ("", "0") and not INTERPRET
+# Block pointers are kept on purpose: on sm_90 they cut register spills of these kernels several-fold
+# against per-element pointer tensors, and tensor descriptors would need a device-side allocator.
+warnings.filterwarnings("ignore", message="tl.make_block_ptr is deprecated")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -63,28 +67,28 @@ def _softcap(x, SOFTCAP):
 
 
 @_helper
-def _logit_tile(H_ptr, W_ptr, Bias_ptr, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, SOFTCAP,
+def _logit_tile(H_ptr, W_ptr, Bias_ptr, n0, v0, N, V, D, stride_hn, stride_wv, SOFTCAP,
                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                 BLOCK_H: tl.constexpr):
-    """z tile [BLOCK_N, BLOCK_V] fp32 for rows offs_n and vocab columns offs_v (softcapped when asked)."""
-    offs_h = tl.arange(0, BLOCK_H)
-    # int64 row offsets: N * H and V * H can exceed 2^31 elements
-    h_ptrs = H_ptr + offs_n.to(tl.int64)[:, None] * stride_hn + offs_h[None, :]
-    w_ptrs = W_ptr + offs_v.to(tl.int64)[None, :] * stride_wv + offs_h[:, None]  # [BLOCK_H, BLOCK_V] = W^T
+    """z tile [BLOCK_N, BLOCK_V] fp32 for rows n0.. and vocab columns v0.. (softcapped when asked)."""
+    # block pointers: 64-bit offsets (N * H and V * H can exceed 2^31 elements), zero padding for ragged
+    # edges, and no per-element pointer tensors held across the pipelined H loop (register pressure)
+    h_blk = tl.make_block_ptr(H_ptr, (N, D), (stride_hn, 1), (n0, 0), (BLOCK_N, BLOCK_H), (1, 0))
+    w_blk = tl.make_block_ptr(W_ptr, (D, V), (1, stride_wv), (0, v0), (BLOCK_H, BLOCK_V), (0, 1))  # W^T
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for h0 in range(0, D, BLOCK_H):
-        mask_h = offs_h < D - h0
-        a = tl.load(h_ptrs, mask=mask_n[:, None] & mask_h[None, :], other=0.0)
-        b = tl.load(w_ptrs, mask=mask_h[:, None] & mask_v[None, :], other=0.0)
+    for _ in range(0, tl.cdiv(D, BLOCK_H)):
+        a = tl.load(h_blk, boundary_check=(0, 1), padding_option="zero")
+        b = tl.load(w_blk, boundary_check=(0, 1), padding_option="zero")
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        h_ptrs += BLOCK_H
-        w_ptrs += BLOCK_H
+        h_blk = tl.advance(h_blk, (0, BLOCK_H))
+        w_blk = tl.advance(w_blk, (BLOCK_H, 0))
     if HAS_BIAS:
-        acc += tl.load(Bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        acc += tl.load(Bias_ptr + offs_v, mask=offs_v < V, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:
         acc = _softcap(acc, SOFTCAP)
     return acc
@@ -122,8 +126,8 @@ def _lse_fwd_kernel(H_ptr, W_ptr, Bias_ptr, LSE_ptr, LSET_ptr, Argmax_ptr, N, V,
                     SOFTCAP, inv_t, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMP: tl.constexpr,
                     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = tl.program_id(0) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_N,), tl.float32)
@@ -134,7 +138,7 @@ def _lse_fwd_kernel(H_ptr, W_ptr, Bias_ptr, LSE_ptr, LSET_ptr, Argmax_ptr, N, V,
     for v0 in range(0, V, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
-        z = _logit_tile(H_ptr, W_ptr, Bias_ptr, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, SOFTCAP,
+        z = _logit_tile(H_ptr, W_ptr, Bias_ptr, n0, v0, N, V, D, stride_hn, stride_wv, SOFTCAP,
                         HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
         z = tl.where(mask_v[None, :], z, float("-inf"))
         tile_max = tl.max(z, axis=1)
@@ -191,14 +195,13 @@ def _grad_hidden_kernel(H_ptr, W_ptr, Bias_ptr, LSE_ptr, LSET_ptr, Alpha_ptr, Be
                         filter_eps, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMP: tl.constexpr,
                         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = tl.program_id(0) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    offs_h = tl.arange(0, BLOCK_H)
     for v0 in range(0, V, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
-        z = _logit_tile(H_ptr, W_ptr, Bias_ptr, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, SOFTCAP,
+        z = _logit_tile(H_ptr, W_ptr, Bias_ptr, n0, v0, N, V, D, stride_hn, stride_wv, SOFTCAP,
                         HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
         dz = _dz_tile(z, offs_n, offs_v, mask_n, mask_v, LSE_ptr, LSET_ptr, Alpha_ptr, Beta_ptr, SpIds_ptr,
                       SpCoef_ptr, n_sparse, stride_sp, inv_t, SOFTCAP, HAS_TEMP, HAS_SOFTCAP)
@@ -207,19 +210,17 @@ def _grad_hidden_kernel(H_ptr, W_ptr, Bias_ptr, LSE_ptr, LSET_ptr, Alpha_ptr, Be
             dz_op = dz
             if not UPCAST:
                 dz_op = dz.to(W_ptr.dtype.element_ty)
-            w_ptrs = W_ptr + offs_v.to(tl.int64)[:, None] * stride_wv + offs_h[None, :]  # [BLOCK_V, BLOCK_H]
-            dh_ptrs = DH_ptr + offs_n.to(tl.int64)[:, None] * stride_dh + offs_h[None, :]
-            for h0 in range(0, D, BLOCK_H):
-                mask_h = offs_h < D - h0
-                w = tl.load(w_ptrs, mask=mask_v[:, None] & mask_h[None, :], other=0.0)
+            w_blk = tl.make_block_ptr(W_ptr, (V, D), (stride_wv, 1), (v0, 0), (BLOCK_V, BLOCK_H), (1, 0))
+            dh_blk = tl.make_block_ptr(DH_ptr, (N, D), (stride_dh, 1), (n0, 0), (BLOCK_N, BLOCK_H), (1, 0))
+            for _ in range(0, tl.cdiv(D, BLOCK_H)):
+                w = tl.load(w_blk, boundary_check=(0, 1), padding_option="zero")
                 if UPCAST:
                     w = w.to(tl.float32)
-                m2 = mask_n[:, None] & mask_h[None, :]
-                acc = tl.load(dh_ptrs, mask=m2, other=0.0)
+                acc = tl.load(dh_blk, boundary_check=(0, 1), padding_option="zero")
                 acc = tl.dot(dz_op, w, acc, input_precision=DOT_PRECISION)
-                tl.store(dh_ptrs, acc, mask=m2)
-                w_ptrs += BLOCK_H
-                dh_ptrs += BLOCK_H
+                tl.store(dh_blk, acc, boundary_check=(0, 1))
+                w_blk = tl.advance(w_blk, (0, BLOCK_H))
+                dh_blk = tl.advance(dh_blk, (0, BLOCK_H))
 
 
 def _grad_weight_kernel(H_ptr, W_ptr, Bias_ptr, LSE_ptr, LSET_ptr, Alpha_ptr, Beta_ptr, SpIds_ptr, SpCoef_ptr,
@@ -228,15 +229,14 @@ def _grad_weight_kernel(H_ptr, W_ptr, Bias_ptr, LSE_ptr, LSET_ptr, Alpha_ptr, Be
                         HAS_TEMP: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
                         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    pid = tl.program_id(0)
-    offs_v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
+    v0 = tl.program_id(0) * BLOCK_V
+    offs_v = v0 + tl.arange(0, BLOCK_V)
     mask_v = offs_v < V
-    offs_h = tl.arange(0, BLOCK_H)
     db = tl.zeros((BLOCK_V,), tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        z = _logit_tile(H_ptr, W_ptr, Bias_ptr, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, SOFTCAP,
+        z = _logit_tile(H_ptr, W_ptr, Bias_ptr, n0, v0, N, V, D, stride_hn, stride_wv, SOFTCAP,
                         HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
         dz = _dz_tile(z, offs_n, offs_v, mask_n, mask_v, LSE_ptr, LSET_ptr, Alpha_ptr, Beta_ptr, SpIds_ptr,
                       SpCoef_ptr, n_sparse, stride_sp, inv_t, SOFTCAP, HAS_TEMP, HAS_SOFTCAP)
@@ -247,19 +247,17 @@ def _grad_weight_kernel(H_ptr, W_ptr, Bias_ptr, LSE_ptr, LSET_ptr, Alpha_ptr, Be
                 dzt = tl.trans(dz)  # [BLOCK_V, BLOCK_N]
                 if not UPCAST:
                     dzt = dzt.to(H_ptr.dtype.element_ty)
-                h_ptrs = H_ptr + offs_n.to(tl.int64)[:, None] * stride_hn + offs_h[None, :]  # [BLOCK_N, BLOCK_H]
-                dw_ptrs = DW_ptr + offs_v.to(tl.int64)[:, None] * stride_dw + offs_h[None, :]
-                for h0 in range(0, D, BLOCK_H):
-                    mask_h = offs_h < D - h0
-                    h = tl.load(h_ptrs, mask=mask_n[:, None] & mask_h[None, :], other=0.0)
+                h_blk = tl.make_block_ptr(H_ptr, (N, D), (stride_hn, 1), (n0, 0), (BLOCK_N, BLOCK_H), (1, 0))
+                dw_blk = tl.make_block_ptr(DW_ptr, (V, D), (stride_dw, 1), (v0, 0), (BLOCK_V, BLOCK_H), (1, 0))
+                for _ in range(0, tl.cdiv(D, BLOCK_H)):
+                    h = tl.load(h_blk, boundary_check=(0, 1), padding_option="zero")
                     if UPCAST:
                         h = h.to(tl.float32)
-                    m2 = mask_v[:, None] & mask_h[None, :]
-                    acc = tl.load(dw_ptrs, mask=m2, other=0.0)
+                    acc = tl.load(dw_blk, boundary_check=(0, 1), padding_option="zero")
                     acc = tl.dot(dzt, h, acc, input_precision=DOT_PRECISION)
-                    tl.store(dw_ptrs, acc, mask=m2)
-                    h_ptrs += BLOCK_H
-                    dw_ptrs += BLOCK_H
+                    tl.store(dw_blk, acc, boundary_check=(0, 1))
+                    h_blk = tl.advance(h_blk, (0, BLOCK_H))
+                    dw_blk = tl.advance(dw_blk, (0, BLOCK_H))
     if NEED_DB:
         tl.store(DB_ptr + offs_v, db, mask=mask_v)
 
@@ -301,11 +299,14 @@ class KernelConfig:
                     num_stages=self.num_stages)
 
 
-# H100 defaults (BLOCK_N x BLOCK_V fp32 tile in registers, 3-stage pipelined [.., BLOCK_H] operand loads)
+# H100 defaults. Chosen without a GPU from ptxas -v on sm_90a builds of the bf16 kernels (see
+# docs/readme/triton.md): 128 x 128 fp32 logit tiles with BLOCK_H 32 and 8 warps are the largest tiles
+# that compile to wgmma without register spills in all three kernels (BLOCK_H 64 spills 0.2-1.4 KB);
+# the same tile as CCE's forward default in its BLOCK_D.
 CUDA_CONFIGS = {
-    "lse": KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
-    "grad_hidden": KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
-    "grad_weight": KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
+    "lse": KernelConfig(128, 128, 32, num_warps=8, num_stages=3),
+    "grad_hidden": KernelConfig(128, 128, 32, num_warps=8, num_stages=3),
+    "grad_weight": KernelConfig(128, 128, 32, num_warps=8, num_stages=3),
 }
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import pytest
@@ -21,19 +20,19 @@ GEMMA_TEMPLATE = (
     "{{ '<start_of_turn>model\\n' }}{% endif %}")
 
 
-def load(name):
+def load(name, monkeypatch):
     if name != "gemma3+template":
         return rt.load(name)
-    tok = copy.deepcopy(rt.load("gemma3"))
-    tok.chat_template = GEMMA_TEMPLATE
+    tok = rt.load("gemma3")  # the shared instance, its template set for this test only (loading is slow)
+    monkeypatch.setattr(tok, "chat_template", GEMMA_TEMPLATE, raising=False)
     return tok
 
 
 # smollm2 and gemma3+template take the batched path; the others (no chat template) the per-example fallback
 @pytest.mark.parametrize("name", ["smollm2", "gemma3+template", "gemma3", "gpt2", "deepseek"])
 @pytest.mark.parametrize("max_length", [None, 48, 20])
-def test_encode_batch_equals_encode_example(name, max_length):
-    tok = load(name)
+def test_encode_batch_equals_encode_example(name, max_length, monkeypatch):
+    tok = load(name, monkeypatch)
     ex = fx.corpus(40, extra_every=2, system_every=3)
     prompts, responses, systems = ([e[k] for e in ex] for k in ("prompt", "response", "system"))
     errors = []

@@ -19,7 +19,8 @@ from profuser.kernels.fusion_loss import make_params
 from profuser.kernels.targets import build_sparse_target
 
 HAVE_TRITON = importlib.util.find_spec("profuser.kernels.triton_fusion") is not None
-TRITON = pytest.param("triton", marks=pytest.mark.skipif(not HAVE_TRITON, reason="kernels/triton_fusion.py absent"))
+TRITON = pytest.param("triton", marks=pytest.mark.skipif(not HAVE_TRITON,
+                                                         reason="kernels/triton_fusion.py absent"))
 BACKENDS = ["chunked", "chunked_rows", "chunked_vblock", TRITON]
 
 
@@ -201,8 +202,8 @@ def test_stats_independent(backend):
     q = torch.softmax(z, 1)
     ids, vm = case["teacher_ids"].long(), case["vocab_maps"]
     T = ids.shape[0]
-    mapped = torch.stack([ids[t] if vm[t] is None else torch.where(ids[t] >= 0, vm[t][ids[t].clamp_min(0)], -1)
-                          for t in range(T)])
+    mapped = torch.stack([ids[t] if vm[t] is None else
+                          torch.where(ids[t] >= 0, vm[t][ids[t].clamp_min(0)], -1) for t in range(T)])
     nonempty = (ids >= 0) & valid.view(1, -1, 1)
     kept = (mapped >= 0) & valid.view(1, -1, 1)
     wt = case["teacher_weights"].double() * kept.any(-1)
@@ -241,6 +242,25 @@ def test_no_grad_forward_matches():
     case = make_case(N=33, V=350)
     with torch.no_grad():
         a = fusion_loss(case["hidden"], case["weight"], case["labels"], case["teacher_ids"],
-                        case["teacher_logprobs"], case["teacher_weights"], bias=case["bias"], backend="chunked")
+                        case["teacher_logprobs"], case["teacher_weights"], bias=case["bias"],
+                        backend="chunked")
     b, _, _ = run("chunked", case)
     torch.testing.assert_close(a, b)
+
+
+def test_second_backward_recomputes():
+    """The first backward hands over the forward-computed grads; a retained-graph second one recomputes."""
+    case = make_case(N=10, V=100)
+    h = case["hidden"].clone().requires_grad_()
+    loss = fusion_loss(h, case["weight"], case["labels"], case["teacher_ids"], case["teacher_logprobs"],
+                       backend="chunked", temperature=1.4)
+    (g1,) = torch.autograd.grad(2 * loss, h, retain_graph=True)
+    (g2,) = torch.autograd.grad(3 * loss, h)
+    torch.testing.assert_close(g2, 1.5 * g1)
+
+
+def test_auto_is_chunked_on_cpu():
+    case = make_case(N=20, V=150)
+    a, ga, _ = run("auto", case, temperature=1.3)
+    b, gb, _ = run("chunked", case, temperature=1.3)
+    assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, gb))

@@ -31,8 +31,9 @@ def test_tiny_by_hand_renormalize():
     lam, T = 0.6, 2.0
     loss = fusion_loss(h, W, y, ids, lp, w, lam=lam, temperature=T, backend="reference")
     # teacher 0 kept {2: .5, 0: .2}; teacher 1 kept {2: .6, 4: .1, 4: .1}; renormalize lp / T
-    p0 = torch.tensor([0.5, 0.2], dtype=torch.float64) ** (1 / T); p0 = p0 / p0.sum()                       # noqa: E702
-    p1 = torch.tensor([0.6, 0.1, 0.1], dtype=torch.float64) ** (1 / T); p1 = p1 / p1.sum()                  # noqa: E702
+    p0 = torch.tensor([0.5, 0.2], dtype=torch.float64) ** (1 / T)
+    p1 = torch.tensor([0.6, 0.1, 0.1], dtype=torch.float64) ** (1 / T)
+    p0, p1 = p0 / p0.sum(), p1 / p1.sum()
     M = torch.zeros(5, dtype=torch.float64)
     M[2] += 0.25 * p0[0]; M[0] += 0.25 * p0[1]                                         # noqa: E702
     M[2] += 0.75 * p1[0]; M[4] += 0.75 * (p1[1] + p1[2])                               # noqa: E702
@@ -52,7 +53,8 @@ def test_tiny_by_hand_tail_bucket():
     r = 1 - float(M.sum())
     q = torch.softmax(z[0], 0)
     s = float(q[0] + q[2] + q[4])
-    kd = sum(float(M[j] * (math.log(M[j]) - math.log(q[j]))) for j in (0, 2, 4)) + r * (math.log(r) - math.log(1 - s))
+    kd = sum(float(M[j] * (math.log(M[j]) - math.log(q[j]))) for j in (0, 2, 4))
+    kd += r * (math.log(r) - math.log(1 - s))
     assert abs(float(loss) - kd) < 1e-12
     # every backend agrees on the hand case
     for backend in ["chunked"] + (["triton"] if HAVE_TRITON else []):   # triton: float32 only
@@ -84,7 +86,8 @@ def test_sparse_target_against_dense():
         if labels[i] == -100:
             assert not tg.has_kd[i] and (tg.ids[i] == -1).all() and tg.label[i] == -1
             continue
-        wt = torch.tensor([float(w[t, i]) if (mapped[t, i] >= 0).any() else 0.0 for t in range(T)], dtype=torch.float64)
+        wt = torch.tensor([float(w[t, i]) if (mapped[t, i] >= 0).any() else 0.0 for t in range(T)],
+                          dtype=torch.float64)
         assert bool(tg.has_kd[i]) == bool(wt.sum() > 0)
         if wt.sum() == 0:
             continue

@@ -9,7 +9,8 @@ from profuser.kernels import FusionLoss, fusion_loss
 def good(N=6, H=4, V=10, T=2, K=3):
     return dict(
         hidden=torch.randn(N, H), weight=torch.randn(V, H), labels=torch.randint(0, V, (N,)),
-        teacher_ids=torch.randint(0, V, (T, N, K)), teacher_logprobs=torch.log_softmax(torch.randn(T, N, K), -1),
+        teacher_ids=torch.randint(0, V, (T, N, K)),
+        teacher_logprobs=torch.log_softmax(torch.randn(T, N, K), -1),
         teacher_weights=torch.rand(T, N),
     )
 
@@ -62,7 +63,8 @@ CASES = {
     "temperature_zero": (dict(temperature=0.0), "temperature", "> 0"),
     "temperature_negative": (dict(temperature=-1.0), "temperature", "> 0"),
     "softcap_zero": (dict(softcap=0.0), "softcap", "> 0"),
-    "tail_with_temperature": (dict(missing_mass="tail_bucket", temperature=2.0), "temperature", "tail_bucket"),
+    "tail_with_temperature": (dict(missing_mass="tail_bucket", temperature=2.0), "temperature",
+                              "tail_bucket"),
     "missing_mass": (dict(missing_mass="drop"), "missing_mass", "renormalize"),
     "reduction": (dict(reduction="avg"), "reduction", "mean"),
     "backend": (dict(backend="cuda"), "backend", "chunked"),

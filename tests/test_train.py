@@ -172,13 +172,21 @@ def test_sigterm_saves_checkpoint(setup, tmp_path):
     assert state["step"] == last and set(state["loaders"]) == {"infer", "train"}
 
 
-def test_nan_loss_stops_with_ids_and_checkpoint(setup, tmp_path):
-    from profuser.engine.train import NonFiniteLossError
+def test_nan_loss_stops_with_ids_and_checkpoint(setup, tmp_path, monkeypatch):
+    from profuser.engine import train as train_mod
 
+    calls = {"n": 0}
+    forward = train_mod.FusionStep.forward
+
+    def poisoned(self, batch, weights, counts, scale):  # the 2nd micro-batch of step 2 (index 1) is NaN
+        loss, parts = forward(self, batch, weights, counts, scale)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 4 else loss), parts
+
+    monkeypatch.setattr(train_mod.FusionStep, "forward", poisoned)
     out = tmp_path / "nan"
-    with pytest.raises(NonFiniteLossError) as e:  # an absurd lr blows the weights up after one step
-        run_inproc(setup, out, **{"optim.lr": 1e30, "optim.warmup_steps": 0, "optim.grad_clip": 0,
-                                  "checkpoint.every": 0})
+    with pytest.raises(train_mod.NonFiniteLossError) as e:
+        run_inproc(setup, out, **{"checkpoint.every": 0})
     msg = str(e.value)
     assert "at step 1" in msg and "example ids of the batch: ['" in msg
     nan_ckpt = out / "checkpoints" / "nan-step00000001"
@@ -232,3 +240,15 @@ def test_merge_modes_pads_and_concatenates():
     assert (m["input_ids"][:2, 3:] == 7).all() and (m["labels"][:2, 3:] == -100).all()
     assert (m["attention_mask"][:2, 3:] == 0).all() and (m["teacher_ids"][:, :2, 3:] == -1).all()
     assert m["mode"].tolist() == [1, 1, 0] and m["n_tokens"] == 11 and m["example_ids"][2] == "00"
+
+
+def test_plot_renders_png_and_rejects_bad_rows(baseline, tmp_path):
+    from profuser.engine.plot import plot
+
+    base, _ = baseline
+    png = plot(base, tmp_path / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    bad = tmp_path / "metrics.jsonl"
+    bad.write_text('{"kind": "train", "step": 1, "loss": 1.0}\n{oops\n')
+    with pytest.raises(ValueError, match="row 1"):
+        plot(bad, tmp_path / "x.png")

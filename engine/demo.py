@@ -1,0 +1,144 @@
+"""`profuser demo` (`make demo`): the whole ProFuser pipeline on the shipped corpus with real small models.
+
+Stages (each one a `profuser` subcommand in its own process, so a model's memory is returned to the OS
+before the next stage loads another):
+
+    split     corpus -> <run>/train.jsonl (n_train), infer.jsonl (the first n_infer of those prompts),
+              heldout.jsonl (n_eval rows from the corpus tail, never trained on)
+    prepare   train.jsonl -> <run>/data/prepared, infer.jsonl -> <run>/data-infer/prepared
+    teach     training mode: every source teacher-forced on the gold responses (top-k log-probs)
+    generate  inference mode: every source answers the inference prompts (top-k log-probs captured)
+    score     the scorers vote for the best generated response per prompt
+    train     progressive fusion (two_stage) of the SmolLM2 target, ZeRO-3 (engine/train.py)
+    report    before/after table: target before, target after, every source (NLL per token and per byte)
+
+Idempotent and resumable: a stage that finished leaves `<run>/.done-<stage>` (with the arguments it ran
+with) and is skipped on a re-run with the same arguments; inside a stage, the commands resume from their
+own completed shards / checkpoints. `--scale S` multiplies the example counts and the optimizer steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError, TrainConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.data.data_dir).parent
+
+
+def split_corpus(cfg: TrainConfig, run: Path) -> None:
+    """Write train / infer / heldout JSONL files from the corpus (deterministic: first rows / tail)."""
+    corpus = Path(cfg.demo.corpus)
+    if not corpus.is_absolute() and not corpus.exists():
+        corpus = REPO / corpus
+    if not corpus.is_file():
+        raise FileNotFoundError(f"demo.corpus: {corpus} does not exist")
+    rows = [json.loads(x) for x in corpus.read_text().splitlines() if x.strip()]
+    d = cfg.demo
+    if d.n_train + d.n_eval > len(rows):
+        raise ValueError(f"demo.n_train + demo.n_eval = {d.n_train + d.n_eval} > {len(rows)} rows in {corpus}")
+    if d.n_infer > d.n_train:
+        raise ValueError(f"demo.n_infer={d.n_infer} must be <= demo.n_train={d.n_train}")
+    train, heldout = rows[:d.n_train], rows[len(rows) - d.n_eval:]
+    run.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train", train), ("infer", train[:d.n_infer]), ("heldout", heldout)):
+        (run / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+
+
+def _profuser(*args: str) -> list[str]:
+    return [sys.executable, "-m", "profuser.engine.cli", *args]
+
+
+def stages(cfg: TrainConfig, config_path: str | None, overrides: list[str]) -> list[tuple[str, list]]:
+    run = _run_dir(cfg)
+    data, data_inf = cfg.data.data_dir, cfg.data.infer_data_dir or cfg.data.data_dir
+    sources = list(cfg.data.sources)
+    train_cmd = [sys.executable, str(REPO / "engine" / "train.py")]
+    if config_path:
+        train_cmd += ["--config", config_path]
+    return [
+        ("prepare", [_profuser("prepare", "--input", str(run / "train.jsonl"), "--data-dir", data, "--id-field", "id"),
+                     _profuser("prepare", "--input", str(run / "infer.jsonl"), "--data-dir", data_inf,
+                               "--id-field", "id")]),
+        ("teach", [_profuser("teach", "--data-dir", data, "--source", *sources, "--k", str(cfg.data.k),
+                             "--max-length", str(cfg.data.max_length), "--no-progress")]),
+        ("generate", [_profuser("generate", "--data-dir", data_inf, "--source", *sources, "--k", str(cfg.data.k),
+                                "--max-new-tokens", str(cfg.demo.max_new_tokens))]),
+        ("score", [_profuser("score", "--data-dir", data_inf, "--scorer", *cfg.demo.scorers)]),
+        ("train", [train_cmd + overrides]),
+    ]
+
+
+def run_pipeline(cfg: TrainConfig, config_path: str | None, overrides: list[str], *, force: bool = False) -> Path:
+    run = _run_dir(cfg)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    timings: dict[str, float] = {}
+    split_corpus(cfg, run)
+    for name, cmds in stages(cfg, config_path, overrides):
+        marker = run / f".done-{name}"
+        key = json.dumps(cmds[0][2:] if name != "train" else cmds[0][1:])
+        if not force and marker.exists() and marker.read_text() == key:
+            print(f"[demo] {name}: done earlier, skipped", flush=True)
+            continue
+        t0 = time.time()
+        print(f"[demo] {name}: " + " ; ".join(" ".join(c[1:]) for c in cmds), flush=True)
+        for cmd in cmds:
+            proc = subprocess.run(cmd, env=env, cwd=REPO)
+            if proc.returncode:
+                raise SystemExit(f"[demo] stage {name} failed (exit {proc.returncode}): {' '.join(cmd)}")
+        marker.write_text(key)
+        timings[name] = time.time() - t0
+        print(f"[demo] {name}: {timings[name]:.0f} s", flush=True)
+    report = Path(cfg.output_dir) / "report" / "report.md"
+    if report.exists():
+        print("\n" + report.read_text(), flush=True)
+    (run / "timings.json").write_text(json.dumps(timings, indent=2))
+    return report
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def scale_overrides(cfg: TrainConfig, scale: float) -> list[str]:
+    """key=value overrides that scale the demo's sizes (examples, prompts, steps, checkpoint/eval period)."""
+    if scale == 1:
+        return []
+    s = lambda v: max(1, int(round(v * scale)))  # noqa: E731
+    return [f"demo.n_train={s(cfg.demo.n_train)}", f"demo.n_infer={s(cfg.demo.n_infer)}",
+            f"optim.max_steps={s(cfg.optim.max_steps)}", f"checkpoint.every={s(cfg.checkpoint.every)}",
+            f"eval.every={s(cfg.eval.every)}", f"optim.warmup_steps={s(cfg.optim.warmup_steps)}"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
+    p.add_argument("--scale", type=float, default=1.0, help="multiply example counts and steps (e.g. 4)")
+    p.add_argument("--force", action="store_true", help="re-run every stage even if it finished before")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, as for `profuser train`")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg0 = load_config(args.config, args.overrides)
+        overrides = list(args.overrides) + scale_overrides(cfg0, args.scale)
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"profuser demo: config error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    run_pipeline(cfg, args.config, overrides, force=args.force)
+    print(f"[demo] total {time.time() - t0:.0f} s", flush=True)
+    return 0
