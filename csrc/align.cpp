@@ -21,6 +21,10 @@
 #include <thread>
 #include <unordered_map>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace profuser {
 
 // ------------------------------------------------------------------------------------------------
@@ -241,6 +245,43 @@ inline int64_t sig_bound(const Sig& a, const Sig& b) {
   return std::max(x, y);
 }
 
+// Folded byte histograms (32 buckets, byte & 31) give a bag-distance lower bound:
+//   lev(a, b) >= max(|a|, |b|) - sum_k min(ca[k], cb[k])
+// (folding only merges buckets, which can only raise the sum, so the bound stays valid). It rejects most
+// candidates in ~10 instructions, before any Myers column is computed.
+struct Hist {
+  alignas(16) uint8_t c[32];
+  bool exact;  // false if some bucket overflowed 255: never filter with it
+};
+
+Hist histogram(const uint8_t* s, int64_t n) {
+  Hist h;
+  std::memset(h.c, 0, sizeof(h.c));
+  h.exact = true;
+  for (int64_t i = 0; i < n; ++i) {
+    uint8_t& v = h.c[s[i] & 31];
+    if (v == 255) h.exact = false;
+    else ++v;
+  }
+  return h;
+}
+
+inline int64_t common_count(const Hist& a, const Hist& b) {
+#if defined(__SSE2__)
+  const __m128i z = _mm_setzero_si128();
+  const __m128i m0 = _mm_min_epu8(_mm_load_si128(reinterpret_cast<const __m128i*>(a.c)),
+                                  _mm_load_si128(reinterpret_cast<const __m128i*>(b.c)));
+  const __m128i m1 = _mm_min_epu8(_mm_load_si128(reinterpret_cast<const __m128i*>(a.c + 16)),
+                                  _mm_load_si128(reinterpret_cast<const __m128i*>(b.c + 16)));
+  const __m128i s = _mm_add_epi64(_mm_sad_epu8(m0, z), _mm_sad_epu8(m1, z));
+  return _mm_cvtsi128_si64(s) + _mm_cvtsi128_si64(_mm_unpackhi_epi64(s, s));
+#else
+  int64_t t = 0;
+  for (int k = 0; k < 32; ++k) t += std::min(a.c[k], b.c[k]);
+  return t;
+#endif
+}
+
 // Myers/Hyyro bit-parallel global edit distance for a pattern of la <= 64 bytes, one text column at a time.
 struct MyersState {
   uint64_t pv, mv;
@@ -275,8 +316,10 @@ void nearest(const Strings<uint8_t>& q, const Strings<uint8_t>& c, const int32_t
   for (int64_t k = 0; k < c.count; ++k) max_len = std::max(max_len, c.len(k));
   std::vector<Bucket> bucket(static_cast<size_t>(max_len + 1));
   std::vector<Sig> sig(static_cast<size_t>(c.count));
+  std::vector<Hist> hist(static_cast<size_t>(c.count));
   for (int64_t k = 0; k < c.count; ++k) {
     sig[k] = signature(c.at(k), c.len(k));
+    hist[k] = histogram(c.at(k), c.len(k));
     if (cand_ok[k] && c.len(k) > 0) bucket[c.len(k)].ids.push_back(static_cast<int32_t>(k));
   }
   for (int64_t L = 1; L <= max_len; ++L) {
@@ -309,6 +352,7 @@ void nearest(const Strings<uint8_t>& q, const Strings<uint8_t>& c, const int32_t
         const int64_t la = q.len(qi), k = max_dist[qi];
         if (la == 0 || k < 0) continue;
         const Sig sa = signature(a, la);
+        const Hist ha = histogram(a, la);
         const bool bitpar = la <= 64;
         uint64_t last = 0;
         if (bitpar) {
@@ -333,6 +377,10 @@ void nearest(const Strings<uint8_t>& q, const Strings<uint8_t>& c, const int32_t
               // a tie only wins with a smaller index, so the acceptance threshold depends on the candidate
               const int64_t thr = ci < best_id ? best_d : best_d - 1;
               if (delta > best_d || sig_bound(sa, sig[ci]) > thr) { ++kk; continue; }
+              if (ha.exact && hist[ci].exact && std::max(la, L) - common_count(ha, hist[ci]) > thr) {
+                ++kk;
+                continue;
+              }
               const uint8_t* b = c.at(ci);
               if (!bitpar) {
                 const int64_t d = lev(a, la, b, L);

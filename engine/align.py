@@ -148,6 +148,8 @@ class _PyVocab:
 class _ExtVocab:
     @staticmethod
     def nearest(queries, candidates, max_dist, cand_ok):
+        if not queries or not candidates:
+            return np.full(len(queries), -1, np.int32), np.full(len(queries), -1, np.int32)
         qf, qo = _bytes_flat(queries)
         cf, co = _bytes_flat(candidates)
         return _C.nearest(qf, qo, cf, co, np.ascontiguousarray(max_dist, np.int32),
@@ -155,6 +157,8 @@ class _ExtVocab:
 
     @staticmethod
     def lev_pairs(a, b, ia, ib):
+        if len(ia) == 0:
+            return np.zeros(0, np.int32)
         af, ao = _bytes_flat(a)
         bf, bo = _bytes_flat(b)
         return _C.lev_pairs(af, ao, bf, bo, np.ascontiguousarray(ia, np.int64), np.ascontiguousarray(ib, np.int64))
@@ -171,7 +175,7 @@ def _bytes_flat(strs: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 def build_vocab_map(teacher_tok, student_tok, *, method: str = "exact+mined", teacher_size: int | None = None,
                     student_size: int | None = None, cache_dir=None, counts=None,
-                    max_distance_ratio: float = 0.5, use_ext: bool | None = None) -> np.ndarray:
+                    max_distance_ratio: float = 0.34, use_ext: bool | None = None) -> np.ndarray:
     """Teacher id -> student id, int32 [max(len(teacher_tok), teacher_size)], -1 = none (see vocab_map.py).
 
     method: "exact", "exact+mined", "exact+stats", "exact+mined+stats"; counts = coalign_counts(...) for

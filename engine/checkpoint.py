@@ -14,10 +14,13 @@ all ranks meet at a barrier, then rank 0 renames the folder to `<tag>` (an atomi
 replaces `latest` through a temporary file + os.replace. A kill before the rename leaves only a tmp folder;
 a kill between the rename and the pointer update leaves `latest` on the previous complete checkpoint.
 The filesystem must be shared by all ranks (as DeepSpeed itself assumes by default).
+
+`export_student` turns a checkpoint into a standard transformers folder (ZeRO-3: zero_to_fp32).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import re
@@ -128,3 +131,40 @@ def load(engine: Any, path: str | Path, *, rank: int) -> dict:
     state = torch.load(state_file, weights_only=False)
     set_rng_state(state.pop("rng"))
     return state
+
+
+def export_student(lm, tok, checkpoint: Path, out: Path, *, stage: int, rank: int) -> Path:
+    """Write the student as a transformers folder (safetensors + config + tokenizer), atomically (rank 0).
+
+    ZeRO-3 parameters are partitioned, so the fp32 weights are consolidated from the checkpoint with
+    DeepSpeed's zero_to_fp32 helpers; with stages 0-2 every rank holds the full module.
+    """
+    tmp = out.with_name(out.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if stage == 3:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            from transformers import AutoModelForCausalLM
+
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+            sd = {k.removeprefix("lm."): v for k, v in sd.items()}
+            fresh = AutoModelForCausalLM.from_config(copy.deepcopy(lm.config), dtype=torch.float32)
+            missing, unexpected = fresh.load_state_dict(sd, strict=False)
+            tied = set(getattr(fresh, "_tied_weights_keys", None) or [])
+            if fresh.config.tie_word_embeddings:
+                tied |= {"lm_head.weight"}
+            if unexpected or set(missing) - tied:
+                raise RuntimeError(f"export: checkpoint {checkpoint} does not match the student "
+                                   f"(missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
+            fresh.tie_weights()
+            fresh.config.use_cache = True
+            fresh.save_pretrained(str(tmp))
+        else:
+            lm.config.use_cache = True
+            lm.save_pretrained(str(tmp))
+            lm.config.use_cache = False
+        tok.save_pretrained(str(tmp))
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    _barrier()
+    return out

@@ -7,10 +7,11 @@ source store cover the same rows in the same order, so a shard is the unit of wo
     teachers/<t>/<mode>/part-j   per row: the teacher's predicted tokens (offsets, ids, logprobs, top-k)
          |  check example_id equality (error names file and row), offsets, counts, NaN (error or drop)
          v
-    student encoding       collate.encode_batch: chat template, response-only predicted positions
+    student encoding       collate.StudentEncoder: chat template, response-only predicted positions
          v
     alignment              align.align_offsets(student pred_offsets, teacher pred_offsets) per example and
-                           teacher -> global teacher token index per student predicted token (-1 = none)
+                           teacher -> global teacher token index per student predicted token (-1 = none);
+                           identity for a source with the student's tokenizer and the same tokens
          v
     gather + weights       one fancy index per teacher into the flat [sum R, K] top-k arrays; advantage
                            weights (engine/weights.py) per example or per token
@@ -75,6 +76,7 @@ class FusionDataConfig:
     nan_policy: "error" (raise naming file and row) | "drop" (skip the example, count it, warn).
     source_models: optional {source: model spec}; the manifest's model must equal it and its tokenizer
         must hash to the manifest's tokenizer_hash.
+    vocab_map_method: `method` of align.build_vocab_map for loader.vocab_maps (cached on disk).
     pad_to_multiple_of: batch length L is rounded up to it.
     drop_last: drop the last incomplete batch of an epoch.
     """
@@ -95,6 +97,7 @@ class FusionDataConfig:
     align_method: str = "offsets"
     nan_policy: str = "error"
     source_models: dict[str, str] | None = None
+    vocab_map_method: str = "exact+mined"
     pad_to_multiple_of: int = 8
     drop_last: bool = False
 
@@ -306,11 +309,15 @@ class FusionLoader:
         # ties go to the student source first (FuseLLM's ref model wins ties), then to config order
         self.priority = np.argsort(~self.is_student, kind="stable")
         self._teacher_toks = {}
+        for what, names in (("teacher_tokenizers", teacher_tokenizers), ("FusionDataConfig.source_models",
+                                                                         cfg.source_models)):
+            unknown = sorted(set(names or {}) - set(self.source_names))
+            if unknown:
+                raise ValueError(f"{what} names {unknown}, which are not in sources {self.source_names}")
         for name, tok in (teacher_tokenizers or {}).items():
             self._set_teacher_tok(self.source_names.index(name), tok)
-        if cfg.source_models:
-            for name in cfg.source_models:
-                self.teacher_tokenizer(self.source_names.index(name))
+        for name in cfg.source_models or {}:  # a configured model: check its tokenizer against the store now
+            self.teacher_tokenizer(self.source_names.index(name))
         self._votes = self._read_votes(store.scores_dir(root) / "votes.parquet") if cfg.mode == "infer" else None
         self._vocab_maps = None
         self._encoder = _collate.StudentEncoder(tokenizer)
@@ -375,8 +382,8 @@ class FusionLoader:
                 if m.tokenizer_hash == self._student_hash:
                     maps.append(None)
                     continue
-                vm = build_vocab_map(self.teacher_tokenizer(t), self.tokenizer, teacher_size=int(m.vocab_size),
-                                     cache_dir=cache_root() / "vocab_maps")
+                vm = build_vocab_map(self.teacher_tokenizer(t), self.tokenizer, method=self.cfg.vocab_map_method,
+                                     teacher_size=int(m.vocab_size), cache_dir=cache_root() / "vocab_maps")
                 maps.append(torch.from_numpy(np.ascontiguousarray(vm, dtype=np.int32)))
             self._vocab_maps = maps
         return self._vocab_maps
@@ -544,7 +551,12 @@ class FusionLoader:
 
     def _align(self, enc, recs, sel, use) -> np.ndarray:
         """[T, S] int64: global token index (into the teacher's flat arrays) aligned to each student
-        predicted token, -1 where none. use [T, n_sel] says which (teacher, example) records to align."""
+        predicted token, -1 where none. use [T, n_sel] says which (teacher, example) records to align.
+
+        A source with the student's tokenizer (same tokenizer_hash) whose predicted ids equal the student's
+        is aligned by identity: same text, same tokens, so row r predicts what the student predicts at r,
+        byte pieces of a multi-byte character included (offsets alignment skips those by design).
+        Everything else goes through align.align_offsets (or align_mined)."""
         from .align import align_mined, align_offsets_batch, token_strings
 
         T, S = len(recs), int(enc.pred_off[-1])
@@ -552,6 +564,16 @@ class FusionLoader:
         po = enc.pred_off
         for t, rec in enumerate(recs):
             ex = [i for i in np.nonzero(use[t])[0].tolist() if po[i + 1] > po[i]]
+            if self.manifests[t].tokenizer_hash == self._student_hash:
+                rest = []
+                for i in ex:
+                    a, z = int(rec.tok_off[sel[i]]), int(rec.tok_off[sel[i] + 1])
+                    n = po[i + 1] - po[i]
+                    if n <= z - a and np.array_equal(rec.token_ids[a:a + n], enc.pred_ids[po[i]:po[i + 1]]):
+                        G[t, po[i]:po[i + 1]] = np.arange(a, a + n)
+                    else:
+                        rest.append(i)
+                ex = rest
             rows = sel[ex] if ex else np.zeros(0, np.int64)
             ta, tz = rec.tok_off[rows], rec.tok_off[rows + 1]
             if self.cfg.align_method == "offsets":        # one call into the C++ extension per teacher

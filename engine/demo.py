@@ -73,7 +73,7 @@ def stages(cfg: TrainConfig, config_path: str | None, overrides: list[str]) -> l
         ("teach", [_profuser("teach", "--data-dir", data, "--source", *sources, "--k", str(cfg.data.k),
                              "--max-length", str(cfg.data.max_length), "--no-progress")]),
         ("generate", [_profuser("generate", "--data-dir", data_inf, "--source", *sources, "--k", str(cfg.data.k),
-                                "--max-new-tokens", str(cfg.demo.max_new_tokens))]),
+                                "--max-new-tokens", str(cfg.demo.max_new_tokens), "--no-progress")]),
         ("score", [_profuser("score", "--data-dir", data_inf, "--scorer", *cfg.demo.scorers)]),
         ("train", [train_cmd + overrides]),
     ]
@@ -133,7 +133,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         cfg0 = load_config(args.config, args.overrides)
-        overrides = list(args.overrides) + scale_overrides(cfg0, args.scale)
+        # the held-out file is written by the split stage next to the stores
+        heldout = f"eval.data={Path(cfg0.data.data_dir).parent / 'heldout.jsonl'}"
+        overrides = list(args.overrides) + scale_overrides(cfg0, args.scale) + [heldout]
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
         print(f"profuser demo: config error: {e}", file=sys.stderr)

@@ -205,6 +205,22 @@ def source_models(data_dir: str | Path, sources: list[str]) -> dict[str, str]:
     return out
 
 
+def make_evaluator(cfg, tok, device: torch.device):
+    """A callable(lm) -> held-out NLL dict (every rank runs the same forwards, as ZeRO-3 requires)."""
+    if not cfg.eval.data:
+        return None
+    examples = load_eval_examples(cfg.eval.data, cfg.eval.max_examples)
+
+    def run(lm) -> dict:
+        lm.eval()
+        with torch.no_grad():
+            rows = nll_rows(lm, tok, examples, max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size,
+                            device=device)
+        return summarize(rows)
+
+    return run
+
+
 def final_report(cfg, student_dir: str | Path, out_dir: str | Path) -> Path:
     """Student after training, the untouched target and every source on the held-out set."""
     examples = load_eval_examples(cfg.eval.data, cfg.eval.max_examples)

@@ -124,7 +124,7 @@ def _gen_config(cfg: GenerateConfig, stop_ids: list[int], pad: int):
         max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
         temperature=cfg.temperature if cfg.do_sample else 1.0, top_p=cfg.top_p if cfg.do_sample else 1.0,
         top_k=cfg.top_k_sampling if cfg.do_sample else 0, min_p=None, typical_p=1.0, repetition_penalty=1.0,
-        no_repeat_ngram_size=0, min_length=0, min_new_tokens=0, eos_token_id=stop_ids, pad_token_id=pad,
+        no_repeat_ngram_size=0, min_new_tokens=0, eos_token_id=stop_ids, pad_token_id=pad,
         bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None, num_beams=1,
         output_logits=False, return_dict_in_generate=True)
 

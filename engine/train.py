@@ -42,7 +42,6 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 import argparse  # noqa: E402
 import copy  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import time  # noqa: E402
@@ -54,6 +53,7 @@ from torch import nn  # noqa: E402
 
 from profuser.engine import checkpoint as ckpt  # noqa: E402
 from profuser.engine.config import ConfigError, TrainConfig, dump_yaml, load_config  # noqa: E402
+from profuser.engine.evaluate import make_evaluator  # noqa: E402
 from profuser.engine.metrics import MetricsLogger, peak_memory_mb  # noqa: E402
 from profuser.engine.schedule import fusion_weights, lr_factor, stage_of  # noqa: E402
 
@@ -379,7 +379,7 @@ def train(cfg: TrainConfig) -> dict:
 
     log = MetricsLogger(out, rank=rank, total_steps=cfg.optim.max_steps, start_step=start_step,
                         tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
-    evaluator = make_evaluator(cfg, tok, device, rank)
+    evaluator = make_evaluator(cfg, tok, device)
 
     # SIGTERM (preemption, scancel): finish the current step, save, exit
     stop = {"flag": False}
@@ -473,7 +473,7 @@ def train(cfg: TrainConfig) -> dict:
     final = save(step) if last_saved != step else ckpt_dir / ckpt.tag_for(step)
     summary["checkpoint"] = str(final)
     if cfg.checkpoint.export:
-        export_dir = export_student(engine, tok, final, out / "final", stage=stage, rank=rank)
+        export_dir = ckpt.export_student(engine.module.lm, tok, final, out / "final", stage=stage, rank=rank)
         summary["export"] = str(export_dir)
         if evaluator is not None:
             res = evaluator(engine.module.lm)
@@ -553,64 +553,6 @@ def run_window(engine, window: list[list[dict]], step_modes: list[str], weights:
         acc[7] += int(batch["n_tokens"])
     dist.all_reduce(acc)
     return acc, counts
-
-
-def make_evaluator(cfg: TrainConfig, tok, device: torch.device, rank: int):
-    """A callable(lm) -> held-out NLL dict (every rank runs the same forwards, as ZeRO-3 requires)."""
-    if not cfg.eval.data:
-        return None
-    from profuser.engine.evaluate import load_eval_examples, nll_rows, summarize
-
-    examples = load_eval_examples(cfg.eval.data, cfg.eval.max_examples)
-
-    def run(lm) -> dict:
-        lm.eval()
-        with torch.no_grad():
-            rows = nll_rows(lm, tok, examples, max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size,
-                            device=device)
-        return summarize(rows)
-
-    return run
-
-
-def export_student(engine, tok, checkpoint: Path, out: Path, *, stage: int, rank: int) -> Path:
-    """Write the student as a transformers folder (safetensors + config + tokenizer), atomically (rank 0).
-
-    ZeRO-3 parameters are partitioned, so the fp32 weights are consolidated from the checkpoint with
-    DeepSpeed's zero_to_fp32 helpers; with stages 0-2 every rank holds the full module.
-    """
-    tmp = out.with_name(out.name + ".tmp")
-    if rank == 0:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        lm = engine.module.lm
-        if stage == 3:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-            from transformers import AutoModelForCausalLM
-
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-            sd = {k.removeprefix("lm."): v for k, v in sd.items()}
-            fresh = AutoModelForCausalLM.from_config(copy.deepcopy(lm.config), dtype=torch.float32)
-            missing, unexpected = fresh.load_state_dict(sd, strict=False)
-            tied = set(getattr(fresh, "_tied_weights_keys", None) or [])
-            if fresh.config.tie_word_embeddings:
-                tied |= {"lm_head.weight"}
-            if unexpected or set(missing) - tied:
-                raise RuntimeError(f"export: checkpoint {checkpoint} does not match the student "
-                                   f"(missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
-            fresh.tie_weights()
-            fresh.config.use_cache = True
-            fresh.save_pretrained(str(tmp))
-        else:
-            lm.config.use_cache = True
-            lm.save_pretrained(str(tmp))
-            lm.config.use_cache = False
-        tok.save_pretrained(str(tmp))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    dist.barrier()
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------

