@@ -41,8 +41,10 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-import pyarrow.dataset  # noqa: E402,F401  (pq.read_table imports it, and pandas, on first use: ~0.8 s once per
-import torch  # noqa: E402                  process, kept out of the first-epoch figure)
+# pq.read_table imports pyarrow.dataset (and pandas) on first use: ~0.8 s once per process, kept out of the
+# first-epoch figure by importing it here
+import pyarrow.dataset  # noqa: E402,F401
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "bench")]
@@ -86,7 +88,8 @@ def make_loader(root, toks, args, shuffle=True):
     cfg = FusionDataConfig(data_dir=str(root), sources=list(SOURCES), student=SOURCES["smollm2"], k=args.k,
                            batch_size=args.batch_size, max_length=args.max_length,
                            shuffle_buffer=1024 if shuffle else 1)
-    return FusionLoader(cfg, toks["smollm2"], teacher_tokenizers={n: toks[n] for n in SOURCES if n != "smollm2"})
+    return FusionLoader(cfg, toks["smollm2"],
+                        teacher_tokenizers={n: toks[n] for n in SOURCES if n != "smollm2"})
 
 
 def bench_profuser(root, toks, args) -> dict:
@@ -113,8 +116,8 @@ def bench_profuser(root, toks, args) -> dict:
 
 def exact_maps(toks) -> list:
     """Teacher id -> student id by exact token string (FuseLLM's "hard" mapping); None for the student."""
-    return [None if n == "smollm2" else torch.from_numpy(
-        build_vocab_map(toks[n], toks["smollm2"], method="exact", cache_dir=False).astype(np.int64)) for n in SOURCES]
+    return [None if n == "smollm2" else torch.from_numpy(build_vocab_map(
+        toks[n], toks["smollm2"], method="exact", cache_dir=False).astype(np.int64)) for n in SOURCES]
 
 
 def to_student(ids: torch.Tensor, vm) -> torch.Tensor:
@@ -224,8 +227,8 @@ def bench_dense_vectorized(root, toks, args, maps: list) -> dict:
             peak = max(peak, dense.numel() * 2)
             tokens += int(b["attention_mask"].sum())
     _, wall, cpu = timed(run)
-    return {"method": "dense_vectorized", "batches": len(batches), "tokens": tokens, "tok_s_wall": tokens / wall,
-            "tok_per_cpu_s": tokens / cpu, "dense_bytes_per_batch_max": peak,
+    return {"method": "dense_vectorized", "batches": len(batches), "tokens": tokens,
+            "tok_s_wall": tokens / wall, "tok_per_cpu_s": tokens / cpu, "dense_bytes_per_batch_max": peak,
             "note": "densification only (on top of profuser's batches, not included)"}
 
 
@@ -266,7 +269,8 @@ def main() -> int:
               "load_average_before": load_before, "load_average_after": os.getloadavg(),
               "config": {**vars(args), "T": len(SOURCES), "student": "smollm2 (49,152)",
                          "teachers": "smollm2, gemma3 (262,144), gpt2 (50,257)"},
-              "store_build_s": build_wall, "rows": rows, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+              "store_build_s": build_wall, "rows": rows,
+              "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     path = Path(args.out) / f"loader_{machine_slug()}.json"
     path.write_text(json.dumps(result, indent=1))
@@ -286,22 +290,26 @@ def _cpu_model() -> str:
 
 
 def table(result: dict) -> str:
+    """The Markdown table of docs/readme/loader.md."""
     r = {row["method"]: row for row in result["rows"]}
-    p = r["profuser"]
-    lines = [f"Machine: {result['machine']} ({result['cpu_model']}), 1 thread pinned to one core; load average "
-             f"{result['load_average_before'][0]:.1f} (shared machine: CPU-time figures are the comparable ones).",
-             "", "| method | student tok/s (wall) | student tok / CPU-s | vs profuser (CPU) | bytes/token/teacher on disk |",
-             "|---|---|---|---|---|"]
+    p, f, d = r["profuser"], r["fusellm_dense"], r["dense_vectorized"]
+    load = result["load_average_before"][0]
+    head = (f"Machine: {result['machine']} ({result['cpu_model']}), 1 thread pinned to one core; "
+            f"load average {load:.1f} (shared machine: CPU-time figures are the comparable ones).")
     disk = ", ".join(f"{k} {v:.1f}" for k, v in p["disk_bytes_per_token"].items())
-    lines.append(f"| profuser, steady epochs | {p['tok_s_wall']:,.0f} | {p['tok_per_cpu_s']:,.0f} | 1.00x | {disk} |")
-    lines.append(f"| profuser, first epoch (store checks) | {p['first_epoch_tok_s_wall']:,.0f} | "
-                 f"{p['first_epoch_tok_per_cpu_s']:,.0f} | {p['tok_per_cpu_s'] / p['first_epoch_tok_per_cpu_s']:.2f}x slower | |")
-    f = r["fusellm_dense"]
-    lines.append(f"| FuseLLM-style dense collation | {f['tok_s_wall']:,.0f} | {f['tok_per_cpu_s']:,.0f} | "
-                 f"{f['profuser_speedup_cpu']:.0f}x slower | {f['disk_bytes_per_token_per_teacher']:.1f} (Arrow) |")
-    d = r["dense_vectorized"]
-    lines.append(f"| dense target only, vectorized scatter | {d['tok_s_wall']:,.0f} | {d['tok_per_cpu_s']:,.0f} | "
-                 f"{d['profuser_speedup_cpu']:.1f}x slower | ({d['dense_bytes_per_batch_max'] / 2**20:.0f} MiB/batch) |")
+    first = p["tok_per_cpu_s"] / p["first_epoch_tok_per_cpu_s"]
+    rows = [
+        ("profuser, steady epochs", p["tok_s_wall"], p["tok_per_cpu_s"], "1.00x", disk),
+        ("profuser, first epoch (store checks)", p["first_epoch_tok_s_wall"], p["first_epoch_tok_per_cpu_s"],
+         f"{first:.2f}x slower", ""),
+        ("FuseLLM-style dense collation", f["tok_s_wall"], f["tok_per_cpu_s"],
+         f"{f['profuser_speedup_cpu']:.0f}x slower", f"{f['disk_bytes_per_token_per_teacher']:.1f} (Arrow)"),
+        ("dense target only, vectorized", d["tok_s_wall"], d["tok_per_cpu_s"],
+         f"{d['profuser_speedup_cpu']:.1f}x slower", f"({d['dense_bytes_per_batch_max'] >> 20} MiB/batch)"),
+    ]
+    lines = [head, "", "| method | student tok/s (wall) | student tok / CPU-s | vs profuser (CPU) | "
+             "bytes/token/teacher on disk |", "|---|---|---|---|---|"]
+    lines += [f"| {m} | {w:,.0f} | {c:,.0f} | {v} | {dk} |" for m, w, c, v, dk in rows]
     return "\n".join(lines)
 
 

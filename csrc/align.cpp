@@ -83,28 +83,33 @@ int64_t lev(const T* a, int64_t la, const T* b, int64_t lb) {
 template int64_t lev<uint8_t>(const uint8_t*, int64_t, const uint8_t*, int64_t);
 template int64_t lev<int32_t>(const int32_t*, int64_t, const int32_t*, int64_t);
 
-// Small strings: a stack row instead of a heap vector (the DTW calls this millions of times).
+// Short strings (the DTW calls this up to m * n times): Myers/Hyyro bit-parallel edit distance with the
+// longer string (<= 64 units) as the pattern; the match mask of each text unit is built by comparing it
+// with every pattern unit (a vectorizable loop), so no alphabet-sized table is needed for code points.
 template <typename T>
 static inline int64_t lev_small(const T* a, int64_t la, const T* b, int64_t lb) {
   if (la < lb) { std::swap(a, b); std::swap(la, lb); }
   if (lb == 0) return la;
-  if (lb > 63) return lev(a, la, b, lb);
-  int64_t row[64];
-  for (int64_t j = 0; j <= lb; ++j) row[j] = j;
-  for (int64_t i = 1; i <= la; ++i) {
-    int64_t diag = row[0];
-    row[0] = i;
-    const T ca = a[i - 1];
-    for (int64_t j = 1; j <= lb; ++j) {
-      const int64_t up = row[j];
-      int64_t v = diag + (ca != b[j - 1] ? 1 : 0);
-      v = std::min(v, up + 1);
-      v = std::min(v, row[j - 1] + 1);
-      row[j] = v;
-      diag = up;
-    }
+  if (la > 64) return lev(a, la, b, lb);
+  uint64_t pv = la == 64 ? ~uint64_t{0} : ((uint64_t{1} << la) - 1), mv = 0;
+  const uint64_t last = uint64_t{1} << (la - 1);
+  int64_t score = la;
+  for (int64_t j = 0; j < lb; ++j) {
+    const T cj = b[j];
+    uint64_t eq = 0;
+    for (int64_t x = 0; x < la; ++x) eq |= static_cast<uint64_t>(a[x] == cj) << x;
+    const uint64_t xv = eq | mv;
+    const uint64_t xh = (((eq & pv) + pv) ^ pv) | eq;
+    uint64_t ph = mv | ~(xh | pv);
+    uint64_t mh = pv & xh;
+    if (ph & last) ++score;
+    else if (mh & last) --score;
+    ph = (ph << 1) | 1;
+    mh <<= 1;
+    pv = mh | ~(xv | ph);
+    mv = ph & xv;
   }
-  return row[lb];
+  return score;
 }
 
 template <typename T>
@@ -171,13 +176,20 @@ void mined_align(const Strings<int32_t>& student, const Strings<int32_t>& teache
   const bool memo = static_cast<int64_t>(ut) * us <= (int64_t{16} << 20);
   std::vector<int32_t> table(memo ? static_cast<size_t>(ut) * us : 0, -1);
 
+  // Row by row; the previous row and the running left value are kept in registers/pointers, so the inner
+  // loop is a memo lookup, three comparisons and a store.
   for (int64_t i = 0; i < m; ++i) {
     const int32_t* ts = teacher.at(i);
     const int64_t tl = teacher.len(i);
+    int32_t* memo_row = memo ? table.data() + static_cast<size_t>(tid[i]) * us : nullptr;
+    int64_t* cur = D.data() + base[i];
+    const int64_t* prev = i > 0 ? D.data() + base[i - 1] : nullptr;
+    const int64_t plo = i > 0 ? lo[i - 1] : 0, phi = i > 0 ? hi[i - 1] : -1;
+    int64_t left = INF;  // D(i, j - 1)
     for (int64_t j = lo[i]; j <= hi[i]; ++j) {
       int64_t c;
       if (memo) {
-        int32_t& slot = table[static_cast<size_t>(tid[i]) * us + sid[j]];
+        int32_t& slot = memo_row[sid[j]];
         if (slot < 0) slot = static_cast<int32_t>(lev_small(ts, tl, student.at(j), student.len(j)));
         c = slot;
       } else {
@@ -187,9 +199,13 @@ void mined_align(const Strings<int32_t>& student, const Strings<int32_t>& teache
       if (i == 0 && j == 0) {
         best = 0;
       } else {
-        best = std::min({at(i - 1, j), at(i, j - 1), at(i - 1, j - 1)});
+        const int64_t up = (j >= plo && j <= phi) ? prev[j - plo] : INF;
+        const int64_t dg = (j - 1 >= plo && j - 1 <= phi) ? prev[j - 1 - plo] : INF;
+        best = std::min(std::min(up, left), dg);
       }
-      D[static_cast<size_t>(base[i] + j - lo[i])] = best >= INF ? INF : best + c;
+      const int64_t v = best >= INF ? INF : best + c;
+      cur[j - lo[i]] = v;
+      left = v;
     }
   }
   if (at(m - 1, n - 1) >= INF)
@@ -303,9 +319,14 @@ inline MyersState myers_step(const MyersState& s, uint64_t eq, uint64_t last) {
 
 // One length bucket of candidates, sorted by their bytes, with the common-prefix length to the previous one:
 // consecutive candidates share the Myers states of their common prefix (a trie walk without the trie).
+struct Entry {
+  Sig sig;
+  Hist hist;
+  int32_t id;   // candidate index
+  int32_t lcp;  // common prefix with the previous entry of the bucket (0 for the first)
+};
 struct Bucket {
-  std::vector<int32_t> ids;  // candidate indices, sorted by (bytes, index)
-  std::vector<int32_t> lcp;  // lcp[k] = common prefix of ids[k-1] and ids[k] (lcp[0] = 0)
+  std::vector<Entry> e;  // sorted by (bytes, index); filters read it sequentially (cache-friendly)
 };
 
 }  // namespace
@@ -315,25 +336,31 @@ void nearest(const Strings<uint8_t>& q, const Strings<uint8_t>& c, const int32_t
   int64_t max_len = 0;
   for (int64_t k = 0; k < c.count; ++k) max_len = std::max(max_len, c.len(k));
   std::vector<Bucket> bucket(static_cast<size_t>(max_len + 1));
-  std::vector<Sig> sig(static_cast<size_t>(c.count));
-  std::vector<Hist> hist(static_cast<size_t>(c.count));
-  for (int64_t k = 0; k < c.count; ++k) {
-    sig[k] = signature(c.at(k), c.len(k));
-    hist[k] = histogram(c.at(k), c.len(k));
-    if (cand_ok[k] && c.len(k) > 0) bucket[c.len(k)].ids.push_back(static_cast<int32_t>(k));
-  }
-  for (int64_t L = 1; L <= max_len; ++L) {
-    Bucket& B = bucket[L];
-    std::sort(B.ids.begin(), B.ids.end(), [&](int32_t x, int32_t y) {
-      const int r = std::memcmp(c.at(x), c.at(y), static_cast<size_t>(L));
-      return r != 0 ? r < 0 : x < y;
-    });
-    B.lcp.assign(B.ids.size(), 0);
-    for (size_t k = 1; k < B.ids.size(); ++k) {
-      const uint8_t *x = c.at(B.ids[k - 1]), *y = c.at(B.ids[k]);
-      int32_t p = 0;
-      while (p < L && x[p] == y[p]) ++p;
-      B.lcp[k] = p;
+  {
+    std::vector<std::vector<int32_t>> ids(static_cast<size_t>(max_len + 1));
+    for (int64_t k = 0; k < c.count; ++k)
+      if (cand_ok[k] && c.len(k) > 0) ids[c.len(k)].push_back(static_cast<int32_t>(k));
+    for (int64_t L = 1; L <= max_len; ++L) {
+      std::vector<int32_t>& v = ids[L];
+      std::sort(v.begin(), v.end(), [&](int32_t x, int32_t y) {
+        const int r = std::memcmp(c.at(x), c.at(y), static_cast<size_t>(L));
+        return r != 0 ? r < 0 : x < y;
+      });
+      Bucket& B = bucket[L];
+      B.e.resize(v.size());
+      for (size_t k = 0; k < v.size(); ++k) {
+        Entry& en = B.e[k];
+        en.id = v[k];
+        en.sig = signature(c.at(v[k]), L);
+        en.hist = histogram(c.at(v[k]), L);
+        en.lcp = 0;
+        if (k > 0) {
+          const uint8_t *x = c.at(v[k - 1]), *y = c.at(v[k]);
+          int32_t p = 0;
+          while (p < L && x[p] == y[p]) ++p;
+          en.lcp = p;
+        }
+      }
     }
   }
 
@@ -368,16 +395,17 @@ void nearest(const Strings<uint8_t>& q, const Strings<uint8_t>& c, const int32_t
             const int64_t L = side == 0 ? la - delta : la + delta;
             if (L <= 0 || L > max_len) continue;
             const Bucket& B = bucket[L];
-            const size_t nb = B.ids.size();
+            const size_t nb = B.e.size();
             int64_t valid = 0;  // columns of st[] that hold the states of the current candidate's prefix
             size_t kk = 0;
             while (kk < nb) {
-              valid = std::min<int64_t>(valid, B.lcp[kk]);
-              const int32_t ci = B.ids[kk];
+              const Entry& en = B.e[kk];
+              valid = std::min<int64_t>(valid, en.lcp);
+              const int32_t ci = en.id;
               // a tie only wins with a smaller index, so the acceptance threshold depends on the candidate
               const int64_t thr = ci < best_id ? best_d : best_d - 1;
-              if (delta > best_d || sig_bound(sa, sig[ci]) > thr) { ++kk; continue; }
-              if (ha.exact && hist[ci].exact && std::max(la, L) - common_count(ha, hist[ci]) > thr) {
+              if (delta > best_d || sig_bound(sa, en.sig) > thr) { ++kk; continue; }
+              if (ha.exact && en.hist.exact && std::max(la, L) - common_count(ha, en.hist) > thr) {
                 ++kk;
                 continue;
               }
@@ -399,7 +427,7 @@ void nearest(const Strings<uint8_t>& q, const Strings<uint8_t>& c, const int32_t
                 valid = j + 1;
                 const int64_t shared = j + 1;
                 ++kk;
-                while (kk < nb && B.lcp[kk] >= shared) ++kk;  // the whole subtree under this prefix
+                while (kk < nb && B.e[kk].lcp >= shared) ++kk;  // the whole subtree under this prefix
                 continue;
               }
               valid = L;

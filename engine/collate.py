@@ -66,8 +66,8 @@ def _from_examples(encs: list[chat.EncodedExample]) -> EncodedBatch:
 
 
 _SENTINEL = "\x00\x02PROFUSER_PROMPT\x02\x00"
-_PROBES = ("What is a cat?", "  padded \n\n prompt  ", "<b>&amp; {{ x }} {% raw %}'\"", "Ünïcödé 東京 😀", "",
-           "line one\nline two\t", " ")
+_PROBES = ("What is a cat?", "  padded \n\n prompt  ", "<b>&amp; {{ x }} {% raw %}'\"",
+           "Ünïcödé 東京 😀", "", "line one\nline two\t", " ")
 
 
 def _backend(tok):
@@ -188,7 +188,8 @@ def _encode_each(tok, prompts, responses, systems, max_length, errors) -> Encode
     encs = []
     for i in range(len(prompts)):
         try:
-            encs.append(chat.encode_example(tok, prompts[i], responses[i], system=systems[i], max_length=max_length))
+            encs.append(chat.encode_example(tok, prompts[i], responses[i], system=systems[i],
+                                            max_length=max_length))
         except ValueError as exc:
             if errors is None:
                 raise
@@ -221,7 +222,8 @@ def _assemble(tok, prompts, responses, prefix_ids, suffixes, max_length, errors)
                 raise ValueError("the templated prompt encodes to no tokens")
             if response:
                 resp_ids = np.asarray(resp_ids_all[i], dtype=np.int32)
-                resp_off = chat.canonical_offsets(np.asarray(resp_off_all[i], np.int32).reshape(-1, 2), response)
+                raw = np.asarray(resp_off_all[i], np.int32).reshape(-1, 2)
+                resp_off = chat.canonical_offsets(raw, response)
             else:
                 resp_ids, resp_off = np.zeros(0, np.int32), np.zeros((0, 2), np.int32)
             eot = chat.end_of_turn_id(tok, suffix_ids)
@@ -231,8 +233,8 @@ def _assemble(tok, prompts, responses, prefix_ids, suffixes, max_length, errors)
             P, n_resp = len(pre), len(resp_ids)
             if max_length is not None and P + n_resp + len(suffix_ids) > max_length:
                 if P >= max_length:
-                    raise ValueError(f"max_length={max_length} leaves no room for the response: the templated "
-                                     f"prompt alone has {P} tokens")
+                    raise ValueError(f"max_length={max_length} leaves no room for the response: the "
+                                     f"templated prompt alone has {P} tokens")
                 keep = min(n_resp, max_length - P)
                 suffix_ids = suffix_ids[: max_length - P - n_resp] if keep == n_resp else []
                 resp_ids, resp_off, n_resp = resp_ids[:keep], resp_off[:keep], keep
@@ -260,14 +262,33 @@ def _assemble(tok, prompts, responses, prefix_ids, suffixes, max_length, errors)
                         pred_offsets=cat(off_chunks, (0, 2)), pred_off=np.concatenate([[0], np.cumsum(rs)]))
 
 
-def collate(items: list[tuple[object, int]], *, n_teachers: int, k: int, pad_id: int,
+@dataclass
+class ProcessedShard:
+    """The examples of one shard that this rank keeps, ready to collate (S = sum of predicted tokens).
+
+    enc: EncodedBatch of the kept examples; teacher_ids [T, S, K] int32 (-1 = no aligned teacher
+    token), teacher_logprobs [T, S, K] float16, teacher_weights [T, S] float32; row_index [rows of the
+    shard] int64: example index of each shard row, -1 = not on this rank or dropped; example_ids list[str];
+    mode 0 (train) or 1 (infer).
+    """
+
+    enc: EncodedBatch
+    teacher_ids: np.ndarray
+    teacher_logprobs: np.ndarray
+    teacher_weights: np.ndarray
+    row_index: np.ndarray
+    example_ids: list
+    mode: int
+
+
+def collate(items: list[tuple[ProcessedShard, int]], *, n_teachers: int, k: int, pad_id: int,
             pad_to_multiple_of: int = 1) -> dict:
     """Pad examples into one batch (docs/contracts.md section 4).
 
-    items: (shard, i) pairs, `shard` a processed shard (profuser.engine.data.ProcessedShard) and i an
-    example index in it. Returns input_ids / attention_mask / labels [B, L] int64, teacher_ids
-    [T, B, L, K] int32, teacher_logprobs [T, B, L, K] float16, teacher_weights [T, B, L] float32, mode [B]
-    int64, example_ids list[str], n_tokens int. L = longest example rounded up to pad_to_multiple_of.
+    items: (shard, i) pairs, i an example index in the ProcessedShard `shard`. Returns input_ids /
+    attention_mask / labels [B, L] int64, teacher_ids [T, B, L, K] int32, teacher_logprobs [T, B, L, K]
+    float16, teacher_weights [T, B, L] float32, mode [B] int64, example_ids list[str], n_tokens int.
+    L = longest example rounded up to pad_to_multiple_of.
     """
     B = len(items)
     lens = [int(sh.enc.ids_off[i + 1] - sh.enc.ids_off[i]) for sh, i in items]

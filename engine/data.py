@@ -16,7 +16,7 @@ source store cover the same rows in the same order, so a shard is the unit of wo
     gather + weights       one fancy index per teacher into the flat [sum R, K] top-k arrays; advantage
                            weights (engine/weights.py) per example or per token
          v
-    ProcessedShard         flat arrays; collate.collate pads any subset of its examples into a batch
+    ProcessedShard         flat arrays (collate.py); collate.collate pads any of its examples into a batch
 
 Ids stay teacher ids (the loss maps them with `loader.vocab_maps`, built once per teacher).
 
@@ -46,7 +46,7 @@ import torch
 
 from . import collate as _collate
 from . import store
-from .weights import ADVANTAGES, CE_METRICS, advantage_weights, example_metric
+from .weights import ADVANTAGES, CE_METRICS, example_metric, position_weights
 
 MODES = ("train", "infer")
 LEVELS = ("example", "token")
@@ -67,7 +67,8 @@ class FusionDataConfig:
         equals the student tokenizer's is "the student itself" (see student_as_candidate).
     mode: "train" (gold responses, every source teaches) | "infer" (the vote winner's response, only the
         winner teaches).
-    k: top-k entries per teacher in the batch (<= every store's k); None = the largest stored k.
+    k: top-k entries per teacher in the batch (<= every store's k; the first k of the descending top-k);
+        None = the smallest stored k.
     max_length: student sequence length cap (the response is truncated, never the prompt).
     advantage / advantage_level / ce_metric: see engine/weights.py.
     student_as_candidate: the student's own source may win MinCE / get AvgCE weight (FuseLLM's ref model).
@@ -106,9 +107,11 @@ class FusionDataConfig:
                               ("ce_metric", CE_METRICS), ("align_method", ALIGN_METHODS),
                               ("nan_policy", NAN_POLICIES)):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"FusionDataConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+                raise ValueError(f"FusionDataConfig.{name} must be one of {allowed}, "
+                                 f"got {getattr(self, name)!r}")
         if isinstance(self.sources, str) or not self.sources:
-            raise ValueError(f"FusionDataConfig.sources must be a non-empty list of names, got {self.sources!r}")
+            raise ValueError(f"FusionDataConfig.sources must be a non-empty list of names, "
+                             f"got {self.sources!r}")
         if len(set(self.sources)) != len(self.sources):
             raise ValueError(f"FusionDataConfig.sources has duplicates: {self.sources}")
         for name in ("batch_size", "pad_to_multiple_of"):
@@ -186,7 +189,8 @@ def read_teacher_shard(path: Path, k: int, prepared: pa.Table, *, gold: bool,
         if validated is not None and key is not None:
             validated.add(key)
     tok_off, token_ids = _list_flat(t["token_ids"])
-    flat = {name: _list_flat(t[name])[1] for name in ("pred_offsets", "token_logprobs", "topk_ids", "topk_logprobs")}
+    flat = {name: _list_flat(t[name])[1]
+            for name in ("pred_offsets", "token_logprobs", "topk_ids", "topk_logprobs")}
     tlp = flat["token_logprobs"].astype(np.float16, copy=False)
     klp = flat["topk_logprobs"].astype(np.float16, copy=False).reshape(-1, k)
     nll_sum = t["nll_sum"].to_numpy(zero_copy_only=False).astype(np.float64)
@@ -209,25 +213,6 @@ def read_teacher_shard(path: Path, k: int, prepared: pa.Table, *, gold: bool,
 # ---------------------------------------------------------------------------------------------------------
 # processed shards and the epoch order
 # ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ProcessedShard:
-    """The examples of one shard that this rank keeps, ready to collate (S = sum of predicted tokens).
-
-    enc: collate.EncodedBatch of the kept examples; teacher_ids [T, S, K] int32 (-1 = no aligned teacher
-    token), teacher_logprobs [T, S, K] float16, teacher_weights [T, S] float32; row_index [rows of the
-    shard] int64: example index of each shard row, -1 = not on this rank or dropped; example_ids list[str];
-    mode 0 (train) or 1 (infer).
-    """
-
-    enc: _collate.EncodedBatch
-    teacher_ids: np.ndarray
-    teacher_logprobs: np.ndarray
-    teacher_weights: np.ndarray
-    row_index: np.ndarray
-    example_ids: list
-    mode: int
 
 
 def buffer_shuffle(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -294,13 +279,14 @@ class FusionLoader:
         self._mpaths = [store.TeacherManifest.path(root, s, cfg.mode) for s in self.source_names]
         self.manifests = [self._check_manifest(t) for t in range(len(self.source_names))]
         stored_k = [m.k for m in self.manifests]
-        self.k = int(cfg.k) if cfg.k is not None else max(stored_k)
+        self.k = int(cfg.k) if cfg.k is not None else min(stored_k)
         for t, kt in enumerate(stored_k):
             if self.k > kt:
                 raise DataError(f"{self._mpaths[t]}: stores k={kt} but FusionDataConfig.k={self.k}")
 
         self._student_hash = tokenizer_hash(tokenizer)
-        self.is_student = np.array([m.tokenizer_hash == self._student_hash and _same_model(m.model, cfg.student)
+        self.is_student = np.array([m.tokenizer_hash == self._student_hash
+                                    and _same_model(m.model, cfg.student)
                                     for m in self.manifests], dtype=bool)
         self.candidates = ~self.is_student | bool(cfg.student_as_candidate)
         if not self.candidates.any():
@@ -318,10 +304,13 @@ class FusionLoader:
             self._set_teacher_tok(self.source_names.index(name), tok)
         for name in cfg.source_models or {}:  # a configured model: check its tokenizer against the store now
             self.teacher_tokenizer(self.source_names.index(name))
-        self._votes = self._read_votes(store.scores_dir(root) / "votes.parquet") if cfg.mode == "infer" else None
+        self._votes = None
+        if cfg.mode == "infer":
+            self._votes = self._read_votes(store.scores_dir(root) / "votes.parquet")
         self._vocab_maps = None
         self._encoder = _collate.StudentEncoder(tokenizer)
-        self._validated: set = set()  # (path, mtime_ns, size) of shards already checked by the store validator
+        self._order_cache = None
+        self._validated: set = set()  # (path, mtime_ns, size, gold) of shards the store validator passed
         self.epoch, self._consumed = 0, 0
         self.stats = {"examples": 0, "dropped_nan": 0, "dropped_long": 0}
 
@@ -331,16 +320,18 @@ class FusionLoader:
         path, name = self._mpaths[t], self.source_names[t]
         m = store.TeacherManifest.load(self.cfg.data_dir, name, self.cfg.mode)
         configured = (self.cfg.source_models or {}).get(name)
-        m.check(path, prepared=self.prepared, model=None if configured is None or _same_model(m.model, configured)
-                else configured)
+        same = configured is None or _same_model(m.model, configured)
+        m.check(path, prepared=self.prepared, model=None if same else configured)
         missing = [j for j in range(self.n_shards) if str(j) not in m.completed]
         if missing:
-            raise DataError(f"{path}: shards {missing[:10]}{'...' if len(missing) > 10 else ''} of {self.n_shards} "
-                            f"are not completed (missing shard; run `profuser teach/generate` again to finish)")
+            more = "..." if len(missing) > 10 else ""
+            raise DataError(f"{path}: shards {missing[:10]}{more} of {self.n_shards} are not completed "
+                            f"(missing shard; run `profuser teach/generate` again to finish)")
         for j in range(self.n_shards):
             rows = int(m.completed[str(j)].get("rows", self._rows[j]))
             if rows != self._rows[j]:
-                raise DataError(f"{path}: shard {j} has {rows} rows but the prepared shard has {self._rows[j]}")
+                raise DataError(f"{path}: shard {j} has {rows} rows but the prepared shard has "
+                                f"{self._rows[j]}")
         return m
 
     def _set_teacher_tok(self, t: int, tok):
@@ -363,7 +354,8 @@ class FusionLoader:
         table = store.read_table(path, ("example_id", "winner"), what="votes table")
         index = {name: t for t, name in enumerate(self.source_names)}
         votes = {}
-        for row, (eid, winner) in enumerate(zip(table["example_id"].to_pylist(), table["winner"].to_pylist())):
+        pairs = zip(table["example_id"].to_pylist(), table["winner"].to_pylist())
+        for row, (eid, winner) in enumerate(pairs):
             if winner not in index:
                 raise DataError(f"{path}: row {row}: winner {winner!r} of example {eid!r} is not one of the "
                                 f"configured sources {self.source_names}")
@@ -372,7 +364,7 @@ class FusionLoader:
 
     @property
     def vocab_maps(self) -> list:
-        """[T] torch.int32 [V_t] teacher id -> student id (-1 = none), or None for the student's vocabulary."""
+        """[T] torch.int32 [V_t] teacher id -> student id (-1 = none); None = the student's vocabulary."""
         if self._vocab_maps is None:
             from .align import build_vocab_map
             from .models import cache_root
@@ -382,8 +374,9 @@ class FusionLoader:
                 if m.tokenizer_hash == self._student_hash:
                     maps.append(None)
                     continue
-                vm = build_vocab_map(self.teacher_tokenizer(t), self.tokenizer, method=self.cfg.vocab_map_method,
-                                     teacher_size=int(m.vocab_size), cache_dir=cache_root() / "vocab_maps")
+                vm = build_vocab_map(self.teacher_tokenizer(t), self.tokenizer,
+                                     method=self.cfg.vocab_map_method, teacher_size=int(m.vocab_size),
+                                     cache_dir=cache_root() / "vocab_maps")
                 maps.append(torch.from_numpy(np.ascontiguousarray(vm, dtype=np.int32)))
             self._vocab_maps = maps
         return self._vocab_maps
@@ -400,6 +393,8 @@ class FusionLoader:
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """[M, 2] int64 (shard, row) keys of this rank in the order of `epoch`; no data is read."""
+        if self._order_cache is not None and self._order_cache[0] == epoch:
+            return self._order_cache[1]
         shards = np.arange(self.n_shards, dtype=np.int64)
         if self.n_shards % self.world_size == 0:
             shards = shards[shards % self.world_size == self.rank]
@@ -409,7 +404,9 @@ class FusionLoader:
             shards = rng.permutation(shards)
         parts = [np.stack([np.full(r.shape, j), r], 1) for j in shards for r in [self._rank_rows(int(j))]]
         keys = np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
-        return keys[buffer_shuffle(len(keys), self.cfg.shuffle_buffer if shuffle else 1, rng)]
+        order = keys[buffer_shuffle(len(keys), self.cfg.shuffle_buffer if shuffle else 1, rng)]
+        self._order_cache = (epoch, order)
+        return order
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (an upper bound when rows are dropped)."""
@@ -437,10 +434,9 @@ class FusionLoader:
 
     def __iter__(self):
         epoch, order = self.epoch, self.epoch_order(self.epoch)
-        last = {}
-        for pos, j in enumerate(order[:, 0].tolist()):
-            last[j] = pos
-        cache: dict[int, ProcessedShard] = {}
+        rev_shards, rev_first = np.unique(order[::-1, 0], return_index=True)
+        last = dict(zip(rev_shards.tolist(), (len(order) - 1 - rev_first).tolist()))  # shard -> last position
+        cache: dict[int, _collate.ProcessedShard] = {}
         batch, pos = [], self._consumed
         B = self.cfg.batch_size
         while pos < len(order):
@@ -475,7 +471,7 @@ class FusionLoader:
 
     # ---- one shard ----------------------------------------------------------------------------------
 
-    def _process(self, j: int) -> ProcessedShard:
+    def _process(self, j: int) -> _collate.ProcessedShard:
         cfg, T, K = self.cfg, len(self.source_names), self.k
         infer = cfg.mode == "infer"
         prep_path = store.prepared_dir(cfg.data_dir) / store.shard_name(j)
@@ -491,7 +487,8 @@ class FusionLoader:
             winners = np.array([self._votes.get(e, -1) for e in eids], dtype=np.int64)
             if (winners < 0).any():
                 e = eids[int(np.nonzero(winners < 0)[0][0])]
-                raise DataError(f"{Path(cfg.data_dir) / 'scores' / 'votes.parquet'}: no vote for example {e!r}")
+                votes = store.scores_dir(cfg.data_dir) / "votes.parquet"
+                raise DataError(f"{votes}: no vote for example {e!r}")
             use = np.arange(T)[:, None] == winners[None]                 # [T, n_sel] records in use
         else:
             winners = None
@@ -504,10 +501,11 @@ class FusionLoader:
             t = int(np.nonzero(use[:, i] & np.array([r.bad_rows[sel[i]] for r in recs]))[0][0])
             if cfg.nan_policy == "error":
                 raise DataError(f"{recs[t].path}: row {sel[i]} (example_id {eids[i]!r}): NaN in "
-                                f"{recs[t].nan_column(int(sel[i]))} (set nan_policy='drop' to skip such rows)")
+                                f"{recs[t].nan_column(int(sel[i]))} (nan_policy='drop' skips such rows)")
             self.stats["dropped_nan"] += int(bad.sum())
             warnings.warn(f"shard {j}: dropped {int(bad.sum())} example(s) with NaN log-probabilities "
-                          f"(first: {recs[t].path} row {sel[i]}); {self.stats['dropped_nan']} so far", stacklevel=3)
+                          f"(first: {recs[t].path} row {sel[i]}); {self.stats['dropped_nan']} so far",
+                          stacklevel=3)
             keep = ~bad
             sel, use, eids = sel[keep], use[:, keep], [e for e, k_ in zip(eids, keep) if k_]
             winners = winners[keep] if winners is not None else None
@@ -521,12 +519,14 @@ class FusionLoader:
         else:
             responses = prep["response"].combine_chunks().take(idx).to_pylist()
         errors = []
-        enc = self._encoder.encode_batch(prompts, responses, systems, max_length=cfg.max_length, errors=errors)
+        enc = self._encoder.encode_batch(prompts, responses, systems, max_length=cfg.max_length,
+                                         errors=errors)
         ok = np.ones(len(sel), bool)
         for i, msg in errors:
             if "max_length" not in msg:
                 where = recs[int(winners[i])].path if infer else prep_path
-                raise DataError(f"{where}: row {sel[i]} (example_id {eids[i]!r}): cannot encode for the student: {msg}")
+                raise DataError(f"{where}: row {sel[i]} (example_id {eids[i]!r}): cannot encode for the "
+                                f"student: {msg}")
             ok[i] = False
         if not ok.all():
             self.stats["dropped_long"] += int((~ok).sum())
@@ -546,7 +546,7 @@ class FusionLoader:
         tw = self._weights(enc, recs, sel, G, winners)
         row_index = np.full(n, -1, np.int64)
         row_index[sel[ok]] = np.nonzero(ok)[0]
-        return ProcessedShard(enc=enc, teacher_ids=tids, teacher_logprobs=tlps, teacher_weights=tw,
+        return _collate.ProcessedShard(enc=enc, teacher_ids=tids, teacher_logprobs=tlps, teacher_weights=tw,
                               row_index=row_index, example_ids=eids, mode=int(infer))
 
     def _align(self, enc, recs, sel, use) -> np.ndarray:
@@ -591,19 +591,16 @@ class FusionLoader:
 
     def _weights(self, enc, recs, sel, G, winners) -> np.ndarray:
         """[T, S] float32 teacher weights at every student predicted token (0 where not aligned)."""
-        cfg, T = self.cfg, len(recs)
+        cfg = self.cfg
         ex_of = np.repeat(np.arange(len(sel)), np.diff(enc.pred_off))
-        aligned = G >= 0
-        if winners is not None:                                          # inference mode: the vote decides
-            w = (np.arange(T)[:, None] == winners[None]) & self.candidates[:, None]
-            return (w.astype(np.float32)[:, ex_of] * aligned).astype(np.float32)
-        if cfg.advantage_level == "example":
-            metric = example_metric(np.stack([r.nll_sum[sel] for r in recs]), np.stack([r.n_tokens[sel] for r in recs]),
-                                    np.stack([r.n_bytes[sel] for r in recs]), cfg.ce_metric)
-            w = advantage_weights(metric, self.candidates, cfg.advantage, self.priority)
-            return (w[:, ex_of] * aligned).astype(np.float32)
-        nll = np.full(G.shape, np.inf)
-        for t, rec in enumerate(recs):
-            hit = aligned[t]
-            nll[t, hit] = -rec.token_logprobs[G[t, hit]].astype(np.float64)
-        return advantage_weights(nll, self.candidates, cfg.advantage, self.priority)
+        metric = token_nll = None
+        if winners is None and cfg.advantage_level == "example":
+            col = (lambda name: np.stack([getattr(r, name)[sel] for r in recs]))
+            metric = example_metric(col("nll_sum"), col("n_tokens"), col("n_bytes"), cfg.ce_metric)
+        elif winners is None:
+            token_nll = np.full(G.shape, np.inf)
+            for t, rec in enumerate(recs):
+                hit = G[t] >= 0
+                token_nll[t, hit] = -rec.token_logprobs[G[t, hit]].astype(np.float64)
+        return position_weights(G >= 0, ex_of, self.candidates, cfg.advantage, self.priority, metric=metric,
+                                token_nll=token_nll, winners=winners)

@@ -74,7 +74,7 @@ def stages(cfg: TrainConfig, config_path: str | None, overrides: list[str]) -> l
                              "--max-length", str(cfg.data.max_length), "--no-progress")]),
         ("generate", [_profuser("generate", "--data-dir", data_inf, "--source", *sources, "--k", str(cfg.data.k),
                                 "--max-new-tokens", str(cfg.demo.max_new_tokens), "--no-progress")]),
-        ("score", [_profuser("score", "--data-dir", data_inf, "--scorer", *cfg.demo.scorers)]),
+        ("score", [_profuser("score", "--data-dir", data_inf, "--sources", *sources, "--scorer", *cfg.demo.scorers)]),
         ("train", [train_cmd + overrides]),
     ]
 

@@ -230,7 +230,7 @@ class Progress:
         if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit="ex", dynamic_ncols=True)
+            self.bar = tqdm(total=total, desc=desc, unit="ex", dynamic_ncols=True, mininterval=2.0)
 
     def update(self, examples: int, tokens: int) -> None:
         self.tokens += tokens
@@ -313,7 +313,8 @@ def run_shards(cfg: TeachConfig, name: str, spec: str, mode: str, tok_hash: str,
     adopt_orphans(cfg, name, mode, mine, man, prepared)
     todo = [j for j in mine if str(j) not in man.completed]
     prog = Progress(sum(prepared.shard_rows(j) for j in todo), f"{mode} {name} r{di.rank}", cfg.progress)
-    stats = {"shards": 0, "skipped": len(mine) - len(todo), "tokens": 0, "bytes": 0, "nan_rows": 0}
+    stats = {"shards": 0, "skipped": len(mine) - len(todo), "tokens": 0, "bytes": 0, "nan_rows": 0,
+             "input_tokens": 0}
     for j in todo:
         table = read_prepared_shard(cfg.data_dir, j, prepared)
         where = f"source {name} ({mode}) shard {j}"
@@ -328,9 +329,11 @@ def run_shards(cfg: TeachConfig, name: str, spec: str, mode: str, tok_hash: str,
         stats["tokens"] += tokens
         stats["bytes"] += n_bytes
         stats["nan_rows"] += counters.get("n_nan_rows", 0)
+        stats["input_tokens"] += counters.get("n_input_tokens", 0)
         if after_shard is not None:
             after_shard(j)
-    stats["tok_s"] = prog.close()
+    stats["tok_s"] = prog.close()  # predicted (stored) tokens per second
+    stats["input_tok_s"] = stats["input_tokens"] / max(time.perf_counter() - prog.t0, 1e-9)
     if stats["nan_rows"]:
         warnings.warn(f"{name} ({mode}): {stats['nan_rows']} rows had NaN log-probabilities; stored with "
                       f"nll_sum = NaN so readers skip them")
@@ -376,7 +379,8 @@ def teach_shard(model, tok, cfg: TeachConfig, device, table: pa.Table, where: st
         token_ids=np.concatenate([e.pred_ids for e in encs]).astype(np.int32), token_logprobs=tok_lp,
         topk_ids=topk_ids, topk_logprobs=topk_lp,
         n_bytes=np.array([predicted_bytes(r, e.pred_offsets) for r, e in zip(responses, encs)], np.int32))
-    return records, {"n_nan_rows": check_nan(records, cfg.nan_policy, where)}
+    return records, {"n_nan_rows": check_nan(records, cfg.nan_policy, where),
+                     "n_input_tokens": int(sum(len(e.input_ids) for e in encs))}
 
 
 def load_source(spec: str, cfg: TeachConfig, local_rank: int):
@@ -401,7 +405,8 @@ def teach(cfg: TeachConfig, *, after_shard=None) -> dict:
                            lambda j, t, w, p: teach_shard(model, tok, cfg, device, t, w, p), after_shard=after_shard)
         out[name] = stats
         print(f"teach {name}: {stats['shards']} shards written, {stats['skipped']} already complete, "
-              f"{stats['tokens']} tokens at {stats['tok_s']:.0f} tok/s, "
+              f"{stats['tokens']} predicted tokens at {stats['tok_s']:.0f} tok/s "
+              f"({stats['input_tokens']} input tokens, {stats['input_tok_s']:.0f} tok/s), "
               f"{stats['bytes'] / max(stats['tokens'], 1):.1f} B/token on disk", file=sys.stderr)
         del model
     return out

@@ -34,7 +34,8 @@ ADVANTAGES = ("minCE", "avgCE")
 CE_METRICS = ("per_byte", "per_token")
 
 
-def example_metric(nll_sum: np.ndarray, n_tokens: np.ndarray, n_bytes: np.ndarray, ce_metric: str) -> np.ndarray:
+def example_metric(nll_sum: np.ndarray, n_tokens: np.ndarray, n_bytes: np.ndarray,
+                   ce_metric: str) -> np.ndarray:
     """CE of each source on each example.
 
     nll_sum [T, N] float64, n_tokens [T, N] int, n_bytes [T, N] int -> [T, N] float64 (nats per byte or per
@@ -75,3 +76,23 @@ def advantage_weights(metric: np.ndarray, candidates: np.ndarray, advantage: str
     e = np.where(avail, np.exp(-(m - lo[None])), 0.0)            # shift by the min: no overflow
     s = e.sum(0)
     return np.where(any_avail[None], e / np.where(s > 0, s, 1.0)[None], 0.0).astype(np.float32)
+
+
+def position_weights(aligned: np.ndarray, ex_of: np.ndarray, candidates: np.ndarray, advantage: str,
+                     priority: np.ndarray | None = None, *, metric: np.ndarray | None = None,
+                     token_nll: np.ndarray | None = None, winners: np.ndarray | None = None) -> np.ndarray:
+    """Weight of each source at each student predicted token, 0 where the source has no aligned token.
+
+    aligned [T, S] bool; ex_of [S] int: example of each token; candidates [T] bool; exactly one of
+    metric [T, N] (example level: CE per example), token_nll [T, S] (token level: aligned teacher NLL) or
+    winners [N] int (inference mode: the vote winner teaches, weight 1 if it is a candidate).
+    Returns [T, S] float32.
+    """
+    T = aligned.shape[0]
+    if winners is not None:
+        w = ((np.arange(T)[:, None] == np.asarray(winners)[None]) & np.asarray(candidates)[:, None])
+        return (w.astype(np.float32)[:, ex_of] * aligned).astype(np.float32)
+    if token_nll is not None:
+        return advantage_weights(np.where(aligned, token_nll, np.inf), candidates, advantage, priority)
+    w = advantage_weights(metric, candidates, advantage, priority)
+    return (w[:, ex_of] * aligned).astype(np.float32)

@@ -67,7 +67,7 @@ class _Out:
         self.kd = torch.empty(N, dtype=cdt, device=dev) if want_stats else None
         self.sup = torch.empty(N, dtype=cdt, device=dev) if want_stats else None
         self.argmax = torch.empty(N, dtype=torch.int64, device=dev) if want_stats else None
-        self.dh = torch.empty_like(hidden) if need[0] else None
+        self.dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=dev) if need[0] else None  # contiguous
         self.dw = torch.zeros((V, H), dtype=cdt, device=dev) if need[1] else None
         self.db = torch.zeros(V, dtype=cdt, device=dev) if (need[2] and bias is not None) else None
 

@@ -96,8 +96,8 @@ class _TritonFusionLoss(torch.autograd.Function):
                                 grad_loss.to(torch.float32), ctx.need, ctx.cfg)
         else:
             dh, dw, db = ctx.saved_tensors
-            # skip the multiply in the common grad_output == 1 case only via a cheap elementwise op; a host
-            # check (.item()) would sync the device every step
+            # always multiply (cheap, elementwise): testing grad_output == 1 on the host would sync the
+            # device every step
             dh = None if dh is None else dh * grad_loss.to(dh.dtype)
             dw = None if dw is None else dw * grad_loss.to(dw.dtype)
             db = None if db is None else db * grad_loss.to(db.dtype)

@@ -98,7 +98,8 @@ def test_alignment_matches_brute_force(data, toks):
     for batch, b, eid in iterate(ld):
         seen.add(eid)
         e = by_id[eid]
-        enc = chat.encode_example(toks["smollm2"], e["prompt"], e["response"], system=e["system"], max_length=64)
+        enc = chat.encode_example(toks["smollm2"], e["prompt"], e["response"], system=e["system"],
+                                  max_length=64)
         L = enc.input_ids.shape[0]
         assert batch["input_ids"][b, :L].tolist() == enc.input_ids.tolist()
         assert batch["attention_mask"][b].sum().item() == L
@@ -173,7 +174,8 @@ def test_example_weights(data, toks, advantage, ce_metric, student_cand):
 def test_token_weights(data, toks, advantage):
     root, _, _ = data
     rows = store_rows(root, "train")
-    ld = loader(root, toks, batch_size=6, advantage=advantage, advantage_level="token", student_as_candidate=False)
+    ld = loader(root, toks, batch_size=6, advantage=advantage, advantage_level="token",
+                student_as_candidate=False)
     checked = 0
     for batch, b, eid in iterate(ld):
         pos = np.nonzero(batch["labels"][b].numpy() != -100)[0]
@@ -198,7 +200,8 @@ def test_token_weights(data, toks, advantage):
                 assert w == [0.0] + [float(t == best) for t in (1, 2)]
             else:
                 z = sum(math.exp(-v) for v in nll.values())
-                assert w[1:] == pytest.approx([math.exp(-nll[t]) / z if t in nll else 0.0 for t in (1, 2)], rel=1e-5)
+                want = [math.exp(-nll[t]) / z if t in nll else 0.0 for t in (1, 2)]
+                assert w[1:] == pytest.approx(want, rel=1e-5)
             checked += 1
     assert checked > 100
 
@@ -243,6 +246,16 @@ def test_same_tokenizer_source_aligns_every_position(data, toks, align_method):
         got = batch["teacher_ids"][0, b, pos].reshape(-1).tolist()
         assert got == rec["topk_ids"]
         assert (batch["teacher_ids"][0, b, pos, 0] >= 0).all()
+        if align_method == "mined":  # the other sources: the DTW's rows, gathered at the right positions
+            from profuser.engine.align import align_mined, token_strings
+
+            stu = token_strings(toks["smollm2"], batch["labels"][b, pos].tolist())
+            for t in (1, 2):
+                r2 = rows[SOURCES[t]][eid]
+                found = align_mined(stu, token_strings(toks[SOURCES[t]], r2["token_ids"]))
+                for p, r in zip(pos.tolist(), found.tolist()):
+                    want = [-1] * 8 if r < 0 else r2["topk_ids"][r * 8:(r + 1) * 8]
+                    assert batch["teacher_ids"][t, b, p].tolist() == want
 
 
 def test_vocab_maps(data, toks):

@@ -14,7 +14,8 @@ from profuser.engine.collate import encode_batch
 
 # Gemma-3's template (its GGUF tokenizer ships none): it trims the content, a case the sentinel must survive
 GEMMA_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "{% set role = 'model' %}"
     "{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\\n' + "
     "message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<start_of_turn>model\\n' }}{% endif %}")
@@ -43,7 +44,8 @@ def test_encode_batch_equals_encode_example(name, max_length, monkeypatch):
         a, z = got.ids_off[i], got.ids_off[i + 1]
         pa_, pz = got.pred_off[i], got.pred_off[i + 1]
         try:
-            want = chat.encode_example(tok, e["prompt"], e["response"], system=e["system"], max_length=max_length)
+            want = chat.encode_example(tok, e["prompt"], e["response"], system=e["system"],
+                                       max_length=max_length)
         except ValueError as exc:
             assert i in failed and str(exc).split(":")[0] in failed[i]
             assert z == a and pz == pa_

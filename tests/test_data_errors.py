@@ -71,7 +71,8 @@ def nan_at(j0, row):
 
 def test_nan_error_names_file_and_row(tmp_path, toks):
     build(tmp_path, toks, mutate=nan_at(0, 1))
-    with pytest.raises(DataError, match=re.escape(str(shard_path(tmp_path, 0))) + r": row 1 .*NaN in token_logprobs"):
+    where = re.escape(str(shard_path(tmp_path, 0)))
+    with pytest.raises(DataError, match=where + r": row 1 .*NaN in token_logprobs"):
         list(make(tmp_path, toks, shuffle_buffer=1))
 
 
@@ -147,13 +148,16 @@ def test_missing_and_corrupt_shards(tmp_path, toks):
 
 
 def test_offsets_or_response_not_matching_the_text(tmp_path, toks):
-    build(tmp_path, toks, mutate=lambda j, t: set_cell(t, "pred_offsets", 0, [0, 9999] + t["pred_offsets"][0].as_py()[2:])
-          if j == 0 else t)
+    def past_the_end(j, t):
+        return set_cell(t, "pred_offsets", 0, [0, 9999] + t["pred_offsets"][0].as_py()[2:]) if j == 0 else t
+
+    build(tmp_path, toks, mutate=past_the_end)
     with pytest.raises(DataError, match=re.escape(str(shard_path(tmp_path, 0))) + r": row 0: pred_offsets"):
         list(make(tmp_path, toks, shuffle_buffer=1))
     build(tmp_path, toks, mutate=lambda j, t: set_cell(t, "response", 3, t["response"][3].as_py().swapcase())
           if j == 0 else t)
-    with pytest.raises(DataError, match=re.escape(str(shard_path(tmp_path, 0))) + r": row 3: stored response differs"):
+    where = re.escape(str(shard_path(tmp_path, 0)))
+    with pytest.raises(DataError, match=where + r": row 3: stored response differs"):
         list(make(tmp_path, toks, shuffle_buffer=1))
 
 
@@ -179,7 +183,8 @@ def test_prompt_longer_than_max_length_is_dropped_and_counted(tmp_path, toks):
     ok = []
     for e in ex:
         try:
-            chat.encode_example(toks["smollm2"], e["prompt"], e["response"], system=e["system"], max_length=40)
+            chat.encode_example(toks["smollm2"], e["prompt"], e["response"], system=e["system"],
+                                max_length=40)
             ok.append(e["example_id"])
         except ValueError:
             pass

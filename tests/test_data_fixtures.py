@@ -47,13 +47,15 @@ def corpus(n: int, *, extra_every: int = 4, system_every: int = 7) -> list[dict]
         rows.append(r)
     out = []
     for i, r in enumerate(rows):
-        resp = EXTRA[(i // extra_every) % len(EXTRA)] if extra_every and i % extra_every == 1 else r["response"]
+        tricky = extra_every and i % extra_every == 1
+        resp = EXTRA[(i // extra_every) % len(EXTRA)] if tricky else r["response"]
         out.append({"example_id": r["id"], "prompt": r["prompt"], "response": resp,
                     "system": "You are terse." if system_every and i % system_every == 3 else None})
     return out
 
 
-def write_prepared(data_dir, examples: list[dict], shard_size: int, fingerprint: str = "fp-test") -> store.PreparedManifest:
+def write_prepared(data_dir, examples: list[dict], shard_size: int,
+                   fingerprint: str = "fp-test") -> store.PreparedManifest:
     d = store.prepared_dir(data_dir)
     d.mkdir(parents=True, exist_ok=True)
     n_shards = -(-len(examples) // shard_size)
@@ -92,13 +94,14 @@ def records(tok, examples: list[dict], responses: list[str], k: int, rng: np.ran
         example_ids=[e["example_id"] for e in examples], responses=list(responses),
         off=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
         pred_offsets=np.concatenate(offs).astype(np.int32), token_ids=np.concatenate(tids).astype(np.int32),
-        token_logprobs=np.concatenate(tlps).astype(np.float32), topk_ids=np.concatenate(kids).astype(np.int32),
+        token_logprobs=np.concatenate(tlps).astype(np.float32),
+        topk_ids=np.concatenate(kids).astype(np.int32),
         topk_logprobs=np.concatenate(klps).astype(np.float32), n_bytes=np.asarray(nb, np.int32))
 
 
 def write_teacher(data_dir, source: str, mode: str, tok, model: str, examples: list[dict],
-                  pm: store.PreparedManifest, *, k: int = 8, seed: int = 0, responses: list[str] | None = None,
-                  mutate=None) -> store.TeacherManifest:
+                  pm: store.PreparedManifest, *, k: int = 8, seed: int = 0,
+                  responses: list[str] | None = None, mutate=None) -> store.TeacherManifest:
     """Write every shard of one (source, mode) store. mutate(j, table) -> table lets tests corrupt data."""
     d = store.teacher_dir(data_dir, source, mode)
     d.mkdir(parents=True, exist_ok=True)
@@ -114,7 +117,8 @@ def write_teacher(data_dir, source: str, mode: str, tok, model: str, examples: l
         if mutate is not None:
             table = mutate(j, table)
         size = store.write_table_atomic(table, d / store.shard_name(j))
-        m.completed[str(j)] = {"file": store.shard_name(j), "rows": z - a, "tokens": int(rb.off[-1]), "bytes": size}
+        m.completed[str(j)] = {"file": store.shard_name(j), "rows": z - a, "tokens": int(rb.off[-1]),
+                               "bytes": size}
     m.save(data_dir)
     return m
 

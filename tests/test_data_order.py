@@ -33,7 +33,8 @@ def make(root, toks, rank=0, world=1, **kw):
     kw.setdefault("batch_size", 4)
     kw.setdefault("shuffle_buffer", 10)
     cfg = FusionDataConfig(data_dir=str(root), sources=SOURCES, student="smollm2-135m-instruct", **kw)
-    return FusionLoader(cfg, toks["smollm2"], rank=rank, world_size=world, teacher_tokenizers={"gpt2": toks["gpt2"]})
+    return FusionLoader(cfg, toks["smollm2"], rank=rank, world_size=world,
+                        teacher_tokenizers={"gpt2": toks["gpt2"]})
 
 
 def same(a: dict, b: dict) -> bool:
@@ -100,7 +101,7 @@ def test_resume_rejects_another_setup(data, toks):
         make(root, toks, seed=5).load_state_dict(sd)
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])  # 6 shards: shard-level for 2 and 3, row-level for 4
+@pytest.mark.parametrize("world", [2, 3, 4, 8])  # 6 shards: shard-level for 2 and 3, row-level for 4, 8
 def test_ranks_cover_every_example_exactly_once(data, toks, world):
     root, all_ids = data
     per_rank = [ids(list(make(root, toks, rank=r, world=world))) for r in range(world)]
@@ -133,3 +134,19 @@ def test_buffer_shuffle_is_a_bounded_permutation():
     # an item is emitted at most `size` places before its arrival
     assert (p - np.arange(1000) <= 50).all()
     assert (buffer_shuffle(10, 1, rng) == np.arange(10)).all()
+
+
+def test_smaller_k_takes_the_first_entries(data, toks):
+    root, _ = data
+    full, small = list(make(root, toks)), list(make(root, toks, k=3))
+    assert full[0]["teacher_ids"].shape[-1] == 8 and small[0]["teacher_ids"].shape[-1] == 3
+    for a, b in zip(full, small):
+        assert torch.equal(a["teacher_ids"][..., :3], b["teacher_ids"])
+        assert torch.equal(a["teacher_logprobs"][..., :3], b["teacher_logprobs"])
+        assert torch.equal(a["teacher_weights"], b["teacher_weights"])
+
+
+def test_buffer_and_batch_larger_than_the_data(data, toks):
+    root, all_ids = data
+    got = list(make(root, toks, shuffle_buffer=10_000, batch_size=1000))
+    assert len(got) == 1 and sorted(got[0]["example_ids"]) == sorted(all_ids)

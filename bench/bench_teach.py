@@ -1,0 +1,113 @@
+"""Teacher-pass throughput and bytes per token on disk (training mode, real models, shipped corpus).
+
+    python bench/bench_teach.py                                  # SmolLM2-135M, 256 examples, k=8
+    python bench/bench_teach.py --models smollm2-135m-instruct gemma3-270m --examples 512
+
+For each model: `profuser teach` on the first N examples of data/wordnet_instruct.jsonl (fp32 on CPU,
+bf16 on GPU), timed end to end per shard loop (model load excluded: it is reported separately), and
+the same store re-encoded with several Parquet writer settings (same rows, same run) to show what each
+option buys: bytes per stored predicted token, side by side with the raw payload (62 B/token at k=8).
+JSON to bench/results/teach_<device>.json, with the machine and the load average (the CPU is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from harness import machine_name  # noqa: E402
+
+from profuser.engine import models, store, teach  # noqa: E402
+from profuser.engine import prepare as P  # noqa: E402
+
+WRITERS = {
+    "snappy, dictionary, plain (pyarrow defaults)": dict(compression="snappy", byte_stream_split=False, dict_lists=True),
+    "zstd-3": dict(compression="zstd", compression_level=3, byte_stream_split=False),
+    "zstd-9": dict(compression="zstd", compression_level=9, byte_stream_split=False),
+    "zstd-3 + byte_stream_split": dict(compression="zstd", compression_level=3, byte_stream_split=True),
+    "zstd-9 + byte_stream_split (default)": dict(compression="zstd", compression_level=9, byte_stream_split=True),
+    "zstd-19 + byte_stream_split": dict(compression="zstd", compression_level=19, byte_stream_split=True),
+}
+
+
+def rewrite_size(tables, opts: dict, tmp: Path) -> tuple[int, float]:
+    size, t0 = 0, time.perf_counter()
+    for i, t in enumerate(tables):
+        p = tmp / f"w{i}.parquet"
+        if opts.get("dict_lists"):
+            pq.write_table(t, p, compression=opts["compression"])
+            size += p.stat().st_size
+        else:
+            size += store.write_table_atomic(t, p, store.WriteOptions(
+                compression=opts["compression"], compression_level=opts.get("compression_level", 3),
+                byte_stream_split=opts["byte_stream_split"]))
+    return size, time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=["smollm2-135m-instruct"])
+    ap.add_argument("--examples", type=int, default=256)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--batch-tokens", type=int, default=8192)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    load_before = os.getloadavg()
+    result = {"bench": "teach", "machine": machine_name(), "cpu_model": platform.processor() or platform.machine(),
+              "torch_threads": torch.get_num_threads(), "device": device, "load_average_before": load_before,
+              "config": vars(args), "models": {}}
+    with tempfile.TemporaryDirectory(prefix="bench_teach_") as tmp:
+        tmp = Path(tmp)
+        P.prepare(P.PrepareConfig(data_dir=str(tmp), limit=args.examples, shard_size=max(1, args.examples // 2)),
+                  log=lambda s: None)
+        for spec in args.models:
+            t0 = time.perf_counter()
+            models.load_model(spec)  # converts once; the timed run below reloads from the cache
+            load_s = time.perf_counter() - t0
+            cfg = teach.TeachConfig(data_dir=str(tmp), sources=[spec], k=args.k, batch_tokens=args.batch_tokens,
+                                    progress=False)
+            t0 = time.perf_counter()
+            stats = teach.teach(cfg)[models.model_name(spec)]
+            wall = time.perf_counter() - t0
+            d = store.teacher_dir(tmp, models.model_name(spec), "train")
+            tables = [pq.read_table(p) for p in sorted(d.glob("part-*.parquet"))]
+            n_tok = sum(int(t["n_tokens"].to_numpy().sum()) for t in tables)
+            writers = {}
+            for name, opts in WRITERS.items():
+                size, secs = rewrite_size(tables, opts, tmp)
+                writers[name] = {"bytes": size, "bytes_per_token": size / n_tok, "write_s": secs}
+            row = {"tokens": n_tok, "examples": args.examples, "teach_tok_s": stats["tok_s"],
+                   "input_tokens": stats["input_tokens"], "teach_input_tok_s": stats["input_tok_s"],
+                   "teach_wall_s_incl_load": wall, "first_load_s": load_s,
+                   "raw_bytes_per_token": 8 + 4 + 2 + 6 * args.k, "writers": writers}
+            result["models"][spec] = row
+            print(f"{spec}: {n_tok} predicted tokens, {stats['tok_s']:.0f} tok/s teacher pass ({device}; "
+                  f"{stats['input_tokens']} input tokens, {stats['input_tok_s']:.0f} tok/s), "
+                  f"{writers['zstd-9 + byte_stream_split (default)']['bytes_per_token']:.1f} B/token on disk "
+                  f"(raw {row['raw_bytes_per_token']})")
+            for name, w in writers.items():
+                print(f"   {name:42s} {w['bytes_per_token']:6.2f} B/token  write {w['write_s']:.2f}s")
+    result["load_average_after"] = os.getloadavg()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"teach_{device}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
