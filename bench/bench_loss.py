@@ -82,7 +82,7 @@ def build_method(method: str, inp: dict, device: torch.device):
     note = ""
     if method in ("reference", "chunked", "triton"):
         if method == "triton" and device.type != "cuda":
-            raise RuntimeError("skipped: Triton needs a GPU (on CPU it only runs in its interpreter)")
+            raise RuntimeError("Triton needs a GPU (on CPU it only runs in its interpreter)")
         from profuser.kernels import fusion_loss
 
         def loss_fn():
@@ -192,7 +192,8 @@ def main() -> None:
     meta = dict(machine=harness.machine_name(), T=T, K=K, lam=LAM, temperature=TEMP, reps=a.reps,
                 load_avg=os.getloadavg(), cmd=" ".join(sys.argv))
     harness.write_json(rows, path, meta)
-    harness.plot(rows, os.path.join(a.out, f"loss_{slug}.png"), f"fusion loss fwd+bwd, {harness.machine_name()}")
+    harness.plot(rows, os.path.join(a.out, f"loss_{slug}.png"),
+                 f"fusion loss fwd+bwd, {harness.machine_name()}")
     print(f"\nMachine: {harness.machine_name()}; T={T}, K={K}, dtype {dtype}; results: {path}\n")
     print(harness.markdown_table(rows))
 

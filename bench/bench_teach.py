@@ -33,7 +33,8 @@ from profuser.engine import models, store, teach  # noqa: E402
 from profuser.engine import prepare as P  # noqa: E402
 
 WRITERS = {
-    "snappy, dictionary, plain (pyarrow defaults)": dict(compression="snappy", byte_stream_split=False, dict_lists=True),
+    "snappy, dictionary, plain (pyarrow defaults)": dict(compression="snappy", byte_stream_split=False,
+                                                         dict_lists=True),
     "zstd-3": dict(compression="zstd", compression_level=3, byte_stream_split=False),
     "zstd-9": dict(compression="zstd", compression_level=9, byte_stream_split=False),
     "zstd-3 + byte_stream_split": dict(compression="zstd", compression_level=3, byte_stream_split=True),

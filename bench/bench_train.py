@@ -3,14 +3,16 @@
     python bench/bench_train.py                     # SmolLM2-135M architecture, B=4, L=128, T=2, K=10
     python bench/bench_train.py --batch 8 --length 256 --steps 6
 
-Both variants train the same student (SmolLM2-135M-Instruct: 134.5M parameters, 49,152-token
+All variants train the same student (SmolLM2-135M-Instruct: 134.5M parameters, 49,152-token
 vocabulary, tied embeddings) from the same weights on the same seeded batches, one optimizer step per
 batch (AdamW, lr 1e-5), with lam = 0.9 and T = 2 teachers of top-K = 10 entries (one in the student's
 vocabulary, one in Gemma-3's 262,144-token vocabulary mapped by a vocab map), one mode:
 
-  engine    profuser.engine.train: FusionStep under DeepSpeed (ZeRO-3, world size 1 here), the backbone
-            stops at hidden states, fusion_loss on the labelled rows only (chunked backend on CPU, Triton
-            on GPU): never a [B, L, V] tensor.
+  engine    profuser.engine.train: FusionStep under DeepSpeed ZeRO stage 0 (one process: nothing to
+            shard), the backbone stops at hidden states, fusion_loss on the labelled rows only (chunked
+            backend on CPU, Triton on GPU): never a [B, L, V] tensor.
+  engine-zero3  the same under ZeRO-3 at world size 1: shows ZeRO-3's own cost (parameters gathered
+            into fresh buffers every forward), which pays off only across ranks.
   fusellm   what an HF Trainer compute_loss override does in FuseLLM / FuseChat: full logits [B, L, V],
             every teacher densified to a [B, L, V] distribution in the student vocabulary (mapped,
             renormalized top-K), fused by the same per-position teacher weights, then
@@ -100,13 +102,14 @@ def one(variant: str, args) -> dict:
     n = args.warmup + args.steps
     batches, vms = make_batches(n, args.batch, args.length, 2, args.k, 49152)
     lm = load_student(device, dtype)
-    if variant == "engine":
+    if variant.startswith("engine"):
         from profuser.engine.config import load_config
         from profuser.engine.train import build_engine, run_window, setup_distributed
 
         setup_distributed()
         cfg = load_config(None, ["optim.lr=1e-5", "optim.grad_clip=1.0", "optim.decay=constant",
-                                 f"data.micro_batch_size={args.batch}", "deepspeed.zero_optimization.stage=3"])
+                                 f"data.micro_batch_size={args.batch}",
+                                 f"deepspeed.zero_optimization.stage={3 if variant == 'engine-zero3' else 0}"])
         engine, _, _ = build_engine(cfg, lm, [v.to(device) if v is not None else None for v in vms], dtype)
 
         def step(b):
@@ -143,13 +146,14 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--variants", default="fusellm,engine,engine-zero3")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print("ROW " + json.dumps(one(args.one, args)), flush=True)
         return 0
     rows = []
-    for variant in ("fusellm", "engine"):
+    for variant in args.variants.split(","):
         argv = [__file__, "--one", variant, "--batch", str(args.batch), "--length", str(args.length),
                 "--k", str(args.k), "--steps", str(args.steps), "--warmup", str(args.warmup)]
         env = dict(os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR=os.environ.get(
@@ -167,7 +171,8 @@ def main() -> int:
             r["mem_vs_fusellm"] = r["peak_mem_mb"] / base["peak_mem_mb"]
     meta = {"machine": harness.machine_name(), "student": "smollm2-135m-instruct (134.5M, V=49152)",
             "batch": args.batch, "length": args.length, "teachers": "2 (student vocab + Gemma-3 262k mapped)",
-            "k": args.k, "steps": args.steps, "warmup": args.warmup, "date": time.strftime("%Y-%m-%d %H:%M")}
+            "k": args.k, "steps": args.steps, "warmup": args.warmup, "date": time.strftime("%Y-%m-%d %H:%M"),
+            "load_average_1m_at_end": os.getloadavg()[0]}
     out = REPO / "bench" / "results" / f"train_{harness.machine_slug()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

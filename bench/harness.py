@@ -112,7 +112,8 @@ def run_subprocess(argv: list[str], timeout_s: float) -> dict:
     """Run one case as `python argv...`; it prints one JSON line starting with 'ROW ' on stdout."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     try:
-        p = subprocess.run([sys.executable] + argv, capture_output=True, text=True, timeout=timeout_s, env=env)
+        p = subprocess.run([sys.executable] + argv, capture_output=True, text=True, timeout=timeout_s,
+                           env=env)
     except subprocess.TimeoutExpired:
         return {"status": "failed", "note": f"timed out after {timeout_s:.0f} s"}
     for line in p.stdout.splitlines():
@@ -138,8 +139,8 @@ def add_ratios(rows: list[Row], baseline: str = "naive") -> None:
 
 
 def markdown_table(rows: list[Row]) -> str:
-    head = ("| case | method | fwd+bwd ms (median) | vs naive | peak MiB above inputs | vs naive | loss | note |\n"
-            "|---|---|---:|---:|---:|---:|---:|---|")
+    head = ("| case | method | fwd+bwd ms (median) | vs naive | peak MiB above inputs | vs naive | loss "
+            "| note |\n|---|---|---:|---:|---:|---:|---:|---|")
     lines = [head]
     f = lambda x, fmt: "-" if x is None else format(x, fmt)  # noqa: E731
     for r in rows:
@@ -167,7 +168,8 @@ def plot(rows: list[Row], path: str, title: str) -> None:
     for i, case in enumerate(cases):
         ok = [r for r in rows if r.case == case and r.status == "ok"]
         names = [r.method for r in ok]
-        for j, (attr, label) in enumerate((("time_ms", "fwd+bwd time (ms)"), ("peak_mem_mb", "peak MiB above inputs"))):
+        panels = (("time_ms", "fwd+bwd time (ms)"), ("peak_mem_mb", "peak MiB above inputs"))
+        for j, (attr, label) in enumerate(panels):
             ax = axes[i][j]
             ax.barh(names, [getattr(r, attr) for r in ok], color="tab:blue")
             ax.set_xlabel(label)

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <thread>
@@ -83,35 +84,6 @@ int64_t lev(const T* a, int64_t la, const T* b, int64_t lb) {
 template int64_t lev<uint8_t>(const uint8_t*, int64_t, const uint8_t*, int64_t);
 template int64_t lev<int32_t>(const int32_t*, int64_t, const int32_t*, int64_t);
 
-// Short strings (the DTW calls this up to m * n times): Myers/Hyyro bit-parallel edit distance with the
-// longer string (<= 64 units) as the pattern; the match mask of each text unit is built by comparing it
-// with every pattern unit (a vectorizable loop), so no alphabet-sized table is needed for code points.
-template <typename T>
-static inline int64_t lev_small(const T* a, int64_t la, const T* b, int64_t lb) {
-  if (la < lb) { std::swap(a, b); std::swap(la, lb); }
-  if (lb == 0) return la;
-  if (la > 64) return lev(a, la, b, lb);
-  uint64_t pv = la == 64 ? ~uint64_t{0} : ((uint64_t{1} << la) - 1), mv = 0;
-  const uint64_t last = uint64_t{1} << (la - 1);
-  int64_t score = la;
-  for (int64_t j = 0; j < lb; ++j) {
-    const T cj = b[j];
-    uint64_t eq = 0;
-    for (int64_t x = 0; x < la; ++x) eq |= static_cast<uint64_t>(a[x] == cj) << x;
-    const uint64_t xv = eq | mv;
-    const uint64_t xh = (((eq & pv) + pv) ^ pv) | eq;
-    uint64_t ph = mv | ~(xh | pv);
-    uint64_t mh = pv & xh;
-    if (ph & last) ++score;
-    else if (mh & last) --score;
-    ph = (ph << 1) | 1;
-    mh <<= 1;
-    pv = mh | ~(xv | ph);
-    mv = ph & xv;
-  }
-  return score;
-}
-
 template <typename T>
 void check_strings(const Strings<T>& s, int64_t data_len, const char* name, int64_t seq) {
   if (s.count <= 0) throw AlignError("sequence " + std::to_string(seq) + ": " + name + " tokens are empty");
@@ -147,6 +119,53 @@ std::vector<int32_t> string_ids(const Strings<int32_t>& s, int32_t* n_distinct) 
 
 }  // namespace
 
+// One teacher string as a Myers pattern: match masks for code units < 256 in a table (token_strings gives
+// one char per byte, so that is every unit in practice), others found by scanning the pattern.
+struct CpPattern {
+  uint64_t peq[256];
+  const int32_t* p = nullptr;
+  int64_t n = 0;
+
+  void set(const int32_t* s, int64_t len) {
+    p = s;
+    n = len;
+    std::memset(peq, 0, sizeof(peq));
+    if (len > 64) return;
+    for (int64_t x = 0; x < len; ++x)
+      if (s[x] >= 0 && s[x] < 256) peq[s[x]] |= uint64_t{1} << x;
+  }
+
+  int64_t distance(const int32_t* b, int64_t lb) const {
+    if (n == 0) return lb;
+    if (lb == 0) return n;
+    if (n > 64) return lev(p, n, b, lb);
+    uint64_t pv = n == 64 ? ~uint64_t{0} : ((uint64_t{1} << n) - 1), mv = 0;
+    const uint64_t last = uint64_t{1} << (n - 1);
+    int64_t score = n;
+    for (int64_t j = 0; j < lb; ++j) {
+      const int32_t cj = b[j];
+      uint64_t eq;
+      if (cj >= 0 && cj < 256) {
+        eq = peq[cj];
+      } else {
+        eq = 0;
+        for (int64_t x = 0; x < n; ++x) eq |= static_cast<uint64_t>(p[x] == cj) << x;
+      }
+      const uint64_t xv = eq | mv;
+      const uint64_t xh = (((eq & pv) + pv) ^ pv) | eq;
+      uint64_t ph = mv | ~(xh | pv);
+      uint64_t mh = pv & xh;
+      if (ph & last) ++score;
+      else if (mh & last) --score;
+      ph = (ph << 1) | 1;
+      mh <<= 1;
+      pv = mh | ~(xv | ph);
+      mv = ph & xv;
+    }
+    return score;
+  }
+};
+
 void mined_align(const Strings<int32_t>& student, const Strings<int32_t>& teacher, int64_t band, int64_t seq,
                  int32_t* out) {
   const int64_t m = teacher.count, n = student.count;
@@ -178,9 +197,9 @@ void mined_align(const Strings<int32_t>& student, const Strings<int32_t>& teache
 
   // Row by row; the previous row and the running left value are kept in registers/pointers, so the inner
   // loop is a memo lookup, three comparisons and a store.
+  CpPattern pat;
   for (int64_t i = 0; i < m; ++i) {
-    const int32_t* ts = teacher.at(i);
-    const int64_t tl = teacher.len(i);
+    pat.set(teacher.at(i), teacher.len(i));
     int32_t* memo_row = memo ? table.data() + static_cast<size_t>(tid[i]) * us : nullptr;
     int64_t* cur = D.data() + base[i];
     const int64_t* prev = i > 0 ? D.data() + base[i - 1] : nullptr;
@@ -190,10 +209,10 @@ void mined_align(const Strings<int32_t>& student, const Strings<int32_t>& teache
       int64_t c;
       if (memo) {
         int32_t& slot = memo_row[sid[j]];
-        if (slot < 0) slot = static_cast<int32_t>(lev_small(ts, tl, student.at(j), student.len(j)));
+        if (slot < 0) slot = static_cast<int32_t>(pat.distance(student.at(j), student.len(j)));
         c = slot;
       } else {
-        c = lev_small(ts, tl, student.at(j), student.len(j));
+        c = pat.distance(student.at(j), student.len(j));
       }
       int64_t best;
       if (i == 0 && j == 0) {
@@ -329,6 +348,47 @@ struct Bucket {
   std::vector<Entry> e;  // sorted by (bytes, index); filters read it sequentially (cache-friendly)
 };
 
+// Deletion-neighbourhood index (SymSpell): two strings within edit distance 2 always share a string
+// obtained by deleting at most 2 units from each. Variants are stored as (64-bit hash, candidate) pairs,
+// sorted by hash; a query looks up its own variants and verifies every hit with the exact distance, so
+// hash collisions cost time, never correctness. It answers queries with max_dist <= 2 exactly without
+// scanning the buckets.
+constexpr int64_t kDelMax = 2;
+constexpr int64_t kDelCap = 24;  // candidates longer than this are not indexed (queries near them scan)
+
+inline uint64_t fnv_skip(const uint8_t* s, int64_t n, int64_t skip1, int64_t skip2) {
+  uint64_t h = 1469598103934665603ull;
+  for (int64_t x = 0; x < n; ++x) {
+    if (x == skip1 || x == skip2) continue;
+    h = (h ^ s[x]) * 1099511628211ull;
+  }
+  return h ^ static_cast<uint64_t>(n - (skip1 >= 0) - (skip2 >= 0)) * 0x9E3779B97F4A7C15ull;
+}
+
+template <typename F>
+inline void for_each_variant(const uint8_t* s, int64_t n, F&& f) {
+  f(fnv_skip(s, n, -1, -1));
+  for (int64_t i = 0; i < n; ++i) {
+    if (i > 0 && s[i] == s[i - 1]) continue;  // deleting either of two equal neighbours gives the same string
+    f(fnv_skip(s, n, i, -1));
+  }
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = i + 1; j < n; ++j) f(fnv_skip(s, n, i, j));
+}
+
+struct VariantIndex {
+  std::vector<std::pair<uint64_t, int32_t>> v;
+
+  void build(const Strings<uint8_t>& c, const uint8_t* ok) {
+    for (int64_t k = 0; k < c.count; ++k) {
+      if (!ok[k] || c.len(k) == 0 || c.len(k) > kDelCap) continue;
+      for_each_variant(c.at(k), c.len(k), [&](uint64_t h) { v.emplace_back(h, static_cast<int32_t>(k)); });
+    }
+    std::sort(v.begin(), v.end());
+    v.erase(std::unique(v.begin(), v.end()), v.end());
+  }
+};
+
 }  // namespace
 
 void nearest(const Strings<uint8_t>& q, const Strings<uint8_t>& c, const int32_t* max_dist,
@@ -364,10 +424,14 @@ void nearest(const Strings<uint8_t>& q, const Strings<uint8_t>& c, const int32_t
     }
   }
 
+  VariantIndex index;
+  index.build(c, cand_ok);
+
   std::atomic<int64_t> next{0};
   auto work = [&]() {
     uint64_t peq[256];
     std::vector<MyersState> st(static_cast<size_t>(max_len + 1));
+    std::vector<int64_t> stamp(static_cast<size_t>(c.count), -1);
     for (;;) {
       const int64_t lo = next.fetch_add(16);
       if (lo >= q.count) return;
@@ -389,6 +453,27 @@ void nearest(const Strings<uint8_t>& q, const Strings<uint8_t>& c, const int32_t
           st[0] = MyersState{la == 64 ? ~uint64_t{0} : ((uint64_t{1} << la) - 1), 0, la};
         }
         int64_t best_d = k + 1, best_id = -1;
+        if (k <= kDelMax && la + k <= kDelCap) {
+          // every candidate within distance k <= 2 is among the index hits (see VariantIndex)
+          for_each_variant(a, la, [&](uint64_t h) {
+            auto it = std::lower_bound(index.v.begin(), index.v.end(), std::make_pair(h, int32_t{-1}));
+            for (; it != index.v.end() && it->first == h; ++it) {
+              const int32_t ci = it->second;
+              if (stamp[ci] == qi) continue;
+              stamp[ci] = qi;
+              const int64_t L = c.len(ci);
+              const int64_t thr = ci < best_id ? best_d : best_d - 1;
+              if (std::abs(L - la) > thr) continue;
+              const int64_t d = lev(a, la, c.at(ci), L);
+              if (d <= thr) { best_d = d; best_id = ci; }
+            }
+          });
+          if (best_id >= 0) {
+            out_id[qi] = static_cast<int32_t>(best_id);
+            out_dist[qi] = static_cast<int32_t>(best_d);
+          }
+          continue;
+        }
         for (int64_t delta = 0; delta <= k; ++delta) {
           if (delta > best_d) break;
           for (int side = 0; side < (delta == 0 ? 1 : 2); ++side) {

@@ -205,29 +205,84 @@ def align_mined(student, teacher, band=None, seq_index: int = 0) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------
 
 
+_DEL_MAX, _DEL_CAP = 2, 24  # same index rule as csrc/align.cpp (VariantIndex)
+
+
+def _variants(s: str) -> set[str]:
+    """s and every string obtained by deleting 1 or 2 of its characters."""
+    out = {s}
+    n = len(s)
+    for i in range(n):
+        one = s[:i] + s[i + 1:]
+        out.add(one)
+        for j in range(i, n - 1):
+            out.add(one[:j] + one[j + 1:])
+    return out
+
+
+def _hist(s: str) -> np.ndarray:
+    h = np.zeros(32, np.int32)
+    np.add.at(h, np.frombuffer(s.encode("latin-1", "replace"), np.uint8) & 31, 1)
+    return h
+
+
 def nearest(queries: list[str], candidates: list[str], max_dist: np.ndarray,
             cand_ok: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest candidate per query (see the header). Returns (ids int32 [Q], dists int32 [Q]); -1 = none."""
+    """Nearest candidate per query (see the header). Returns (ids int32 [Q], dists int32 [Q]); -1 = none.
+
+    Queries with max_dist <= 2 use a deletion-variant index (two strings within distance 2 share a string
+    with <= 2 deletions from each); the others scan length buckets, skipping candidates whose folded
+    byte-histogram bound max(|a|, |b|) - common exceeds the best distance so far. Both only skip
+    candidates that cannot win, so the result is the exact (distance, index) minimum.
+    """
     lens = np.array([len(c) for c in candidates], dtype=np.int64)
     ok = np.ones(len(candidates), bool) if cand_ok is None else np.asarray(cand_ok, bool)
     by_len: dict[int, np.ndarray] = {}
-    for L in np.unique(lens[ok & (lens > 0)]):
-        by_len[int(L)] = np.nonzero(ok & (lens == L))[0]
+    hists: dict[int, np.ndarray] = {}
     ids = np.full(len(queries), -1, np.int32)
     dists = np.full(len(queries), -1, np.int32)
+    small = [q for q, a in enumerate(queries)
+             if 0 <= int(max_dist[q]) <= _DEL_MAX and 0 < len(a) and len(a) + int(max_dist[q]) <= _DEL_CAP]
+    index: dict[str, list[int]] = {}
+    if small:
+        for c in np.nonzero(ok & (lens > 0) & (lens <= _DEL_CAP))[0].tolist():
+            for v in _variants(candidates[c]):
+                index.setdefault(v, []).append(c)
+    small_set = set(small)
     for q, a in enumerate(queries):
         la, k = len(a), int(max_dist[q])
         if la == 0 or k < 0:
             continue
         best_d, best_id = k + 1, -1
-        for delta in range(0, k + 1):
-            if delta > best_d:
-                break
-            for L in ((la,) if delta == 0 else (la - delta, la + delta)):
-                for c in by_len.get(L, ()):
+        if q in small_set:
+            seen = set()
+            for v in _variants(a):
+                for c in index.get(v, ()):
+                    if c in seen:
+                        continue
+                    seen.add(c)
                     d = lev(a, candidates[c])
                     if d < best_d or (d == best_d and c < best_id):
-                        best_d, best_id = d, int(c)
+                        best_d, best_id = d, c
+        else:
+            ha = _hist(a)
+            for delta in range(0, k + 1):
+                if delta > best_d:
+                    break
+                for L in ((la,) if delta == 0 else (la - delta, la + delta)):
+                    if L <= 0:
+                        continue
+                    if L not in by_len:
+                        by_len[L] = np.nonzero(ok & (lens == L))[0]
+                        hists[L] = (np.stack([_hist(candidates[c]) for c in by_len[L]])
+                                    if by_len[L].size else np.zeros((0, 32), np.int32))
+                    if by_len[L].size == 0:
+                        continue
+                    bound = max(la, L) - np.minimum(hists[L], ha).sum(1)
+                    for c in by_len[L][bound <= best_d].tolist():
+                        d = lev(a, candidates[c])
+                        if d < best_d or (d == best_d and c < best_id):
+                            best_d, best_id = d, c
         if best_id >= 0:
             ids[q], dists[q] = best_id, best_d
     return ids, dists

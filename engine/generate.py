@@ -123,7 +123,7 @@ def _gen_config(cfg: GenerateConfig, stop_ids: list[int], pad: int):
     return GenerationConfig(
         max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
         temperature=cfg.temperature if cfg.do_sample else 1.0, top_p=cfg.top_p if cfg.do_sample else 1.0,
-        top_k=cfg.top_k_sampling if cfg.do_sample else 0, min_p=None, typical_p=1.0, repetition_penalty=1.0,
+        top_k=cfg.top_k_sampling if cfg.do_sample else None, min_p=None, typical_p=1.0, repetition_penalty=1.0,
         no_repeat_ngram_size=0, min_new_tokens=0, eos_token_id=stop_ids, pad_token_id=pad,
         bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None, num_beams=1,
         output_logits=False, return_dict_in_generate=True)
@@ -137,7 +137,8 @@ def generate_shard(model, tok, cfg: GenerateConfig, device, table: pa.Table, whe
 
     from .chat import encode_example
 
-    eids, prompts, systems = table["example_id"].to_pylist(), table["prompt"].to_pylist(), table["system"].to_pylist()
+    eids, prompts = table["example_id"].to_pylist(), table["prompt"].to_pylist()
+    systems = table["system"].to_pylist()
     prefixes, stop = [], None
     for i, (p, s) in enumerate(zip(prompts, systems)):
         try:
@@ -146,7 +147,8 @@ def generate_shard(model, tok, cfg: GenerateConfig, device, table: pa.Table, whe
             raise ValueError(f"{where}: row {i} (example_id {eids[i]!r}): {exc}") from exc
         prefixes.append(enc.input_ids[: int(enc.pred_pos[0]) + 1])
         stop = int(enc.pred_ids[0])
-    stop_ids = [stop] + ([int(tok.eos_token_id)] if tok.eos_token_id is not None and tok.eos_token_id != stop else [])
+    eos = tok.eos_token_id
+    stop_ids = [stop] + ([int(eos)] if eos is not None and eos != stop else [])  # either ends the turn
     pad = tok.pad_token_id if tok.pad_token_id is not None else stop
     gcfg = _gen_config(cfg, stop_ids, pad)
     n = len(prefixes)

@@ -73,7 +73,8 @@ class RewardModelScorer(Scorer):
     def score(self, prompts, responses, references=None) -> np.ndarray:
         out = []
         for s in range(0, len(prompts), self.batch_size):
-            texts = [self.text(p, r) for p, r in zip(prompts[s:s + self.batch_size], responses[s:s + self.batch_size])]
+            sl = slice(s, s + self.batch_size)
+            texts = [self.text(p, r) for p, r in zip(prompts[sl], responses[sl])]
             enc = self.tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length,
                            add_special_tokens=not getattr(self.tok, "chat_template", None)).to(self.device)
             logits = self.model(**enc).logits.float()

@@ -273,9 +273,9 @@ class TeacherManifest:
                 wanted[key] = val
         for key, val in wanted.items():
             if getattr(self, key) != val:
+                what = "prepared set" if key in ("prepared_fingerprint", "shard_size", "n_shards") else "model"
                 raise StoreError(f"{path}: {key} is {getattr(self, key)!r} but expected {val!r} "
-                                 f"(store of another {'prepared set' if 'prep' in key or 'shard' in key else 'model'};"
-                                 f" delete the folder or pass --overwrite)")
+                                 f"(store of another {what}; delete the folder or pass --overwrite)")
 
     @property
     def tokens(self) -> int:

