@@ -63,44 +63,45 @@ def main() -> int:
     ap.add_argument("--examples", type=int, default=256)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--batch-tokens", type=int, default=8192)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch CPU thread counts to time")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     load_before = os.getloadavg()
     result = {"bench": "teach", "machine": machine_name(), "cpu_model": platform.processor() or platform.machine(),
-              "torch_threads": torch.get_num_threads(), "device": device, "load_average_before": load_before,
+              "torch_default_threads": torch.get_num_threads(), "device": device, "load_average_before": load_before,
               "config": vars(args), "models": {}}
     with tempfile.TemporaryDirectory(prefix="bench_teach_") as tmp:
         tmp = Path(tmp)
-        P.prepare(P.PrepareConfig(data_dir=str(tmp), limit=args.examples, shard_size=max(1, args.examples // 2)),
-                  log=lambda s: None)
         for spec in args.models:
             t0 = time.perf_counter()
-            models.load_model(spec)  # converts once; the timed run below reloads from the cache
+            models.load_model(spec)  # converts once; the timed runs below reload from the cache
             load_s = time.perf_counter() - t0
-            cfg = teach.TeachConfig(data_dir=str(tmp), sources=[spec], k=args.k, batch_tokens=args.batch_tokens,
-                                    progress=False)
-            t0 = time.perf_counter()
-            stats = teach.teach(cfg)[models.model_name(spec)]
-            wall = time.perf_counter() - t0
-            d = store.teacher_dir(tmp, models.model_name(spec), "train")
+            row = {"examples": args.examples, "first_load_s": load_s, "raw_bytes_per_token": 8 + 4 + 2 + 6 * args.k,
+                   "threads": {}}
+            for threads in args.threads:  # a fresh data dir per run: teach skips completed shards
+                data = tmp / f"{models.model_name(spec)}-{threads}"
+                P.prepare(P.PrepareConfig(data_dir=str(data), limit=args.examples,
+                                          shard_size=max(1, args.examples // 2)), log=lambda s: None)
+                cfg = teach.TeachConfig(data_dir=str(data), sources=[spec], k=args.k, batch_tokens=args.batch_tokens,
+                                        progress=False, threads=threads)
+                la = os.getloadavg()[0]
+                stats = teach.teach(cfg)[models.model_name(spec)]
+                row["threads"][threads] = {"tok_s": stats["tok_s"], "input_tok_s": stats["input_tok_s"],
+                                           "load_average_1min": la}
+                print(f"{spec}: {threads} thread(s): {stats['tokens']} predicted tokens at {stats['tok_s']:.0f} "
+                      f"tok/s ({stats['input_tokens']} input tokens, {stats['input_tok_s']:.0f} tok/s; {device}, "
+                      f"load average {la:.1f})")
+            row.update(tokens=stats["tokens"], input_tokens=stats["input_tokens"])
+            d = store.teacher_dir(data, models.model_name(spec), "train")
             tables = [pq.read_table(p) for p in sorted(d.glob("part-*.parquet"))]
             n_tok = sum(int(t["n_tokens"].to_numpy().sum()) for t in tables)
-            writers = {}
+            row["writers"] = {}
             for name, opts in WRITERS.items():
                 size, secs = rewrite_size(tables, opts, tmp)
-                writers[name] = {"bytes": size, "bytes_per_token": size / n_tok, "write_s": secs}
-            row = {"tokens": n_tok, "examples": args.examples, "teach_tok_s": stats["tok_s"],
-                   "input_tokens": stats["input_tokens"], "teach_input_tok_s": stats["input_tok_s"],
-                   "teach_wall_s_incl_load": wall, "first_load_s": load_s,
-                   "raw_bytes_per_token": 8 + 4 + 2 + 6 * args.k, "writers": writers}
+                row["writers"][name] = {"bytes": size, "bytes_per_token": size / n_tok, "write_s": secs}
+                print(f"   {name:42s} {size / n_tok:6.2f} B/token  write {secs:.2f}s")
             result["models"][spec] = row
-            print(f"{spec}: {n_tok} predicted tokens, {stats['tok_s']:.0f} tok/s teacher pass ({device}; "
-                  f"{stats['input_tokens']} input tokens, {stats['input_tok_s']:.0f} tok/s), "
-                  f"{writers['zstd-9 + byte_stream_split (default)']['bytes_per_token']:.1f} B/token on disk "
-                  f"(raw {row['raw_bytes_per_token']})")
-            for name, w in writers.items():
-                print(f"   {name:42s} {w['bytes_per_token']:6.2f} B/token  write {w['write_s']:.2f}s")
     result["load_average_after"] = os.getloadavg()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -88,7 +88,8 @@ template <typename T>
 void check_strings(const Strings<T>& s, int64_t data_len, const char* name, int64_t seq) {
   if (s.count <= 0) throw AlignError("sequence " + std::to_string(seq) + ": " + name + " tokens are empty");
   if (s.off[0] != 0 || s.off[s.count] != data_len)
-    throw AlignError("sequence " + std::to_string(seq) + ": " + name + " string offsets do not span the data");
+    throw AlignError("sequence " + std::to_string(seq) + ": " + name +
+                     " string offsets do not span the data");
   for (int64_t i = 0; i < s.count; ++i)
     if (s.off[i + 1] < s.off[i])
       throw AlignError("sequence " + std::to_string(seq) + ": " + name + " string offsets decrease at " +

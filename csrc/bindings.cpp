@@ -32,7 +32,8 @@ const int32_t* offsets_ptr(const Arr<int32_t>& a, const char* name, int64_t seq,
   return a.data();
 }
 
-py::array_t<int32_t> align_offsets_one(const Arr<int32_t>& student, const Arr<int32_t>& teacher, int64_t seq) {
+py::array_t<int32_t> align_offsets_one(const Arr<int32_t>& student, const Arr<int32_t>& teacher,
+                                       int64_t seq) {
   int64_t n = 0, m = 0;
   const int32_t* s = offsets_ptr(student, "student", seq, &n);
   const int32_t* t = offsets_ptr(teacher, "teacher", seq, &m);
@@ -97,7 +98,8 @@ PYBIND11_MODULE(_C, m) {
         }
         return out;
       },
-      py::arg("student_flat"), py::arg("student_offsets"), py::arg("teacher_flat"), py::arg("teacher_offsets"),
+      py::arg("student_flat"), py::arg("student_offsets"), py::arg("teacher_flat"),
+      py::arg("teacher_offsets"),
       py::arg("band") = -1, py::arg("seq_index") = 0,
       "code points + offsets of student and teacher token strings -> int32 [S] (MinED DTW; band < 0 = full)");
 
@@ -122,7 +124,8 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("query_flat"), py::arg("query_offsets"), py::arg("cand_flat"), py::arg("cand_offsets"),
       py::arg("max_dist"), py::arg("cand_ok"), py::arg("n_threads") = 0,
-      "nearest candidate by Levenshtein distance <= max_dist (ties: smallest index) -> (ids, dists) int32 [Q]");
+      "nearest candidate by Levenshtein distance <= max_dist (ties: smallest index) -> "
+      "(ids, dists) int32 [Q]");
 
   m.def(
       "lev_pairs",

@@ -60,7 +60,8 @@ def _as_offsets(a, name: str, seq_index: int) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def align_offsets(student_offsets, teacher_offsets, *, seq_index: int = 0, use_ext: bool | None = None) -> np.ndarray:
+def align_offsets(student_offsets, teacher_offsets, *, seq_index: int = 0,
+                  use_ext: bool | None = None) -> np.ndarray:
     """Teacher row per student predicted token by exact character offsets.
 
     student_offsets int [S, 2], teacher_offsets int [R, 2] (spans [start, end) in the same text) ->
@@ -79,7 +80,8 @@ def align_offsets_batch(student_offsets: list, teacher_offsets: list, *, use_ext
     One call into C++ for the whole batch (the loader's per-example overhead); seq_index = position b.
     """
     if len(student_offsets) != len(teacher_offsets):
-        raise ValueError(f"batch sizes differ: {len(student_offsets)} student vs {len(teacher_offsets)} teacher")
+        raise ValueError(f"batch sizes differ: {len(student_offsets)} student vs {len(teacher_offsets)} "
+                         "teacher")
     ext = _impl(use_ext)
     if ext is None:
         return [_py.align_offsets(s, t, b) for b, (s, t) in enumerate(zip(student_offsets, teacher_offsets))]
@@ -161,7 +163,8 @@ class _ExtVocab:
             return np.zeros(0, np.int32)
         af, ao = _bytes_flat(a)
         bf, bo = _bytes_flat(b)
-        return _C.lev_pairs(af, ao, bf, bo, np.ascontiguousarray(ia, np.int64), np.ascontiguousarray(ib, np.int64))
+        return _C.lev_pairs(af, ao, bf, bo, np.ascontiguousarray(ia, np.int64),
+                            np.ascontiguousarray(ib, np.int64))
 
 
 def _bytes_flat(strs: list[str]) -> tuple[np.ndarray, np.ndarray]:

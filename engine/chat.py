@@ -74,7 +74,7 @@ def _messages(prompt: str, response: str | None, system: str | None) -> list[dic
 
 
 def _has_token(tok, text: str) -> bool:
-    """True if `text` is a single token of the vocabulary (cheap: no full get_vocab() on 262k vocabularies)."""
+    """True if `text` is one token of the vocabulary (cheap: no get_vocab() dict of 262k entries)."""
     vocab = getattr(tok, "vocab", None)
     if isinstance(vocab, dict):
         return text in vocab
@@ -255,7 +255,8 @@ def encode_example(tok, prompt: str, response: str, *, system: str | None = None
         before, after = _fallback_specials(tok)
         prefix_ids, suffix_ids = before + prefix_ids, suffix_ids + after
     if not prefix_ids:
-        raise ValueError("the templated prompt encodes to no tokens: nothing predicts the first response token")
+        raise ValueError("the templated prompt encodes to no tokens: nothing predicts the first response "
+                         "token")
     resp_ids, resp_off = tokenize_with_offsets(tok, response)
     eot = end_of_turn_id(tok, suffix_ids)
     if not suffix_ids:
@@ -287,4 +288,5 @@ def encode_example(tok, prompt: str, response: str, *, system: str | None = None
     if ends_turn:
         pred_offsets[n_resp] = len(response)
     pred_ids = input_ids[pred_pos + 1].copy()
-    return EncodedExample(input_ids=input_ids, pred_pos=pred_pos, pred_offsets=pred_offsets, pred_ids=pred_ids)
+    return EncodedExample(input_ids=input_ids, pred_pos=pred_pos, pred_offsets=pred_offsets,
+                          pred_ids=pred_ids)

@@ -211,14 +211,14 @@ def make_evaluator(cfg, tok, device: torch.device):
         return None
     examples = load_eval_examples(cfg.eval.data, cfg.eval.max_examples)
 
-    def run(lm) -> dict:
+    def evaluate_student(lm) -> dict:
         lm.eval()
         with torch.no_grad():
             rows = nll_rows(lm, tok, examples, max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size,
                             device=device)
         return summarize(rows)
 
-    return run
+    return evaluate_student
 
 
 def final_report(cfg, student_dir: str | Path, out_dir: str | Path) -> Path:

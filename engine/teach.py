@@ -75,6 +75,7 @@ class TeachConfig:
     rank: int | None = None
     world_size: int | None = None
     progress: bool = True
+    threads: int | None = None
     write: WriteOptions = field(default_factory=WriteOptions)
 
     def __post_init__(self):
@@ -390,6 +391,10 @@ def load_source(spec: str, cfg: TeachConfig, local_rank: int):
     from .align import tokenizer_hash
 
     device = _dist.device_for(local_rank, cfg.device)
+    if cfg.threads:
+        # on a CPU shared with other jobs, 2+ intra-op threads can be ~8x slower than 1 (measured: a
+        # SmolLM2 forward took 13.9 s with 2 threads and 1.6 s with 1 at load average 7 on 2 cores)
+        torch.set_num_threads(cfg.threads)
     # the model first: for an alias it converts the GGUF once, tokenizer included
     model = models.load_model(spec, dtype=resolve_dtype(cfg.dtype, device)).to(device)
     tok = models.load_tokenizer(spec)
@@ -433,6 +438,7 @@ def add_common_arguments(p) -> None:
     p.add_argument("--nan-policy", choices=NAN_POLICIES, default="error")
     p.add_argument("--overwrite", action="store_true", help="replace a store built for another model / set")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--compression-level", type=int, default=WriteOptions.compression_level)
     _dist.add_arguments(p)
 
@@ -441,7 +447,7 @@ def config_from_args(args) -> dict:
     return dict(data_dir=args.data_dir, sources=list(args.sources), names=args.names, k=args.k,
                 batch_tokens=args.batch_tokens, max_batch_size=args.max_batch_size, device=args.device,
                 dtype=args.dtype, nan_policy=args.nan_policy, overwrite=args.overwrite, rank=args.rank,
-                world_size=args.world_size, progress=not args.no_progress,
+                world_size=args.world_size, progress=not args.no_progress, threads=args.threads,
                 write=WriteOptions(compression_level=args.compression_level))
 
 

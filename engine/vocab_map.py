@@ -12,7 +12,8 @@ Map, in order (a teacher id keeps the first rule that maps it):
    on. Other special/added tokens map only to a special student token with the same content.
 2. exact: same normalized bytes (student ties -> smallest id).
 3. "mined" (FuseLLM's MinED map, length-restricted): the student token with the smallest byte-level
-   Levenshtein distance d <= max(1, floor(max_distance_ratio * len)) (default ratio 0.34), ties -> smallest id. Since
+   Levenshtein distance d <= max(1, floor(max_distance_ratio * len)) (default ratio 0.34), ties ->
+   smallest id. Since
    d >= |len_t - len_s|, only students of nearby lengths are compared (C++: bit-parallel Myers,
    threads; Python: editdistance). Beyond the bound a token stays unmapped: a far "nearest" token is
    noise, and unmapped teacher mass is handled by the loss's missing_mass policy.
@@ -45,7 +46,8 @@ _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable-unicode table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -183,7 +185,8 @@ def exact_map(t: VocabInfo, s: VocabInfo, student_size: int) -> np.ndarray:
     return out
 
 
-def coalign_counts(teacher_ids_list, student_ids_list, alignments) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def coalign_counts(teacher_ids_list, student_ids_list,
+                   alignments) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sparse co-alignment counts from aligned sequences.
 
     teacher_ids_list[b] int [R_b], student_ids_list[b] int [S_b], alignments[b] int [S_b] (teacher row or -1).
@@ -209,8 +212,9 @@ def coalign_counts(teacher_ids_list, student_ids_list, alignments) -> tuple[np.n
     return keys // base, keys % base, counts.astype(np.int64)
 
 
-def stats_choice(t_str: list[str], s_str: list[str], t_ids, s_ids, counts, lev_pairs) -> tuple[np.ndarray, np.ndarray]:
-    """FuseChat's argmin per teacher id over its co-aligned student ids. Returns (teacher ids, student ids)."""
+def stats_choice(t_str: list[str], s_str: list[str], t_ids, s_ids, counts,
+                 lev_pairs) -> tuple[np.ndarray, np.ndarray]:
+    """FuseChat's argmin per teacher id over its co-aligned student ids -> (teacher ids, student ids)."""
     t_ids, s_ids, counts = (np.asarray(x, np.int64) for x in (t_ids, s_ids, counts))
     if t_ids.size == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -230,7 +234,8 @@ def build(teacher_tok, student_tok, *, method: str, teacher_size: int | None, st
     """The map (see the module header); `impl` provides nearest() and lev_pairs() (C++ or Python)."""
     parts = method.split("+")
     if parts[0] != "exact" or any(p not in ("mined", "stats") for p in parts[1:]):
-        raise ValueError(f"method must be 'exact' optionally followed by '+mined' and/or '+stats', got {method!r}")
+        raise ValueError(f"method must be 'exact' optionally followed by '+mined' and/or '+stats', "
+                         f"got {method!r}")
     if "stats" in parts and counts is None:
         raise ValueError("method with '+stats' needs counts=(t_ids, s_ids, counts) from coalign_counts()")
     V_t = max(len(teacher_tok), teacher_size or 0)

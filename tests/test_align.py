@@ -91,7 +91,8 @@ def test_offsets_random_cpp_equals_python():
             ends = starts + rng.integers(0, 4, n)
             return np.stack([starts, ends], 1).astype(np.int32)
         s, t = rand_offsets(), rand_offsets()
-        np.testing.assert_array_equal(align.align_offsets(s, t, use_ext=True), align.align_offsets(s, t, use_ext=False))
+        np.testing.assert_array_equal(align.align_offsets(s, t, use_ext=True),
+                                      align.align_offsets(s, t, use_ext=False))
 
 
 @pytest.mark.parametrize("bad, what", [

@@ -264,3 +264,21 @@ def test_auto_is_chunked_on_cpu():
     a, ga, _ = run("auto", case, temperature=1.3)
     b, gb, _ = run("chunked", case, temperature=1.3)
     assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, gb))
+
+
+@pytest.mark.parametrize("backend", ["chunked", "chunked_vblock", TRITON])
+def test_float16_matches_reference(backend):
+    case = make_case(N=50, V=700, dtype=torch.float16, seed=11)
+    assert_close_to_gt(backend, case, atol=1e-3, temperature=1.2)
+
+
+@pytest.mark.parametrize("N,V,n_buf", [(4096, 49152, 1), (4096, 262144, 3), (100, 5_000_000, 2), (1, 10**8, 1)])
+def test_chunk_plan_respects_budget(N, V, n_buf):
+    from profuser.kernels.chunked import MIN_ROWS, _plan
+
+    cfg = ChunkConfig()
+    rows, vblock = _plan(N, V, n_buf, 4, cfg)
+    assert 1 <= rows <= N and 1 <= vblock <= V
+    assert rows * vblock * 4 * n_buf <= cfg.budget_bytes
+    if vblock < V:  # the vocabulary is split only when MIN_ROWS full rows would not fit
+        assert min(N, MIN_ROWS) * V * 4 * n_buf > cfg.budget_bytes

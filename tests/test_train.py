@@ -255,3 +255,28 @@ def test_plot_renders_png_and_rejects_bad_rows(baseline, tmp_path):
     bad.write_text('{"kind": "train", "step": 1, "loss": 1.0}\n{oops\n')
     with pytest.raises(ValueError, match="row 1"):
         plot(bad, tmp_path / "x.png")
+
+
+def test_eval_counts_bytes_and_rejects_bad_rows(setup, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from profuser.engine.evaluate import load_eval_examples, nll_rows
+
+    ex = load_eval_examples(setup["heldout"], 3)
+    lm = AutoModelForCausalLM.from_pretrained(setup["student"]).eval()
+    tok = AutoTokenizer.from_pretrained(setup["student"])
+    with torch.no_grad():
+        full = nll_rows(lm, tok, ex, max_length=None, batch_size=2, device=torch.device("cpu"))
+        one = nll_rows(lm, tok, ex[1:2], max_length=None, batch_size=1, device=torch.device("cpu"))
+        from profuser.engine.chat import encode_example
+
+        room = int(encode_example(tok, ex[0]["prompt"], ex[0]["response"], system=ex[0]["system"]).pred_pos[0]) + 3
+        cut = nll_rows(lm, tok, ex[:1], max_length=room, batch_size=1, device=torch.device("cpu"))
+    for (nll, n_tok, n_bytes), e in zip(full, ex):
+        assert n_bytes == len(e["response"].encode()) + 1 and n_tok >= 2 and nll > 0
+    assert one[0][0] == pytest.approx(full[1][0], rel=1e-5)  # batching / padding does not change the NLL
+    assert cut[0][2] < full[0][2] and cut[0][1] < full[0][1]  # truncation: fewer bytes, no end-of-turn
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl: row 1: field 'response'"):
+        load_eval_examples(bad)

@@ -110,7 +110,8 @@ def _corpus_counts(t_tok, s_tok, texts):
     return T, S, A
 
 
-TEXTS = ["The quick brown fox jumps over the lazy dog.", "東京は日本の首都です。", "numbers 12345 and 678",
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "東京は日本の首都です。",
+         "numbers 12345 and 678",
          "Emoji 🙂 text", "tokenization is fun; tokenizers differ", "interoperability internationalization"]
 
 
@@ -162,7 +163,8 @@ def test_stats_map_brute_force(gemma_smol, use_ext, tmp_path):
 
 def test_cache_roundtrip_and_sizes(tmp_path):
     g, s = real_tokenizers.load("gpt2"), real_tokenizers.load("smollm2")
-    m = align.build_vocab_map(g, s, method="exact", teacher_size=50_304, student_size=40_000, cache_dir=tmp_path)
+    kw = dict(method="exact", teacher_size=50_304, student_size=40_000, cache_dir=tmp_path)
+    m = align.build_vocab_map(g, s, **kw)
     assert m.shape == (50_304,)
     assert (m[len(g):] == -1).all() and m.max() < 40_000
     files = list(tmp_path.glob("*.npy"))
@@ -171,7 +173,7 @@ def test_cache_roundtrip_and_sizes(tmp_path):
     planted = m.copy()
     planted[0] = 12345
     np.save(files[0], planted)
-    again = align.build_vocab_map(g, s, method="exact", teacher_size=50_304, student_size=40_000, cache_dir=tmp_path)
+    again = align.build_vocab_map(g, s, **kw)
     assert again[0] == 12345
     # a different method or student size is a different cache entry
     other = align.build_vocab_map(g, s, method="exact", teacher_size=50_304, cache_dir=tmp_path)
