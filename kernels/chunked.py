@@ -265,8 +265,10 @@ def _run(hidden, weight, bias, target: SparseTarget, params: FusionParams, g, ne
 
 class _ChunkedFusionLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, params, cfg, want_stats):
-        need = tuple(ctx.needs_input_grad[:3])
+    def forward(ctx, hidden, weight, bias, target, params, cfg, want_stats, grad_enabled):
+        # needs_input_grad stays True under torch.no_grad(): without the caller's grad mode every
+        # evaluation pass would compute full gradients (3x the cost).
+        need = tuple(ctx.needs_input_grad[:3]) if grad_enabled else (False, False, False)
         grad_now = any(need) and params.reduction != "none"
         cdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         scale = reduction_scale(params, target.valid, cdt)
@@ -303,7 +305,7 @@ class _ChunkedFusionLoss(torch.autograd.Function):
         else:
             dh, dw, db = (None if x is None else x.mul_(grad_loss.to(x.dtype)) for x in ctx.grads)
             ctx.grads = None
-        return dh, dw, db, None, None, None, None
+        return dh, dw, db, None, None, None, None, None
 
 
 def chunked_fusion_loss(
@@ -319,7 +321,8 @@ def chunked_fusion_loss(
     """Chunked fusion loss. hidden [N, H], weight [V, H], bias [V] | None, labels [N] (already in target),
     target: SparseTarget from build_sparse_target. Returns loss ([N] for "none", else 0-dim; float32,
     float64 for float64 inputs) or (loss, FusionStats)."""
-    res = _ChunkedFusionLoss.apply(hidden, weight, bias, target, params, cfg or ChunkConfig(), return_stats)
+    res = _ChunkedFusionLoss.apply(hidden, weight, bias, target, params, cfg or ChunkConfig(), return_stats,
+                                   torch.is_grad_enabled())
     if not return_stats:
         return res[0]
     return res[0], FusionStats(*res[1:])

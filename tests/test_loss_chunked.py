@@ -248,6 +248,24 @@ def test_no_grad_forward_matches():
     torch.testing.assert_close(a, b)
 
 
+def test_no_grad_skips_gradient_work(monkeypatch):
+    """Under torch.no_grad() (evaluation) the forward must not compute gradients even though the inputs
+    require grad (ctx.needs_input_grad stays True under no_grad)."""
+    import profuser.kernels.chunked as ch
+
+    seen = []
+    real_run = ch._run
+    monkeypatch.setattr(ch, "_run", lambda *a, **k: seen.append(a[5]) or real_run(*a, **k))
+    case = make_case(N=12, V=90)
+    h = case["hidden"].clone().requires_grad_()
+    w = case["weight"].clone().requires_grad_()
+    with torch.no_grad():
+        fusion_loss(h, w, case["labels"], case["teacher_ids"], case["teacher_logprobs"], backend="chunked")
+    assert seen == [None]                      # g is None: stats/loss only
+    fusion_loss(h, w, case["labels"], case["teacher_ids"], case["teacher_logprobs"], backend="chunked")
+    assert seen[1] is not None                 # with grad mode on, gradients come from the forward
+
+
 def test_second_backward_recomputes():
     """The first backward hands over the forward-computed grads; a retained-graph second one recomputes."""
     case = make_case(N=10, V=100)
