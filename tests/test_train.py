@@ -280,3 +280,21 @@ def test_eval_counts_bytes_and_rejects_bad_rows(setup, tmp_path):
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl: row 1: field 'response'"):
         load_eval_examples(bad)
+
+
+@pytest.mark.parametrize("kind, modes", [("two_stage", ["infer", "train"]), ("train_only", ["train"]),
+                                         ("infer_only", ["infer"]), ("reverse", ["infer", "train"])])
+def test_zero_weight_modes_are_never_opened(setup, tmp_path, kind, modes):
+    import shutil
+
+    from profuser.engine.config import load_config
+    from profuser.engine.train import active_modes, check_store
+
+    data = tmp_path / "data"
+    shutil.copytree(setup["data"], data)
+    cfg = load_config(None, overrides(setup, tmp_path, **{"schedule.kind": kind, "data.data_dir": str(data)}))
+    assert active_modes(cfg) == modes
+    for src in ("self", "gpt2"):  # remove the stores of the unused mode: training still finds what it needs
+        for m in {"infer", "train"} - set(modes):
+            shutil.rmtree(data / "teachers" / src / m)
+    check_store(cfg, active_modes(cfg))
