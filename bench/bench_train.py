@@ -21,7 +21,7 @@ vocabulary, one in Gemma-3's 262,144-token vocabulary mapped by a vocab map), on
 Each variant runs in its own process (peak memory is per process): tokens/s counts target tokens
 (labels != -100) over the timed steps (after --warmup steps); peak memory is the step's peak above the
 state after model + optimizer setup (RSS high-water mark on CPU, max_memory_allocated on GPU).
-Output: bench/results/train_<cpu|gpu>.json and a Markdown table (docs/readme/train.md quotes it).
+Output: bench/results/train_<cpu|gpu>_b<B>_l<L>.json and a Markdown table (docs/readme/train.md quotes it).
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def main() -> int:
             "batch": args.batch, "length": args.length, "teachers": "2 (student vocab + Gemma-3 262k mapped)",
             "k": args.k, "steps": args.steps, "warmup": args.warmup, "date": time.strftime("%Y-%m-%d %H:%M"),
             "load_average_1m_at_end": os.getloadavg()[0]}
-    out = REPO / "bench" / "results" / f"train_{harness.machine_slug()}.json"
+    out = REPO / "bench" / "results" / f"train_{harness.machine_slug()}_b{args.batch}_l{args.length}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"\n{meta['machine']}; B={args.batch}, L={args.length}, K={args.k}, {args.steps} timed steps\n")

@@ -31,7 +31,7 @@ import pyarrow as pa
 import torch
 
 from . import dist as _dist
-from .store import RecordBatch
+from .store import PreparedManifest, RecordBatch
 from .teach import (Progress, TeachConfig, add_common_arguments, check_nan, config_from_args, load_source,
                     predicted_bytes, run_shards)
 
@@ -200,6 +200,7 @@ def generate_shard(model, tok, cfg: GenerateConfig, device, table: pa.Table, whe
 
 def generate(cfg: GenerateConfig, *, after_shard=None) -> dict:
     """Inference-mode pass of every source; returns {source name: stats}."""
+    PreparedManifest.load(cfg.data_dir)  # fail before loading any model
     di = _dist.dist_info(cfg.rank, cfg.world_size)
     out = {}
     for spec, name in zip(cfg.sources, cfg.source_names):

@@ -404,6 +404,7 @@ def load_source(spec: str, cfg: TeachConfig, local_rank: int):
 
 def teach(cfg: TeachConfig, *, after_shard=None) -> dict:
     """Training-mode pass of every source; returns {source name: stats}."""
+    PreparedManifest.load(cfg.data_dir)  # fail before loading any model
     di = _dist.dist_info(cfg.rank, cfg.world_size)
     out = {}
     for spec, name in zip(cfg.sources, cfg.source_names):

