@@ -45,6 +45,7 @@ import json  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -56,6 +57,11 @@ from profuser.engine.config import ConfigError, TrainConfig, dump_yaml, load_con
 from profuser.engine.evaluate import make_evaluator  # noqa: E402
 from profuser.engine.metrics import MetricsLogger, peak_memory_mb  # noqa: E402
 from profuser.engine.schedule import fusion_weights, lr_factor, stage_of  # noqa: E402
+
+# DeepSpeed 0.19 calls torch.distributed's deprecated collective names on every ZeRO step: one warning per
+# step would drown the progress log
+warnings.filterwarnings("ignore", message=r".*(reduce_scatter_tensor|all_gather_into_tensor).* is deprecated",
+                        category=FutureWarning)
 
 MODES = ("infer", "train")  # mode names; the loader's `mode` column: 1 = infer, 0 = train
 MODE_ID = {"infer": 1, "train": 0}
