@@ -185,9 +185,7 @@ class FusionStep(nn.Module):
         row_mode = batch["mode"][:, None].expand(B, L).reshape(B * L).index_select(0, rows)
         T, K = batch["teacher_ids"].shape[0], batch["teacher_ids"].shape[-1]
         t_ids = batch["teacher_ids"].reshape(T, B * L, K).index_select(1, rows)  # [T, N, K]
-        # the loader writes -inf at empty slots (id -1); the loss library rejects non-finite log-probs
-        t_lp = batch["teacher_logprobs"].reshape(T, B * L, K).index_select(1, rows)
-        t_lp = t_lp.masked_fill(t_ids < 0, 0.0)
+        t_lp = batch["teacher_logprobs"].reshape(T, B * L, K).index_select(1, rows)  # -inf at empty slots
         t_w = batch["teacher_weights"].reshape(T, B * L).index_select(1, rows)  # [T, N]
         # keeps every parameter in the graph on every rank, even with no labelled rows: ZeRO's gradient
         # reduction is collective, a rank whose loss skipped a parameter would hang the others

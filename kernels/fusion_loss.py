@@ -148,7 +148,9 @@ def validate_inputs(hidden, weight, labels, teacher_ids, teacher_logprobs, teach
             if badm.any():
                 j = _first_bad(badm)[0]
                 raise _err(f"vocab_maps[{t}]", f"entry {j} maps to {int(vm[j])}, outside [-1, V={V})")
-    bad = ~torch.isfinite(teacher_logprobs)
+    # Empty slots (id -1) carry no entry: their log-prob is never read, so padding them with -inf (what a
+    # top-k store or a collator naturally writes) is accepted.
+    bad = ~torch.isfinite(teacher_logprobs) & (teacher_ids != -1)
     if bad.any():
         t, i, k = _first_bad(bad)
         raise _err("teacher_logprobs", f"[{t}, {i}, {k}] is {float(teacher_logprobs[t, i, k])} (NaN/inf)")

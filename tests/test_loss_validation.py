@@ -122,3 +122,22 @@ def test_teacher_tensors_get_no_gradient():
     loss = fusion_loss(h, kw["weight"], kw["labels"], kw["teacher_ids"], lp)
     loss.backward()
     assert h.grad is not None and lp.grad is None
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked", "triton"])
+@pytest.mark.parametrize("missing_mass", ["renormalize", "tail_bucket"])
+def test_empty_slots_may_hold_inf(backend, missing_mass):
+    """An empty slot (id -1) is never read: -inf or NaN padding there is accepted and changes nothing."""
+    kw = good()
+    ids = kw["teacher_ids"].clone()
+    ids[0, :, -1] = -1
+    ids[1, 2, :] = -1                                     # a teacher with no entry at row 2
+    lp0 = kw["teacher_logprobs"].masked_fill(ids == -1, 0.0)
+    lp_inf = kw["teacher_logprobs"].masked_fill(ids == -1, -float("inf"))
+    args = (kw["hidden"], kw["weight"], kw["labels"], ids)
+    a = fusion_loss(*args, lp0, kw["teacher_weights"], missing_mass=missing_mass, backend=backend)
+    b = fusion_loss(*args, lp_inf, kw["teacher_weights"], missing_mass=missing_mass, backend=backend)
+    assert torch.isfinite(b)
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="teacher_logprobs"):   # a non-empty slot still may not be inf
+        fusion_loss(*args, _nan_at(lp_inf, (0, 0, 0), -float("inf")), kw["teacher_weights"], backend=backend)
