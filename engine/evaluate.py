@@ -73,6 +73,17 @@ def _covered_bytes(response: str, offsets, eot_predicted: bool) -> int:
     return len(response[:end].encode("utf-8")) + (1 if eot_predicted else 0)
 
 
+def _encode(encode_example, tok, e: dict, max_length: int | None):
+    """encode_example with the training max_length; a prompt that alone exceeds it is evaluated untruncated
+    instead of failing the run (every model must see the same held-out examples to be comparable)."""
+    try:
+        return encode_example(tok, e["prompt"], e["response"], system=e["system"], max_length=max_length)
+    except ValueError:
+        if max_length is None:
+            raise
+        return encode_example(tok, e["prompt"], e["response"], system=e["system"], max_length=None)
+
+
 def nll_rows(lm, tok, examples: list[dict], *, max_length: int | None, batch_size: int,
              device: torch.device) -> list[tuple[float, int, int]]:
     """Per example (nll_sum, n_predicted_tokens, n_bytes) under `lm` with tokenizer `tok`.
@@ -90,8 +101,7 @@ def nll_rows(lm, tok, examples: list[dict], *, max_length: int | None, batch_siz
     out: list[tuple[float, int, int]] = []
     for s in range(0, len(examples), batch_size):
         chunk = examples[s:s + batch_size]
-        encs = [encode_example(tok, e["prompt"], e["response"], system=e["system"], max_length=max_length)
-                for e in chunk]
+        encs = [_encode(encode_example, tok, e, max_length) for e in chunk]
         L = max(len(x.input_ids) for x in encs)
         ids = torch.full((len(encs), L), pad, dtype=torch.long)
         mask = torch.zeros((len(encs), L), dtype=torch.long)

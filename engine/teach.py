@@ -454,7 +454,7 @@ def config_from_args(args) -> dict:
 
 def add_arguments(p) -> None:
     add_common_arguments(p)
-    p.add_argument("--max-length", type=int, default=2048, help="truncate the response beyond this many tokens")
+    p.add_argument("--max-length", type=int, default=2048, help="cap on prompt + response tokens per example: the response is truncated to fit; an example whose templated prompt alone exceeds it is an error naming the row")
 
 
 def run(args) -> int:

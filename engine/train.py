@@ -454,7 +454,8 @@ def train(cfg: TrainConfig) -> dict:
                 log.log({"kind": "eval", "step": step, **res})
                 engine.module.lm.train()
 
-            stop_flag = torch.tensor([1.0 if stop["flag"] else 0.0])
+            # collectives run on `device`: NCCL (the GPU backend) only reduces CUDA tensors
+            stop_flag = torch.tensor([1.0 if stop["flag"] else 0.0], device=device)
             dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX)
             if stop_flag.item():
                 save(step)
@@ -532,14 +533,14 @@ def run_window(engine, window: list[list[dict]], step_modes: list[str], weights:
     """
     world = dist.get_world_size()
     local = torch.tensor([sum(int(mb[i]["n_tokens"]) for mb in window) for i in range(len(step_modes))]
-                         + [0.0] * (2 - len(step_modes)), dtype=torch.float64)
+                         + [0.0] * (2 - len(step_modes)), dtype=torch.float64, device=device)  # on device: NCCL
     dist.all_reduce(local)  # the window's global token count per mode (loss normalization)
     counts = {m: float(local[i]) for i, m in enumerate(step_modes)}
-    acc = torch.zeros(8, dtype=torch.float64)
+    acc = torch.zeros(8, dtype=torch.float64, device=device)
     for micro in window:
         batch = to_device(merge_modes(micro, pad_id), device)
         loss, parts = engine(batch, weights, counts, float(world))
-        bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0])
+        bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0], device=device)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank stops together
         if bad.item():
             if on_nonfinite is not None:
@@ -556,7 +557,7 @@ def run_window(engine, window: list[list[dict]], step_modes: list[str], weights:
                 acc[4 + 2 * j] += float(stats.kd) * n
         acc[7] += int(batch["n_tokens"])
     dist.all_reduce(acc)
-    return acc, counts
+    return acc.cpu(), counts
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """Chunked fusion loss in plain torch: never more than [chunk x V] logits alive (the CPU default backend).
 
 Per chunk of rows (math in rowmath.py):
-    z = h W^T + b (fp32, fp64 for fp64 inputs), softcap in place
+    z = h W^T + b held in fp32 (fp64 for fp64 inputs), softcap in place; for bf16/fp16 inputs the GEMM
+        itself runs in the input dtype (fp32 accumulation, result rounded once, exactly like F.linear)
+        and is then upcast, so chunked matches a plain-torch model; the triton backend keeps the
+        fp32 accumulator (slightly more accurate in bf16)
     m, argmax = max_v z;  z_sp = z[label, ids] (gather before z is overwritten)
     buf = exp(z - m) in place -> lse = m + log(sum buf)        (and exp(z/T - m/T) in a 2nd buffer, T != 1)
     loss terms and gradient coefficients (rowmath) -> buf becomes dLoss/dz in place:
@@ -87,7 +90,8 @@ def _logits_into(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.T
             torch.mm(h, w.t(), out=out)
         else:
             torch.addmm(b.to(out.dtype), h, w.t(), out=out)
-    else:  # low-precision GEMM (fp32 accumulate inside), then upcast
+    else:  # low-precision GEMM (fp32 accumulate inside, rounded like F.linear), then upcast: an fp32 copy
+        # of W per chunk would cost a [V, H] fp32 temporary every chunk
         z = h @ w.t()
         if b is not None:
             z = z + b

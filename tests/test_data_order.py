@@ -87,7 +87,7 @@ def test_resume_mid_epoch_gives_the_same_batches(data, toks, stop_after):
     if b.epoch == 1 and sd["epoch"] == 0:
         rest += list(b)
     full = got + rest
-    assert len(full) >= len(ref) - 12
+    assert len(full) == len(ref)  # nothing lost or repeated across the resume
     for x, y in zip(full, ref):
         assert same(x, y)
 

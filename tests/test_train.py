@@ -290,10 +290,13 @@ def test_eval_counts_bytes_and_rejects_bad_rows(setup, tmp_path):
 
         room = int(encode_example(tok, ex[0]["prompt"], ex[0]["response"], system=ex[0]["system"]).pred_pos[0]) + 3
         cut = nll_rows(lm, tok, ex[:1], max_length=room, batch_size=1, device=torch.device("cpu"))
+        # a prompt longer than max_length alone is evaluated untruncated, never a crash of the run
+        tiny = nll_rows(lm, tok, ex[:1], max_length=room - 3, batch_size=1, device=torch.device("cpu"))
     for (nll, n_tok, n_bytes), e in zip(full, ex):
         assert n_bytes == len(e["response"].encode()) + 1 and n_tok >= 2 and nll > 0
     assert one[0][0] == pytest.approx(full[1][0], rel=1e-5)  # batching / padding does not change the NLL
     assert cut[0][2] < full[0][2] and cut[0][1] < full[0][1]  # truncation: fewer bytes, no end-of-turn
+    assert tiny[0] == pytest.approx(full[0], rel=1e-5)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl: row 1: field 'response'"):
