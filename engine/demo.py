@@ -12,14 +12,21 @@ before the next stage loads another):
     train     progressive fusion (two_stage) of the SmolLM2 target, ZeRO-3 (engine/train.py)
     report    before/after table: target before, target after, every source (NLL per token and per byte)
 
-Idempotent and resumable: a stage that finished leaves `<run>/.done-<stage>` (with the arguments it ran
-with) and is skipped on a re-run with the same arguments; inside a stage, the commands resume from their
-own completed shards / checkpoints. `--scale S` multiplies the example counts and the optimizer steps.
+Idempotent and resumable: a stage that finished leaves `<run>/.done-<stage>` holding its key, a hash of
+ALL its commands, of the inputs it reads (sha256 of the split JSONL files, the demo sizes) and of the
+previous stage's key; it is skipped on a re-run with the same key. A changed key (e.g. `--scale` or a
+`demo.n_*` override changed the split files) re-runs that stage and, through the chained keys, every stage
+after it, with the commands' overwrite flags (`--overwrite`, `checkpoint.resume=never` for train) so they
+replace what the old inputs built instead of refusing it / resuming from it; `--force` does the same for every
+stage. Inside a stage, the commands resume from their own completed shards / checkpoints (an interrupted
+stage re-run with the same key resumes; one that was overwriting keeps overwriting until it finishes).
+`--scale S` multiplies the example counts and the optimizer steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -79,25 +86,75 @@ def stages(cfg: TrainConfig, config_path: str | None, overrides: list[str]) -> l
     ]
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def stage_inputs(cfg: TrainConfig, run: Path) -> dict[str, dict]:
+    """What each stage reads besides its command line and the stages before it (content hashes, sizes)."""
+    d = cfg.demo
+    return {
+        "prepare": {"train.jsonl": _sha256(run / "train.jsonl"), "infer.jsonl": _sha256(run / "infer.jsonl"),
+                    "corpus": d.corpus, "n_train": d.n_train, "n_infer": d.n_infer},
+        "train": {"heldout.jsonl": _sha256(run / "heldout.jsonl"), "n_eval": d.n_eval},
+    }
+
+
+def stage_key(name: str, cmds: list[list[str]], inputs: dict, previous: str) -> str:
+    """Chained key: every command (without the interpreter), the stage's inputs, the previous stage's key."""
+    doc = {"stage": name, "cmds": [c[1:] for c in cmds], "inputs": inputs, "previous": previous}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def with_overwrite(name: str, cmds: list[list[str]]) -> list[list[str]]:
+    """The stage's commands told to replace what other inputs built (they refuse / resume by default)."""
+    if name in ("prepare", "teach", "generate"):
+        return [c + ["--overwrite"] for c in cmds]
+    if name == "train":
+        return [c + ["checkpoint.resume=never"] for c in cmds]
+    return cmds  # score rewrites its outputs on every run
+
+
+def _read_marker(marker: Path) -> dict | None:
+    try:
+        obj = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return {} if marker.exists() else None  # an old-format marker: some earlier, different run
+    return obj if isinstance(obj, dict) else {}
+
+
+def run_command(cmd: list[str], env: dict) -> int:
+    return subprocess.run(cmd, env=env, cwd=REPO).returncode
+
+
 def run_pipeline(cfg: TrainConfig, config_path: str | None, overrides: list[str], *, force: bool = False) -> Path:
     run = _run_dir(cfg)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     timings: dict[str, float] = {}
     split_corpus(cfg, run)
+    inputs = stage_inputs(cfg, run)
+    key = ""
     for name, cmds in stages(cfg, config_path, overrides):
         marker = run / f".done-{name}"
-        key = json.dumps(cmds[0][2:] if name != "train" else cmds[0][1:])
-        if not force and marker.exists() and marker.read_text() == key:
+        key = stage_key(name, cmds, inputs.get(name, {}), key)
+        old = _read_marker(marker)
+        if not force and old is not None and old.get("key") == key and old.get("state") == "done":
             print(f"[demo] {name}: done earlier, skipped", flush=True)
             continue
+        # replace what other inputs built: forced, the stage finished / started with another key, or an
+        # interrupted overwriting attempt with this key (its stores / checkpoints may still be the old ones)
+        overwrite = force or (old is not None and (old.get("key") != key or old.get("overwrite", False)))
+        marker.write_text(json.dumps({"state": "running", "key": key, "overwrite": overwrite}))
+        if overwrite:
+            cmds = with_overwrite(name, cmds)
         t0 = time.time()
         print(f"[demo] {name}: " + " ; ".join(" ".join(c[1:]) for c in cmds), flush=True)
         for cmd in cmds:
-            proc = subprocess.run(cmd, env=env, cwd=REPO)
-            if proc.returncode:
-                raise SystemExit(f"[demo] stage {name} failed (exit {proc.returncode}): {' '.join(cmd)}")
-        marker.write_text(key)
+            rc = run_command(cmd, env)
+            if rc:
+                raise SystemExit(f"[demo] stage {name} failed (exit {rc}): {' '.join(cmd)}")
+        marker.write_text(json.dumps({"state": "done", "key": key, "cmds": [c[1:] for c in cmds]}))
         timings[name] = time.time() - t0
         print(f"[demo] {name}: {timings[name]:.0f} s", flush=True)
     report = Path(cfg.output_dir) / "report" / "report.md"
