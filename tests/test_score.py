@@ -194,3 +194,118 @@ def test_score_command_writes_scores_votes_and_shares(tmp_path, tiny_smol):
     # same model for a and b in train mode: identical NLLs, the tie goes to the first source
     assert summary["train_mince_share"]["per_byte"] == {"a": 1.0, "b": 0.0}
     assert json.loads((tmp_path / "scores" / "summary.json").read_text())["n_examples"] == len(EXAMPLES)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# NaN generations (generate --nan-policy drop) and the judge's system prompt
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_vote_ignores_invalid_rows():
+    a = np.array([[5.0, 1.0, 0.0], [0.0, 1.0, 2.0]])
+    b = np.array([[np.nan, 1.0, 2.0], [3.0, 0.0, 1.0]])  # the NaN is in an excluded row: accepted
+    valid = np.array([[False, True, True], [True, True, False]])
+    winner, votes, zsum = S.vote({"a": a, "b": b}, valid)
+    assert votes.tolist() == [[0, 1, 1], [1, 1, 0]] and (zsum[~valid] == 0).all()
+    za = (a[valid] - a[valid].mean()) / a[valid].std()  # z over the valid entries only
+    np.testing.assert_allclose(zsum[valid], za + (b[valid] - b[valid].mean()) / b[valid].std())
+    assert winner.tolist() == [int(np.argmax(np.where(valid[0], zsum[0], -np.inf))), 0]
+    assert not valid[np.arange(2), winner].any() is True or valid[np.arange(2), winner].all()
+    # a huge score in an excluded row never wins, not even as the only one above the rest
+    w, v, _ = S.vote({"x": np.array([[9.0, 1.0]])}, np.array([[False, True]]))
+    assert w.tolist() == [1] and v.tolist() == [[0, 1]]
+    with pytest.raises(ValueError, match="no valid source"):
+        S.vote({"x": np.zeros((2, 2))}, np.array([[True, False], [False, False]]))
+    with pytest.raises(ValueError, match="NaN"):
+        S.vote({"x": np.array([[np.nan, 1.0]])}, np.array([[True, True]]))
+
+
+class PrefersA(S.Scorer):
+    """Scores 'a says: ...' responses (test_data_fixtures.infer_response) highest; records the systems."""
+
+    name = "prefers-a"
+
+    def __init__(self):
+        self.seen = []
+
+    def score(self, prompts, responses, references, systems=None):
+        self.seen.append((list(prompts), list(systems)))
+        return np.array([10.0 if r.startswith("a says:") else 0.0 for r in responses])
+
+
+def test_nan_rows_never_win_and_the_loader_accepts_the_votes(tmp_path):
+    import real_tokenizers as rt
+    import test_data_fixtures as fx
+
+    from profuser.engine.data import FusionDataConfig, FusionLoader
+
+    tok = rt.load("smollm2")
+    ex = fx.corpus(10, system_every=3)
+    pm = fx.write_prepared(tmp_path, ex, 4)
+    nan_ids = {ex[1]["example_id"], ex[3]["example_id"], ex[8]["example_id"]}
+
+    def mark(ids):
+        def mutate(j, t):
+            bad = np.isin(t["example_id"].to_pylist(), list(ids))
+            nll = np.where(bad, np.nan, t["nll_sum"].to_numpy())
+            return t.set_column(t.schema.get_field_index("nll_sum"), "nll_sum", pa.array(nll, pa.float64()))
+        return mutate
+
+    for name, ids in (("a", nan_ids), ("b", set())):
+        fx.write_teacher(tmp_path, name, "infer", tok, f"teacher-{name}", ex, pm, k=4, seed=ord(name),
+                         responses=[fx.infer_response(name, e) for e in ex], mutate=mark(ids))
+    logs, sc = [], PrefersA()
+    summary = S.score(S.ScoreConfig(data_dir=str(tmp_path), sources=["a", "b"]), scorers=[sc], log=logs.append)
+    assert any("excluded 3 generated row(s) with NaN nll_sum" in m and "a 3, b 0" in m for m in logs)
+    assert summary["infer_excluded_nan"] == {"a": 3, "b": 0}
+    votes = {v["example_id"]: v for v in S.read_votes(tmp_path).to_pylist()}
+    assert len(votes) == len(ex)
+    for e in ex:
+        v = votes[e["example_id"]]
+        nan = e["example_id"] in nan_ids
+        assert v["winner"] == ("b" if nan else "a")  # a would win every example on score alone
+        assert json.loads(v["votes"]) == ({"a": 0, "b": 1} if nan else {"a": 1, "b": 0})
+        assert json.loads(v["scores"])["prefers-a"] == {"a": None if nan else 10.0, "b": 0.0}
+    assert summary["infer_win_share"] == {"a": 0.7, "b": 0.3}
+    long = store.read_table(tmp_path / "scores" / "prefers-a.parquet").to_pylist()
+    assert sum(r["score"] is None for r in long) == 3  # the NaN rows are not scored
+    # the scorer saw only a's valid rows, with their system prompts
+    keep = [e for e in ex if e["example_id"] not in nan_ids]
+    assert sc.seen[0] == ([e["prompt"] for e in keep], [e["system"] for e in keep])
+    assert sc.seen[1][1] == [e["system"] for e in ex] and any(s for s in sc.seen[1][1])
+    # inference mode with nan_policy="error": no winner is a NaN row, so nothing raises or is dropped
+    cfg = FusionDataConfig(data_dir=str(tmp_path), sources=["a", "b"], student="smollm2-135m-instruct",
+                           mode="infer", batch_size=4, nan_policy="error")
+    ld = FusionLoader(cfg, tok, teacher_tokenizers={"a": tok, "b": tok})
+    assert sorted(e for batch in ld for e in batch["example_ids"]) == sorted(e["example_id"] for e in ex)
+    assert ld.stats["dropped_nan"] == 0
+    # a NaN row in every source: no possible winner, an error naming the example
+    fx.write_teacher(tmp_path, "b", "infer", tok, "teacher-b", ex, pm, k=4, seed=ord("b"),
+                     responses=[fx.infer_response("b", e) for e in ex], mutate=mark({ex[3]["example_id"]}))
+    with pytest.raises(ValueError, match=f"{ex[3]['example_id']!r}: the generated row is NaN .* in every source"):
+        S.score(S.ScoreConfig(data_dir=str(tmp_path), sources=["a", "b"]), scorers=[PrefersA()], log=lambda s: None)
+
+
+def test_judge_encodes_the_system_prompt(tiny_smol, monkeypatch):
+    from profuser.engine import chat
+
+    judge = S.JudgeLMScorer(tiny_smol)
+    prompts, responses, systems = ["Define 'eel'.", "Hi?"], ["A long fish.", "Hello!"], ["Be brief.", None]
+    got = judge.score(prompts, responses, None, systems=systems)
+    for i, (p, r, s) in enumerate(zip(prompts, responses, systems)):
+        enc = chat.encode_example(judge.tok, p, r, system=s)
+        with torch.no_grad():
+            lp = torch.log_softmax(judge.model(torch.from_numpy(enc.input_ids[None].astype(np.int64))).logits[0], -1)
+        assert got[i] == pytest.approx(lp[enc.pred_pos, enc.pred_ids].double().mean().item(), abs=1e-4)
+    plain = judge.score(prompts, responses)
+    assert plain[0] != pytest.approx(got[0], abs=1e-6) and plain[1] == pytest.approx(got[1], abs=1e-6)
+    seen = []
+    real = chat.encode_example
+
+    def spy(tok, prompt, response, **kw):
+        seen.append(kw.get("system"))
+        return real(tok, prompt, response, **kw)
+
+    monkeypatch.setattr(chat, "encode_example", spy)
+    judge.score(prompts, responses, None, systems=systems)
+    assert seen == systems
