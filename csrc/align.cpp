@@ -170,7 +170,9 @@ struct CpPattern {
 void mined_align(const Strings<int32_t>& student, const Strings<int32_t>& teacher, int64_t band, int64_t seq,
                  int32_t* out) {
   const int64_t m = teacher.count, n = student.count;
-  constexpr int64_t INF = std::numeric_limits<int64_t>::max() / 4;
+  // The matrix is int32 (half the memory traffic of int64; a 2048 x 2048 pair is 16 MiB instead of 32):
+  // costs are edit distances of short strings, so a path sum stays far below INF (checked below).
+  constexpr int32_t INF = std::numeric_limits<int32_t>::max() / 4;
   // band limits, exactly as _align_py.band_limits
   std::vector<int64_t> lo(m), hi(m), base(m + 1);
   for (int64_t i = 0; i < m; ++i) {
@@ -184,8 +186,8 @@ void mined_align(const Strings<int32_t>& student, const Strings<int32_t>& teache
   }
   base[0] = 0;
   for (int64_t i = 0; i < m; ++i) base[i + 1] = base[i] + (hi[i] - lo[i] + 1);
-  std::vector<int64_t> D(static_cast<size_t>(base[m]));
-  auto at = [&](int64_t i, int64_t j) -> int64_t {  // D(i, j) with out-of-band / border = INF
+  std::vector<int32_t> D(static_cast<size_t>(base[m]));
+  auto at = [&](int64_t i, int64_t j) -> int32_t {  // D(i, j) with out-of-band / border = INF
     if (i < 0 || j < 0 || j < lo[i] || j > hi[i]) return INF;
     return D[static_cast<size_t>(base[i] + j - lo[i])];
   };
@@ -202,28 +204,31 @@ void mined_align(const Strings<int32_t>& student, const Strings<int32_t>& teache
   for (int64_t i = 0; i < m; ++i) {
     pat.set(teacher.at(i), teacher.len(i));
     int32_t* memo_row = memo ? table.data() + static_cast<size_t>(tid[i]) * us : nullptr;
-    int64_t* cur = D.data() + base[i];
-    const int64_t* prev = i > 0 ? D.data() + base[i - 1] : nullptr;
+    int32_t* cur = D.data() + base[i];
+    const int32_t* prev = i > 0 ? D.data() + base[i - 1] : nullptr;
     const int64_t plo = i > 0 ? lo[i - 1] : 0, phi = i > 0 ? hi[i - 1] : -1;
-    int64_t left = INF;  // D(i, j - 1)
+    int32_t left = INF;  // D(i, j - 1)
     for (int64_t j = lo[i]; j <= hi[i]; ++j) {
-      int64_t c;
+      int32_t c;
       if (memo) {
         int32_t& slot = memo_row[sid[j]];
-        if (slot < 0) slot = static_cast<int32_t>(pat.distance(student.at(j), student.len(j)));
+        if (slot < 0) slot = static_cast<int32_t>(std::min<int64_t>(pat.distance(student.at(j), student.len(j)), INF));
         c = slot;
       } else {
-        c = pat.distance(student.at(j), student.len(j));
+        c = static_cast<int32_t>(std::min<int64_t>(pat.distance(student.at(j), student.len(j)), INF));
       }
-      int64_t best;
+      int32_t best;
       if (i == 0 && j == 0) {
         best = 0;
       } else {
-        const int64_t up = (j >= plo && j <= phi) ? prev[j - plo] : INF;
-        const int64_t dg = (j - 1 >= plo && j - 1 <= phi) ? prev[j - 1 - plo] : INF;
+        const int32_t up = (j >= plo && j <= phi) ? prev[j - plo] : INF;
+        const int32_t dg = (j - 1 >= plo && j - 1 <= phi) ? prev[j - 1 - plo] : INF;
         best = std::min(std::min(up, left), dg);
       }
-      const int64_t v = best >= INF ? INF : best + c;
+      // best < INF and c <= INF keep the sum below 2^31; a path cost reaching INF would be ambiguous
+      const int32_t v = best >= INF ? INF : best + c;
+      if (v >= INF && best < INF)
+        throw AlignError("sequence " + std::to_string(seq) + ": DTW path cost overflows (sequence too long)");
       cur[j - lo[i]] = v;
       left = v;
     }
@@ -237,9 +242,9 @@ void mined_align(const Strings<int32_t>& student, const Strings<int32_t>& teache
   while (i > 0 || j > 0) {
     count[j] += 1;
     row[j] = static_cast<int32_t>(i);
-    const int64_t diag = (i > 0 && j > 0) ? at(i - 1, j - 1) : INF;
-    const int64_t up = i > 0 ? at(i - 1, j) : INF;
-    const int64_t left = j > 0 ? at(i, j - 1) : INF;
+    const int32_t diag = (i > 0 && j > 0) ? at(i - 1, j - 1) : INF;
+    const int32_t up = i > 0 ? at(i - 1, j) : INF;
+    const int32_t left = j > 0 ? at(i, j - 1) : INF;
     if (diag <= up && diag <= left) { --i; --j; }
     else if (up <= left) { --i; }
     else { --j; }

@@ -3,7 +3,7 @@
     profuser score --data-dir runs/wn --sources smollm2-135m-instruct gemma3-270m \
         --scorer similarity judge:smollm2-135m-instruct [rm:/path/to/reward-model]
 
-Scorers (one interface, higher = better, each returns float64 [N] for N (prompt, response, reference, system)):
+Scorers (one interface, higher = better, float64 [N] for N (prompt, response, reference, system prompt)):
   rm:<path>        any local transformers sequence-classification reward model: the logit of a 1-label
                    head, else the log-softmax of the last label; input = its chat template (user prompt,
                    assistant response) when it has one, else "prompt\\n\\nresponse".
@@ -25,8 +25,9 @@ all N*S scores of that scorer, so scorers of different scales weigh the same), t
 
 Outputs: scores/<scorer>.parquet (example_id, source, score: long format), scores/votes.parquet
 (example_id, winner, votes json {source: n}, scores json {scorer: {source: score}}), scores/summary.json:
-the share of examples each source wins in inference mode, the NaN rows excluded per source, and, when training-mode stores exist, the
-MinCE winner share by NLL per byte (the fair comparison across tokenizers) and per token.
+the share of examples each source wins in inference mode, the NaN rows excluded per source, and, when
+training-mode stores exist, the MinCE winner share by NLL per byte (the fair comparison across
+tokenizers) and per token.
 """
 
 from __future__ import annotations
