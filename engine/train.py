@@ -116,11 +116,20 @@ def resolve_attention(name: str) -> str:
     return "sdpa"
 
 
-def load_student(cfg: TrainConfig, dtype: torch.dtype):
+def load_student(cfg: TrainConfig, dtype: torch.dtype, ds_config: dict | None = None):
+    """The student and its tokenizer. Under ZeRO-3 the weights are partitioned while they load
+    (deepspeed.zero.Init through transformers' HfDeepSpeedConfig), so no rank ever holds the whole model:
+    what lets a large student start on nodes whose CPU memory could not hold one full copy per rank."""
     from profuser.engine.models import load_model, load_tokenizer
 
     tok = load_tokenizer(cfg.model.student)
+    zero3 = None
+    if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        zero3 = HfDeepSpeedConfig(ds_config)  # must stay alive while the model loads
     lm = load_model(cfg.model.student, dtype=dtype, attn_implementation=resolve_attention(cfg.model.attn_implementation))
+    del zero3
     lm.config.use_cache = False
     if cfg.model.activation_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -271,6 +280,11 @@ def data_dir_of(cfg: TrainConfig, mode: str) -> tuple[str, Path]:
     return "data.data_dir", Path(cfg.data.data_dir)
 
 
+def full_shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's logical shape, also when ZeRO-3 has partitioned it (its local data is then empty)."""
+    return getattr(p, "ds_shape", p.shape)
+
+
 def check_vocab(loader, vocab_rows: int, student: str) -> None:
     """Every mapped teacher id must index a row of the student's lm_head."""
     for name, vm in zip(loader.source_names, loader.vocab_maps):
@@ -355,10 +369,10 @@ def train(cfg: TrainConfig) -> dict:
     modes = active_modes(cfg)
     check_store(cfg, modes)
     dtype = resolve_dtype(cfg.model.dtype)
-    lm, tok = load_student(cfg, dtype)
+    lm, tok = load_student(cfg, dtype, deepspeed_config(cfg, dtype))
     loaders = build_loaders(cfg, tok, modes, rank, world)
     any_loader = next(iter(loaders.values())).loader
-    check_vocab(any_loader, lm.get_output_embeddings().weight.shape[0], cfg.model.student)
+    check_vocab(any_loader, full_shape(lm.get_output_embeddings().weight)[0], cfg.model.student)
     vocab_maps = [vm.to(device) if vm is not None else None for vm in any_loader.vocab_maps]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
@@ -505,8 +519,8 @@ def build_engine(cfg: TrainConfig, lm: nn.Module, vocab_maps: list, dtype: torch
     stage = ds_config["zero_optimization"]["stage"]
     wrapper = FusionStep(lm, cfg, vocab_maps)
     if optimizer is None:
-        decay = [p for p in wrapper.parameters() if p.ndim >= 2]
-        no_decay = [p for p in wrapper.parameters() if p.ndim < 2]
+        decay = [p for p in wrapper.parameters() if len(full_shape(p)) >= 2]
+        no_decay = [p for p in wrapper.parameters() if len(full_shape(p)) < 2]
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}],
                                       lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)

@@ -319,3 +319,20 @@ def test_zero_weight_modes_are_never_opened(setup, tmp_path, kind, modes):
         for m in {"infer", "train"} - set(modes):
             shutil.rmtree(data / "teachers" / src / m)
     check_store(cfg, active_modes(cfg))
+
+
+def test_zero3_loads_the_student_partitioned(setup, tmp_path):
+    """Under ZeRO-3 the student is partitioned while it loads (zero.Init), never held whole per rank;
+    the logical shapes stay available for the vocabulary check and the weight-decay groups."""
+    from profuser.engine.config import load_config
+    from profuser.engine.train import deepspeed_config, full_shape, load_student, setup_distributed
+
+    setup_distributed()
+    cfg = load_config(None, overrides(setup, tmp_path))
+    assert deepspeed_config(cfg, torch.float32)["zero_optimization"]["stage"] == 3
+    lm, _ = load_student(cfg, torch.float32, deepspeed_config(cfg, torch.float32))
+    head = lm.get_output_embeddings().weight
+    assert hasattr(head, "ds_id") and head.numel() == 0          # partitioned: no full local copy
+    assert tuple(full_shape(head)) == (lm.config.vocab_size, lm.config.hidden_size)
+    plain, _ = load_student(cfg, torch.float32, None)             # no DeepSpeed config: a plain model
+    assert not hasattr(plain.get_output_embeddings().weight, "ds_id")
