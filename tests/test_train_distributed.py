@@ -10,7 +10,6 @@ reference backend (an implementation independent of the engine's row selection a
 compares the per-step loss and the final parameters.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -73,12 +72,16 @@ LR = 0.5
 # ---------------------------------------------------------------------------------------------------- worker
 
 def worker(out: str) -> None:
-    from profuser.engine.train import setup_distributed
+    from profuser.engine.train import setup_distributed, teardown_distributed
 
     rank, world, device = setup_distributed()
     assert world == WORLD
-    for tied in (True, False):  # one launch for both: the launcher + imports dominate the test's time
-        worker_run(f"{out}.{'tied' if tied else 'untied'}", tied, rank, device)
+    try:
+        for tied in (True, False):  # one launch for both: the launcher + imports dominate the test's time
+            worker_run(f"{out}.{'tied' if tied else 'untied'}", tied, rank, device)
+        torch.distributed.barrier()
+    finally:
+        teardown_distributed()  # what `profuser train` does: a group left to interpreter exit can abort
 
 
 def worker_run(out: str, tied: bool, rank: int, device) -> None:
@@ -108,6 +111,7 @@ def worker_run(out: str, tied: bool, rank: int, device) -> None:
             params[name] = p.detach().clone()
     if rank == 0:
         torch.save({"losses": losses, "params": params}, out)
+    engine.destroy()  # the next run builds its own engine in this process: release this one's ZeRO-3 hooks
 
 
 # ---------------------------------------------------------------------------------------------------- reference
