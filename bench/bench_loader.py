@@ -290,7 +290,7 @@ def _cpu_model() -> str:
 
 
 def table(result: dict) -> str:
-    """The Markdown table of docs/readme/loader.md."""
+    """The Markdown table the README quotes ("Streaming loader")."""
     r = {row["method"]: row for row in result["rows"]}
     p, f, d = r["profuser"], r["fusellm_dense"], r["dense_vectorized"]
     load = result["load_average_before"][0]

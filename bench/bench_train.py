@@ -21,7 +21,7 @@ vocabulary, one in Gemma-3's 262,144-token vocabulary mapped by a vocab map), on
 Each variant runs in its own process (peak memory is per process): tokens/s counts target tokens
 (labels != -100) over the timed steps (after --warmup steps); peak memory is the step's peak above the
 state after model + optimizer setup (RSS high-water mark on CPU, max_memory_allocated on GPU).
-Output: bench/results/train_<cpu|gpu>_b<B>_l<L>.json and a Markdown table (docs/readme/train.md quotes it).
+Output: bench/results/train_<cpu|gpu>_b<B>_l<L>.json and a Markdown table (the README quotes it).
 """
 
 from __future__ import annotations

@@ -207,7 +207,7 @@ def generate(cfg: GenerateConfig, *, after_shard=None) -> dict:
         model, tok, device, thash, vocab = load_source(spec, cfg, di.local_rank)
 
         stats = run_shards(cfg, name, spec, "infer", thash, vocab,
-                           lambda j, t, w, p: generate_shard(model, tok, cfg, device, t, w, p, j),
+                           lambda j, t, w, p, model=model: generate_shard(model, tok, cfg, device, t, w, p, j),
                            generation=cfg.settings(), after_shard=after_shard)
         out[name] = stats
         print(f"generate {name}: {stats['shards']} shards written, {stats['skipped']} already complete, "

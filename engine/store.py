@@ -20,7 +20,8 @@ Bytes on disk. Per predicted token a record holds 2 offsets + 1 id + 1 log-prob 
 8 + 4 + 2 + 6K bytes raw = 62 B at K=8. Parquet with zstd and BYTE_STREAM_SPLIT on the fixed-width list
 values (splitting the bytes of int32/float16 into planes lets zstd see the near-constant high bytes of
 ids and the shared exponents of log-probs) and no dictionary encoding on lists (ids rarely repeat within
-a page) gets well under 40 B/token; measured figures are in docs/readme/store.md.
+a page) gets well under 40 B/token; measured figures are in the README
+(section "Teacher passes and the store").
 """
 
 from __future__ import annotations
@@ -476,3 +477,91 @@ def pc_isin(values: pa.ChunkedArray, keep: pa.ChunkedArray) -> pa.Array:
     import pyarrow.compute as pc
 
     return pc.is_in(values, value_set=keep.combine_chunks())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading a teacher shard for training: validated as above, then flat numpy views (the loader gathers
+# from them without Python objects per token)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _list_flat(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(row offsets [n + 1] int64, flat values) of a list column, without Python objects."""
+    arr = col.combine_chunks()
+    offs = arr.offsets.to_numpy().astype(np.int64)
+    return offs - offs[0], arr.values.to_numpy(zero_copy_only=False)[offs[0]:offs[-1]]
+
+
+@dataclass
+class TeacherShard:
+    """One source's records for one shard, as flat arrays (row i owns tokens [tok_off[i], tok_off[i+1])).
+
+    offsets [sum R, 2] int32, token_ids [sum R] int32, token_logprobs [sum R] float16, topk_ids
+    [sum R, k] int32, topk_logprobs [sum R, k] float16; nll_sum [n] float64, n_tokens / n_bytes [n] int64;
+    response: pa.StringArray [n]; bad_rows [n] bool: a NaN in the row's log-probs or nll_sum.
+    """
+
+    path: Path
+    k: int
+    response: pa.Array
+    tok_off: np.ndarray
+    offsets: np.ndarray
+    token_ids: np.ndarray
+    token_logprobs: np.ndarray
+    topk_ids: np.ndarray
+    topk_logprobs: np.ndarray
+    nll_sum: np.ndarray
+    n_tokens: np.ndarray
+    n_bytes: np.ndarray
+    bad_rows: np.ndarray
+
+    def nan_column(self, i: int) -> str:
+        """Name of a column holding a NaN in row i (for error messages)."""
+        a, z = self.tok_off[i], self.tok_off[i + 1]
+        if np.isnan(self.token_logprobs[a:z]).any():
+            return "token_logprobs"
+        return "topk_logprobs" if np.isnan(self.topk_logprobs[a:z]).any() else "nll_sum"
+
+
+def read_teacher_shard(path: Path, k: int, prepared: pa.Table, *, gold: bool,
+                       validated: set | None = None) -> TeacherShard:
+    """Read one teacher shard, check it with validate_teacher_table against the prepared shard
+    (row count, example ids, list lengths, offsets, n_bytes; with gold=True the responses too), and flag
+    NaN rows without dropping them (the loader applies nan_policy: in inference mode only the vote
+    winner's NaN matters).
+
+    validated: a set of (path, mtime_ns, size, gold) already checked; an unchanged file is not re-checked
+    in later epochs (the checks loop over rows in Python: about a third of a shard's first read).
+    """
+    t = read_table(path, what="teacher shard")
+    try:
+        st = path.stat()
+        key = (str(path), st.st_mtime_ns, st.st_size, gold)
+    except OSError:
+        key = None
+    if validated is None or key not in validated:
+        validate_teacher_table(t, path, k, prepared=prepared, nan_policy="drop")
+        if gold:
+            check_train_responses(t, prepared, path)
+        if validated is not None and key is not None:
+            validated.add(key)
+    tok_off, token_ids = _list_flat(t["token_ids"])
+    flat = {name: _list_flat(t[name])[1]
+            for name in ("pred_offsets", "token_logprobs", "topk_ids", "topk_logprobs")}
+    tlp = flat["token_logprobs"].astype(np.float16, copy=False)
+    klp = flat["topk_logprobs"].astype(np.float16, copy=False).reshape(-1, k)
+    nll_sum = t["nll_sum"].to_numpy(zero_copy_only=False).astype(np.float64)
+    n = t.num_rows
+    row_of = np.repeat(np.arange(n), np.diff(tok_off))
+    bad_rows = np.isnan(nll_sum)
+    for vals in (tlp, klp):
+        nan = np.isnan(vals).reshape(vals.shape[0], -1).any(1) if vals.size else np.zeros(0, bool)
+        if nan.any():
+            bad_rows |= np.bincount(row_of[nan], minlength=n) > 0
+    return TeacherShard(
+        path=path, k=k, response=t["response"].combine_chunks(), tok_off=tok_off,
+        offsets=flat["pred_offsets"].astype(np.int32, copy=False).reshape(-1, 2),
+        token_ids=token_ids.astype(np.int32, copy=False), token_logprobs=tlp,
+        topk_ids=flat["topk_ids"].astype(np.int32, copy=False).reshape(-1, k), topk_logprobs=klp,
+        nll_sum=nll_sum, n_tokens=t["n_tokens"].to_numpy().astype(np.int64),
+        n_bytes=t["n_bytes"].to_numpy().astype(np.int64), bad_rows=bad_rows)

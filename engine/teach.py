@@ -410,7 +410,7 @@ def teach(cfg: TeachConfig, *, after_shard=None) -> dict:
     for spec, name in zip(cfg.sources, cfg.source_names):
         model, tok, device, thash, vocab = load_source(spec, cfg, di.local_rank)
         stats = run_shards(cfg, name, spec, "train", thash, vocab,
-                           lambda j, t, w, p: teach_shard(model, tok, cfg, device, t, w, p),
+                           lambda j, t, w, p, model=model: teach_shard(model, tok, cfg, device, t, w, p),
                            after_shard=after_shard)
         out[name] = stats
         print(f"teach {name}: {stats['shards']} shards written, {stats['skipped']} already complete, "

@@ -1,6 +1,6 @@
 """Public API of profuser.kernels: `fusion_loss` (validation + backend dispatch) and `FusionLoss`.
 
-Definition (every backend computes exactly this; see docs/readme/loss.md), per row i with label y_i !=
+Definition (every backend computes exactly this; see the README, "The fusion loss library"), per row i with label y_i !=
 ignore_index, z = W h_i + b (softcap s: z = s tanh(z / s)):
     CE_i   = logsumexp(z) - z[y_i]
     M_i    = sum_t w_t / sum_t' w_t' * p_t   over teachers with a kept entry (fused sparse target)

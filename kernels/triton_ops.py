@@ -318,7 +318,7 @@ class KernelConfig:
 
 
 # H100 defaults. Chosen without a GPU from ptxas -v on sm_90a builds of the bf16 kernels (see
-# docs/readme/triton.md): 128 x 128 fp32 logit tiles with BLOCK_H 32 and 8 warps are the largest tiles
+# the README, "Triton backend"): 128 x 128 fp32 logit tiles with BLOCK_H 32 and 8 warps are the largest tiles
 # that compile to wgmma without register spills in all three kernels (BLOCK_H 64 spills 0.2-1.4 KB);
 # the same tile as CCE's forward default in its BLOCK_D.
 CUDA_CONFIGS = {
