@@ -104,14 +104,15 @@ template void check_strings<int32_t>(const Strings<int32_t>&, int64_t, const cha
 
 namespace {
 
-// Distinct-string ids for a token list (hash of the code units).
-std::vector<int32_t> string_ids(const Strings<int32_t>& s, int32_t* n_distinct) {
+// Distinct-string ids for a token list (hash of the code units); rep[id] = the first token with that string.
+std::vector<int32_t> string_ids(const Strings<int32_t>& s, int32_t* n_distinct, std::vector<int64_t>* rep) {
   std::unordered_map<std::u32string, int32_t> ids;
   ids.reserve(static_cast<size_t>(s.count) * 2);
   std::vector<int32_t> out(static_cast<size_t>(s.count));
   for (int64_t i = 0; i < s.count; ++i) {
     std::u32string key(reinterpret_cast<const char32_t*>(s.at(i)), static_cast<size_t>(s.len(i)));
-    auto it = ids.emplace(std::move(key), static_cast<int32_t>(ids.size())).first;
+    auto [it, added] = ids.emplace(std::move(key), static_cast<int32_t>(ids.size()));
+    if (added) rep->push_back(i);
     out[i] = it->second;
   }
   *n_distinct = static_cast<int32_t>(ids.size());
@@ -136,6 +137,37 @@ struct CpPattern {
       if (s[x] >= 0 && s[x] < 256) peq[s[x]] |= uint64_t{1} << x;
   }
 
+  uint64_t eq_of(int32_t c) const {
+    if (c >= 0 && c < 256) return peq[c];
+    uint64_t eq = 0;
+    for (int64_t x = 0; x < n; ++x) eq |= static_cast<uint64_t>(p[x] == c) << x;
+    return eq;
+  }
+
+  // Distances to four texts of the same length lb (n <= 64, n, lb > 0), in lockstep: the four dependency
+  // chains are independent, so the CPU overlaps them (one chain is latency-bound at ~10 ops per column).
+  void distance4(const int32_t* const b[4], int64_t lb, int32_t out[4]) const {
+    const uint64_t ones = n == 64 ? ~uint64_t{0} : ((uint64_t{1} << n) - 1);
+    const uint64_t last = uint64_t{1} << (n - 1);
+    uint64_t pv[4] = {ones, ones, ones, ones}, mv[4] = {0, 0, 0, 0};
+    int64_t score[4] = {n, n, n, n};
+    for (int64_t j = 0; j < lb; ++j) {
+      for (int k = 0; k < 4; ++k) {
+        const uint64_t eq = eq_of(b[k][j]);
+        const uint64_t xv = eq | mv[k];
+        const uint64_t xh = (((eq & pv[k]) + pv[k]) ^ pv[k]) | eq;
+        uint64_t ph = mv[k] | ~(xh | pv[k]);
+        uint64_t mh = pv[k] & xh;
+        score[k] += static_cast<int64_t>((ph & last) != 0) - static_cast<int64_t>((mh & last) != 0);
+        ph = (ph << 1) | 1;
+        mh <<= 1;
+        pv[k] = mh | ~(xv | ph);
+        mv[k] = ph & xv;
+      }
+    }
+    for (int k = 0; k < 4; ++k) out[k] = static_cast<int32_t>(score[k]);
+  }
+
   int64_t distance(const int32_t* b, int64_t lb) const {
     if (n == 0) return lb;
     if (lb == 0) return n;
@@ -144,14 +176,7 @@ struct CpPattern {
     const uint64_t last = uint64_t{1} << (n - 1);
     int64_t score = n;
     for (int64_t j = 0; j < lb; ++j) {
-      const int32_t cj = b[j];
-      uint64_t eq;
-      if (cj >= 0 && cj < 256) {
-        eq = peq[cj];
-      } else {
-        eq = 0;
-        for (int64_t x = 0; x < n; ++x) eq |= static_cast<uint64_t>(p[x] == cj) << x;
-      }
+      const uint64_t eq = eq_of(b[j]);
       const uint64_t xv = eq | mv;
       const uint64_t xh = (((eq & pv) + pv) ^ pv) | eq;
       uint64_t ph = mv | ~(xh | pv);
@@ -193,44 +218,112 @@ void mined_align(const Strings<int32_t>& student, const Strings<int32_t>& teache
   };
 
   int32_t ut = 0, us = 0;
-  const std::vector<int32_t> tid = string_ids(teacher, &ut);
-  const std::vector<int32_t> sid = string_ids(student, &us);
+  std::vector<int64_t> trep, srep;
+  const std::vector<int32_t> tid = string_ids(teacher, &ut, &trep);
+  const std::vector<int32_t> sid = string_ids(student, &us, &srep);
   const bool memo = static_cast<int64_t>(ut) * us <= (int64_t{16} << 20);
   std::vector<int32_t> table(memo ? static_cast<size_t>(ut) * us : 0, -1);
-
-  // Row by row; the previous row and the running left value are kept in registers/pointers, so the inner
-  // loop is a memo lookup, three comparisons and a store.
   CpPattern pat;
-  for (int64_t i = 0; i < m; ++i) {
-    pat.set(teacher.at(i), teacher.len(i));
-    int32_t* memo_row = memo ? table.data() + static_cast<size_t>(tid[i]) * us : nullptr;
-    int32_t* cur = D.data() + base[i];
-    const int32_t* prev = i > 0 ? D.data() + base[i - 1] : nullptr;
-    const int64_t plo = i > 0 ? lo[i - 1] : 0, phi = i > 0 ? hi[i - 1] : -1;
-    int32_t left = INF;  // D(i, j - 1)
-    for (int64_t j = lo[i]; j <= hi[i]; ++j) {
-      int32_t c;
-      if (memo) {
-        int32_t& slot = memo_row[sid[j]];
-        if (slot < 0) slot = static_cast<int32_t>(std::min<int64_t>(pat.distance(student.at(j), student.len(j)), INF));
-        c = slot;
-      } else {
-        c = static_cast<int32_t>(std::min<int64_t>(pat.distance(student.at(j), student.len(j)), INF));
+
+  // Full matrix: every (teacher string, student string) pair is needed, so a memo row is filled in one go
+  // when its teacher string first appears, over the distinct student strings grouped by length, four at a
+  // time (CpPattern::distance4). With a band only the pairs inside it are computed, lazily.
+  const bool eager = memo && band < 0;
+  std::vector<std::pair<int64_t, std::vector<int32_t>>> groups;  // (length, distinct student ids)
+  std::vector<char> filled(eager ? static_cast<size_t>(ut) : 0, 0);
+  if (eager) {
+    std::unordered_map<int64_t, size_t> where;
+    for (int32_t d = 0; d < us; ++d) {
+      const int64_t L = student.len(srep[d]);
+      auto [it, added] = where.emplace(L, groups.size());
+      if (added) groups.push_back({L, {}});
+      groups[it->second].second.push_back(d);
+    }
+  }
+  auto fill_row = [&](int32_t* row) {
+    for (const auto& [L, ids] : groups) {
+      size_t k = 0;
+      if (pat.n > 0 && pat.n <= 64 && L > 0) {
+        for (; k + 4 <= ids.size(); k += 4) {
+          const int32_t* b[4] = {student.at(srep[ids[k]]), student.at(srep[ids[k + 1]]),
+                                 student.at(srep[ids[k + 2]]), student.at(srep[ids[k + 3]])};
+          int32_t d[4];
+          pat.distance4(b, L, d);
+          for (int q = 0; q < 4; ++q) row[ids[k + q]] = d[q];
+        }
       }
-      int32_t best;
-      if (i == 0 && j == 0) {
-        best = 0;
-      } else {
-        const int32_t up = (j >= plo && j <= phi) ? prev[j - plo] : INF;
-        const int32_t dg = (j - 1 >= plo && j - 1 <= phi) ? prev[j - 1 - plo] : INF;
-        best = std::min(std::min(up, left), dg);
+      for (; k < ids.size(); ++k)
+        row[ids[k]] = static_cast<int32_t>(std::min<int64_t>(pat.distance(student.at(srep[ids[k]]), L), INF));
+    }
+  };
+  // Memo row of teacher row i (filled on first use in eager mode), or nullptr without a memo.
+  auto memo_row_of = [&](int64_t i) -> int32_t* {
+    if (!memo) return nullptr;
+    int32_t* row = table.data() + static_cast<size_t>(tid[i]) * us;
+    if (eager && !filled[tid[i]]) {
+      pat.set(teacher.at(trep[tid[i]]), teacher.len(trep[tid[i]]));
+      fill_row(row);
+      filled[tid[i]] = 1;
+    }
+    return row;
+  };
+
+  // No path sum can reach INF when (m + n) * (longest string) stays below it: a cell's value is at most
+  // the cost of some monotone path to it (<= m + n cells). Then the full matrix needs no per-cell checks.
+  int64_t longest = 0;
+  for (int64_t i = 0; i < m; ++i) longest = std::max(longest, teacher.len(i));
+  for (int64_t j = 0; j < n; ++j) longest = std::max(longest, student.len(j));
+  if (eager && (m + n) * (longest + 1) < INF) {
+    for (int64_t i = 0; i < m; ++i) {
+      const int32_t* mrow = memo_row_of(i);
+      int32_t* cur = D.data() + base[i];
+      if (i == 0) {
+        int32_t left = 0;  // D(0, -1) acts as 0 only for the start cell
+        for (int64_t j = 0; j < n; ++j) left = cur[j] = left + mrow[sid[j]];
+        continue;
       }
-      // best < INF and c <= INF keep the sum below 2^31; a path cost reaching INF would be ambiguous
-      const int32_t v = best >= INF ? INF : best + c;
-      if (v >= INF && best < INF)
-        throw AlignError("sequence " + std::to_string(seq) + ": DTW path cost overflows (sequence too long)");
-      cur[j - lo[i]] = v;
-      left = v;
+      const int32_t* prev = D.data() + base[i - 1];
+      int32_t left = cur[0] = prev[0] + mrow[sid[0]];
+      for (int64_t j = 1; j < n; ++j) {
+        const int32_t best = std::min(std::min(prev[j], prev[j - 1]), left);
+        left = cur[j] = best + mrow[sid[j]];
+      }
+    }
+  } else {
+    // Row by row; the previous row and the running left value are kept in registers/pointers, so the
+    // inner loop is a memo lookup, three comparisons and a store.
+    for (int64_t i = 0; i < m; ++i) {
+      int32_t* memo_row = memo_row_of(i);
+      if (!eager) pat.set(teacher.at(i), teacher.len(i));
+      int32_t* cur = D.data() + base[i];
+      const int32_t* prev = i > 0 ? D.data() + base[i - 1] : nullptr;
+      const int64_t plo = i > 0 ? lo[i - 1] : 0, phi = i > 0 ? hi[i - 1] : -1;
+      int32_t left = INF;  // D(i, j - 1)
+      for (int64_t j = lo[i]; j <= hi[i]; ++j) {
+        int32_t c;
+        if (memo) {
+          int32_t& slot = memo_row[sid[j]];
+          if (slot < 0)
+            slot = static_cast<int32_t>(std::min<int64_t>(pat.distance(student.at(j), student.len(j)), INF));
+          c = slot;
+        } else {
+          c = static_cast<int32_t>(std::min<int64_t>(pat.distance(student.at(j), student.len(j)), INF));
+        }
+        int32_t best;
+        if (i == 0 && j == 0) {
+          best = 0;
+        } else {
+          const int32_t up = (j >= plo && j <= phi) ? prev[j - plo] : INF;
+          const int32_t dg = (j - 1 >= plo && j - 1 <= phi) ? prev[j - 1 - plo] : INF;
+          best = std::min(std::min(up, left), dg);
+        }
+        // best < INF and c <= INF keep the sum below 2^31; a path cost reaching INF would be ambiguous
+        const int32_t v = best >= INF ? INF : best + c;
+        if (v >= INF && best < INF)
+          throw AlignError("sequence " + std::to_string(seq) + ": DTW path cost overflows (sequence too long)");
+        cur[j - lo[i]] = v;
+        left = v;
+      }
     }
   }
   if (at(m - 1, n - 1) >= INF)

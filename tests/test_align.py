@@ -212,6 +212,26 @@ def test_mined_band_cpp_equals_python():
                                           align.align_mined(s, t, band=band, use_ext=False))
 
 
+def test_mined_many_distinct_strings_cpp_equals_python():
+    """Full matrix with many distinct strings of equal length (the C++ fills its cost memo four strings at a
+    time), empty strings, strings over 64 code units (the plain Levenshtein path) and code points >= 256."""
+    if not align.HAVE_EXT:
+        pytest.skip("profuser._C not built")
+    rng = np.random.default_rng(5)
+    alphabet = list("abcab ") + ["東", "🙂", "é"]
+    lengths = [0, 1, 2, 3, 3, 4, 4, 5, 6, 8, 65, 70]
+
+    def tokens(n):
+        return ["".join(rng.choice(alphabet, int(rng.choice(lengths)))) for _ in range(n)]
+
+    for _ in range(12):
+        s, t = tokens(int(rng.integers(20, 120))), tokens(int(rng.integers(20, 120)))
+        t[: len(t) // 3] = s[: len(t) // 3]  # a matching stretch, so some tokens align
+        for band in (None, 3):
+            np.testing.assert_array_equal(align.align_mined(s, t, band=band, use_ext=True),
+                                          align.align_mined(s, t, band=band, use_ext=False))
+
+
 def test_mined_wide_band_equals_full(use_ext):
     s = ["Ġthe", "Ġcat", "s", "Ġsat", "Ġon", "Ġthe", "Ġmat"]
     t = ["▁the", "▁cats", "▁sat", "▁on", "▁the", "▁m", "at"]
