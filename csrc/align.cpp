@@ -1,10 +1,11 @@
 // Alignment kernels (see align.h and engine/_align_py.py for the algorithms and their rules).
 //
 // mined_align stores the DTW matrix banded: row i keeps columns [lo_i, hi_i] only, so memory and time are
-// O(m * band) with a band and O(m * n) without. Costs are integers, so the accumulated matrix is int64
+// O(m * band) with a band and O(m * n) without. Costs are integers, so the accumulated matrix is int32
 // with a large sentinel for "unreachable"; comparisons in the backtrack match numpy's float inf exactly.
-// Token strings repeat a lot (" the", "\n", digits), so distinct strings get small ids and a lazily
-// filled (teacher id x student id) table memoizes the Levenshtein costs when it fits in 64 MiB.
+// Token strings repeat a lot (" the", "\n", digits), so distinct strings get small ids and a
+// (teacher id x student id) table memoizes the Levenshtein costs when it fits in 64 MiB: filled lazily
+// inside a band, a whole row at once for the full matrix (four student strings in lockstep).
 //
 // nearest scans candidate buckets by length |len_q - len_c| = 0, 1, 2, ... and stops once the distance
 // can no longer beat the best found (d >= |len difference|). Each comparison is first filtered by a
