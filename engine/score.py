@@ -28,6 +28,10 @@ Outputs: scores/<scorer>.parquet (example_id, source, score: long format), score
 the share of examples each source wins in inference mode, the NaN rows excluded per source, and, when
 training-mode stores exist, the MinCE winner share by NLL per byte (the fair comparison across
 tokenizers) and per token.
+
+Resume: each scores/<scorer>.parquet records (schema metadata) the scorer spec and a digest of everything
+it scored; a re-run reuses a file whose record matches and loads no model for it. A killed run loses at
+most the scorer in progress, and new generations or a changed spec are scored again.
 """
 
 from __future__ import annotations
@@ -159,6 +163,18 @@ class JudgeLMScorer(Scorer):
         return out
 
 
+def scorer_name(spec: str) -> str:
+    """The name make_scorer(spec) will have (the scores file is scores/<name>.parquet), without loading it."""
+    kind, _, arg = spec.partition(":")
+    if kind == "rm" and arg:
+        return "rm-" + Path(arg).resolve().name
+    if kind == "similarity":
+        return "similarity"
+    if kind == "judge" and arg:
+        return "judge-" + models.model_name(arg)
+    raise ValueError(f"unknown scorer {spec!r}: use rm:<path>, similarity[:<dir>] or judge:<model spec>")
+
+
 def make_scorer(spec: str, device: str = "cpu") -> Scorer:
     kind, _, arg = spec.partition(":")
     if kind == "rm" and arg:
@@ -275,6 +291,36 @@ def load_generated(data_dir, sources: list[str]) -> tuple[pa.Table, list[list[st
     return prep, responses, np.stack(valid, 1) if valid else np.zeros((len(ids), 0), bool)
 
 
+SCORE_KEY = b"profuser.score_key"  # Parquet schema metadata of scores/<scorer>.parquet: what was scored
+
+
+def inputs_digest(ids, prompts, gold, systems, sources, responses, valid) -> str:
+    """sha256 of everything a scorer sees (and of which rows it skips): equal digests, equal scores."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for part in (ids, prompts, gold, systems, sources, *responses):
+        h.update(json.dumps(part, ensure_ascii=False).encode())
+    h.update(np.ascontiguousarray(valid).tobytes())
+    return h.hexdigest()
+
+
+def reuse_scores(path: Path, key: str, N: int, S: int) -> np.ndarray | None:
+    """The [N, S] scores in `path` when it was written for exactly `key`, else None (score again).
+
+    This is what makes `profuser score` resumable: a killed run keeps the scorers it finished, and a re-run
+    after new generations (or another scorer spec) recomputes only what changed."""
+    if not path.exists():
+        return None
+    try:
+        t = read_table(path, what="scores")
+    except StoreError:
+        return None  # unreadable: recompute and overwrite
+    if (t.schema.metadata or {}).get(SCORE_KEY, b"").decode() != key or t.num_rows != N * S:
+        return None
+    return t["score"].to_numpy(zero_copy_only=False).astype(np.float64).reshape(N, S)
+
+
 def score(cfg: ScoreConfig, *, scorers: list[Scorer] | None = None, log=print) -> dict:
     if len(cfg.sources) < 1:
         raise ValueError("no --sources given")
@@ -294,13 +340,26 @@ def score(cfg: ScoreConfig, *, scorers: list[Scorer] | None = None, log=print) -
                          f"source {cfg.sources}: no source can win it, and the inference-mode loader needs a vote "
                          "for every example; generate it again (another source, seed or settings) or prepare the "
                          "data without it")
-    scorers = scorers if scorers is not None else [make_scorer(s, cfg.device) for s in cfg.scorers]
+    # (name, what identifies the scorer, how to get it): models load only when their scores are not on disk
+    if scorers is not None:
+        plan = [(sc.name, f"object:{type(sc).__qualname__}:{sc.name}", lambda sc=sc: sc) for sc in scorers]
+    else:
+        plan = [(scorer_name(spec), f"spec:{spec}", lambda spec=spec: make_scorer(spec, cfg.device))
+                for spec in cfg.scorers]
     out = scores_dir(cfg.data_dir)
     out.mkdir(parents=True, exist_ok=True)
+    inputs = inputs_digest(ids, prompts, gold, systems, cfg.sources, responses, valid)
     table: dict[str, np.ndarray] = {}
-    for sc in scorers:
-        if sc.name in table:
-            raise ValueError(f"two scorers named {sc.name!r}")
+    for name, ident, get in plan:
+        if name in table:
+            raise ValueError(f"two scorers named {name!r}")
+        path, key = out / f"{name}.parquet", f"{ident}|{inputs}"
+        m = reuse_scores(path, key, N, S)
+        if m is not None:
+            log(f"score {name}: reusing {path} (same scorer, same generated responses)")
+            table[name] = m
+            continue
+        sc = get()
         m = np.full((N, S), np.nan)
         for j in range(S):
             rows = np.nonzero(valid[:, j])[0].tolist()  # NaN generations are not scored
@@ -309,12 +368,13 @@ def score(cfg: ScoreConfig, *, scorers: list[Scorer] | None = None, log=print) -
             got = np.asarray(sc.score([prompts[i] for i in rows], [responses[j][i] for i in rows],
                                       [gold[i] for i in rows], systems=[systems[i] for i in rows]), np.float64)
             if got.shape != (len(rows),):
-                raise ValueError(f"scorer {sc.name!r} returned shape {got.shape} for {len(rows)} responses")
+                raise ValueError(f"scorer {name!r} returned shape {got.shape} for {len(rows)} responses")
             m[rows, j] = got
-        table[sc.name] = m
-        write_table_atomic(pa.table({"example_id": np.repeat(ids, S).tolist(), "source": cfg.sources * N,
-                                     "score": pa.array(m.reshape(-1), pa.float64(), from_pandas=True)}),
-                           out / f"{sc.name}.parquet")  # from_pandas: an unscored (NaN) row is null
+        table[name] = m
+        t = pa.table({"example_id": np.repeat(ids, S).tolist(), "source": cfg.sources * N,
+                      "score": pa.array(m.reshape(-1), pa.float64(), from_pandas=True)})  # NaN row -> null
+        write_table_atomic(t.replace_schema_metadata({SCORE_KEY: key}), path)
+        del sc  # free the scorer's model before the next one loads
     winner, votes, _ = vote(table, valid)
     write_table_atomic(pa.table({
         "example_id": ids, "winner": [cfg.sources[w] for w in winner],
@@ -356,5 +416,6 @@ def run(args) -> int:
     return 0
 
 
-__all__ = ["Scorer", "RewardModelScorer", "SimilarityScorer", "JudgeLMScorer", "make_scorer", "vote", "score",
+__all__ = ["Scorer", "RewardModelScorer", "SimilarityScorer", "JudgeLMScorer", "make_scorer", "scorer_name",
+           "vote", "score",
            "mince_share", "read_votes"]

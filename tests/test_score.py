@@ -169,6 +169,10 @@ def test_judge_and_reward_model_scorers(tmp_path, tiny_smol):
     assert rm.name == "rm-rm" and len(set(np.round(batched, 6))) == 3
     with pytest.raises(ValueError, match="unknown scorer"):
         S.make_scorer("bleu")
+    with pytest.raises(ValueError, match="unknown scorer"):  # checked for every spec before any model loads
+        S.scorer_name("bleu")
+    assert S.scorer_name("similarity") == "similarity" and S.scorer_name(f"judge:{tiny_smol}") == judge.name
+    assert S.scorer_name(f"rm:{tmp_path / 'rm'}") == rm.name
 
 
 def test_score_command_writes_scores_votes_and_shares(tmp_path, tiny_smol):
@@ -309,3 +313,49 @@ def test_judge_encodes_the_system_prompt(tiny_smol, monkeypatch):
     monkeypatch.setattr(chat, "encode_example", spy)
     judge.score(prompts, responses, None, systems=systems)
     assert seen == systems
+
+
+def test_score_resumes_per_scorer_and_rescores_what_changed(tmp_path, monkeypatch):
+    """A finished scorer's file is reused (its model is never built); new generations are scored again."""
+    import real_tokenizers as rt
+    import test_data_fixtures as fx
+
+    tok = rt.load("smollm2")
+    ex = fx.corpus(6)
+    pm = fx.write_prepared(tmp_path, ex, 3)
+
+    def write(name, tag=""):
+        fx.write_teacher(tmp_path, name, "infer", tok, f"teacher-{name}", ex, pm, k=4, seed=ord(name),
+                         responses=[fx.infer_response(name, e) + tag for e in ex])
+
+    write("a")
+    write("b")
+    built = []
+
+    def fake_make_scorer(spec, device="cpu"):
+        built.append(spec)
+        return PrefersA()
+
+    monkeypatch.setattr(S, "make_scorer", fake_make_scorer)
+    monkeypatch.setattr(S, "scorer_name", lambda spec: "prefers-a")
+    cfg = S.ScoreConfig(data_dir=str(tmp_path), sources=["a", "b"], scorers=["similarity"])
+    first = S.score(cfg, log=lambda s: None)
+    assert built == ["similarity"]
+    logs = []
+    again = S.score(cfg, log=logs.append)
+    assert built == ["similarity"] and any("reusing" in m for m in logs)  # no scorer built the second time
+    assert again["infer_win_share"] == first["infer_win_share"] == {"a": 1.0, "b": 0.0}
+    # b generated again (different responses): the scores are stale and are computed again
+    write("b", tag=" (second try)")
+    S.score(cfg, log=lambda s: None)
+    assert built == ["similarity", "similarity"]
+    # another spec under the same name is another scorer: computed again too
+    S.score(S.ScoreConfig(data_dir=str(tmp_path), sources=["a", "b"], scorers=["similarity:/elsewhere"]),
+            log=lambda s: None)
+    assert len(built) == 3
+    # a corrupt scores file is recomputed, not trusted
+    (tmp_path / "scores" / "prefers-a.parquet").write_bytes(b"not parquet")
+    S.score(S.ScoreConfig(data_dir=str(tmp_path), sources=["a", "b"], scorers=["similarity:/elsewhere"]),
+            log=lambda s: None)
+    assert len(built) == 4
+    assert store.read_table(tmp_path / "scores" / "prefers-a.parquet").num_rows == 2 * len(ex)
