@@ -7,7 +7,8 @@ Launch (any of):
     python engine/train.py --config configs/demo.yaml optim.lr=3e-5         # one process, no launcher
     profuser train --config configs/demo.yaml schedule.kind=simul
 
-The loop, top to bottom (one optimizer step = `optim.grad_accum` micro-steps per rank):
+The loop, top to bottom (one optimizer step = `optim.grad_accum` micro-steps per rank; the step itself,
+FusionStep and run_window, is engine/step.py):
     w1, w2 = schedule(step)                       inference-mode / training-mode weights; a mode with w = 0
                                                   is not loaded this step
     fetch grad_accum micro-batches of each active mode; all_reduce their target-token counts N_m
