@@ -129,8 +129,10 @@ class DemoConfig:
     n_infer: int = 96  # inference-mode prompts (each source generates)
     n_eval: int = 48  # held-out examples for the before/after table
     max_new_tokens: int = 48
-    # `profuser score` scorers that vote: embedding similarity to the gold response, and the target as judge
-    scorers: list[str] = field(default_factory=lambda: ["similarity", "judge:smollm2-135m-instruct"])
+    # `profuser score` scorers that vote: embedding similarity to the gold response, and every source as a
+    # judge LM (a judge favours its own answers: one judge per source cancels that out)
+    scorers: list[str] = field(default_factory=lambda: ["similarity", "judge:smollm2-135m-instruct",
+                                                        "judge:gemma3-270m"])
 
 
 @dataclass
