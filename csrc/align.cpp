@@ -133,27 +133,30 @@ struct CpPattern {
     return eq;
   }
 
+  // One Myers column (Hyyro's global variant): text unit with match mask eq; updates the vertical delta
+  // vectors (pv, mv) and the distance of the whole pattern to the text so far.
+  static void column(uint64_t eq, uint64_t last, uint64_t& pv, uint64_t& mv, int64_t& score) {
+    const uint64_t xv = eq | mv;
+    const uint64_t xh = (((eq & pv) + pv) ^ pv) | eq;
+    uint64_t ph = mv | ~(xh | pv);
+    uint64_t mh = pv & xh;
+    score += static_cast<int64_t>((ph & last) != 0) - static_cast<int64_t>((mh & last) != 0);
+    ph = (ph << 1) | 1;
+    mh <<= 1;
+    pv = mh | ~(xv | ph);
+    mv = ph & xv;
+  }
+
+  uint64_t ones() const { return n == 64 ? ~uint64_t{0} : ((uint64_t{1} << n) - 1); }
+
   // Distances to four texts of the same length lb (n <= 64, n, lb > 0), in lockstep: the four dependency
   // chains are independent, so the CPU overlaps them (one chain is latency-bound at ~10 ops per column).
   void distance4(const int32_t* const b[4], int64_t lb, int32_t out[4]) const {
-    const uint64_t ones = n == 64 ? ~uint64_t{0} : ((uint64_t{1} << n) - 1);
     const uint64_t last = uint64_t{1} << (n - 1);
-    uint64_t pv[4] = {ones, ones, ones, ones}, mv[4] = {0, 0, 0, 0};
+    uint64_t pv[4] = {ones(), ones(), ones(), ones()}, mv[4] = {0, 0, 0, 0};
     int64_t score[4] = {n, n, n, n};
-    for (int64_t j = 0; j < lb; ++j) {
-      for (int k = 0; k < 4; ++k) {
-        const uint64_t eq = eq_of(b[k][j]);
-        const uint64_t xv = eq | mv[k];
-        const uint64_t xh = (((eq & pv[k]) + pv[k]) ^ pv[k]) | eq;
-        uint64_t ph = mv[k] | ~(xh | pv[k]);
-        uint64_t mh = pv[k] & xh;
-        score[k] += static_cast<int64_t>((ph & last) != 0) - static_cast<int64_t>((mh & last) != 0);
-        ph = (ph << 1) | 1;
-        mh <<= 1;
-        pv[k] = mh | ~(xv | ph);
-        mv[k] = ph & xv;
-      }
-    }
+    for (int64_t j = 0; j < lb; ++j)
+      for (int k = 0; k < 4; ++k) column(eq_of(b[k][j]), last, pv[k], mv[k], score[k]);
     for (int k = 0; k < 4; ++k) out[k] = static_cast<int32_t>(score[k]);
   }
 
@@ -161,22 +164,10 @@ struct CpPattern {
     if (n == 0) return lb;
     if (lb == 0) return n;
     if (n > 64) return lev(p, n, b, lb);
-    uint64_t pv = n == 64 ? ~uint64_t{0} : ((uint64_t{1} << n) - 1), mv = 0;
     const uint64_t last = uint64_t{1} << (n - 1);
+    uint64_t pv = ones(), mv = 0;
     int64_t score = n;
-    for (int64_t j = 0; j < lb; ++j) {
-      const uint64_t eq = eq_of(b[j]);
-      const uint64_t xv = eq | mv;
-      const uint64_t xh = (((eq & pv) + pv) ^ pv) | eq;
-      uint64_t ph = mv | ~(xh | pv);
-      uint64_t mh = pv & xh;
-      if (ph & last) ++score;
-      else if (mh & last) --score;
-      ph = (ph << 1) | 1;
-      mh <<= 1;
-      pv = mh | ~(xv | ph);
-      mv = ph & xv;
-    }
+    for (int64_t j = 0; j < lb; ++j) column(eq_of(b[j]), last, pv, mv, score);
     return score;
   }
 };
