@@ -29,8 +29,8 @@ the share of examples each source wins in inference mode, the NaN rows excluded 
 training-mode stores exist, the MinCE winner share by NLL per byte (the fair comparison across
 tokenizers) and per token.
 
-Resume: each scores/<scorer>.parquet records (schema metadata) the scorer spec and a digest of everything
-it scored; a re-run reuses a file whose record matches and loads no model for it. A killed run loses at
+Resume: each scores/<scorer>.parquet records (schema metadata) the scorer spec (with the file sizes and
+times of a local model folder) and a digest of everything it scored; a re-run reuses a file whose record matches and loads no model for it. A killed run loses at
 most the scorer in progress, and new generations or a changed spec are scored again.
 """
 
@@ -163,27 +163,39 @@ class JudgeLMScorer(Scorer):
         return out
 
 
+def _parse_spec(spec: str) -> tuple[str, str]:
+    kind, _, arg = spec.partition(":")
+    if (kind in ("rm", "judge") and arg) or kind == "similarity":
+        return kind, arg
+    raise ValueError(f"unknown scorer {spec!r}: use rm:<path>, similarity[:<dir>] or judge:<model spec>")
+
+
 def scorer_name(spec: str) -> str:
     """The name make_scorer(spec) will have (the scores file is scores/<name>.parquet), without loading it."""
-    kind, _, arg = spec.partition(":")
-    if kind == "rm" and arg:
+    kind, arg = _parse_spec(spec)
+    if kind == "rm":
         return "rm-" + Path(arg).resolve().name
-    if kind == "similarity":
-        return "similarity"
-    if kind == "judge" and arg:
-        return "judge-" + models.model_name(arg)
-    raise ValueError(f"unknown scorer {spec!r}: use rm:<path>, similarity[:<dir>] or judge:<model spec>")
+    return "similarity" if kind == "similarity" else "judge-" + models.model_name(arg)
+
+
+def scorer_identity(spec: str) -> str:
+    """What identifies a spec's scores: the spec, plus, for a local model folder, its files' sizes and
+    modification times (a model replaced in place is a different scorer)."""
+    _, arg = _parse_spec(spec)
+    folder = Path(arg).expanduser() if arg else None
+    if folder is None or not folder.is_dir():
+        return f"spec:{spec}"
+    stats = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file())
+    return f"spec:{spec}:{folder.resolve()}:{json.dumps(stats)}"
 
 
 def make_scorer(spec: str, device: str = "cpu") -> Scorer:
-    kind, _, arg = spec.partition(":")
-    if kind == "rm" and arg:
+    kind, arg = _parse_spec(spec)
+    if kind == "rm":
         return RewardModelScorer(arg, device=device)
     if kind == "similarity":
         return SimilarityScorer(arg or None, device=device)
-    if kind == "judge" and arg:
-        return JudgeLMScorer(arg, device=device)
-    raise ValueError(f"unknown scorer {spec!r}: use rm:<path>, similarity[:<dir>] or judge:<model spec>")
+    return JudgeLMScorer(arg, device=device)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -344,7 +356,7 @@ def score(cfg: ScoreConfig, *, scorers: list[Scorer] | None = None, log=print) -
     if scorers is not None:
         plan = [(sc.name, f"object:{type(sc).__qualname__}:{sc.name}", lambda sc=sc: sc) for sc in scorers]
     else:
-        plan = [(scorer_name(spec), f"spec:{spec}", lambda spec=spec: make_scorer(spec, cfg.device))
+        plan = [(scorer_name(spec), scorer_identity(spec), lambda spec=spec: make_scorer(spec, cfg.device))
                 for spec in cfg.scorers]
     out = scores_dir(cfg.data_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -417,5 +429,4 @@ def run(args) -> int:
 
 
 __all__ = ["Scorer", "RewardModelScorer", "SimilarityScorer", "JudgeLMScorer", "make_scorer", "scorer_name",
-           "vote", "score",
-           "mince_share", "read_votes"]
+           "scorer_identity", "vote", "score", "mince_share", "read_votes"]

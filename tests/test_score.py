@@ -359,3 +359,16 @@ def test_score_resumes_per_scorer_and_rescores_what_changed(tmp_path, monkeypatc
             log=lambda s: None)
     assert len(built) == 4
     assert store.read_table(tmp_path / "scores" / "prefers-a.parquet").num_rows == 2 * len(ex)
+
+
+def test_scorer_identity_changes_when_a_local_model_is_replaced(tmp_path):
+    rm = tmp_path / "my-rm"
+    rm.mkdir()
+    (rm / "model.safetensors").write_bytes(b"weights v1")
+    first = S.scorer_identity(f"rm:{rm}")
+    assert first == S.scorer_identity(f"rm:{rm}")  # stable while nothing changes
+    (rm / "model.safetensors").write_bytes(b"weights v2, retrained")
+    assert S.scorer_identity(f"rm:{rm}") != first
+    assert S.scorer_identity("similarity") == "spec:similarity"  # the package's model: the spec says it all
+    with pytest.raises(ValueError, match="unknown scorer"):
+        S.scorer_identity("bleu")
