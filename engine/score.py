@@ -30,8 +30,9 @@ training-mode stores exist, the MinCE winner share by NLL per byte (the fair com
 tokenizers) and per token.
 
 Resume: each scores/<scorer>.parquet records (schema metadata) the scorer spec (with the file sizes and
-times of a local model folder) and a digest of everything it scored; a re-run reuses a file whose record matches and loads no model for it. A killed run loses at
-most the scorer in progress, and new generations or a changed spec are scored again.
+times of a local model folder) and a digest of everything it scored; a re-run reuses a file whose record
+matches and loads no model for it. A killed run loses at most the scorer in progress, and new generations,
+a changed spec or a replaced model are scored again.
 """
 
 from __future__ import annotations
