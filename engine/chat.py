@@ -238,6 +238,23 @@ def end_of_turn_id(tok, suffix_ids: list[int]) -> int:
     return int(tok.eos_token_id)
 
 
+def truncate(P: int, resp_ids, resp_off, suffix_ids: list, max_length: int | None):
+    """Fit prompt (P tokens) + response + suffix into max_length by cutting the response, then the suffix.
+
+    The prompt is never cut. When the whole response fits, the suffix keeps what fits (the end-of-turn
+    first, so it is still predicted); when the response is cut, the suffix is dropped and the turn does
+    not end. Returns (resp_ids [n], resp_off [n, 2], suffix_ids)."""
+    n_resp = len(resp_ids)
+    if max_length is None or P + n_resp + len(suffix_ids) <= max_length:
+        return resp_ids, resp_off, suffix_ids
+    if P >= max_length:
+        raise ValueError(f"max_length={max_length} leaves no room for the response: the templated prompt "
+                         f"alone has {P} tokens")
+    keep = min(n_resp, max_length - P)
+    suffix_ids = suffix_ids[: max_length - P - n_resp] if keep == n_resp else []
+    return resp_ids[:keep], resp_off[:keep], suffix_ids
+
+
 def encode_example(tok, prompt: str, response: str, *, system: str | None = None,
                    max_length: int | None = None) -> EncodedExample:
     """Encode one (prompt, response) conversation; see EncodedExample for the shapes.
@@ -262,19 +279,9 @@ def encode_example(tok, prompt: str, response: str, *, system: str | None = None
     if not suffix_ids:
         suffix_ids = [eot]
 
-    P, n_resp = len(prefix_ids), len(resp_ids)
-    if max_length is not None and P + n_resp + len(suffix_ids) > max_length:
-        if P >= max_length:
-            raise ValueError(f"max_length={max_length} leaves no room for the response: the templated prompt "
-                             f"alone has {P} tokens")
-        keep_resp = min(n_resp, max_length - P)
-        if keep_resp == n_resp:  # the end-of-turn fits; the rest of the suffix does not
-            tail = suffix_ids[: max_length - P - n_resp]
-        else:
-            tail = []
-        resp_ids, resp_off = resp_ids[:keep_resp], resp_off[:keep_resp]
-        suffix_ids = tail
-        n_resp = keep_resp
+    P = len(prefix_ids)
+    resp_ids, resp_off, suffix_ids = truncate(P, resp_ids, resp_off, suffix_ids, max_length)
+    n_resp = len(resp_ids)
     ends_turn = len(suffix_ids) > 0
 
     input_ids = np.empty(P + n_resp + len(suffix_ids), dtype=np.int32)

@@ -51,16 +51,20 @@ class EncodedBatch:
     pred_off: np.ndarray
 
 
+
+def _cat(xs: list, shape: tuple, dtype=np.int32) -> np.ndarray:
+    """np.concatenate that also takes an empty list (an empty array of `shape`)."""
+    return np.concatenate(xs) if xs else np.zeros(shape, dtype)
+
 def _from_examples(encs: list[chat.EncodedExample]) -> EncodedBatch:
     lens = np.array([e.input_ids.shape[0] for e in encs], dtype=np.int64)
     rs = np.array([e.pred_ids.shape[0] for e in encs], dtype=np.int64)
-    cat = (lambda xs, shape, dt: np.concatenate(xs) if xs else np.zeros(shape, dt))
     return EncodedBatch(
-        input_ids=cat([e.input_ids for e in encs], (0,), np.int32),
+        input_ids=_cat([e.input_ids for e in encs], (0,), np.int32),
         ids_off=np.concatenate([[0], np.cumsum(lens)]),
-        pred_pos=cat([e.pred_pos for e in encs], (0,), np.int32),
-        pred_ids=cat([e.pred_ids for e in encs], (0,), np.int32),
-        pred_offsets=cat([e.pred_offsets for e in encs], (0, 2), np.int32),
+        pred_pos=_cat([e.pred_pos for e in encs], (0,), np.int32),
+        pred_ids=_cat([e.pred_ids for e in encs], (0,), np.int32),
+        pred_offsets=_cat([e.pred_offsets for e in encs], (0, 2), np.int32),
         pred_off=np.concatenate([[0], np.cumsum(rs)]),
     )
 
@@ -229,15 +233,9 @@ def _assemble(tok, prompts, responses, prefix_ids, suffixes, max_length, errors)
             eot = chat.end_of_turn_id(tok, suffix_ids)
             if not suffix_ids:
                 suffix_ids = [eot]
-            # the truncation rule of chat.encode_example, verbatim
-            P, n_resp = len(pre), len(resp_ids)
-            if max_length is not None and P + n_resp + len(suffix_ids) > max_length:
-                if P >= max_length:
-                    raise ValueError(f"max_length={max_length} leaves no room for the response: the "
-                                     f"templated prompt alone has {P} tokens")
-                keep = min(n_resp, max_length - P)
-                suffix_ids = suffix_ids[: max_length - P - n_resp] if keep == n_resp else []
-                resp_ids, resp_off, n_resp = resp_ids[:keep], resp_off[:keep], keep
+            P = len(pre)
+            resp_ids, resp_off, suffix_ids = chat.truncate(P, resp_ids, resp_off, suffix_ids, max_length)
+            n_resp = len(resp_ids)
         except ValueError as exc:
             if errors is None:
                 raise
@@ -256,10 +254,9 @@ def _assemble(tok, prompts, responses, prefix_ids, suffixes, max_length, errors)
         pid_chunks.append(ids[pos + 1])
         off_chunks.append(off)
         lens[i], rs[i] = ids.shape[0], R
-    cat = (lambda xs, shape: np.concatenate(xs) if xs else np.zeros(shape, np.int32))
-    return EncodedBatch(input_ids=cat(ids_chunks, (0,)), ids_off=np.concatenate([[0], np.cumsum(lens)]),
-                        pred_pos=cat(pos_chunks, (0,)), pred_ids=cat(pid_chunks, (0,)),
-                        pred_offsets=cat(off_chunks, (0, 2)), pred_off=np.concatenate([[0], np.cumsum(rs)]))
+    return EncodedBatch(input_ids=_cat(ids_chunks, (0,)), ids_off=np.concatenate([[0], np.cumsum(lens)]),
+                        pred_pos=_cat(pos_chunks, (0,)), pred_ids=_cat(pid_chunks, (0,)),
+                        pred_offsets=_cat(off_chunks, (0, 2)), pred_off=np.concatenate([[0], np.cumsum(rs)]))
 
 
 @dataclass

@@ -509,7 +509,9 @@ class FusionLoader:
         ex_of = np.repeat(np.arange(len(sel)), np.diff(enc.pred_off))
         metric = token_nll = None
         if winners is None and cfg.advantage_level == "example":
-            col = (lambda name: np.stack([getattr(r, name)[sel] for r in recs]))
+            def col(name):  # [T, n] per-example column of every teacher
+                return np.stack([getattr(r, name)[sel] for r in recs])
+
             metric = example_metric(col("nll_sum"), col("n_tokens"), col("n_bytes"), cfg.ce_metric)
         elif winners is None:
             token_nll = np.full(G.shape, np.inf)
