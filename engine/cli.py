@@ -21,14 +21,14 @@ import sys
 
 # subcommand -> (module inside profuser.engine, one-line help)
 COMMANDS = {
-    "prepare": ("prepare", "build the prepared set from JSONL / Parquet / a datasets folder"),
-    "teach": ("teach", "training mode: store every source's top-k distributions on the gold responses"),
-    "generate": ("generate", "inference mode: each source generates responses, storing top-k log-probs"),
-    "score": ("score", "score generated responses with reward scorers and store the votes"),
+    "prepare": ("passes.prepare", "build the prepared set from JSONL / Parquet / a datasets folder"),
+    "teach": ("passes.teach", "training mode: store every source's top-k distributions on the gold responses"),
+    "generate": ("passes.generate", "inference mode: each source generates responses, storing top-k log-probs"),
+    "score": ("passes.score", "score generated responses with reward scorers and store the votes"),
     "train": ("train", "progressive fusion training of the target model"),
-    "eval": ("evaluate", "held-out NLL / perplexity (per token and per byte)"),
-    "plot": ("plot", "render loss and eval curves to PNG"),
-    "demo": ("demo", "run the whole pipeline on the embedded default"),
+    "eval": ("trainer.evaluate", "held-out NLL / perplexity (per token and per byte)"),
+    "plot": ("tools.plot", "render loss and eval curves to PNG"),
+    "demo": ("tools.demo", "run the whole pipeline on the embedded default"),
 }
 
 

@@ -30,6 +30,23 @@ from typing import Any
 
 import yaml
 
+from profuser.kernels.params import BACKENDS, MISSING_MASS_MODES
+
+# ----------------------------------------------------------------------------------------------------
+# The choice lists of the whole engine, in one place (the loader, the passes and the CLI import them)
+
+MODES = ("infer", "train")  # the order of the schedule's weights (w_infer, w_train)
+MODE_ID = {"train": 0, "infer": 1}  # a batch's `mode` column
+DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16",
+          "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # name -> torch dtype name (aliases too)
+ADVANTAGES = ("minCE", "avgCE")
+ADVANTAGE_LEVELS = ("example", "token")
+CE_METRICS = ("per_byte", "per_token")
+ALIGN_METHODS = ("offsets", "mined")
+NAN_POLICIES = ("error", "drop")
+SCHEDULES = ("two_stage", "linear", "simul", "reverse", "train_only", "infer_only")
+DECAYS = ("cosine", "linear", "constant")
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key (and file)."""
@@ -124,7 +141,7 @@ class LogConfig:
 class DemoConfig:
     """Sizes of the `profuser demo` pipeline (ignored by `train`)."""
 
-    corpus: str = "data/wordnet_instruct.jsonl"
+    corpus: str | None = None  # JSONL of {id, prompt, response}; None: the shipped WordNet corpus
     n_train: int = 320  # training-mode examples (teacher-forced on the gold response)
     n_infer: int = 96  # inference-mode prompts (each source generates)
     n_eval: int = 48  # held-out examples for the before/after table
@@ -290,16 +307,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 _CHOICES = {
-    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "data.advantage": ("minCE", "avgCE"),
-    "data.advantage_level": ("example", "token"),
-    "data.ce_metric": ("per_byte", "per_token"),
-    "data.align_method": ("offsets", "mined"),
-    "data.nan_policy": ("error", "drop"),
-    "loss.missing_mass": ("renormalize", "tail_bucket"),
-    "loss.backend": ("auto", "triton", "chunked", "reference"),
-    "schedule.kind": ("two_stage", "linear", "simul", "reverse", "train_only", "infer_only"),
-    "optim.decay": ("cosine", "linear", "constant"),
+    "model.dtype": tuple(DTYPES),
+    "data.advantage": ADVANTAGES,
+    "data.advantage_level": ADVANTAGE_LEVELS,
+    "data.ce_metric": CE_METRICS,
+    "data.align_method": ALIGN_METHODS,
+    "data.nan_policy": NAN_POLICIES,
+    "loss.missing_mass": MISSING_MASS_MODES,
+    "loss.backend": BACKENDS,
+    "schedule.kind": SCHEDULES,
+    "optim.decay": DECAYS,
 }
 
 

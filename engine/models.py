@@ -33,6 +33,8 @@ from typing import Callable
 
 import torch
 
+from .config import DTYPES
+
 ENV_CACHE = "PROFUSER_CACHE"
 _MARKER = "profuser_source.json"  # written last inside a converted folder: its presence means "complete"
 
@@ -88,7 +90,7 @@ ALIASES: dict[str, Alias] = {
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _convert_once(final: Path, build: Callable[[Path], None], source: Callable[[], dict]) -> Path:
+def convert_once(final: Path, build: Callable[[Path], None], source: Callable[[], dict]) -> Path:
     """Run `build(tmp_dir)` once under a file lock, then rename tmp_dir to `final`.
 
     `source()` gives the provenance written into the marker (called only when converting).
@@ -160,7 +162,7 @@ def resolve_model(spec: str | os.PathLike) -> Path:
     key = str(spec)
     if key in ALIASES:
         alias = ALIASES[key]
-        return _convert_once(cache_root() / "models" / key, lambda out: _build_model(alias, out),
+        return convert_once(cache_root() / "models" / key, lambda out: _build_model(alias, out),
                              lambda: {"alias": key, "gguf": str(alias.gguf()), "license": alias.license})
     path = Path(key).expanduser()
     if path.is_dir():
@@ -182,7 +184,7 @@ def resolve_tokenizer(spec: str | os.PathLike) -> Path:
         if (model_dir / _MARKER).is_file():
             return model_dir
         alias = ALIASES[key]
-        return _convert_once(cache_root() / "tokenizers" / key, lambda out: _build_tokenizer(alias, out),
+        return convert_once(cache_root() / "tokenizers" / key, lambda out: _build_tokenizer(alias, out),
                              lambda: {"alias": key, "gguf": str(alias.gguf()), "tokenizer_only": True})
     path = Path(key).expanduser()
     if path.is_dir():
@@ -211,6 +213,75 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     model = AutoModelForCausalLM.from_pretrained(str(resolve_model(spec)), dtype=dtype,
                                                  attn_implementation=attn_implementation)
     return model.eval()
+
+
+def same_model(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True if two model specs name the same model: the same alias, or paths to the same folder
+    (a relative and an absolute spelling of one folder are the same model)."""
+    if str(a) == str(b):
+        return True
+    pa_, pb = Path(str(a)).expanduser(), Path(str(b)).expanduser()
+    return pa_.exists() and pb.exists() and pa_.resolve() == pb.resolve()
+
+
+def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """A dtype name of config.DTYPES (aliases fp32 / bf16 / fp16 included) -> torch.dtype.
+    "auto" is bf16 on CUDA and fp32 elsewhere (CPU bf16 matmuls are slow and less exact)."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return getattr(torch, DTYPES[name])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The output-logit transform: what a model's forward does between lm_head and its logits
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """z = softcap(scale * (W h)) with softcap(x) = c * tanh(x / c); scale 1 and no cap for most models.
+
+    Every family transformers ships applies at most these two, scale first (Muse: output_multiplier
+    then the cap); teach, generate (through the HF forward), eval and the training step all use this one
+    rule, so a teacher's stored NLL, the eval NLL and the student's loss see the same logits. The
+    training step applies `scale` to the hidden rows ((s h) W^T = s (W h)) and passes `softcap` to the
+    fused loss, which never materializes the logits.
+    """
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @classmethod
+    def of(cls, config) -> "LogitTransform":
+        """The transform of a transformers config (a multimodal config's text_config is used)."""
+        text = getattr(config, "text_config", None) or config
+        kind = str(getattr(text, "model_type", "") or getattr(config, "model_type", ""))
+        scale = 1.0
+        if kind.startswith("cohere"):  # CohereForCausalLM: logits * logit_scale
+            scale = float(getattr(text, "logit_scale", 1.0) or 1.0)
+        elif kind.startswith("granite"):  # Granite: logits / logits_scaling
+            scale = 1.0 / float(getattr(text, "logits_scaling", 1.0) or 1.0)
+        elif kind == "hyperclovax":  # muP the other way round: logits * logits_scaling
+            scale = float(getattr(text, "logits_scaling", 1.0) or 1.0)
+        elif kind.startswith("muse"):
+            scale = float(getattr(text, "output_multiplier", 1.0) or 1.0)
+        cap = getattr(text, "final_logit_softcapping", None)
+        return cls(scale=scale, softcap=float(cap) if cap else None)
+
+    def apply(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw lm_head outputs [..., V] -> the model's logits [..., V] (computed in z's dtype)."""
+        if self.scale != 1.0:
+            z = z * self.scale
+        if self.softcap:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+
+def output_logits(model, h: torch.Tensor) -> torch.Tensor:
+    """The model's logits for hidden rows h [N, H] -> [N, V] float32 (what model(...).logits holds)."""
+    return LogitTransform.of(model.config).apply(model.get_output_embeddings()(h).float())
 
 
 def model_name(spec: str | os.PathLike) -> str:

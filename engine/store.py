@@ -26,6 +26,7 @@ a page) gets well under 40 B/token; measured figures are in the README
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -36,8 +37,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .config import MODES
+from .text.chat import predicted_bytes
+
 SCHEMA_VERSION = 1
-MODES = ("train", "infer")
 DEFAULT_SHARD_SIZE = 1024
 
 PREPARED_SCHEMA = pa.schema([
@@ -55,7 +58,6 @@ TEACHER_SCHEMA = pa.schema([
     ("n_tokens", pa.int32()),
     ("n_bytes", pa.int32()),
 ])
-_LIST_COLUMNS = ("pred_offsets", "token_ids", "token_logprobs", "topk_ids", "topk_logprobs")
 
 
 class StoreError(ValueError):
@@ -302,218 +304,140 @@ def update_manifest(data_dir, source: str, mode: str, j: int, info: dict, *, gen
 
 
 # ---------------------------------------------------------------------------------------------------------
-# teacher records
+# teacher shards: one class writes them (teach, generate) and reads them (loader, score)
 # ---------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class RecordBatch:
-    """Teacher records of several examples as flat arrays (row i owns tokens [off[i], off[i+1])).
-
-    example_ids, responses: list[str] [n]; off int64 [n + 1]; pred_offsets int32 [sum R, 2];
-    token_ids int32 [sum R]; token_logprobs float32 [sum R]; topk_ids int32 [sum R, K];
-    topk_logprobs float32 [sum R, K]; n_bytes int32 [n].
-    """
-
-    example_ids: list
-    responses: list
-    off: np.ndarray
-    pred_offsets: np.ndarray
-    token_ids: np.ndarray
-    token_logprobs: np.ndarray
-    topk_ids: np.ndarray
-    topk_logprobs: np.ndarray
-    n_bytes: np.ndarray
-
-    def to_table(self) -> pa.Table:
-        """The Parquet table (TEACHER_SCHEMA). nll_sum is summed from the fp32 log-probs, before fp16."""
-        off = self.off.astype(np.int32)
-        R = np.diff(self.off)
-        K = self.topk_ids.shape[1] if self.topk_ids.ndim == 2 else 0
-        tlp = self.token_logprobs.astype(np.float64)
-        nll = -np.add.reduceat(tlp, self.off[:-1]) if tlp.size else np.zeros(len(R))
-        nll[R == 0] = 0.0  # reduceat repeats the next value for empty rows
-
-        def lst(values, per):
-            return pa.ListArray.from_arrays(pa.array(off * per, pa.int32()), pa.array(values.reshape(-1)))
-
-        return pa.Table.from_arrays([
-            pa.array(self.example_ids, pa.string()),
-            pa.array(self.responses, pa.string()),
-            lst(self.pred_offsets.astype(np.int32), 2),
-            lst(self.token_ids.astype(np.int32), 1),
-            lst(self.token_logprobs.astype(np.float16), 1),
-            lst(self.topk_ids.astype(np.int32), K),
-            lst(self.topk_logprobs.astype(np.float16), K),
-            pa.array(nll, pa.float64()),
-            pa.array(R.astype(np.int32), pa.int32()),
-            pa.array(self.n_bytes.astype(np.int32), pa.int32()),
-        ], schema=TEACHER_SCHEMA)
-
-
-def _flat(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    arr = col.combine_chunks()
-    offs = arr.offsets.to_numpy().astype(np.int64)
-    return offs - offs[0], arr.values.to_numpy(zero_copy_only=False)[offs[0]:offs[-1]]
-
-
-def validate_teacher_table(t: pa.Table, path, k: int, *, prepared: pa.Table | None = None,
-                           nan_policy: str = "error") -> tuple[pa.Table, int]:
-    """Check a teacher shard; return (table, rows dropped for NaN when nan_policy == "drop").
-
-    Checks: schema; list lengths (2R offsets, R ids and log-probs, R*k top-k); offsets inside the
-    response and non-decreasing; n_bytes; the example ids equal the prepared shard's (when given) and, in
-    train mode, the responses too; NaN log-probs (error naming the row, or dropped and counted).
-    """
-    if nan_policy not in ("error", "drop"):
-        raise ValueError(f"nan_policy must be 'error' or 'drop', got {nan_policy!r}")
-    missing = [f.name for f in TEACHER_SCHEMA if f.name not in t.column_names]
-    if missing:
-        raise StoreError(f"{path}: teacher shard lacks columns {missing}")
-    if prepared is not None:
-        if t.num_rows != prepared.num_rows:
-            raise StoreError(f"{path}: {t.num_rows} rows but the prepared shard has {prepared.num_rows}")
-        ids, pids = t["example_id"].to_pylist(), prepared["example_id"].to_pylist()
-        for i, (a, b) in enumerate(zip(ids, pids)):
-            if a != b:
-                raise StoreError(f"{path}: row {i}: example_id {a!r} but the prepared shard has {b!r} "
-                                 f"(store of another prepared set)")
-    responses = t["response"].to_pylist()
-    tok_off, _ = _flat(t["token_ids"])
-    R = np.diff(tok_off)
-    n_tokens = t["n_tokens"].to_numpy()
-    for i in np.nonzero(R != n_tokens)[0][:1]:
-        raise StoreError(f"{path}: row {i}: n_tokens={n_tokens[i]} but token_ids has {R[i]} entries")
-    flat = {}
-    for name, per in (("pred_offsets", 2), ("token_logprobs", 1), ("topk_ids", k), ("topk_logprobs", k)):
-        o, v = _flat(t[name])
-        for i in np.nonzero(np.diff(o) != per * R)[0][:1]:
-            raise StoreError(f"{path}: row {i}: {name} has {np.diff(o)[i]} entries, expected {per} x {R[i]}")
-        flat[name] = v
-    offsets = flat["pred_offsets"].reshape(-1, 2)
-    n_bytes = t["n_bytes"].to_numpy()
-    for i, resp in enumerate(responses):
-        o = offsets[tok_off[i]:tok_off[i + 1]]
-        if o.size and ((o[:, 0] < 0).any() or (o[:, 1] < o[:, 0]).any() or (o[:, 1] > len(resp)).any()
-                       or (np.diff(o[:, 0]) < 0).any()):
-            raise StoreError(f"{path}: row {i}: pred_offsets do not fit its response of {len(resp)} characters")
-        ends_turn = o.size > 0 and o[-1, 0] == len(resp)
-        covered = len(resp[: o[-1, 1]].encode("utf-8")) if o.size else 0
-        if n_bytes[i] != covered + int(ends_turn):
-            raise StoreError(f"{path}: row {i}: n_bytes={n_bytes[i]} but the predicted text has "
-                             f"{covered} bytes{' + 1 end-of-turn' if ends_turn else ''}")
-    row_of = np.repeat(np.arange(t.num_rows), R)
-    bad = np.isnan(t["nll_sum"].to_numpy(zero_copy_only=False))
-    for name, per in (("token_logprobs", 1), ("topk_logprobs", k)):
-        v = flat[name].astype(np.float32)
-        if v.size:
-            bad[row_of[np.isnan(v).reshape(-1, per).any(1)]] = True
-    if bad.any():
-        if nan_policy == "error":
-            i = int(np.nonzero(bad)[0][0])
-            raise StoreError(f"{path}: row {i} (example_id {t['example_id'][i].as_py()!r}): NaN log-probabilities"
-                             f" ({int(bad.sum())} rows in this shard; nan_policy='drop' skips them)")
-        t = t.filter(pa.array(~bad))
-    return t, int(bad.sum())
-
-
-def check_train_responses(t: pa.Table, prepared: pa.Table, path) -> None:
-    """In train mode the stored response must be the gold response of the same row."""
-    for i, (a, b) in enumerate(zip(t["response"].to_pylist(), prepared["response"].to_pylist())):
-        if a != b:
-            raise StoreError(f"{path}: row {i}: stored response differs from the prepared gold response")
-
-
-class TeacherStore:
-    """Read access to one (source, mode) store with its checks.
-
-    store = TeacherStore(data_dir, "smollm2", "train", tokenizer_hash=..., vocab_size=...)
-    table = store.read_shard(j)        # validated pa.Table (TEACHER_SCHEMA)
-    """
-
-    def __init__(self, data_dir, source: str, mode: str, *, tokenizer_hash: str | None = None,
-                 vocab_size: int | None = None, model: str | None = None, nan_policy: str = "error"):
-        self.data_dir, self.source, self.mode, self.nan_policy = Path(data_dir), source, mode, nan_policy
-        self.prepared = PreparedManifest.load(data_dir)
-        self.manifest_path = TeacherManifest.path(data_dir, source, mode)
-        self.manifest = TeacherManifest.load(data_dir, source, mode)
-        self.manifest.check(self.manifest_path, prepared=self.prepared, tokenizer_hash=tokenizer_hash,
-                            vocab_size=vocab_size, model=model)
-        self.n_dropped = 0
-
-    @property
-    def complete(self) -> bool:
-        return len(self.manifest.completed) == self.manifest.n_shards
-
-    def missing_shards(self) -> list[int]:
-        return [j for j in range(self.manifest.n_shards) if str(j) not in self.manifest.completed]
-
-    def shard_path(self, j: int) -> Path:
-        return self.manifest_path.parent / shard_name(j)
-
-    def read_shard(self, j: int, *, validate: bool = True) -> pa.Table:
-        if str(j) not in self.manifest.completed:
-            raise StoreError(f"{self.manifest_path}: shard {j} is not complete (run teach/generate again)")
-        path = self.shard_path(j)
-        t = read_table(path, what="teacher shard")
-        if validate:
-            prep = read_prepared_shard(self.data_dir, j, self.prepared)
-            t, dropped = validate_teacher_table(t, path, self.manifest.k, prepared=prep,
-                                                nan_policy=self.nan_policy)
-            self.n_dropped += dropped
-            if self.mode == "train":
-                check_train_responses(t, prep.filter(pc_isin(prep["example_id"], t["example_id"])), path)
-        return t
-
-    def read_columns(self, columns) -> pa.Table:
-        """Selected columns of every shard, concatenated in shard order (errors if a shard is missing)."""
-        missing = self.missing_shards()
-        if missing:
-            raise StoreError(f"{self.manifest_path}: shards {missing[:5]} are not complete")
-        return pa.concat_tables([read_table(self.shard_path(j), columns) for j in range(self.manifest.n_shards)])
-
-
-def pc_isin(values: pa.ChunkedArray, keep: pa.ChunkedArray) -> pa.Array:
-    import pyarrow.compute as pc
-
-    return pc.is_in(values, value_set=keep.combine_chunks())
-
-
-# ---------------------------------------------------------------------------------------------------------
-# reading a teacher shard for training: validated as above, then flat numpy views (the loader gathers
-# from them without Python objects per token)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _list_flat(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+def _list_flat(col) -> tuple[np.ndarray, np.ndarray]:
     """(row offsets [n + 1] int64, flat values) of a list column, without Python objects."""
-    arr = col.combine_chunks()
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     offs = arr.offsets.to_numpy().astype(np.int64)
     return offs - offs[0], arr.values.to_numpy(zero_copy_only=False)[offs[0]:offs[-1]]
 
 
 @dataclass
 class TeacherShard:
-    """One source's records for one shard, as flat arrays (row i owns tokens [tok_off[i], tok_off[i+1])).
+    """One source's records of one shard (TEACHER_SCHEMA) as flat arrays; row i owns the tokens
+    [tok_off[i], tok_off[i + 1]) of every per-token array.
 
-    offsets [sum R, 2] int32, token_ids [sum R] int32, token_logprobs [sum R] float16, topk_ids
-    [sum R, k] int32, topk_logprobs [sum R, k] float16; nll_sum [n] float64, n_tokens / n_bytes [n] int64;
-    response: pa.StringArray [n]; bad_rows [n] bool: a NaN in the row's log-probs or nll_sum.
+    example_ids, responses: list[str] or pa.StringArray [n]; tok_off int64 [n + 1]; offsets int32
+    [sum R, 2]; token_ids int32 [sum R]; token_logprobs [sum R] (float32 when written, float16 when read);
+    topk_ids int32 [sum R, K]; topk_logprobs [sum R, K]; n_bytes [n]; nll_sum float64 [n] (None: summed
+    from the float32 token log-probs before they are rounded to float16 on write). path: where it was read.
     """
 
-    path: Path
-    k: int
-    response: pa.Array
+    example_ids: list | pa.Array
+    responses: list | pa.Array
     tok_off: np.ndarray
     offsets: np.ndarray
     token_ids: np.ndarray
     token_logprobs: np.ndarray
     topk_ids: np.ndarray
     topk_logprobs: np.ndarray
-    nll_sum: np.ndarray
-    n_tokens: np.ndarray
     n_bytes: np.ndarray
-    bad_rows: np.ndarray
+    nll_sum: np.ndarray | None = None
+    path: Path | None = None
+
+    def __post_init__(self):
+        if self.nll_sum is None:
+            tlp = np.asarray(self.token_logprobs, np.float64)
+            nll = np.zeros(self.n_rows)
+            full = self.n_tokens > 0  # reduceat over the non-empty rows: each sums [start, next start)
+            if full.any():
+                nll[full] = -np.add.reduceat(tlp, self.tok_off[:-1][full])
+            self.nll_sum = nll
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.tok_off) - 1
+
+    @property
+    def k(self) -> int:
+        return int(self.topk_ids.shape[1]) if self.topk_ids.ndim == 2 else 0
+
+    @property
+    def n_tokens(self) -> np.ndarray:
+        return np.diff(self.tok_off)
+
+    def to_table(self) -> pa.Table:
+        """The Parquet table (TEACHER_SCHEMA); log-probs are stored as float16."""
+        off = self.tok_off.astype(np.int32)
+
+        def lst(values, per):
+            return pa.ListArray.from_arrays(pa.array(off * per, pa.int32()), pa.array(values.reshape(-1)))
+
+        return pa.Table.from_arrays([
+            pa.array(self.example_ids, pa.string()), pa.array(self.responses, pa.string()),
+            lst(self.offsets.astype(np.int32), 2), lst(self.token_ids.astype(np.int32), 1),
+            lst(self.token_logprobs.astype(np.float16), 1), lst(self.topk_ids.astype(np.int32), self.k),
+            lst(self.topk_logprobs.astype(np.float16), self.k), pa.array(self.nll_sum, pa.float64()),
+            pa.array(self.n_tokens.astype(np.int32), pa.int32()), pa.array(self.n_bytes.astype(np.int32), pa.int32()),
+        ], schema=TEACHER_SCHEMA)
+
+    @classmethod
+    def from_table(cls, t: pa.Table, path, k: int) -> "TeacherShard":
+        """Flat arrays of a shard table, after the structural checks (columns, list lengths vs n_tokens and
+        k); StoreError naming the file and row otherwise."""
+        missing = [f.name for f in TEACHER_SCHEMA if f.name not in t.column_names]
+        if missing:
+            raise StoreError(f"{path}: teacher shard lacks columns {missing}")
+        tok_off, token_ids = _list_flat(t["token_ids"])
+        R = np.diff(tok_off)
+        n_tokens = t["n_tokens"].to_numpy()
+        for i in np.nonzero(R != n_tokens)[0][:1]:
+            raise StoreError(f"{path}: row {i}: n_tokens={n_tokens[i]} but token_ids has {R[i]} entries")
+        flat = {}
+        for name, per in (("pred_offsets", 2), ("token_logprobs", 1), ("topk_ids", k), ("topk_logprobs", k)):
+            o, v = _list_flat(t[name])
+            for i in np.nonzero(np.diff(o) != per * R)[0][:1]:
+                raise StoreError(f"{path}: row {i}: {name} has {np.diff(o)[i]} entries, expected {per} x {R[i]}")
+            flat[name] = v
+        return cls(example_ids=t["example_id"].combine_chunks(), responses=t["response"].combine_chunks(),
+                   tok_off=tok_off, offsets=flat["pred_offsets"].astype(np.int32, copy=False).reshape(-1, 2),
+                   token_ids=token_ids.astype(np.int32, copy=False),
+                   token_logprobs=flat["token_logprobs"].astype(np.float16, copy=False),
+                   topk_ids=flat["topk_ids"].astype(np.int32, copy=False).reshape(-1, k),
+                   topk_logprobs=flat["topk_logprobs"].astype(np.float16, copy=False).reshape(-1, k),
+                   n_bytes=t["n_bytes"].to_numpy().astype(np.int64),
+                   nll_sum=t["nll_sum"].to_numpy(zero_copy_only=False).astype(np.float64), path=Path(path))
+
+    def validate(self, prepared: pa.Table | None = None, *, gold: bool = False) -> None:
+        """Check the values against the text: offsets inside the response and non-decreasing, n_bytes
+        (text.chat.predicted_bytes), the example ids of the prepared shard and, with gold=True (training
+        mode), its gold responses. StoreError naming the file and row. NaN is not an error here (bad_rows)."""
+        ids = list(self.example_ids.to_pylist() if isinstance(self.example_ids, pa.Array) else self.example_ids)
+        responses = self.responses.to_pylist() if isinstance(self.responses, pa.Array) else list(self.responses)
+        if prepared is not None:
+            if len(ids) != prepared.num_rows:
+                raise StoreError(f"{self.path}: {len(ids)} rows but the prepared shard has {prepared.num_rows}")
+            for i, (a, b) in enumerate(zip(ids, prepared["example_id"].to_pylist())):
+                if a != b:
+                    raise StoreError(f"{self.path}: row {i}: example_id {a!r} but the prepared shard has {b!r} "
+                                     f"(store of another prepared set)")
+        for i, resp in enumerate(responses):
+            o = self.offsets[self.tok_off[i]:self.tok_off[i + 1]]
+            if o.size and ((o[:, 0] < 0).any() or (o[:, 1] < o[:, 0]).any() or (o[:, 1] > len(resp)).any()
+                           or (np.diff(o[:, 0]) < 0).any()):
+                raise StoreError(f"{self.path}: row {i}: pred_offsets do not fit its response of {len(resp)} "
+                                 "characters")
+            if self.n_bytes[i] != predicted_bytes(resp, o):
+                raise StoreError(f"{self.path}: row {i}: n_bytes={self.n_bytes[i]} but the predicted text has "
+                                 f"{predicted_bytes(resp, o)} bytes (end-of-turn included)")
+        if prepared is not None and gold:
+            for i, (a, b) in enumerate(zip(responses, prepared["response"].to_pylist())):
+                if a != b:
+                    raise StoreError(f"{self.path}: row {i}: stored response differs from the prepared gold response")
+
+    @functools.cached_property
+    def bad_rows(self) -> np.ndarray:
+        """bool [n]: a NaN in the row's log-probs or nll_sum (teach/generate --nan-policy drop marks rows so)."""
+        bad = np.isnan(self.nll_sum)
+        row_of = np.repeat(np.arange(self.n_rows), self.n_tokens)
+        for vals in (self.token_logprobs, self.topk_logprobs):
+            nan = np.isnan(vals).reshape(vals.shape[0], -1).any(1) if vals.size else np.zeros(0, bool)
+            if nan.any():
+                bad |= np.bincount(row_of[nan], minlength=self.n_rows) > 0
+        return bad
 
     def nan_column(self, i: int) -> str:
         """Name of a column holding a NaN in row i (for error messages)."""
@@ -523,45 +447,108 @@ class TeacherShard:
         return "topk_logprobs" if np.isnan(self.topk_logprobs[a:z]).any() else "nll_sum"
 
 
-def read_teacher_shard(path: Path, k: int, prepared: pa.Table, *, gold: bool,
+def read_teacher_shard(path: Path, k: int, prepared: pa.Table | None, *, gold: bool,
                        validated: set | None = None) -> TeacherShard:
-    """Read one teacher shard, check it with validate_teacher_table against the prepared shard
-    (row count, example ids, list lengths, offsets, n_bytes; with gold=True the responses too), and flag
-    NaN rows without dropping them (the loader applies nan_policy: in inference mode only the vote
-    winner's NaN matters).
+    """The one reader of teacher shards: read, check the structure, validate the values against the
+    prepared shard (TeacherShard.validate). NaN rows are flagged (bad_rows), never dropped here: the
+    reader's nan_policy decides (in inference mode only the vote winner's NaN matters).
 
     validated: a set of (path, mtime_ns, size, gold) already checked; an unchanged file is not re-checked
-    in later epochs (the checks loop over rows in Python: about a third of a shard's first read).
+    in later epochs (the value checks loop over rows in Python: about a third of a shard's first read).
     """
-    t = read_table(path, what="teacher shard")
+    shard = TeacherShard.from_table(read_table(path, what="teacher shard"), path, k)
     try:
-        st = path.stat()
+        st = Path(path).stat()
         key = (str(path), st.st_mtime_ns, st.st_size, gold)
     except OSError:
         key = None
     if validated is None or key not in validated:
-        validate_teacher_table(t, path, k, prepared=prepared, nan_policy="drop")
-        if gold:
-            check_train_responses(t, prepared, path)
+        shard.validate(prepared, gold=gold)
         if validated is not None and key is not None:
             validated.add(key)
-    tok_off, token_ids = _list_flat(t["token_ids"])
-    flat = {name: _list_flat(t[name])[1]
-            for name in ("pred_offsets", "token_logprobs", "topk_ids", "topk_logprobs")}
-    tlp = flat["token_logprobs"].astype(np.float16, copy=False)
-    klp = flat["topk_logprobs"].astype(np.float16, copy=False).reshape(-1, k)
-    nll_sum = t["nll_sum"].to_numpy(zero_copy_only=False).astype(np.float64)
-    n = t.num_rows
-    row_of = np.repeat(np.arange(n), np.diff(tok_off))
-    bad_rows = np.isnan(nll_sum)
-    for vals in (tlp, klp):
-        nan = np.isnan(vals).reshape(vals.shape[0], -1).any(1) if vals.size else np.zeros(0, bool)
-        if nan.any():
-            bad_rows |= np.bincount(row_of[nan], minlength=n) > 0
-    return TeacherShard(
-        path=path, k=k, response=t["response"].combine_chunks(), tok_off=tok_off,
-        offsets=flat["pred_offsets"].astype(np.int32, copy=False).reshape(-1, 2),
-        token_ids=token_ids.astype(np.int32, copy=False), token_logprobs=tlp,
-        topk_ids=flat["topk_ids"].astype(np.int32, copy=False).reshape(-1, k), topk_logprobs=klp,
-        nll_sum=nll_sum, n_tokens=t["n_tokens"].to_numpy().astype(np.int64),
-        n_bytes=t["n_bytes"].to_numpy().astype(np.int64), bad_rows=bad_rows)
+    return shard
+
+
+class TeacherStore:
+    """One (source, mode) store opened for reading: its manifest checked against the prepared set (and the
+    tokenizer / vocabulary / model the caller expects), every shard complete with the prepared row counts.
+
+    store = TeacherStore(data_dir, "smollm2", "train")
+    shard = store.shard(j, prepared_table)     # a validated TeacherShard
+    """
+
+    def __init__(self, data_dir, source: str, mode: str, *, prepared: PreparedManifest | None = None,
+                 tokenizer_hash: str | None = None, vocab_size: int | None = None, model: str | None = None):
+        self.data_dir, self.source, self.mode = Path(data_dir), source, mode
+        self.prepared = prepared or PreparedManifest.load(data_dir)
+        self.manifest_path = TeacherManifest.path(data_dir, source, mode)
+        self.manifest = TeacherManifest.load(data_dir, source, mode)
+        m = self.manifest
+        m.check(self.manifest_path, prepared=self.prepared, tokenizer_hash=tokenizer_hash, vocab_size=vocab_size,
+                model=model)
+        missing = [j for j in range(m.n_shards) if str(j) not in m.completed]
+        if missing:
+            more = "..." if len(missing) > 10 else ""
+            raise StoreError(f"{self.manifest_path}: shards {missing[:10]}{more} of {m.n_shards} are not completed "
+                             f"(missing shard; run `profuser teach/generate` again to finish)")
+        for j in range(m.n_shards):
+            rows = int(m.completed[str(j)].get("rows", self.prepared.shard_rows(j)))
+            if rows != self.prepared.shard_rows(j):
+                raise StoreError(f"{self.manifest_path}: shard {j} has {rows} rows but the prepared shard has "
+                                 f"{self.prepared.shard_rows(j)}")
+
+    def shard_path(self, j: int) -> Path:
+        return self.manifest_path.parent / shard_name(j)
+
+    def shard(self, j: int, prepared: pa.Table | None = None, *, validated: set | None = None) -> TeacherShard:
+        """Shard j, validated against prepared shard j (read here when not given)."""
+        if prepared is None:
+            prepared = read_prepared_shard(self.data_dir, j, self.prepared)
+        return read_teacher_shard(self.shard_path(j), self.manifest.k, prepared, gold=self.mode == "train",
+                                  validated=validated)
+
+
+def write_votes(data_dir, example_ids: list[str], winners: list[str], votes: list[dict], scores: list[dict]) -> Path:
+    """scores/votes.parquet: example_id, winner (a source name), votes json {source: n}, scores json
+    {scorer: {source: score or null}}. Returns the path."""
+    path = scores_dir(data_dir) / "votes.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_table_atomic(pa.table({"example_id": list(example_ids), "winner": list(winners),
+                                 "votes": [json.dumps(v) for v in votes], "scores": [json.dumps(s) for s in scores]}),
+                       path)
+    return path
+
+
+def read_votes(data_dir, sources: list[str] | None = None) -> dict[str, str]:
+    """The one reader of scores/votes.parquet: {example_id: winning source name}; with `sources`, a winner
+    that is not one of them is a StoreError naming the file and row."""
+    path = scores_dir(data_dir) / "votes.parquet"
+    table = read_table(path, ("example_id", "winner"), what="votes table")
+    ids, winners = table["example_id"].to_pylist(), table["winner"].to_pylist()
+    if sources is not None:
+        for row, (eid, winner) in enumerate(zip(ids, winners)):
+            if winner not in sources:
+                raise StoreError(f"{path}: row {row}: winner {winner!r} of example {eid!r} is not one of the "
+                                 f"configured sources {list(sources)}")
+    return dict(zip(ids, winners))
+
+
+def require_stores(data_dir, sources: list[str], mode: str, *, what: str = "data.data_dir") -> None:
+    """Fail in seconds, before any model loads, when the prepared set or a source's store of `mode` is
+    missing or was built for another prepared set. `what` names the config key in the message."""
+    root = Path(data_dir)
+    prepared = prepared_dir(root) / "manifest.json"
+    if not prepared.is_file():
+        raise FileNotFoundError(f"{what}={root}: no prepared set ({prepared} is missing); run `profuser prepare` "
+                                "first")
+    fingerprint = read_json(prepared, what="prepared manifest").get("fingerprint")
+    for source in sources:
+        manifest = TeacherManifest.path(root, source, mode)
+        if not manifest.is_file():
+            step = "teach" if mode == "train" else "generate"
+            raise FileNotFoundError(f"data.sources: no {mode}-mode store for source {source!r} ({manifest} is "
+                                    f"missing); run `profuser {step}` first")
+        got = read_json(manifest, what="teacher manifest").get("prepared_fingerprint")
+        if got != fingerprint:
+            raise StoreError(f"{manifest}: built for another prepared set (prepared_fingerprint {got!r} != "
+                             f"{fingerprint!r} in {prepared}); re-run teach/generate on this prepared set")

@@ -1,0 +1,1 @@
+"""profuser.configs: the shipped experiment YAML files (demo.yaml is `profuser demo`'s default)."""

@@ -1,0 +1,1 @@
+"""The streaming loader: prepared set + teacher stores -> aligned, weighted, padded fusion batches."""

@@ -1,0 +1,86 @@
+"""The training recipe's view of the loader: one endless stream of batches per mode, built from TrainConfig.
+
+    streams = build_streams(cfg, tokenizer, modes=["infer", "train"], rank=r, world_size=W)
+    batch = streams["train"].next()          # the next batch; a new epoch (new order) starts by itself
+    streams["train"].state_dict()            # {"loader": FusionLoader.state_dict(), "epoch": n}
+
+The global rank picks this process's shards and rows (FusionLoader: j % W == r); the local rank plays no
+part in data. A mode's store lives in data.data_dir, or data.infer_data_dir for inference mode when set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import store
+from ..config import TrainConfig
+from .loader import FusionDataConfig, FusionLoader
+
+
+def data_dir_of(cfg: TrainConfig, mode: str) -> tuple[str, Path]:
+    """(config key, folder) of the store of `mode`."""
+    if mode == "infer" and cfg.data.infer_data_dir:
+        return "data.infer_data_dir", Path(cfg.data.infer_data_dir)
+    return "data.data_dir", Path(cfg.data.data_dir)
+
+
+def check_stores(cfg: TrainConfig, modes: list[str]) -> None:
+    """Every store the run reads exists and matches its prepared set (seconds, before any model loads)."""
+    for mode in modes:
+        key, root = data_dir_of(cfg, mode)
+        store.require_stores(root, cfg.data.sources, mode, what=key)
+
+
+class BatchStream:
+    """Iterates a FusionLoader epoch after epoch; its state_dict is the loader's plus the epoch number."""
+
+    def __init__(self, loader: FusionLoader, mode: str, rank: int):
+        self.loader, self.mode, self.rank, self.epoch = loader, mode, rank, 0
+        self._it = None
+
+    def next(self) -> dict:
+        if self._it is None:
+            self._it = iter(self.loader)
+        try:
+            return next(self._it)
+        except StopIteration:
+            self.epoch += 1
+            self._it = iter(self.loader)
+            batch = next(self._it, None)
+            if batch is None:
+                raise RuntimeError(
+                    f"rank {self.rank}: the {self.mode}-mode store in {self.loader.cfg.data_dir} yields no batch for this rank "
+                    f"({self.loader.n_shards} shards, {self.loader.world_size} ranks; every example was dropped, "
+                    f"or data.max_length is shorter than every templated prompt)") from None
+            return batch
+
+    def state_dict(self) -> dict:
+        return {"loader": self.loader.state_dict(), "epoch": self.epoch}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.loader.load_state_dict(sd["loader"])
+        self.epoch = sd["epoch"]
+        self._it = None
+
+
+def build_streams(cfg: TrainConfig, tok, modes: list[str], rank: int, world_size: int) -> dict[str, BatchStream]:
+    """One BatchStream per mode in `modes`, each over its own FusionLoader."""
+    d = cfg.data
+    streams = {}
+    for mode in modes:
+        dcfg = FusionDataConfig(
+            data_dir=str(data_dir_of(cfg, mode)[1]), sources=list(d.sources), student=cfg.model.student, mode=mode,
+            k=d.k, max_length=d.max_length, batch_size=d.micro_batch_size, advantage=d.advantage,
+            advantage_level=d.advantage_level, ce_metric=d.ce_metric, student_as_candidate=d.student_as_candidate,
+            shuffle_buffer=d.shuffle_buffer, seed=cfg.seed, align_method=d.align_method, nan_policy=d.nan_policy)
+        streams[mode] = BatchStream(FusionLoader(dcfg, tok, rank=rank, world_size=world_size), mode, rank)
+    return streams
+
+
+def check_vocab_rows(loader: FusionLoader, vocab_rows: int, student: str) -> None:
+    """Every mapped teacher id must index a row of the student's lm_head ([vocab_rows, H])."""
+    for name, vm in zip(loader.source_names, loader.vocab_maps):
+        if vm is not None and vm.numel() and int(vm.max()) >= vocab_rows:
+            raise ValueError(f"model.student={student}: its lm_head has {vocab_rows} rows but the vocab map of "
+                             f"source {name!r} maps to id {int(vm.max())}; the store was built for another "
+                             "student tokenizer")

@@ -1,0 +1,1 @@
+"""The passes that build the stores: prepare, teach (training mode), generate + score (inference mode)."""

@@ -1,0 +1,318 @@
+"""`profuser prepare`: instruction data -> the prepared set (docs/contracts.md section 3).
+
+    profuser prepare --data-dir runs/wn                                  # the shipped WordNet corpus
+    profuser prepare --data-dir runs/x --input a.jsonl b.parquet --prompt-field instruction \
+        --response-field output --on-bad-row skip
+
+Inputs: JSONL (one JSON object per line), Parquet, or a local `datasets` folder (save_to_disk; a
+DatasetDict needs --split). A record is either {prompt, response[, system][, id]} (field names
+configurable) or {messages: [{role, content}, ...]}: the last message must be the assistant's response,
+the user message before it is the prompt and a leading system message is the system prompt. Earlier turns
+of a multi-turn conversation are dropped (counted; --multi-turn error refuses them instead), because a
+teacher record describes one (prompt, response) pair.
+
+example_id: the record's id field when present (must be unique), else the first 16 hex digits of
+sha256(system \\0 prompt \\0 response): stable across runs, machines and input order; exact duplicates
+are dropped and counted. The fingerprint is sha256 over every (example_id, prompt, response, system) in
+output order: any change of content or order gives another fingerprint, which the teacher manifests
+record, so a teacher store can never be silently joined with another prepared set.
+
+Bad rows (unparsable JSON, missing or non-string fields, empty prompt or response) raise a ValueError
+naming the file and line/row, or are skipped and counted with --on-bad-row skip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+
+from ..store import (DEFAULT_SHARD_SIZE, PREPARED_SCHEMA, PreparedManifest, StoreError, prepared_dir,
+                     shard_name, write_table_atomic)
+
+
+def shipped_corpus() -> Path:
+    """The shipped WordNet instruction corpus (3,000 pairs), installed with the package as profuser.data."""
+    from importlib.resources import files
+
+    return Path(str(files("profuser.data") / "wordnet_instruct.jsonl"))
+
+
+@dataclass
+class PrepareConfig:
+    """Options of `prepare` (field names are those of the input records)."""
+
+    inputs: list = field(default_factory=lambda: [str(shipped_corpus())])
+    data_dir: str = "runs/default"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    system_field: str = "system"
+    messages_field: str = "messages"
+    id_field: str | None = "id"
+    split: str | None = None
+    on_bad_row: str = "error"      # "error" | "skip"
+    multi_turn: str = "last"       # "last" (keep the final exchange) | "error"
+    shard_size: int = DEFAULT_SHARD_SIZE
+    limit: int | None = None
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if self.on_bad_row not in ("error", "skip"):
+            raise ValueError(f"on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
+        if self.multi_turn not in ("last", "error"):
+            raise ValueError(f"multi_turn must be 'last' or 'error', got {self.multi_turn!r}")
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+        if not self.inputs:
+            raise ValueError("no input files given")
+
+
+class BadRow(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------
+# readers: (location, record dict) per row
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, object]]:
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield where, BadRow(f"invalid JSON ({exc.msg} at column {exc.colno})")
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[str, object]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{path}: unreadable Parquet file ({exc})") from exc
+    row = 0
+    for batch in pf.iter_batches(batch_size=4096):
+        for rec in batch.to_pylist():
+            yield f"{path} row {row}", rec
+            row += 1
+
+
+def _iter_datasets(path: Path, split: str | None) -> Iterator[tuple[str, object]]:
+    from datasets import DatasetDict, load_from_disk
+
+    ds = load_from_disk(str(path))
+    if isinstance(ds, DatasetDict):
+        if split is None:
+            raise ValueError(f"{path}: a DatasetDict with splits {list(ds)}; pass --split")
+        if split not in ds:
+            raise ValueError(f"{path}: no split {split!r} (has {list(ds)})")
+        ds = ds[split]
+    for row, rec in enumerate(ds):
+        yield f"{path} row {row}", rec
+
+
+def iter_records(path: Path, split: str | None = None) -> Iterator[tuple[str, object]]:
+    path = Path(path)
+    if path.is_dir():
+        return _iter_datasets(path, split)
+    if not path.is_file():
+        raise FileNotFoundError(f"input {path} does not exist")
+    if path.suffix in (".jsonl", ".json", ".ndjson"):
+        return _iter_jsonl(path)
+    if path.suffix in (".parquet", ".pq"):
+        return _iter_parquet(path)
+    raise ValueError(f"input {path}: unknown format (expected .jsonl, .parquet or a datasets folder)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# record -> (example_id, prompt, response, system)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _str_field(rec: dict, name: str, *, optional: bool = False) -> str | None:
+    val = rec.get(name)
+    if val is None:
+        if optional:
+            return None
+        raise BadRow(f"missing field {name!r}")
+    if not isinstance(val, str):
+        raise BadRow(f"field {name!r} must be a string, got {type(val).__name__}")
+    return val
+
+
+def _from_messages(msgs, cfg: PrepareConfig) -> tuple[str, str, str | None, bool]:
+    """(prompt, response, system, dropped_earlier_turns) of a chat-messages record."""
+    if not isinstance(msgs, list) or not msgs:
+        raise BadRow(f"field {cfg.messages_field!r} must be a non-empty list of {{role, content}}")
+    for m in msgs:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise BadRow("each message must be an object with string 'role' and 'content'")
+    system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
+    turns = msgs[1:] if system is not None else msgs
+    if len(turns) < 2 or turns[-1]["role"] != "assistant" or turns[-2]["role"] != "user":
+        raise BadRow("messages must end with a user message followed by the assistant's response")
+    multi = len(turns) > 2
+    if multi and cfg.multi_turn == "error":
+        raise BadRow(f"multi-turn conversation ({len(turns)} turns) and --multi-turn error")
+    return turns[-2]["content"], turns[-1]["content"], system, multi
+
+
+def normalize(rec, cfg: PrepareConfig) -> tuple[str | None, str, str, str | None, bool]:
+    """(explicit id or None, prompt, response, system, dropped_turns); raises BadRow."""
+    if isinstance(rec, BadRow):
+        raise rec
+    if not isinstance(rec, dict):
+        raise BadRow(f"a record must be a JSON object, got {type(rec).__name__}")
+    rid = rec.get(cfg.id_field) if cfg.id_field else None
+    if rid is not None and not isinstance(rid, (str, int)):
+        raise BadRow(f"field {cfg.id_field!r} must be a string or integer")
+    if rec.get(cfg.messages_field) is not None:
+        prompt, response, system, multi = _from_messages(rec[cfg.messages_field], cfg)
+    else:
+        prompt = _str_field(rec, cfg.prompt_field)
+        response = _str_field(rec, cfg.response_field)
+        system = _str_field(rec, cfg.system_field, optional=True)
+        multi = False
+    if not prompt.strip():
+        raise BadRow("empty prompt")
+    if not response.strip():
+        raise BadRow("empty response")
+    return (None if rid is None else str(rid)), prompt, response, system, multi
+
+
+def content_id(prompt: str, response: str, system: str | None) -> str:
+    h = hashlib.sha256()
+    h.update((system or "").encode() + b"\0" + (b"S" if system is not None else b"N") + b"\0")
+    h.update(prompt.encode() + b"\0" + response.encode())
+    return h.hexdigest()[:16]
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    if path.is_dir():
+        for p in sorted(path.rglob("*")):
+            if p.is_file():
+                h.update(p.name.encode())
+                h.update(p.read_bytes())
+        return h.hexdigest()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the command
+# ---------------------------------------------------------------------------------------------------------
+
+
+def prepare(cfg: PrepareConfig, *, log=print) -> PreparedManifest:
+    """Read every input, write the shards and the manifest; returns the manifest."""
+    rows = {"example_id": [], "prompt": [], "response": [], "system": []}
+    seen: dict[str, str] = {}
+    sources = []
+    counts = {"bad": 0, "duplicate": 0, "multi_turn": 0}
+    for inp in cfg.inputs:
+        path = Path(inp)
+        n_in = n_bad = 0
+        for where, rec in iter_records(path, cfg.split):
+            if cfg.limit is not None and len(rows["example_id"]) >= cfg.limit:
+                break
+            n_in += 1
+            try:
+                rid, prompt, response, system, multi = normalize(rec, cfg)
+            except BadRow as exc:
+                if cfg.on_bad_row == "error":
+                    raise ValueError(f"{where}: {exc} (use --on-bad-row skip to skip bad rows)") from None
+                n_bad += 1
+                continue
+            eid = rid if rid is not None else content_id(prompt, response, system)
+            if eid in seen:
+                if rid is not None:
+                    raise ValueError(f"{where}: duplicate {cfg.id_field!r} {rid!r} (first at {seen[eid]})")
+                counts["duplicate"] += 1
+                continue
+            seen[eid] = where
+            counts["multi_turn"] += int(multi)
+            for k, v in (("example_id", eid), ("prompt", prompt), ("response", response), ("system", system)):
+                rows[k].append(v)
+        counts["bad"] += n_bad
+        sources.append({"path": str(path.resolve()), "sha256": _sha256_file(path), "rows": n_in,
+                        "skipped": n_bad})
+    n = len(rows["example_id"])
+    if n == 0:
+        raise ValueError(f"no usable rows in {cfg.inputs}")
+
+    fp = hashlib.sha256()
+    for i in range(n):
+        fp.update(json.dumps([rows["example_id"][i], rows["prompt"][i], rows["response"][i],
+                              rows["system"][i]], ensure_ascii=False).encode() + b"\n")
+    manifest = PreparedManifest(fingerprint=fp.hexdigest(), n_examples=n, shard_size=cfg.shard_size,
+                                n_shards=-(-n // cfg.shard_size), sources=sources)
+
+    out = prepared_dir(cfg.data_dir)
+    if (out / "manifest.json").exists():
+        old = PreparedManifest.load(cfg.data_dir)
+        if old.fingerprint == manifest.fingerprint and old.shard_size == manifest.shard_size:
+            log(f"prepare: {out} is already up to date ({n} examples, fingerprint {old.fingerprint[:12]})")
+            return old
+        if not cfg.overwrite:
+            raise StoreError(f"{out / 'manifest.json'}: a different prepared set is already there (fingerprint "
+                             f"{old.fingerprint[:12]}, shard_size {old.shard_size} vs {manifest.fingerprint[:12]}, "
+                             f"{manifest.shard_size}); teacher stores built on it "
+                             f"would no longer match. Use another --data-dir or pass --overwrite")
+        (out / "manifest.json").unlink()
+        for p in out.glob("part-*.parquet"):
+            p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    for j in range(manifest.n_shards):
+        sl = slice(j * cfg.shard_size, (j + 1) * cfg.shard_size)
+        table = pa.Table.from_pydict({k: v[sl] for k, v in rows.items()}, schema=PREPARED_SCHEMA)
+        write_table_atomic(table, out / shard_name(j))
+    manifest.save(cfg.data_dir)  # last: its presence means the set is complete
+    log(f"prepare: {n} examples in {manifest.n_shards} shards -> {out} (fingerprint {manifest.fingerprint[:12]}; "
+        f"skipped {counts['bad']} bad rows, {counts['duplicate']} exact duplicates; "
+        f"{counts['multi_turn']} multi-turn conversations kept their last exchange)")
+    return manifest
+
+
+def add_arguments(p) -> None:
+    d = PrepareConfig()
+    p.add_argument("--input", dest="inputs", nargs="+", default=d.inputs,
+                   help="JSONL / Parquet files or datasets folders (default: the shipped WordNet corpus)")
+    p.add_argument("--data-dir", default=d.data_dir)
+    p.add_argument("--prompt-field", default=d.prompt_field)
+    p.add_argument("--response-field", default=d.response_field)
+    p.add_argument("--system-field", default=d.system_field)
+    p.add_argument("--messages-field", default=d.messages_field)
+    p.add_argument("--id-field", default=d.id_field, help="field holding a stable id ('' = hash the content)")
+    p.add_argument("--split", default=None, help="split of a DatasetDict folder")
+    p.add_argument("--on-bad-row", choices=("error", "skip"), default=d.on_bad_row)
+    p.add_argument("--multi-turn", choices=("last", "error"), default=d.multi_turn)
+    p.add_argument("--shard-size", type=int, default=d.shard_size)
+    p.add_argument("--limit", type=int, default=None, help="keep only the first N examples")
+    p.add_argument("--overwrite", action="store_true", help="replace a different prepared set in --data-dir")
+
+
+def run(args) -> int:
+    cfg = PrepareConfig(inputs=list(args.inputs), data_dir=args.data_dir, prompt_field=args.prompt_field,
+                        response_field=args.response_field, system_field=args.system_field,
+                        messages_field=args.messages_field, id_field=args.id_field or None, split=args.split,
+                        on_bad_row=args.on_bad_row, multi_turn=args.multi_turn, shard_size=args.shard_size,
+                        limit=args.limit, overwrite=args.overwrite)
+    try:
+        prepare(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"profuser prepare: error: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,98 @@
+"""`profuser teach` (training mode): every source's top-k distributions on the gold responses.
+
+    profuser teach --data-dir runs/wn --source smollm2-135m-instruct gemma3-270m --k 8
+    torchrun --nproc_per_node 8 -m profuser.engine.cli teach --data-dir ... --source ...   # shards by rank
+
+For each source and each prepared example (prompt, gold response), the conversation is encoded with the
+source's own chat template (text.chat.encode_example) and run teacher-forced (shards.forward_predicted:
+top-k of the model's own log-softmax at every predicted position). Per row it stores
+
+    topk ids (int32) and log-probs (fp16, descending), the predicted token's log-prob,
+    nll_sum = -sum_r lp_r[token_r],   n_bytes = text.chat.predicted_bytes (+1 for end-of-turn)
+
+MinCE compares nll_sum / n_bytes across sources (tokenizers of different granularity: per token is not
+comparable); nll_sum / n_tokens is kept for the per-token variant. The shard driver, the forward and the
+memory / batching / resumption rules are in passes/shards.py.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pyarrow as pa
+
+from .. import dist as _dist
+from ..store import PreparedManifest, TeacherShard
+from ..text.chat import encode_example, predicted_bytes
+from .shards import (PassConfig, Progress, add_common_arguments, check_nan, config_from_args, forward_predicted,
+                     length_batches, load_source, run_shards)
+
+
+def teach_shard(model, tok, cfg: PassConfig, device, table: pa.Table, where: str, prog: Progress):
+    """Records of one prepared shard (rows in shard order)."""
+    eids, prompts = table["example_id"].to_pylist(), table["prompt"].to_pylist()
+    responses, systems = table["response"].to_pylist(), table["system"].to_pylist()
+    encs = []
+    for i, (p, r, s) in enumerate(zip(prompts, responses, systems)):
+        try:
+            encs.append(encode_example(tok, p, r, system=s, max_length=cfg.max_length))
+        except ValueError as exc:
+            raise ValueError(f"{where}: row {i} (example_id {eids[i]!r}): {exc}") from exc
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    n = len(encs)
+    R = np.array([e.n_predicted for e in encs], dtype=np.int64)
+    off = np.concatenate([[0], np.cumsum(R)])
+    topk_ids = np.zeros((off[-1], cfg.k), np.int32)
+    topk_lp = np.zeros((off[-1], cfg.k), np.float32)
+    tok_lp = np.zeros(off[-1], np.float32)
+    for batch in length_batches([len(e.input_ids) for e in encs], cfg.batch_tokens, cfg.max_batch_size):
+        ti, tl, tk = forward_predicted(model, [encs[i] for i in batch], cfg.k, device, pad, cfg.logit_chunk_bytes)
+        s = 0
+        for i in batch:
+            topk_ids[off[i]:off[i + 1]] = ti[s:s + R[i]]
+            topk_lp[off[i]:off[i + 1]] = tl[s:s + R[i]]
+            tok_lp[off[i]:off[i + 1]] = tk[s:s + R[i]]
+            s += R[i]
+        prog.update(len(batch), int(R[batch].sum()))
+    pred_offsets = np.concatenate([e.pred_offsets for e in encs]) if n else np.zeros((0, 2), np.int32)
+    records = TeacherShard(
+        example_ids=eids, responses=responses, tok_off=off, offsets=pred_offsets,
+        token_ids=np.concatenate([e.pred_ids for e in encs]).astype(np.int32), token_logprobs=tok_lp,
+        topk_ids=topk_ids, topk_logprobs=topk_lp,
+        n_bytes=np.array([predicted_bytes(r, e.pred_offsets) for r, e in zip(responses, encs)], np.int32))
+    return records, {"n_nan_rows": check_nan(records, cfg.nan_policy, where),
+                     "n_input_tokens": int(sum(len(e.input_ids) for e in encs))}
+
+
+def teach(cfg: PassConfig, *, after_shard=None) -> dict:
+    """Training-mode pass of every source; returns {source name: stats}."""
+    PreparedManifest.load(cfg.data_dir)  # fail before loading any model
+    di = _dist.dist_info(cfg.rank, cfg.world_size)
+    out = {}
+    for spec, name in zip(cfg.sources, cfg.source_names):
+        model, tok, device, thash, vocab = load_source(spec, cfg, di.local_rank)
+        stats = run_shards(cfg, name, spec, "train", thash, vocab,
+                           lambda j, t, w, p, model=model: teach_shard(model, tok, cfg, device, t, w, p),
+                           after_shard=after_shard)
+        out[name] = stats
+        print(f"teach {name}: {stats['shards']} shards written, {stats['skipped']} already complete, "
+              f"{stats['tokens']} predicted tokens at {stats['tok_s']:.0f} tok/s "
+              f"({stats['input_tokens']} input tokens, {stats['input_tok_s']:.0f} tok/s), "
+              f"{stats['bytes'] / max(stats['tokens'], 1):.1f} B/token on disk", file=sys.stderr)
+        del model
+    return out
+
+
+def add_arguments(p) -> None:
+    add_common_arguments(p)
+    p.add_argument("--max-length", type=int, default=2048, help="cap on prompt + response tokens per example: the response is truncated to fit; an example whose templated prompt alone exceeds it is an error naming the row")
+
+
+def run(args) -> int:
+    try:
+        teach(PassConfig(**config_from_args(args), max_length=args.max_length))
+    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
+        print(f"profuser teach: error: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,314 @@
+"""Chat encoding shared by the teacher pass, the loader and the trainer (docs/contracts.md section 2).
+
+An example (prompt, response[, system]) becomes
+
+    input_ids = prefix_ids + response_ids + suffix_ids
+
+where prefix = the chat template rendered with add_generation_prompt=True, and suffix = what the template
+writes after the assistant content (its first token is the end-of-turn token: <|im_end|>, <end_of_turn>,
+</s>, ...). Each part is tokenized on its own with add_special_tokens=False, so no token straddles the
+response boundary and the response tokens (and their character offsets) do not depend on the template.
+
+The *predicted tokens* are the response tokens plus the end-of-turn token. Predicted token r sits at
+input position pred_pos[r] + 1, has id pred_ids[r], and covers characters pred_offsets[r] = [start, end)
+of `response`; the end-of-turn token covers [len(response), len(response)).
+
+Offsets. Fast tokenizers give offsets directly. We make them canonical so that two tokenizers describe
+the same text the same way: a gap between one token's end and the next token's start (whitespace that a
+tokenizer trims from its offsets, or the dummy-prefix space of SentencePiece) is given to the following
+token, so the spans cover the response with no holes; byte pieces of one multi-byte character keep the
+overlapping spans the tokenizer gives them (all pieces report the whole character). Tokenizers without
+offsets (slow tokenizers, MistralCommonBackend) fall back to cumulative decoding: the span of token i
+is [len(decode(ids[:i])), len(decode(ids[:i+1]))), with pieces that decode to an incomplete character
+("\\ufffd") folded into the character they complete.
+
+Suffix detection renders the conversation once with a sentinel as the assistant content: everything
+after the sentinel is the suffix. This is robust to templates that strip or rewrite the content
+(e.g. Gemma's `| trim`). A tokenizer without a chat template gets a plain fallback template (Gemma turn
+markers when the vocabulary has them, else "User:/Assistant:" ended by the EOS token).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+
+_SENTINEL = "\x00\x01PROFUSER_RESPONSE\x01\x00"
+
+
+@dataclass
+class EncodedExample:
+    """One templated conversation and its predicted tokens.
+
+    input_ids:    int32 [L]     prefix + response + end-of-turn (+ rest of the suffix)
+    pred_pos:     int32 [R]     position p whose next token input_ids[p + 1] is predicted token r
+    pred_offsets: int32 [R, 2]  character span [start, end) of predicted token r inside `response`
+    pred_ids:     int32 [R]     == input_ids[pred_pos + 1]
+    """
+
+    input_ids: np.ndarray
+    pred_pos: np.ndarray
+    pred_offsets: np.ndarray
+    pred_ids: np.ndarray
+
+    @property
+    def n_predicted(self) -> int:
+        return int(self.pred_ids.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# templates
+# ----------------------------------------------------------------------------------------------------
+
+
+def _messages(prompt: str, response: str | None, system: str | None) -> list[dict]:
+    msgs = []
+    if system is not None:
+        msgs.append({"role": "system", "content": system})
+    msgs.append({"role": "user", "content": prompt})
+    if response is not None:
+        msgs.append({"role": "assistant", "content": response})
+    return msgs
+
+
+def _has_token(tok, text: str) -> bool:
+    """True if `text` is one token of the vocabulary (cheap: no get_vocab() dict of 262k entries)."""
+    vocab = getattr(tok, "vocab", None)
+    if isinstance(vocab, dict):
+        return text in vocab
+    try:
+        tid = tok.convert_tokens_to_ids(text)
+    except Exception:  # noqa: BLE001 - backends without a token table: treat as absent
+        return False
+    return isinstance(tid, int) and tid >= 0 and tid != tok.unk_token_id
+
+
+_MARKERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _gemma_markers(tok) -> bool:
+    """Whether the vocabulary has Gemma's turn markers (cached per tokenizer object)."""
+    try:
+        return _MARKERS[tok]
+    except (KeyError, TypeError):
+        pass
+    has = _has_token(tok, "<start_of_turn>") and _has_token(tok, "<end_of_turn>")
+    try:
+        _MARKERS[tok] = has
+    except TypeError:  # not weak-referenceable: recompute next time
+        pass
+    return has
+
+
+def _fallback_render(tok, prompt: str, response: str | None, system: str | None) -> str:
+    """Plain template for tokenizers without one. Returns the prefix when response is None.
+
+    With Gemma turn markers in the vocabulary, the Gemma layout; else "User:/Assistant:". BOS and EOS are
+    not written as text here (some backends do not parse special tokens in text): encode_example adds
+    them as ids (see _fallback_specials).
+    """
+    if _gemma_markers(tok):
+        user = prompt if system is None else f"{system}\n\n{prompt}"
+        out = f"<start_of_turn>user\n{user}<end_of_turn>\n<start_of_turn>model\n"
+        return out if response is None else out + response + "<end_of_turn>\n"
+    head = f"{system}\n\n" if system is not None else ""
+    out = f"{head}User: {prompt}\nAssistant: "
+    return out if response is None else out + response
+
+
+def _fallback_specials(tok) -> tuple[list[int], list[int]]:
+    """(ids before the prefix, ids after the suffix) of the fallback template: [BOS], [EOS]."""
+    bos = [int(tok.bos_token_id)] if getattr(tok, "bos_token_id", None) is not None else []
+    gemma = _gemma_markers(tok)
+    eos = [] if gemma or tok.eos_token_id is None else [int(tok.eos_token_id)]
+    return bos, eos
+
+
+def render_parts(tok, prompt: str, system: str | None = None) -> tuple[str, str]:
+    """(prefix, suffix) strings of the template around the assistant content."""
+    if getattr(tok, "chat_template", None):
+        prefix = tok.apply_chat_template(_messages(prompt, None, system), tokenize=False,
+                                         add_generation_prompt=True)
+        full = tok.apply_chat_template(_messages(prompt, _SENTINEL, system), tokenize=False)
+    else:
+        prefix = _fallback_render(tok, prompt, None, system)
+        full = _fallback_render(tok, prompt, _SENTINEL, system)
+    at = full.find(_SENTINEL)
+    if at < 0:
+        raise ValueError("the chat template dropped the assistant content; cannot locate the response")
+    suffix = full[at + len(_SENTINEL):]
+    return prefix, suffix
+
+
+# ----------------------------------------------------------------------------------------------------
+# tokenization with offsets
+# ----------------------------------------------------------------------------------------------------
+
+
+def _encode_plain(tok, text: str) -> list[int]:
+    if not text:
+        return []
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def _decode_offsets(tok, ids: list[int], text: str) -> np.ndarray:
+    """Cumulative-decoding offsets for tokenizers without an offset mapping. int32 [n, 2]."""
+    n = len(ids)
+    out = np.zeros((n, 2), dtype=np.int32)
+    prev_len = 0
+    pending = []  # tokens whose bytes do not yet form a whole character
+    for i in range(n):
+        s = tok.decode(ids[: i + 1])
+        if s.endswith("\ufffd") and not text[: len(s)].endswith("\ufffd"):
+            pending.append(i)
+            continue
+        cur = len(s)
+        start = prev_len
+        for j in pending:  # every piece of a split character reports the whole character
+            out[j] = (start, cur)
+        pending.clear()
+        out[i] = (start, cur)
+        prev_len = cur
+    for j in pending:
+        out[j] = (prev_len, len(text))
+    return out
+
+
+def tokenize_with_offsets(tok, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and canonical character spans of `text` tokenized alone, without special tokens.
+
+    Returns (ids int32 [n], offsets int32 [n, 2]). Raises ValueError when the spans do not cover the text
+    (ids that do not describe the text).
+    """
+    if not text:
+        return np.zeros(0, np.int32), np.zeros((0, 2), np.int32)
+    offsets = None
+    try:
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = np.asarray(enc["input_ids"], dtype=np.int32)
+        offsets = np.asarray(enc["offset_mapping"], dtype=np.int32).reshape(-1, 2)
+    except (NotImplementedError, TypeError, ValueError, KeyError):
+        ids = np.asarray(_encode_plain(tok, text), dtype=np.int32)
+    if offsets is None or offsets.shape[0] != ids.shape[0]:
+        offsets = _decode_offsets(tok, ids.tolist(), text)
+    return ids, canonical_offsets(offsets, text)
+
+
+def canonical_offsets(offsets: np.ndarray, text: str) -> np.ndarray:
+    """Give each inter-token gap to the following token (see the module header). int32 [n, 2] -> [n, 2].
+
+    Raises ValueError if spans leave the text, go backwards, or leave a non-whitespace gap (the ids do
+    not describe the text).
+    """
+    off = np.array(offsets, dtype=np.int64, copy=True)
+    n = off.shape[0]
+    if n == 0:
+        return off.astype(np.int32)
+    if (off < 0).any() or (off > len(text)).any() or (off[:, 1] < off[:, 0]).any():
+        raise ValueError(f"token offsets do not fit the text of length {len(text)}")
+    # prev_end[i] = max end of tokens before i (the running frontier); 0 for the first token
+    frontier = np.maximum.accumulate(off[:, 1])
+    prev_end = np.concatenate([[0], frontier[:-1]])
+    if (np.diff(off[:, 0]) < 0).any():
+        raise ValueError("token offsets go backwards")
+    gap = off[:, 0] > prev_end
+    if gap.any():
+        for i in np.nonzero(gap)[0]:
+            if text[prev_end[i]:off[i, 0]].strip():
+                raise ValueError(f"token offsets skip text {text[prev_end[i]:off[i, 0]]!r} at character "
+                                 f"{prev_end[i]}: the ids do not decode to the text")
+        off[gap, 0] = prev_end[gap]
+    if frontier[-1] < len(text) and text[frontier[-1]:].strip():
+        raise ValueError(f"token offsets end at character {frontier[-1]} but the text has {len(text)}")
+    return off.astype(np.int32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the encoder
+# ----------------------------------------------------------------------------------------------------
+
+
+def end_of_turn_id(tok, suffix_ids: list[int]) -> int:
+    if suffix_ids:
+        return int(suffix_ids[0])
+    if tok.eos_token_id is None:
+        raise ValueError("the chat template writes nothing after the response and the tokenizer has no EOS")
+    return int(tok.eos_token_id)
+
+
+def truncate(P: int, resp_ids, resp_off, suffix_ids: list, max_length: int | None):
+    """Fit prompt (P tokens) + response + suffix into max_length by cutting the response, then the suffix.
+
+    The prompt is never cut. When the whole response fits, the suffix keeps what fits (the end-of-turn
+    first, so it is still predicted); when the response is cut, the suffix is dropped and the turn does
+    not end. Returns (resp_ids [n], resp_off [n, 2], suffix_ids)."""
+    n_resp = len(resp_ids)
+    if max_length is None or P + n_resp + len(suffix_ids) <= max_length:
+        return resp_ids, resp_off, suffix_ids
+    if P >= max_length:
+        raise ValueError(f"max_length={max_length} leaves no room for the response: the templated prompt "
+                         f"alone has {P} tokens")
+    keep = min(n_resp, max_length - P)
+    suffix_ids = suffix_ids[: max_length - P - n_resp] if keep == n_resp else []
+    return resp_ids[:keep], resp_off[:keep], suffix_ids
+
+
+def predicted_bytes(response: str, pred_offsets) -> int:
+    """UTF-8 bytes of the text a row's predicted tokens cover, + 1 when the end-of-turn is predicted.
+
+    The one byte count of the project: MinCE per byte (teach, generate), held-out NLL per byte (eval)
+    and the store's n_bytes check all call it. pred_offsets int [R, 2] as in EncodedExample (the
+    end-of-turn token's span is [len(response), len(response)]); a truncated response counts only its
+    covered prefix and no end-of-turn.
+    """
+    off = np.asarray(pred_offsets).reshape(-1, 2)
+    if off.shape[0] == 0:
+        return 0
+    ends_turn = int(off[-1, 0]) == len(response)
+    return len(response[: int(off[:, 1].max())].encode("utf-8")) + int(ends_turn)
+
+
+def encode_example(tok, prompt: str, response: str, *, system: str | None = None,
+                   max_length: int | None = None) -> EncodedExample:
+    """Encode one (prompt, response) conversation; see EncodedExample for the shapes.
+
+    max_length truncates the response (then the end-of-turn is not predicted: the turn did not end);
+    the prompt part is never truncated: ValueError if the prefix alone leaves no room for a token.
+    """
+    if not isinstance(prompt, str) or not isinstance(response, str):
+        raise ValueError(f"prompt and response must be str, got {type(prompt).__name__} and "
+                         f"{type(response).__name__}")
+    prefix, suffix = render_parts(tok, prompt, system)
+    prefix_ids = _encode_plain(tok, prefix)
+    suffix_ids = _encode_plain(tok, suffix)
+    if not getattr(tok, "chat_template", None):
+        before, after = _fallback_specials(tok)
+        prefix_ids, suffix_ids = before + prefix_ids, suffix_ids + after
+    if not prefix_ids:
+        raise ValueError("the templated prompt encodes to no tokens: nothing predicts the first response "
+                         "token")
+    resp_ids, resp_off = tokenize_with_offsets(tok, response)
+    eot = end_of_turn_id(tok, suffix_ids)
+    if not suffix_ids:
+        suffix_ids = [eot]
+
+    P = len(prefix_ids)
+    resp_ids, resp_off, suffix_ids = truncate(P, resp_ids, resp_off, suffix_ids, max_length)
+    n_resp = len(resp_ids)
+    ends_turn = len(suffix_ids) > 0
+
+    input_ids = np.empty(P + n_resp + len(suffix_ids), dtype=np.int32)
+    input_ids[:P] = prefix_ids
+    input_ids[P:P + n_resp] = resp_ids
+    input_ids[P + n_resp:] = suffix_ids
+    R = n_resp + int(ends_turn)
+    pred_pos = np.arange(P - 1, P - 1 + R, dtype=np.int32)
+    pred_offsets = np.empty((R, 2), dtype=np.int32)
+    pred_offsets[:n_resp] = resp_off
+    if ends_turn:
+        pred_offsets[n_resp] = len(response)
+    pred_ids = input_ids[pred_pos + 1].copy()
+    return EncodedExample(input_ids=input_ids, pred_pos=pred_pos, pred_offsets=pred_offsets,
+                          pred_ids=pred_ids)

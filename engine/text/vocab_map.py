@@ -1,0 +1,300 @@
+"""Teacher-vocabulary -> student-vocabulary maps (int32 [V_t], -1 = none), cached on disk.
+
+Token normalization. Every id becomes the bytes it stands for: byte-level BPE pieces ("Ġthe", "Ċ",
+"æĿ") go through GPT-2's byte<->unicode table; SentencePiece pieces have "▁" -> " " and byte tokens
+"<0x0A>" -> b"\\n"; anything else is its UTF-8. Comparing bytes makes "Ġthe" (SmolLM2) equal "▁the"
+(Gemma), and a byte piece equal the SentencePiece byte token of the same byte.
+
+Map, in order (a teacher id keeps the first rule that maps it):
+1. specials by role: BOS, EOS, PAD, UNK and the chat end-of-turn token (the first token the template
+   writes after the response: <|im_end|>, <end_of_turn>, ...). Teacher end-of-turn -> student
+   end-of-turn, teacher EOS -> student EOS (or the student's end-of-turn when it has no EOS), and so
+   on. Other special/added tokens map only to a special student token with the same content.
+2. exact: same normalized bytes (student ties -> smallest id).
+3. "mined" (FuseLLM's MinED map, length-restricted): the student token with the smallest byte-level
+   Levenshtein distance d <= max(1, floor(max_distance_ratio * len)) (default ratio 0.34), ties ->
+   smallest id. Since
+   d >= |len_t - len_s|, only students of nearby lengths are compared (C++: bit-parallel Myers,
+   threads; Python: editdistance). Beyond the bound a token stays unmapped: a far "nearest" token is
+   noise, and unmapped teacher mass is handled by the loss's missing_mass policy.
+4. "stats" (FuseChat's statistics-based map): from sparse co-alignment counts C[t, s] (pairs seen
+   aligned in a corpus): argmin over {s : C[t, s] > 0} of lev(t, s) * (0.1 if one string contains the
+   other else 1) * sigmoid(C[t, s]), ties -> smallest s. Counts stay sparse (pairs + np.unique), never a
+   dense V_s x V_t matrix.
+Student ids >= student_size (tokens the student model has no row for) are never targets.
+
+Cache: <cache_dir>/<teacher hash[:16]>-<student hash[:16]>-<method>[-r<ratio>][-c<counts hash>].npy,
+cache_dir defaulting to $PROFUSER_CACHE/vocab_maps; written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import weakref
+from pathlib import Path
+
+import numpy as np
+
+from ..models import cache_root
+
+
+_BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable-unicode table."""
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+_BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+def is_byte_level(tok) -> bool:
+    """Whether the tokenizer's pieces are written in GPT-2's byte-unicode alphabet."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        for part in (backend.decoder, backend.pre_tokenizer):
+            if part is not None and "ByteLevel" in str(part.__getstate__() if hasattr(part, "__getstate__")
+                                                        else part):
+                return True
+        return False
+    return False
+
+
+def piece_bytes(piece: str, byte_level: bool) -> bytes:
+    """The bytes one vocabulary piece stands for (see the module header)."""
+    if byte_level:
+        try:
+            return bytes(_BYTE_DECODER[c] for c in piece)
+        except KeyError:
+            return piece.encode("utf-8")
+    m = _BYTE_TOKEN.match(piece)
+    if m:
+        return bytes([int(m.group(1), 16)])
+    return piece.replace("\u2581", " ").encode("utf-8")
+
+
+_INFO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class VocabInfo:
+    """Per-tokenizer tables: normalized bytes of every id, which ids are special, role ids."""
+
+    def __init__(self, tok):
+        n = len(tok)
+        pieces = tok.convert_ids_to_tokens(list(range(n)))
+        bl = is_byte_level(tok)
+        special = np.zeros(n, bool)
+        added = getattr(tok, "added_tokens_decoder", None) or {}
+        for i, t in added.items():
+            if int(i) < n and getattr(t, "special", True):
+                special[int(i)] = True
+        for i in getattr(tok, "all_special_ids", []) or []:
+            if i is not None and 0 <= int(i) < n:
+                special[int(i)] = True
+        self.size = n
+        self.pieces = [p if p is not None else "" for p in pieces]
+        self.special = special
+        self.bytes = [self.pieces[i].encode("utf-8") if special[i] else piece_bytes(self.pieces[i], bl)
+                      for i in range(n)]
+        self.roles = _roles(tok)
+
+    def strings(self) -> list[str]:
+        """Normalized pieces as latin-1 strings (one char per byte), for edit distances."""
+        return [b.decode("latin-1") for b in self.bytes]
+
+
+def vocab_info(tok) -> VocabInfo:
+    try:
+        return _INFO[tok]
+    except (KeyError, TypeError):
+        pass
+    info = VocabInfo(tok)
+    try:
+        _INFO[tok] = info
+    except TypeError:
+        pass
+    return info
+
+
+def _roles(tok) -> dict[str, int]:
+    from .chat import _encode_plain, _fallback_specials, render_parts
+
+    roles = {}
+    for role in ("bos", "eos", "pad", "unk"):
+        i = getattr(tok, f"{role}_token_id", None)
+        if i is not None:
+            roles[role] = int(i)
+    try:
+        _, suffix = render_parts(tok, "x")
+        ids = _encode_plain(tok, suffix)
+        if not getattr(tok, "chat_template", None) and not ids:
+            ids = _fallback_specials(tok)[1]
+        if ids:
+            roles["eot"] = int(ids[0])
+    except Exception:  # noqa: BLE001 - a broken template must not stop the vocabulary map
+        pass
+    if "eot" not in roles and "eos" in roles:
+        roles["eot"] = roles["eos"]
+    return roles
+
+
+def _special_map(t: VocabInfo, s: VocabInfo, student_size: int) -> dict[int, int]:
+    """Teacher special id -> student special id by role, then by identical content."""
+    out: dict[int, int] = {}
+    fallback = {"eos": ("eos", "eot"), "eot": ("eot", "eos"), "bos": ("bos",), "pad": ("pad", "eos"),
+                "unk": ("unk",)}
+    for role in ("eot", "eos", "bos", "pad", "unk"):  # eot first: it wins when one id has two roles
+        ti = t.roles.get(role)
+        if ti is None or ti in out:
+            continue
+        for cand in fallback[role]:
+            si = s.roles.get(cand)
+            if si is not None and si < student_size:
+                out[ti] = si
+                break
+    content = {s.pieces[i]: i for i in np.nonzero(s.special)[0][::-1].tolist() if i < student_size}
+    for ti in np.nonzero(t.special)[0].tolist():
+        if ti not in out and t.pieces[ti] in content:
+            out[ti] = content[t.pieces[ti]]
+    return out
+
+
+def exact_map(t: VocabInfo, s: VocabInfo, student_size: int) -> np.ndarray:
+    """int32 [V_t]: non-special teacher id -> non-special student id with identical bytes, else -1."""
+    table: dict[bytes, int] = {}
+    for i in range(min(s.size, student_size) - 1, -1, -1):  # reversed: the smallest id wins
+        if not s.special[i] and s.bytes[i]:
+            table[s.bytes[i]] = i
+    out = np.full(t.size, -1, np.int32)
+    for i in range(t.size):
+        if not t.special[i]:
+            out[i] = table.get(t.bytes[i], -1)
+    return out
+
+
+def coalign_counts(teacher_ids_list, student_ids_list,
+                   alignments) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sparse co-alignment counts from aligned sequences.
+
+    teacher_ids_list[b] int [R_b], student_ids_list[b] int [S_b], alignments[b] int [S_b] (teacher row or -1).
+    Returns (t_ids, s_ids, counts), int64 [P] each, one entry per distinct (teacher id, student id) pair.
+    """
+    ts, ss = [], []
+    for b, (tid, sid, al) in enumerate(zip(teacher_ids_list, student_ids_list, alignments)):
+        tid, sid, al = np.asarray(tid, np.int64), np.asarray(sid, np.int64), np.asarray(al, np.int64)
+        if al.shape != sid.shape:
+            raise ValueError(f"sequence {b}: alignment has shape {al.shape}, student ids {sid.shape}")
+        if (al >= tid.shape[0]).any():
+            raise ValueError(f"sequence {b}: alignment refers to teacher row >= {tid.shape[0]}")
+        keep = al >= 0
+        ts.append(tid[al[keep]])
+        ss.append(sid[keep])
+    if not ts:
+        return (np.zeros(0, np.int64),) * 3
+    t, s = np.concatenate(ts), np.concatenate(ss)
+    if t.size == 0:
+        return (np.zeros(0, np.int64),) * 3
+    base = int(s.max()) + 1
+    keys, counts = np.unique(t * base + s, return_counts=True)
+    return keys // base, keys % base, counts.astype(np.int64)
+
+
+def stats_choice(t_str: list[str], s_str: list[str], t_ids, s_ids, counts,
+                 lev_pairs) -> tuple[np.ndarray, np.ndarray]:
+    """FuseChat's argmin per teacher id over its co-aligned student ids -> (teacher ids, student ids)."""
+    t_ids, s_ids, counts = (np.asarray(x, np.int64) for x in (t_ids, s_ids, counts))
+    if t_ids.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    d = lev_pairs(t_str, s_str, t_ids, s_ids).astype(np.float64)
+    contains = np.array([(a in b) or (b in a) for a, b in
+                         ((t_str[i], s_str[j]) for i, j in zip(t_ids.tolist(), s_ids.tolist()))])
+    score = d * np.where(contains, 0.1, 1.0) * (1.0 / (1.0 + np.exp(-counts.astype(np.float64))))
+    order = np.lexsort((s_ids, score, t_ids))  # by teacher, then score, then smallest student id
+    first = np.ones(order.size, bool)
+    first[1:] = t_ids[order][1:] != t_ids[order][:-1]
+    pick = order[first]
+    return t_ids[pick], s_ids[pick]
+
+
+def build(teacher_tok, student_tok, *, method: str, teacher_size: int | None, student_size: int | None,
+          cache_dir, counts, max_distance_ratio: float, impl, hash_fn) -> np.ndarray:
+    """The map (see the module header); `impl` provides nearest() and lev_pairs() (C++ or Python)."""
+    parts = method.split("+")
+    if parts[0] != "exact" or any(p not in ("mined", "stats") for p in parts[1:]):
+        raise ValueError(f"method must be 'exact' optionally followed by '+mined' and/or '+stats', "
+                         f"got {method!r}")
+    if "stats" in parts and counts is None:
+        raise ValueError("method with '+stats' needs counts=(t_ids, s_ids, counts) from coalign_counts()")
+    V_t = max(len(teacher_tok), teacher_size or 0)
+    s_size = len(student_tok) if student_size is None else int(student_size)
+
+    key = f"{hash_fn(teacher_tok)[:16]}-{hash_fn(student_tok)[:16]}-{method}-s{s_size}-t{V_t}"
+    if "mined" in parts:
+        key += f"-r{max_distance_ratio:g}"
+    if counts is not None and "stats" in parts:
+        h = hashlib.sha256()
+        for a in counts:
+            h.update(np.ascontiguousarray(np.asarray(a, np.int64)).tobytes())
+        key += f"-c{h.hexdigest()[:12]}"
+    path = None
+    if cache_dir is not False:
+        root = Path(cache_dir) if cache_dir else cache_root() / "vocab_maps"
+        path = root / f"{key}.npy"
+        if path.exists():
+            m = np.load(path)
+            if m.shape == (V_t,) and m.dtype == np.int32:
+                return m
+
+    t, s = vocab_info(teacher_tok), vocab_info(student_tok)
+    out = np.full(V_t, -1, np.int32)
+    out[: t.size] = exact_map(t, s, s_size)
+    for ti, si in _special_map(t, s, s_size).items():
+        out[ti] = si
+    todo = np.nonzero((out[: t.size] < 0) & ~t.special)[0]
+    t_str = s_str = None
+    if "mined" in parts and todo.size:
+        t_str, s_str = t.strings(), s.strings()
+        queries = [t_str[i] for i in todo.tolist()]
+        max_dist = np.maximum(1, (np.array([len(q) for q in queries]) * max_distance_ratio).astype(np.int64))
+        cand_ok = ~s.special.copy()
+        cand_ok[s_size:] = False
+        ids, _ = impl.nearest(queries, s_str, max_dist.astype(np.int32), cand_ok)
+        out[todo] = ids
+        todo = todo[ids < 0]
+    if "stats" in parts and todo.size:
+        if t_str is None:
+            t_str, s_str = t.strings(), s.strings()
+        ct, cs, cc = (np.asarray(a, np.int64) for a in counts)
+        if ct.size and ((ct < 0).any() or (ct >= t.size).any() or (cs < 0).any() or (cs >= s.size).any()):
+            raise ValueError("counts hold ids outside the teacher or student vocabulary")
+        want = np.zeros(t.size, bool)
+        want[todo] = True
+        keep = want[ct] & (cs < s_size) & ~s.special[cs] if ct.size else np.zeros(0, bool)
+        ti, si = stats_choice(t_str, s_str, ct[keep], cs[keep], cc[keep], impl.lev_pairs)
+        out[ti] = si
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".vmap-", suffix=".npy", dir=path.parent)
+        os.close(fd)
+        np.save(tmp, out)
+        os.replace(tmp, path)
+        with open(path.with_suffix(".json"), "w") as f:
+            json.dump({"method": method, "teacher_size": V_t, "student_size": s_size,
+                       "mapped": int((out >= 0).sum())}, f)
+    return out
+
+

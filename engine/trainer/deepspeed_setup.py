@@ -1,0 +1,106 @@
+"""DeepSpeed around the student: the DeepSpeed JSON from TrainConfig, the student loaded (partitioned under
+ZeRO-3), and deepspeed.initialize around FusionStep.
+
+ZeRO-3 and the lm_head: the fused loss reads `lm_head.weight` outside `lm_head.forward`, so the weight is
+registered as an external parameter of the wrapper module (deepspeed.zero.register_external_parameter):
+ZeRO-3 gathers it for the wrapper's forward and releases it afterwards. The loss library computes the
+weight's gradient inside forward (reduction mean/sum), so the weight is never needed in backward. A tied
+embedding is the same tensor: it is registered once and DeepSpeed never gathers it twice.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, TrainConfig
+from ..models import load_model, load_tokenizer
+from .schedule import lr_factor
+from .step import FusionStep
+
+
+def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype) -> dict:
+    """The DeepSpeed JSON from the config's `deepspeed` section plus the keys the typed sections own."""
+    ds = copy.deepcopy(cfg.deepspeed)
+    owned = {
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+        "gradient_accumulation_steps": cfg.optim.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+    }
+    for key, value in owned.items():
+        if key in ds and ds[key] not in ("auto", value):
+            raise ConfigError(f"deepspeed.{key}={ds[key]!r} conflicts with the engine's value {value!r}; "
+                              "set it through the typed section (data.micro_batch_size, optim.grad_accum, "
+                              "optim.grad_clip) instead")
+        ds[key] = value
+    ds.pop("train_batch_size", None)  # derived by DeepSpeed: micro * accum * world
+    ds.setdefault("bf16", {})["enabled"] = dtype == torch.bfloat16
+    ds.setdefault("fp16", {})["enabled"] = dtype == torch.float16
+    ds.setdefault("zero_optimization", {}).setdefault("stage", 3)
+    ds["zero_allow_untested_optimizer"] = True  # torch AdamW as client optimizer (no 36 s JIT build)
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+def resolve_attention(name: str) -> str:
+    """"auto": flash_attention_2 on a GPU where flash-attn is installed, else sdpa."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_student(cfg: TrainConfig, dtype: torch.dtype, ds_config: dict):
+    """The student and its tokenizer. Under ZeRO-3 the weights are partitioned while they load
+    (deepspeed.zero.Init through transformers' HfDeepSpeedConfig), so no rank ever holds the whole model:
+    what lets a large student start on nodes whose CPU memory could not hold one full copy per rank."""
+    tok = load_tokenizer(cfg.model.student)
+    zero3 = None
+    if ds_config.get("zero_optimization", {}).get("stage") == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        zero3 = HfDeepSpeedConfig(ds_config)  # must stay alive while the model loads
+    lm = load_model(cfg.model.student, dtype=dtype, attn_implementation=resolve_attention(cfg.model.attn_implementation))
+    del zero3
+    lm.config.use_cache = False
+    if cfg.model.activation_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.train()
+    return lm, tok
+
+
+def full_shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's logical shape, also when ZeRO-3 has partitioned it (its local data is then empty)."""
+    return getattr(p, "ds_shape", p.shape)
+
+
+def build_engine(cfg: TrainConfig, lm: nn.Module, vocab_maps: list, dtype: torch.dtype, optimizer=None):
+    """deepspeed.initialize around FusionStep(lm). Returns (engine, lr_scheduler, zero_stage).
+
+    optimizer: a torch optimizer over the wrapper's parameters, or None for AdamW from cfg.optim (torch's
+    AdamW as client optimizer: no 36 s JIT build of DeepSpeed's CPU/fused Adam).
+    """
+    import deepspeed
+
+    ds_config = deepspeed_config(cfg, dtype)
+    stage = ds_config["zero_optimization"]["stage"]
+    wrapper = FusionStep(lm, cfg.loss, vocab_maps)
+    if optimizer is None:
+        decay = [p for p in wrapper.parameters() if len(full_shape(p)) >= 2]
+        no_decay = [p for p in wrapper.parameters() if len(full_shape(p)) < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}],
+                                      lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg.optim, s))
+    engine, _, _, _ = deepspeed.initialize(model=wrapper, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    if stage == 3:
+        head = engine.module.lm.get_output_embeddings()
+        deepspeed.zero.register_external_parameter(engine.module, head.weight)
+        if getattr(head, "bias", None) is not None:
+            deepspeed.zero.register_external_parameter(engine.module, head.bias)
+    return engine, scheduler, stage

@@ -1,0 +1,270 @@
+"""Held-out NLL / perplexity on gold responses, per predicted token and per byte (`profuser eval`).
+
+For an example (prompt, response) a model with its own tokenizer and chat template predicts R tokens (the
+response tokens plus the end-of-turn token, docs/contracts.md section 2):
+
+    nll = -sum_r log p(token_r | prefix, tokens_<r)             (natural log)
+    per token:  nll / R, perplexity exp(nll / R)                 (depends on the tokenizer)
+    per byte:   nll / n_bytes, bits per byte nll / (n_bytes ln 2)  with n_bytes = UTF-8 bytes of the covered
+                response + 1 for the end-of-turn                 (comparable across tokenizers)
+
+Totals are sums over examples (nll_total / tokens_total), i.e. token-weighted means. Per byte is the
+column to compare the student with sources that use another vocabulary.
+
+The final report (Markdown + JSON) has one row for the student after training, the untouched target, and
+every source (each with its own tokenizer and template), plus a few greedy samples of the student.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from ..config import MODES
+from ..models import LogitTransform, load_model, load_tokenizer, resolve_dtype
+from ..store import TeacherManifest, read_json
+from ..text.chat import encode_example, predicted_bytes
+
+
+def load_eval_examples(path: str | Path, max_examples: int | None = None) -> list[dict]:
+    """Rows {example_id, prompt, response, system} from a JSONL file, a Parquet file or a folder of
+    part-*.parquet (a prepared set). ValueError naming the file and row when a field is missing."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"eval data {path} does not exist")
+    rows: list[dict] = []
+    if path.is_dir() or path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        files = sorted(path.glob("part-*.parquet")) if path.is_dir() else [path]
+        if not files:
+            raise ValueError(f"eval data {path}: folder without part-*.parquet files")
+        for f in files:
+            for i, r in enumerate(pq.read_table(f).to_pylist()):
+                rows.append(_row(r, f, i))
+                if max_examples and len(rows) >= max_examples:
+                    return rows
+        return rows
+    with open(path) as fh:
+        for i, line in enumerate(fh):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: row {i}: not valid JSON ({e})") from None
+            rows.append(_row(r, path, i))
+            if max_examples and len(rows) >= max_examples:
+                break
+    return rows
+
+
+def _row(r: dict, path: Path, i: int) -> dict:
+    for key in ("prompt", "response"):
+        if not isinstance(r.get(key), str):
+            raise ValueError(f"{path}: row {i}: field {key!r} missing or not a string")
+    return {"example_id": str(r.get("example_id", r.get("id", i))), "prompt": r["prompt"],
+            "response": r["response"], "system": r.get("system")}
+
+
+def _encode(tok, e: dict, max_length: int | None):
+    """encode_example with the training max_length; a prompt that alone exceeds it is evaluated untruncated
+    instead of failing the run (every model must see the same held-out examples to be comparable)."""
+    try:
+        return encode_example(tok, e["prompt"], e["response"], system=e["system"], max_length=max_length)
+    except ValueError:
+        if max_length is None:
+            raise
+        return encode_example(tok, e["prompt"], e["response"], system=e["system"], max_length=None)
+
+
+def nll_rows(lm, tok, examples: list[dict], *, max_length: int | None, batch_size: int,
+             device: torch.device) -> list[tuple[float, int, int]]:
+    """Per example (nll_sum, n_predicted_tokens, n_bytes) under `lm` with tokenizer `tok`.
+
+    The backbone runs on [B, L] and the output head only on the predicted positions ([N, H] -> [N, V]),
+    so memory stays far below B * L * V for large vocabularies. Every rank of a ZeRO-3 job must call this
+    with the same examples (the forwards gather parameters collectively).
+    """
+    backbone = getattr(lm, lm.base_model_prefix)
+    head = lm.get_output_embeddings()
+    transform = LogitTransform.of(lm.config)  # the model's own logits, as teach and training see them
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    out: list[tuple[float, int, int]] = []
+    for s in range(0, len(examples), batch_size):
+        chunk = examples[s:s + batch_size]
+        encs = [_encode(tok, e, max_length) for e in chunk]
+        L = max(len(x.input_ids) for x in encs)
+        ids = torch.full((len(encs), L), pad, dtype=torch.long)
+        mask = torch.zeros((len(encs), L), dtype=torch.long)
+        for b, x in enumerate(encs):
+            ids[b, :len(x.input_ids)] = torch.as_tensor(x.input_ids, dtype=torch.long)
+            mask[b, :len(x.input_ids)] = 1
+        hidden = backbone(input_ids=ids.to(device), attention_mask=mask.to(device))[0]  # [B, L, H]
+        pos = torch.cat([torch.as_tensor(x.pred_pos, dtype=torch.long) + b * L for b, x in enumerate(encs)])
+        tgt = torch.cat([torch.as_tensor(x.pred_ids, dtype=torch.long) for x in encs]).to(device)
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pos.to(device))  # [N, H]
+        logits = transform.apply(head(h).float())  # [N, V]
+        lp = logits.log_softmax(-1).gather(1, tgt[:, None]).squeeze(1).double().cpu()  # [N]
+        at = 0
+        for e, x in zip(chunk, encs):
+            R = x.n_predicted
+            out.append((float(-lp[at:at + R].sum()), R, predicted_bytes(e["response"], x.pred_offsets)))
+            at += R
+    return out
+
+
+def summarize(rows: list[tuple[float, int, int]]) -> dict:
+    nll = sum(r[0] for r in rows)
+    toks = sum(r[1] for r in rows)
+    nbytes = sum(r[2] for r in rows)
+    per_tok = nll / max(toks, 1)
+    per_byte = nll / max(nbytes, 1)
+    return {"nll_per_token": per_tok, "ppl": math.exp(min(per_tok, 50.0)), "nll_per_byte": per_byte,
+            "bits_per_byte": per_byte / math.log(2), "n_examples": len(rows), "n_tokens": toks, "n_bytes": nbytes}
+
+
+def generate_samples(lm, tok, examples: list[dict], *, max_new_tokens: int, device: torch.device) -> list[dict]:
+    """Greedy continuations of the templated prompts (one at a time: no padding side effects)."""
+    samples = []
+    for e in examples:
+        enc = encode_example(tok, e["prompt"], "", system=e["system"])
+        prefix = torch.as_tensor(enc.input_ids[: int(enc.pred_pos[0]) + 1], dtype=torch.long)[None].to(device)
+        with torch.no_grad():
+            gen = lm.generate(input_ids=prefix, attention_mask=torch.ones_like(prefix), do_sample=False,
+                              max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        text = tok.decode(gen[0, prefix.shape[1]:], skip_special_tokens=True)
+        samples.append({"example_id": e["example_id"], "prompt": e["prompt"], "gold": e["response"],
+                        "generated": text.strip()})
+    return samples
+
+
+def evaluate_specs(named: dict[str, str], examples: list[dict], *, max_length: int | None, batch_size: int,
+                   device: torch.device | None = None, samples_of: str | None = None, n_samples: int = 0,
+                   max_new_tokens: int = 48) -> tuple[dict, list]:
+    """Evaluate several models (each loaded, used, freed in turn). Returns ({name: summary}, samples)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype("auto", device)
+    results, samples = {}, []
+    for name, spec in named.items():
+        tok = load_tokenizer(spec)
+        lm = load_model(spec, dtype=dtype).to(device).eval()
+        with torch.no_grad():
+            res = summarize(nll_rows(lm, tok, examples, max_length=max_length, batch_size=batch_size,
+                                     device=device))
+        results[name] = {"model": str(spec), **res}
+        if name == samples_of and n_samples:
+            samples = generate_samples(lm, tok, examples[:n_samples], max_new_tokens=max_new_tokens, device=device)
+        del lm
+        gc.collect()
+    return results, samples
+
+
+def markdown_table(results: dict) -> str:
+    lines = ["| model | NLL / token | perplexity | bits / byte | tokens | bytes |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['nll_per_token']:.4f} | {r['ppl']:.2f} | {r['bits_per_byte']:.4f} | "
+                     f"{r['n_tokens']} | {r['n_bytes']} |")
+    return "\n".join(lines)
+
+
+def write_report(out_dir: str | Path, results: dict, samples: list, meta: dict) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps({"meta": meta, "results": results, "samples": samples},
+                                                    indent=2))
+    md = ["# ProFuser evaluation", "", f"Held-out set: `{meta.get('data')}` ({meta.get('n_examples')} examples, "
+          "gold responses). Per byte is comparable across tokenizers; per token is not.", "",
+          markdown_table(results), ""]
+    if samples:
+        md += ["## Samples (greedy)", ""]
+        for s in samples:
+            md += [f"**Prompt:** {s['prompt']}", "", f"- gold: {s['gold']}", f"- generated: {s['generated']}", ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(md))
+    return path
+
+
+def source_models(data_dir: str | Path, sources: list[str]) -> dict[str, str]:
+    """{source: model spec} from the teacher store manifests (the model each source was run with)."""
+    out = {}
+    for s in sources:
+        for mode in MODES:
+            m = TeacherManifest.path(data_dir, s, mode)
+            if m.is_file():
+                out[s] = read_json(m)["model"]
+                break
+        else:
+            out[s] = s  # the source name is a model alias (the default layout)
+    return out
+
+
+def make_evaluator(cfg, tok, device: torch.device):
+    """A callable(lm) -> held-out NLL dict (every rank runs the same forwards, as ZeRO-3 requires)."""
+    if not cfg.eval.data:
+        return None
+    examples = load_eval_examples(cfg.eval.data, cfg.eval.max_examples)
+
+    def evaluate_student(lm) -> dict:
+        lm.eval()
+        with torch.no_grad():
+            rows = nll_rows(lm, tok, examples, max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size,
+                            device=device)
+        return summarize(rows)
+
+    return evaluate_student
+
+
+def final_report(cfg, student_dir: str | Path, out_dir: str | Path) -> Path:
+    """Student after training, the untouched target and every source on the held-out set."""
+    examples = load_eval_examples(cfg.eval.data, cfg.eval.max_examples)
+    named = {"student (after)": str(student_dir)}
+    if cfg.eval.references:
+        named["target (before)"] = cfg.model.student
+        for s, spec in source_models(cfg.data.data_dir, cfg.data.sources).items():
+            named[f"source {s}"] = spec
+    results, samples = evaluate_specs(named, examples, max_length=cfg.data.max_length,
+                                      batch_size=cfg.eval.batch_size, samples_of="student (after)",
+                                      n_samples=cfg.eval.n_samples, max_new_tokens=cfg.eval.max_new_tokens)
+    path = write_report(out_dir, results, samples, {"data": cfg.eval.data, "n_examples": len(examples),
+                                                    "student": cfg.model.student, "output_dir": cfg.output_dir})
+    print(markdown_table(results), file=sys.stderr, flush=True)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# command line: profuser eval --data heldout.jsonl --model student=runs/x/final --model smollm2-135m-instruct
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="held-out JSONL / Parquet / prepared folder (prompt, response)")
+    p.add_argument("--model", action="append", required=True,
+                   help="NAME=SPEC or SPEC (alias or local HF folder); repeat for several models")
+    p.add_argument("--max-examples", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--samples", type=int, default=0, help="greedy samples of the first model")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--out", help="folder for report.md / report.json")
+
+
+def run(args: argparse.Namespace) -> int:
+    named = {}
+    for m in args.model:
+        name, _, spec = m.partition("=") if "=" in m else (m, "", m)
+        named[name] = spec
+    examples = load_eval_examples(args.data, args.max_examples)
+    results, samples = evaluate_specs(named, examples, max_length=args.max_length, batch_size=args.batch_size,
+                                      samples_of=next(iter(named)), n_samples=args.samples,
+                                      max_new_tokens=args.max_new_tokens)
+    print(markdown_table(results))
+    if args.out:
+        print(f"report: {write_report(args.out, results, samples, {'data': args.data, 'n_examples': len(examples)})}")
+    return 0

@@ -1,0 +1,149 @@
+"""`profuser prepare`: JSONL / Parquet / datasets folders, chat messages, stable ids, bad rows."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from profuser.engine.passes import prepare as P
+from profuser.engine import store
+
+REPO = Path(__file__).resolve().parents[3]
+ROWS = [
+    {"prompt": "Define 'cat'.", "response": "A small domesticated feline."},
+    {"prompt": "Define 'dog'.", "response": "A domesticated canid.", "system": "Be brief."},
+    {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi?"},
+                  {"role": "assistant", "content": "Hello!"}]},
+    {"messages": [{"role": "user", "content": "1"}, {"role": "assistant", "content": "one"},
+                  {"role": "user", "content": "2"}, {"role": "assistant", "content": "two"}]},
+    {"prompt": "Define 'eel'.", "response": "A long fish."},
+]
+
+
+def write_jsonl(path, rows, extra_lines=()):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "".join(extra_lines))
+    return path
+
+
+def read_all(data_dir):
+    m = store.PreparedManifest.load(data_dir)
+    return m, pa.concat_tables([store.read_prepared_shard(data_dir, j, m) for j in range(m.n_shards)]).to_pylist()
+
+
+def test_jsonl_records_and_messages(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", ROWS)
+    m = P.prepare(P.PrepareConfig(inputs=[str(src)], data_dir=str(tmp_path / "d"), shard_size=2), log=lambda s: None)
+    assert (m.n_examples, m.n_shards, m.shard_size) == (5, 3, 2)
+    _, rows = read_all(tmp_path / "d")
+    assert [r["prompt"] for r in rows] == ["Define 'cat'.", "Define 'dog'.", "Hi?", "2", "Define 'eel'."]
+    assert [r["response"] for r in rows] == ["A small domesticated feline.", "A domesticated canid.", "Hello!", "two",
+                                             "A long fish."]
+    assert [r["system"] for r in rows] == [None, "Be brief.", "S", None, None]
+    assert rows[0]["example_id"] == P.content_id("Define 'cat'.", "A small domesticated feline.", None)
+    assert len({r["example_id"] for r in rows}) == 5
+    # a system prompt changes the id (same prompt/response otherwise)
+    assert P.content_id("p", "r", None) != P.content_id("p", "r", "")
+
+
+def test_parquet_and_datasets_folder_give_same_set(tmp_path):
+    rows = [r for r in ROWS if "prompt" in r]
+    rows = [{**r, "system": r.get("system")} for r in rows]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
+    jl = write_jsonl(tmp_path / "in.jsonl", rows)
+    from datasets import Dataset
+
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    fps = []
+    for name, inp in (("a", tmp_path / "in.parquet"), ("b", jl), ("c", tmp_path / "ds")):
+        fps.append(P.prepare(P.PrepareConfig(inputs=[str(inp)], data_dir=str(tmp_path / name)),
+                             log=lambda s: None).fingerprint)
+    assert fps[0] == fps[1] == fps[2]
+
+
+def test_custom_fields_and_id_field(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"uid": "x1", "instruction": "Q", "output": "A"},
+                                              {"uid": "x2", "instruction": "Q2", "output": "A2"}])
+    cfg = P.PrepareConfig(inputs=[str(src)], data_dir=str(tmp_path / "d"), prompt_field="instruction",
+                          response_field="output", id_field="uid")
+    P.prepare(cfg, log=lambda s: None)
+    _, rows = read_all(tmp_path / "d")
+    assert [r["example_id"] for r in rows] == ["x1", "x2"]
+    dup = write_jsonl(tmp_path / "dup.jsonl", [{"uid": "x1", "instruction": "Q", "output": "A"},
+                                               {"uid": "x1", "instruction": "Q3", "output": "A3"}])
+    cfg.inputs, cfg.data_dir = [str(dup)], str(tmp_path / "e")
+    with pytest.raises(ValueError, match=r"dup.jsonl:2: duplicate 'uid' 'x1' \(first at .*dup.jsonl:1\)"):
+        P.prepare(cfg, log=lambda s: None)
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json\n", "invalid JSON"),
+    (json.dumps({"prompt": "p"}) + "\n", "missing field 'response'"),
+    (json.dumps({"prompt": "p", "response": 3}) + "\n", "field 'response' must be a string"),
+    (json.dumps({"prompt": "p", "response": "  "}) + "\n", "empty response"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n", "messages must end with a user message"),
+    (json.dumps([1, 2]) + "\n", "a record must be a JSON object"),
+])
+def test_bad_rows_named_or_skipped(tmp_path, line, message):
+    src = write_jsonl(tmp_path / "in.jsonl", ROWS[:2], extra_lines=[line])
+    cfg = P.PrepareConfig(inputs=[str(src)], data_dir=str(tmp_path / "d"))
+    with pytest.raises(ValueError, match=rf"in.jsonl:3: {message}"):
+        P.prepare(cfg, log=lambda s: None)
+    cfg.on_bad_row = "skip"
+    m = P.prepare(cfg, log=lambda s: None)
+    assert m.n_examples == 2 and m.sources[0]["skipped"] == 1
+
+
+def test_multi_turn_policy_and_duplicates(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", ROWS + [ROWS[0]])
+    m = P.prepare(P.PrepareConfig(inputs=[str(src)], data_dir=str(tmp_path / "d")), log=lambda s: None)
+    assert m.n_examples == 5  # the exact duplicate is dropped
+    with pytest.raises(ValueError, match=r"in.jsonl:4: multi-turn"):
+        P.prepare(P.PrepareConfig(inputs=[str(src)], data_dir=str(tmp_path / "e"), multi_turn="error"),
+                  log=lambda s: None)
+
+
+def test_rerun_is_idempotent_and_refuses_another_set(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", ROWS)
+    cfg = P.PrepareConfig(inputs=[str(src)], data_dir=str(tmp_path / "d"))
+    a = P.prepare(cfg, log=lambda s: None)
+    assert P.prepare(cfg, log=lambda s: None).fingerprint == a.fingerprint
+    write_jsonl(src, ROWS[:3])
+    with pytest.raises(store.StoreError, match="a different prepared set is already there"):
+        P.prepare(cfg, log=lambda s: None)
+    cfg.overwrite = True
+    assert P.prepare(cfg, log=lambda s: None).n_examples == 3
+    assert store.PreparedManifest.load(tmp_path / "d").n_shards == 1
+    assert not list((tmp_path / "d" / "prepared").glob("part-00001*"))
+
+
+def test_unknown_format_and_missing_input(tmp_path):
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match="x.csv: unknown format"):
+        P.prepare(P.PrepareConfig(inputs=[str(tmp_path / "x.csv")], data_dir=str(tmp_path / "d")))
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        P.prepare(P.PrepareConfig(inputs=[str(tmp_path / "nope.jsonl")], data_dir=str(tmp_path / "d")))
+
+
+def test_shipped_corpus_cli(tmp_path):
+    """The default input is the shipped WordNet corpus: 3000 unique pairs, ids from the file."""
+    out = subprocess.run([sys.executable, "-m", "profuser.engine.cli", "prepare", "--data-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    m, rows = read_all(tmp_path)
+    assert m.n_examples == 3000 and m.n_shards == 3
+    assert rows[0]["example_id"].startswith("wn-") and len({r["example_id"] for r in rows}) == 3000
+    assert all(r["prompt"] and r["response"] for r in rows)
+
+
+@pytest.mark.skipif(not Path("/usr/share/wordnet/data.noun").exists(), reason="wordnet-base not installed")
+def test_build_corpus_reproduces_shipped_file(tmp_path):
+    out = tmp_path / "wn.jsonl"
+    subprocess.run([sys.executable, str(REPO / "data" / "build_corpus.py"), "--out", str(out)], check=True,
+                   capture_output=True, timeout=120)
+    assert out.read_bytes() == (REPO / "data" / "wordnet_instruct.jsonl").read_bytes()

@@ -1,0 +1,340 @@
+"""Training engine, single process: per-step losses against the reference backend, export reload,
+resume after SIGKILL, SIGTERM checkpoint, NaN stop, store / vocabulary errors.
+
+Student: a tiny random Llama with the real SmolLM2 tokenizer (models.tiny_model_dir). Teachers: the
+student itself as a source and a GPT-2-tokenizer source (another vocabulary: vocab maps and offset
+alignment run for real), written with the store's own writer from the data-fixture helpers (real chat
+encodings, random top-k distributions). Two modes, both present, so the two_stage schedule switches.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import helpers as rt
+from profuser.engine.tools import synthetic as fx
+
+REPO = Path(__file__).resolve().parents[3]
+N, SHARD = 24, 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _isolate_process_group():
+    """train() in this process sets RANK/WORLD_SIZE/MASTER_* and a gloo group; undo both after the module so
+    later tests in the same pytest worker (and their subprocesses) do not inherit them."""
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in keys}
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from profuser.engine.models import tiny_model_dir
+
+    root = tmp_path_factory.mktemp("train")
+    student = tiny_model_dir("smollm2-135m-instruct", hidden=32, layers=2, heads=4, out_dir=root / "student")
+    gpt2_dir = root / "gpt2-tok"
+    rt.load("gpt2").save_pretrained(gpt2_dir)
+    toks = {"self": rt.load("smollm2"), "gpt2": rt.load("gpt2")}
+    models = {"self": str(student), "gpt2": str(gpt2_dir)}
+    data = root / "data"
+    ex = fx.corpus(N, extra_every=0, system_every=5)
+    pm = fx.write_prepared(data, ex, SHARD)
+    for s, src in enumerate(toks):
+        fx.write_teacher(data, src, "train", toks[src], models[src], ex, pm, k=4, seed=10 + s)
+        fx.write_teacher(data, src, "infer", toks[src], models[src], ex, pm, k=4, seed=20 + s,
+                         responses=[fx.infer_response(src, e) for e in ex])
+    fx.write_votes(data, [e["example_id"] for e in ex], [list(toks)[i % 2] for i in range(N)])
+    heldout = root / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps(e) + "\n" for e in fx.corpus(40, extra_every=0)[30:]))
+    return {"root": root, "student": str(student), "data": str(data), "heldout": str(heldout)}
+
+
+def overrides(s, out, **extra):
+    kv = {"output_dir": str(out), "model.student": s["student"], "data.data_dir": s["data"],
+          "data.sources": "[self, gpt2]", "data.k": 4, "data.max_length": 64, "data.micro_batch_size": 2,
+          "data.shuffle_buffer": 8, "optim.max_steps": 6, "optim.grad_accum": 2, "optim.lr": 3e-3,
+          "optim.warmup_steps": 1, "log.progress": False, "log.tensorboard": False,
+          "eval.data": "null", "checkpoint.every": 2}
+    kv.update(extra)
+    return [f"{k}={v}" for k, v in kv.items()]
+
+
+def run_inproc(s, out, **extra):
+    from profuser.engine.config import load_config
+    from profuser.engine.train import train
+
+    return train(load_config(None, overrides(s, out, **extra)))
+
+
+def losses(out, kind="train"):
+    rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if r["kind"] == kind}
+
+
+@pytest.fixture(scope="module")
+def baseline(setup, tmp_path_factory):
+    """An uninterrupted chunked-backend run (ZeRO-3, world size 1) with eval and export."""
+    out = tmp_path_factory.mktemp("base")
+    summary = run_inproc(setup, out, **{"eval.data": setup["heldout"], "eval.max_examples": 6,
+                                        "eval.references": False, "eval.n_samples": 1, "eval.max_new_tokens": 4})
+    return out, summary
+
+
+def test_losses_match_reference_backend(setup, baseline, tmp_path):
+    base, _ = baseline
+    ref = tmp_path / "ref"
+    run_inproc(setup, ref, **{"loss.backend": "reference", "checkpoint.export": False})
+    a, b = losses(base), losses(ref)
+    assert sorted(a) == list(range(1, 7))
+    for step in a:
+        for key in ("loss", "loss_infer", "loss_train", "ce_infer", "kd_infer"):
+            if key in a[step]:
+                assert a[step][key] == pytest.approx(b[step][key], rel=2e-4, abs=1e-5), (step, key)
+    # the schedule ran: infer only in stage 1, both modes (w = 0.1, 1) in stage 2
+    assert [a[s]["w_infer"] for s in a] == [1.0, 1.0, 1.0, 0.1, 0.1, 0.1]
+    assert "loss_train" not in a[1] and "loss_train" in a[6]
+    assert a[6]["loss"] == pytest.approx(0.1 * a[6]["loss_infer"] + a[6]["loss_train"], rel=1e-5)
+    assert a[3]["loss_infer"] < a[1]["loss_infer"]  # it learns
+
+
+def test_export_reloads_with_same_nll(setup, baseline):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from profuser.engine.trainer.evaluate import load_eval_examples, nll_rows, summarize
+
+    out, summary = baseline
+    final = Path(summary["export"])
+    assert (final / "model.safetensors").is_file() and (final / "tokenizer_config.json").is_file()
+    lm = AutoModelForCausalLM.from_pretrained(final).eval()
+    tok = AutoTokenizer.from_pretrained(final)
+    with torch.no_grad():
+        res = summarize(nll_rows(lm, tok, load_eval_examples(setup["heldout"], 6), max_length=64, batch_size=4,
+                                 device=torch.device("cpu")))
+    # the engine's own final eval (ZeRO-3 partitioned module) equals the exported folder's
+    assert res["nll_per_token"] == pytest.approx(summary["eval"]["nll_per_token"], rel=1e-5)
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["results"]["student (after)"]["nll_per_token"] == pytest.approx(res["nll_per_token"], rel=1e-4)
+    assert len(report["samples"]) == 1
+    # and training changed the weights
+    init = AutoModelForCausalLM.from_pretrained(setup["student"])
+    assert not torch.allclose(init.model.norm.weight, lm.model.norm.weight)
+
+
+def spawn(setup, out, *extra):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    for k in ("WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, str(REPO / "engine" / "train.py"), *overrides(setup, out, **{"checkpoint.export": False}),
+           *extra]
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_step(proc, out, step, timeout=240):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        m = Path(out) / "metrics.jsonl"
+        if m.exists() and any(json.loads(x)["step"] >= step for x in m.read_text().splitlines() if x.strip()):
+            return
+        if proc.poll() is not None:
+            pytest.fail("run ended before step %d:\n%s" % (step, proc.stdout.read()[-3000:]))
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail("timeout waiting for step %d" % step)
+
+
+def test_resume_after_sigkill_gives_same_losses(setup, baseline, tmp_path):
+    base, _ = baseline
+    out = tmp_path / "killed"
+    # the script entry point (no launcher, no sys.path edit): killed without warning after step 3
+    proc = spawn(setup, out, "optim.max_steps=6")
+    wait_for_step(proc, out, 3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    assert latest in ("step00000002", "step00000004"), latest
+    resumed = run_inproc(setup, out, **{"checkpoint.export": False})
+    assert resumed["start_step"] == int(latest[4:])
+    a, b = losses(base), losses(out)
+    assert sorted(b) == list(range(1, 7))
+    # fp32 noise between processes is ~1e-6 relative; a wrong resume (batch order, optimizer or lr state,
+    # RNG) moves the loss by far more (consecutive steps differ by > 1e-2 here)
+    for step in range(1, 7):
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=2e-5), step
+    assert min(abs(a[s + 1]["loss"] - a[s]["loss"]) / a[s]["loss"] for s in range(1, 6)) > 1e-3
+
+
+def test_sigterm_saves_checkpoint(setup, tmp_path):
+    out = tmp_path / "term"
+    proc = spawn(setup, out, "optim.max_steps=50", "checkpoint.every=0")
+    wait_for_step(proc, out, 2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    last = max(losses(out))
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step{last:08d}"
+    state = torch.load(out / "checkpoints" / f"step{last:08d}" / "trainer_rank00000.pt", weights_only=False)
+    assert state["step"] == last and set(state["loaders"]) == {"infer", "train"}
+
+
+def test_nan_loss_stops_with_ids_and_checkpoint(setup, tmp_path, monkeypatch):
+    from profuser.engine.trainer import step as step_mod
+
+    calls = {"n": 0}
+    forward = step_mod.FusionStep.forward
+
+    def poisoned(self, batch, weights, counts, scale):  # the 2nd micro-batch of step 2 (index 1) is NaN
+        loss, parts = forward(self, batch, weights, counts, scale)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 4 else loss), parts
+
+    monkeypatch.setattr(step_mod.FusionStep, "forward", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(step_mod.NonFiniteLossError) as e:
+        run_inproc(setup, out, **{"checkpoint.every": 0})
+    msg = str(e.value)
+    assert "at step 1" in msg and "example ids of the batch: ['" in msg
+    nan_ckpt = out / "checkpoints" / "nan-step00000001"
+    state = torch.load(nan_ckpt / "trainer_rank00000.pt", weights_only=False)
+    assert state["step"] == 1 and str(nan_ckpt) in msg
+    assert not (out / "checkpoints" / "latest").exists()  # a NaN checkpoint is never auto-resumed
+
+
+def test_store_and_vocab_errors(setup, tmp_path):
+    from profuser.engine.config import load_config
+    from profuser.engine.loader.stream import check_stores, check_vocab_rows
+
+    cfg = load_config(None, overrides(setup, tmp_path, **{"data.data_dir": str(tmp_path / "none")}))
+    with pytest.raises(FileNotFoundError, match="prepared set"):
+        check_stores(cfg, ["infer", "train"])
+    cfg = load_config(None, overrides(setup, tmp_path, **{"data.sources": "[self, missing]"}))
+    with pytest.raises(FileNotFoundError, match="source 'missing'"):
+        check_stores(cfg, ["train"])
+    # a store built for another prepared set
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(setup["data"], data)
+    pm = json.loads((data / "prepared" / "manifest.json").read_text())
+    pm["fingerprint"] = "another"
+    (data / "prepared" / "manifest.json").write_text(json.dumps(pm))
+    cfg = load_config(None, overrides(setup, tmp_path, **{"data.data_dir": str(data)}))
+    with pytest.raises(ValueError, match="another prepared set"):
+        check_stores(cfg, ["train"])
+
+    class FakeLoader:
+        source_names = ["self", "gpt2"]
+        vocab_maps = [None, torch.tensor([3, 49151, -1], dtype=torch.int32)]
+
+    check_vocab_rows(FakeLoader(), 49152, "s")
+    with pytest.raises(ValueError, match="gpt2"):
+        check_vocab_rows(FakeLoader(), 1000, "s")
+
+
+def test_merge_modes_pads_and_concatenates():
+    from profuser.engine.trainer.step import merge_modes
+
+    def b(mode, B, L):
+        return {"input_ids": torch.ones(B, L, dtype=torch.long), "attention_mask": torch.ones(B, L, dtype=torch.long),
+                "labels": torch.full((B, L), 5), "teacher_ids": torch.zeros(2, B, L, 3, dtype=torch.int32),
+                "teacher_logprobs": torch.zeros(2, B, L, 3), "teacher_weights": torch.ones(2, B, L),
+                "mode": torch.full((B,), mode), "example_ids": [f"{mode}{i}" for i in range(B)], "n_tokens": B * L}
+
+    m = merge_modes([b(1, 2, 3), b(0, 1, 5)], pad_id=7)
+    assert m["input_ids"].shape == (3, 5) and m["teacher_ids"].shape == (2, 3, 5, 3)
+    assert (m["input_ids"][:2, 3:] == 7).all() and (m["labels"][:2, 3:] == -100).all()
+    assert (m["attention_mask"][:2, 3:] == 0).all() and (m["teacher_ids"][:, :2, 3:] == -1).all()
+    assert m["mode"].tolist() == [1, 1, 0] and m["n_tokens"] == 11 and m["example_ids"][2] == "00"
+
+
+def test_plot_renders_png_and_rejects_bad_rows(baseline, tmp_path):
+    from profuser.engine.tools.plot import plot
+
+    base, _ = baseline
+    png = plot(base, tmp_path / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    bad = tmp_path / "metrics.jsonl"
+    bad.write_text('{"kind": "train", "step": 1, "loss": 1.0}\n{oops\n')
+    with pytest.raises(ValueError, match="row 1"):
+        plot(bad, tmp_path / "x.png")
+
+
+def test_eval_counts_bytes_and_rejects_bad_rows(setup, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from profuser.engine.trainer.evaluate import load_eval_examples, nll_rows
+
+    ex = load_eval_examples(setup["heldout"], 3)
+    lm = AutoModelForCausalLM.from_pretrained(setup["student"]).eval()
+    tok = AutoTokenizer.from_pretrained(setup["student"])
+    with torch.no_grad():
+        full = nll_rows(lm, tok, ex, max_length=None, batch_size=2, device=torch.device("cpu"))
+        one = nll_rows(lm, tok, ex[1:2], max_length=None, batch_size=1, device=torch.device("cpu"))
+        from profuser.engine.text.chat import encode_example
+
+        room = int(encode_example(tok, ex[0]["prompt"], ex[0]["response"], system=ex[0]["system"]).pred_pos[0]) + 3
+        cut = nll_rows(lm, tok, ex[:1], max_length=room, batch_size=1, device=torch.device("cpu"))
+        # a prompt longer than max_length alone is evaluated untruncated, never a crash of the run
+        tiny = nll_rows(lm, tok, ex[:1], max_length=room - 3, batch_size=1, device=torch.device("cpu"))
+    for (nll, n_tok, n_bytes), e in zip(full, ex):
+        assert n_bytes == len(e["response"].encode()) + 1 and n_tok >= 2 and nll > 0
+    assert one[0][0] == pytest.approx(full[1][0], rel=1e-5)  # batching / padding does not change the NLL
+    assert cut[0][2] < full[0][2] and cut[0][1] < full[0][1]  # truncation: fewer bytes, no end-of-turn
+    assert tiny[0] == pytest.approx(full[0], rel=1e-5)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl: row 1: field 'response'"):
+        load_eval_examples(bad)
+
+
+@pytest.mark.parametrize("kind, modes", [("two_stage", ["infer", "train"]), ("train_only", ["train"]),
+                                         ("infer_only", ["infer"]), ("reverse", ["infer", "train"])])
+def test_zero_weight_modes_are_never_opened(setup, tmp_path, kind, modes):
+    import shutil
+
+    from profuser.engine.config import load_config
+    from profuser.engine.loader.stream import check_stores
+    from profuser.engine.trainer.schedule import active_modes
+
+    data = tmp_path / "data"
+    shutil.copytree(setup["data"], data)
+    cfg = load_config(None, overrides(setup, tmp_path, **{"schedule.kind": kind, "data.data_dir": str(data)}))
+    assert active_modes(cfg) == modes
+    for src in ("self", "gpt2"):  # remove the stores of the unused mode: training still finds what it needs
+        for m in {"infer", "train"} - set(modes):
+            shutil.rmtree(data / "teachers" / src / m)
+    check_stores(cfg, active_modes(cfg))
+
+
+def test_zero3_loads_the_student_partitioned(setup, tmp_path):
+    """Under ZeRO-3 the student is partitioned while it loads (zero.Init), never held whole per rank;
+    the logical shapes stay available for the vocabulary check and the weight-decay groups."""
+    from profuser.engine.config import load_config
+    from profuser.engine.dist import setup_distributed
+    from profuser.engine.trainer.deepspeed_setup import deepspeed_config, full_shape, load_student
+
+    setup_distributed()
+    cfg = load_config(None, overrides(setup, tmp_path))
+    assert deepspeed_config(cfg, torch.float32)["zero_optimization"]["stage"] == 3
+    lm, _ = load_student(cfg, torch.float32, deepspeed_config(cfg, torch.float32))
+    head = lm.get_output_embeddings().weight
+    assert hasattr(head, "ds_id") and head.numel() == 0          # partitioned: no full local copy
+    assert tuple(full_shape(head)) == (lm.config.vocab_size, lm.config.hidden_size)
+    plain, _ = load_student(cfg, torch.float32, {})             # no DeepSpeed config: a plain model
+    assert not hasattr(plain.get_output_embeddings().weight, "ds_id")
