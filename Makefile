@@ -36,7 +36,7 @@ venv: $(VENV)/.deps
 # --no-build-isolation: build against the venv's torch 2.13.0 (see pyproject.toml for why)
 install: venv
 	$(PIP) install -q --no-build-isolation --no-deps -e . $(PIPQ)
-	@$(VPY) -c "from profuser.engine import align; print('profuser: C++ extension', 'loaded' if align.HAVE_EXT else 'absent: pure-Python fallback')"
+	@$(VPY) -c "from profuser.engine.text import align; print('profuser: C++ extension', 'loaded' if align.HAVE_EXT else 'absent: pure-Python fallback')"
 
 build: install
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -29,8 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # real_tokenizers: offline loaders with a converted-tokenizer cache
+from harness import machine_name
+
+from profuser.engine.passes.prepare import shipped_corpus
+from profuser.engine.text.tokenizers import load_known
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -42,23 +45,9 @@ MULTILINGUAL = (
 )
 
 
-def machine_name() -> str:
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{platform.machine().replace('_', '-')} {os.cpu_count()}-core ({cpu}), {mem:.0f} GiB"
-
-
 def corpus_text(min_chars: int) -> str:
     parts = []
-    for path in sorted((ROOT / "data").glob("*.jsonl")):
+    for path in [shipped_corpus()]:
         with open(path, encoding="utf-8") as f:
             for i, line in enumerate(f):
                 parts.append(json.loads(line)["response"])
@@ -71,7 +60,7 @@ def corpus_text(min_chars: int) -> str:
 
 
 def make_sequences(s_tok, t_tok, n_seqs: int, n_tokens: int):
-    from profuser.engine.chat import encode_example
+    from profuser.engine.text.chat import encode_example
 
     text = corpus_text(n_seqs * n_tokens * 6)
     ids = s_tok(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -141,16 +130,15 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--band", type=int, default=64)
     ap.add_argument("--skip-vocab", action="store_true")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "align_cpu.json"))
+    ap.add_argument("--out", default=str(RESULTS / "align_cpu.json"))
     args = ap.parse_args(argv)
 
-    import real_tokenizers
-    from profuser.engine import align
+    from profuser.engine.text import align
 
     if not align.HAVE_EXT:
         print("profuser._C is not built: only the Python rows can be measured", file=sys.stderr)
     load_before = os.getloadavg()
-    s_tok, t_tok = real_tokenizers.load("smollm2"), real_tokenizers.load("gemma3")
+    s_tok, t_tok = load_known("smollm2"), load_known("gemma3")
     seqs = make_sequences(s_tok, t_tok, args.seqs, args.tokens)
     S = [es.pred_offsets for _, es, _ in seqs]
     T = [et.pred_offsets for _, _, et in seqs]
@@ -200,7 +188,7 @@ def main(argv=None):
     # ---- vocab map ----
     vocab = {}
     if not args.skip_vocab:
-        from profuser.engine import vocab_map
+        from profuser.engine.text import vocab_map
 
         vocab_map._INFO.clear()
         for method in ("exact", "exact+mined"):

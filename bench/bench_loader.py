@@ -1,8 +1,8 @@
-"""Loader throughput: profuser.engine.data vs a FuseLLM-style dense collation of the same data.
+"""Loader throughput: profuser.engine.loader vs a FuseLLM-style dense collation of the same data.
 
 Data: the shipped WordNet instruction corpus (plus multilingual / digit / whitespace responses), the real
 SmolLM2 tokenizer as the student, T=3 sources with real tokenizers (SmolLM2 itself, Gemma-3, GPT-2), K=8
-random top-k per predicted token, written by the store's own writer (tests/test_data_fixtures.py). Only
+random top-k per predicted token, written by the store's own writer (profuser.engine.tools.synthetic). Only
 the top-k numbers are random; token counts, offsets and alignment are those of real text.
 
 Methods, all on the same examples in one run, single-threaded (torch, tokenizers and BLAS threads = 1,
@@ -46,16 +46,15 @@ import numpy as np  # noqa: E402
 import pyarrow.dataset  # noqa: E402,F401
 import torch  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests"), str(REPO / "bench")]
-
-import real_tokenizers as rt  # noqa: E402
-import test_data_fixtures as fx  # noqa: E402
 from harness import machine_name, machine_slug  # noqa: E402
 
 from profuser.engine import store  # noqa: E402
-from profuser.engine.align import build_vocab_map  # noqa: E402
-from profuser.engine.data import FusionDataConfig, FusionLoader  # noqa: E402
+from profuser.engine.loader.loader import FusionDataConfig, FusionLoader  # noqa: E402
+from profuser.engine.text.align import build_vocab_map  # noqa: E402
+from profuser.engine.text.tokenizers import load_known  # noqa: E402
+from profuser.engine.tools import synthetic as fx  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 SOURCES = {"smollm2": "smollm2-135m-instruct", "gemma3": "gemma3-270m", "gpt2": "gpt2-local"}
 
@@ -242,13 +241,13 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--dense-batches", type=int, default=8)
     ap.add_argument("--data-dir", default=None, help="reuse a store here (built when absent)")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results"))
+    ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
 
     torch.set_num_threads(1)
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
-    toks = {"smollm2": rt.load("smollm2"), "gemma3": rt.load("gemma3"), "gpt2": rt.load("gpt2")}
+    toks = {"smollm2": load_known("smollm2"), "gemma3": load_known("gemma3"), "gpt2": load_known("gpt2")}
     work = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="bench_loader-"))
     root = work / "store"
     _, build_wall, _ = timed(lambda: build(root, args.examples, args.shard_size, args.k, toks))

@@ -29,9 +29,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import harness  # noqa: E402
-import models  # noqa: E402
+import harness
+import shapes
 
 METHODS = ["naive", "reference", "chunked", "triton", "liger_jsd_compiled", "liger_jsd_eager", "cce_ce"]
 CPU_CASES = ["smollm2-135m:4096", "gemma3-270m:1024"]
@@ -41,7 +40,7 @@ T, K, LAM, TEMP = 3, 8, 0.9, 1.0
 
 def make_inputs(model: str, N: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
     """Seeded inputs; same for every method of a case. Teachers: top-K of a random distribution."""
-    shp = models.get(model)
+    shp = shapes.get(model)
     g = torch.Generator().manual_seed(seed)
     H, V = shp.hidden, shp.vocab
     hidden = torch.randn(N, H, generator=g)
@@ -129,7 +128,7 @@ def run_one(case: str, method: str, dtype_name: str, reps: int) -> None:
     model, n = case.split(":")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, dtype_name)
-    shp = models.get(model)
+    shp = shapes.get(model)
     row = harness.Row(bench="loss", case=case, method=method,
                       shape=dict(model=model, N=int(n), H=shp.hidden, V=shp.vocab, T=T, K=K),
                       dtype=dtype_name, device=device.type, machine=harness.machine_name(),
@@ -173,11 +172,11 @@ def main() -> None:
         for method in a.methods.split(","):
             base = harness.Row(bench="loss", case=case, method=method, shape={"model": model}, dtype=dtype,
                                device="cuda" if gpu else "cpu", machine=harness.machine_name())
-            if models.get(model).gpu_only and not gpu:
+            if shapes.get(model).gpu_only and not gpu:
                 base.status, base.note = "skipped", "GPU-only shape"
                 rows.append(base)
                 continue
-            if method == "reference" and models.get(model).vocab > 100_000 and not gpu:
+            if method == "reference" and shapes.get(model).vocab > 100_000 and not gpu:
                 base.status, base.note = "skipped", "dense [N,V] x several: too big for this CPU case"
                 rows.append(base)
                 continue

@@ -24,13 +24,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+from harness import machine_name
 
-from harness import machine_name  # noqa: E402
+from profuser.engine import models, store
+from profuser.engine.passes import prepare as P
+from profuser.engine.passes import teach
+from profuser.engine.passes.shards import PassConfig
 
-from profuser.engine import models, store, teach  # noqa: E402
-from profuser.engine import prepare as P  # noqa: E402
+RESULTS = Path(__file__).resolve().parent / "results"
 
 WRITERS = {
     "snappy, dictionary, plain (pyarrow defaults)": dict(compression="snappy", byte_stream_split=False,
@@ -64,7 +65,7 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--batch-tokens", type=int, default=8192)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch CPU thread counts to time")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     load_before = os.getloadavg()
@@ -83,7 +84,7 @@ def main() -> int:
                 data = tmp / f"{models.model_name(spec)}-{threads}"
                 P.prepare(P.PrepareConfig(data_dir=str(data), limit=args.examples,
                                           shard_size=max(1, args.examples // 2)), log=lambda s: None)
-                cfg = teach.TeachConfig(data_dir=str(data), sources=[spec], k=args.k, batch_tokens=args.batch_tokens,
+                cfg = PassConfig(data_dir=str(data), sources=[spec], k=args.k, batch_tokens=args.batch_tokens,
                                         progress=False, threads=threads)
                 la = os.getloadavg()[0]
                 stats = teach.teach(cfg)[models.model_name(spec)]

@@ -36,10 +36,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import harness  # noqa: E402
+import harness
 
-REPO = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
 V_GEMMA, LAM = 262144, 0.9
 
 
@@ -104,7 +103,9 @@ def one(variant: str, args) -> dict:
     lm = load_student(device, dtype)
     if variant.startswith("engine"):
         from profuser.engine.config import load_config
-        from profuser.engine.train import build_engine, run_window, setup_distributed
+        from profuser.engine.dist import setup_distributed
+        from profuser.engine.trainer.deepspeed_setup import build_engine
+        from profuser.engine.trainer.step import run_window
 
         setup_distributed()
         cfg = load_config(None, ["optim.lr=1e-5", "optim.grad_clip=1.0", "optim.decay=constant",
@@ -173,7 +174,7 @@ def main() -> int:
             "batch": args.batch, "length": args.length, "teachers": "2 (student vocab + Gemma-3 262k mapped)",
             "k": args.k, "steps": args.steps, "warmup": args.warmup, "date": time.strftime("%Y-%m-%d %H:%M"),
             "load_average_1m_at_end": os.getloadavg()[0]}
-    out = REPO / "bench" / "results" / f"train_{harness.machine_slug()}_b{args.batch}_l{args.length}.json"
+    out = RESULTS / f"train_{harness.machine_slug()}_b{args.batch}_l{args.length}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"\n{meta['machine']}; B={args.batch}, L={args.length}, K={args.k}, {args.steps} timed steps\n")

@@ -54,7 +54,13 @@ def machine_name() -> str:
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     arch = platform.machine().replace("_", "-")
-    return f"{arch} {os.cpu_count()}-core CPU, {mem_gib:.0f} GiB, torch {torch.__version__}"
+    cpu = "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{arch} {os.cpu_count()}-core {cpu}, {mem_gib:.0f} GiB, torch {torch.__version__}"
 
 
 def machine_slug() -> str:

@@ -26,7 +26,6 @@ is written atomically and recorded in the manifest, so a killed run redoes at mo
 from __future__ import annotations
 
 import logging
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
