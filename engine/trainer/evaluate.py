@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..config import MODES
-from ..models import LogitTransform, load_model, load_tokenizer, resolve_dtype
+from ..models import load_model, load_tokenizer, output_logits, resolve_dtype
 from ..store import TeacherManifest, read_json
 from ..text.chat import encode_example, predicted_bytes
 
@@ -93,8 +93,6 @@ def nll_rows(lm, tok, examples: list[dict], *, max_length: int | None, batch_siz
     with the same examples (the forwards gather parameters collectively).
     """
     backbone = getattr(lm, lm.base_model_prefix)
-    head = lm.get_output_embeddings()
-    transform = LogitTransform.of(lm.config)  # the model's own logits, as teach and training see them
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     out: list[tuple[float, int, int]] = []
     for s in range(0, len(examples), batch_size):
@@ -110,7 +108,7 @@ def nll_rows(lm, tok, examples: list[dict], *, max_length: int | None, batch_siz
         pos = torch.cat([torch.as_tensor(x.pred_pos, dtype=torch.long) + b * L for b, x in enumerate(encs)])
         tgt = torch.cat([torch.as_tensor(x.pred_ids, dtype=torch.long) for x in encs]).to(device)
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pos.to(device))  # [N, H]
-        logits = transform.apply(head(h).float())  # [N, V]
+        logits = output_logits(lm, h)  # [N, V]: the model's own logits, as teach and training see them
         lp = logits.log_softmax(-1).gather(1, tgt[:, None]).squeeze(1).double().cpu()  # [N]
         at = 0
         for e, x in zip(chunk, encs):

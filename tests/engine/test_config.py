@@ -89,3 +89,32 @@ def test_shipped_configs_load():
     root = Path(__file__).resolve().parents[2] / "configs"
     for p in sorted(root.glob("*.yaml")):
         assert isinstance(load_config(p), TrainConfig), p
+
+
+def test_choice_lists_have_one_home():
+    """config.py owns the engine's choice lists; the loader, the passes and the kernels use the same tuples."""
+    import torch
+
+    from profuser.engine import config
+    from profuser.engine.loader import advantage
+    from profuser.engine.loader.loader import FusionDataConfig
+    from profuser.engine.models import resolve_dtype
+    from profuser.engine.passes.shards import PassConfig
+    from profuser.kernels import params
+
+    assert advantage.ADVANTAGES is config.ADVANTAGES and advantage.CE_METRICS is config.CE_METRICS
+    assert config._CHOICES["loss.backend"] is params.BACKENDS
+    assert config._CHOICES["loss.missing_mass"] is params.MISSING_MASS_MODES
+    for key, bad in (("advantage", "maxCE"), ("mode", "eval"), ("align_method", "dtw"), ("nan_policy", "skip")):
+        with pytest.raises(ValueError, match=f"FusionDataConfig.{key}"):
+            FusionDataConfig(data_dir="x", sources=["a"], student="s", **{key: bad})
+    with pytest.raises(ValueError, match="nan_policy"):
+        PassConfig(data_dir="x", sources=["a"], nan_policy="skip")
+    for name, want in (("float32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        assert resolve_dtype(name) is want
+    assert resolve_dtype("auto", "cpu") is torch.float32 and resolve_dtype("auto", "cuda") is torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype 'float64'"):
+        resolve_dtype("float64")
+    with pytest.raises(ConfigError, match="model.dtype"):
+        load_config(None, ["model.dtype=float64"])
+    assert config.MODES == ("infer", "train") and set(config.MODE_ID) == set(config.MODES)

@@ -101,3 +101,66 @@ def test_aliases_load_and_generate(alias, prompt, expect):
     out = model.generate(**ids, max_new_tokens=3, do_sample=False)
     assert tok.decode(out[0, ids["input_ids"].shape[1]:]).startswith(expect)
     assert np.isfinite(model(**ids).logits.detach().numpy()).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the output-logit transform: one rule for teach, generate (the HF forward), eval and the training step
+
+TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+FAMILIES = {  # model_type -> the config keys that make its forward transform the lm_head output
+    "gemma2": dict(final_logit_softcapping=3.0),            # soft-capping
+    "gemma3_text": dict(final_logit_softcapping=2.0),
+    "cohere": dict(logit_scale=0.37),                        # logits * logit_scale
+    "cohere2": dict(logit_scale=0.5),
+    "granite": dict(logits_scaling=4.0),                     # logits / logits_scaling
+    "granitemoe": dict(logits_scaling=3.0, num_local_experts=2, num_experts_per_tok=1),
+    "hyperclovax": dict(logits_scaling=2.5),                 # logits * logits_scaling (muP the other way)
+    "llama": {},                                             # none
+}
+
+
+def tiny_family(model_type: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(model_type, **TINY, **FAMILIES[model_type])
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        lm.get_output_embeddings().weight.normal_(0, 1)  # large logits: a missing transform shows
+    return lm
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_logit_transform_reproduces_the_model_forward(model_type):
+    lm = tiny_family(model_type)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 7))
+    with torch.no_grad():
+        ref = lm(ids).logits[0].float()
+        got = models.output_logits(lm, lm.base_model(ids).last_hidden_state[0])
+    t = models.LogitTransform.of(lm.config)
+    assert (t.scale != 1.0 or t.softcap is not None) == bool(FAMILIES[model_type])
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "cohere", "granite", "hyperclovax"])
+def test_training_step_sees_the_model_logits(model_type):
+    """lam=1 (CE only): the training step's fused loss equals CE on model(...).logits (scale on h, cap in the loss)."""
+    from profuser.engine.config import LossConfig
+    from profuser.engine.trainer.step import FusionStep
+
+    lm = tiny_family(model_type)
+    L = 9
+    ids = torch.randint(0, TINY["vocab_size"], (2, L))
+    labels = torch.full((2, L), -100)
+    labels[:, 2:L - 1] = ids[:, 3:]
+    n = int((labels != -100).sum())
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+             "teacher_ids": torch.full((1, 2, L, 1), -1, dtype=torch.int32),
+             "teacher_logprobs": torch.full((1, 2, L, 1), float("-inf")), "teacher_weights": torch.zeros(1, 2, L),
+             "mode": torch.zeros(2, dtype=torch.long)}
+    step = FusionStep(lm, LossConfig(lam=1.0, backend="reference"), [None])
+    loss, _ = step(batch, {"train": 1.0}, {"train": float(n)}, 1.0)
+    logits = lm(ids).logits.float()
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-5, atol=1e-5)

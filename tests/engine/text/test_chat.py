@@ -134,3 +134,18 @@ def test_canonical_offsets_rules():
         canonical_offsets(np.array([[0, 9]]), text)
     with pytest.raises(ValueError, match="end at character 2"):
         canonical_offsets(np.array([[0, 2]]), "abcd")
+
+
+def test_predicted_bytes_is_the_one_byte_count():
+    """The byte count behind MinCE per byte, eval bits per byte and the store's n_bytes check."""
+    from profuser.engine.text.chat import predicted_bytes
+
+    tok = real_tokenizers.load("smollm2")
+    resp = "Tokyo (東京) 😀 café"
+    full = encode_example(tok, "Where?", resp)
+    assert predicted_bytes(resp, full.pred_offsets) == len(resp.encode()) + 1  # + the end-of-turn
+    cut = encode_example(tok, "Where?", resp, max_length=int(full.pred_pos[0]) + 4)  # response truncated
+    covered = resp[: int(cut.pred_offsets[:, 1].max())]
+    assert predicted_bytes(resp, cut.pred_offsets) == len(covered.encode()) < len(resp.encode())  # no end-of-turn
+    assert predicted_bytes("", encode_example(tok, "Hi", "").pred_offsets) == 1  # only the end-of-turn
+    assert predicted_bytes("x", []) == 0
