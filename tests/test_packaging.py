@@ -1,0 +1,57 @@
+"""The distribution as users install it: an isolated `pip wheel .` (no torch in the build environment: the
+C++ extension needs pybind11 and ninja only), installed into a fresh venv with the core dependencies
+alone (torch, numpy, triton), runs the README's loss-library example; the pipeline's dependencies are not
+there, and the loss library does not need them."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def readme_loss_example() -> str:
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## The fusion loss library"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def pins(*names: str) -> list[str]:
+    """This machine's exact pins from requirements.txt (a range would pull a CUDA torch build here)."""
+    lines = [ln.split("#")[0].strip() for ln in (REPO / "requirements.txt").read_text().splitlines()]
+    return [ln for ln in lines if ln.split("==")[0] in names]
+
+
+def test_wheel_core_install_runs_the_readme_example(tmp_path):
+    dist = tmp_path / "dist"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(dist), str(REPO)],
+                           capture_output=True, text=True, timeout=900)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    assert "torch" not in re.findall(r"Collecting (\S+)", build.stdout)  # the isolated build env has no torch
+    (wheel,) = dist.glob("profuser-*.whl")
+    names = subprocess.run([sys.executable, "-m", "zipfile", "-l", str(wheel)], capture_output=True,
+                           text=True).stdout
+    for member in ("profuser/kernels/fusion_loss.py", "profuser/engine/text/align.py", "profuser/_C",
+                   "profuser/data/wordnet_instruct.jsonl", "profuser/configs/demo.yaml"):
+        assert member in names, member
+    assert "kernels/__init__.py" not in names.replace("profuser/kernels/__init__.py", "")  # no top-level kernels
+
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    py = str(env_dir / "bin" / "python")
+    inst = subprocess.run([py, "-m", "pip", "install", "-q", str(wheel), *pins("torch", "triton", "numpy")],
+                          capture_output=True, text=True, timeout=900)
+    assert inst.returncode == 0, inst.stdout[-3000:] + inst.stderr[-3000:]
+    (tmp_path / "example.py").write_text(readme_loss_example())
+    run = subprocess.run([py, str(tmp_path / "example.py")], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert re.search(r"loss \d+\.\d+", run.stdout)
+    missing = subprocess.run([py, "-c", "import importlib.util as u; print([m for m in "
+                              "('transformers', 'datasets', 'pyarrow', 'deepspeed') if u.find_spec(m)])"],
+                             capture_output=True, text=True)
+    assert missing.stdout.strip() == "[]"  # the core install is the loss library's dependencies only
