@@ -30,10 +30,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .. import dist as _dist
-from ..store import PreparedManifest, TeacherShard
+from ..store import TeacherShard
 from ..text.chat import encode_example, predicted_bytes
-from .shards import PassConfig, Progress, add_common_arguments, check_nan, config_from_args, load_source, run_shards
+from .shards import PassConfig, Progress, add_common_arguments, check_nan, config_from_args, run_pass
 
 
 @dataclass
@@ -198,20 +197,9 @@ def generate_shard(model, tok, cfg: GenerateConfig, device, table: pa.Table, whe
 
 def generate(cfg: GenerateConfig, *, after_shard=None) -> dict:
     """Inference-mode pass of every source; returns {source name: stats}."""
-    PreparedManifest.load(cfg.data_dir)  # fail before loading any model
-    di = _dist.dist_info(cfg.rank, cfg.world_size)
-    out = {}
-    for spec, name in zip(cfg.sources, cfg.source_names):
-        model, tok, device, thash, vocab = load_source(spec, cfg, di.local_rank)
-
-        stats = run_shards(cfg, name, spec, "infer", thash, vocab,
-                           lambda j, t, w, p, model=model: generate_shard(model, tok, cfg, device, t, w, p, j),
-                           generation=cfg.settings(), after_shard=after_shard)
-        out[name] = stats
-        print(f"generate {name}: {stats['shards']} shards written, {stats['skipped']} already complete, "
-              f"{stats['tokens']} tokens at {stats['tok_s']:.1f} tok/s", file=sys.stderr)
-        del model
-    return out
+    return run_pass(cfg, "infer", lambda model, tok, device, j, t, w, p: generate_shard(model, tok, cfg, device, t, w,
+                                                                                         p, j),
+                    generation=cfg.settings(), after_shard=after_shard)
 
 
 def add_arguments(p) -> None:

@@ -26,6 +26,7 @@ is written atomically and recorded in the manifest, so a killed run redoes at mo
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -296,6 +297,30 @@ def run_shards(cfg: PassConfig, name: str, spec: str, mode: str, tok_hash: str, 
         warnings.warn(f"{name} ({mode}): {stats['nan_rows']} rows had NaN log-probabilities; stored with "
                       f"nll_sum = NaN so readers skip them")
     return stats
+
+
+def run_pass(cfg: PassConfig, mode: str, shard_fn: Callable, *, generation: dict | None = None,
+             after_shard: Callable[[int], None] | None = None) -> dict:
+    """Every source of cfg through its (source, `mode`) store, one model at a time on this rank's device.
+
+    shard_fn(model, tok, device, j, prepared_shard_j, where, progress) -> (TeacherShard, counters).
+    Returns {source name: run_shards stats}."""
+    PreparedManifest.load(cfg.data_dir)  # fail before loading any model
+    di = _dist.dist_info(cfg.rank, cfg.world_size)
+    out = {}
+    for spec, name in zip(cfg.sources, cfg.source_names):
+        model, tok, device, thash, vocab = load_source(spec, cfg, di.local_rank)
+        stats = run_shards(cfg, name, spec, mode, thash, vocab,
+                           lambda j, t, w, p, model=model, tok=tok: shard_fn(model, tok, device, j, t, w, p),
+                           generation=generation, after_shard=after_shard)
+        out[name] = stats
+        inputs = f" ({stats['input_tokens']} input tokens, {stats['input_tok_s']:.0f} tok/s)" \
+            if stats["input_tokens"] else ""
+        print(f"{mode} {name}: {stats['shards']} shards written, {stats['skipped']} already complete, "
+              f"{stats['tokens']} predicted tokens at {stats['tok_s']:.1f} tok/s{inputs}, "
+              f"{stats['bytes'] / max(stats['tokens'], 1):.1f} B/token on disk", file=sys.stderr)
+        del model
+    return out
 
 
 def load_source(spec: str, cfg: PassConfig, local_rank: int):

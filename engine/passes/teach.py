@@ -22,11 +22,10 @@ import sys
 import numpy as np
 import pyarrow as pa
 
-from .. import dist as _dist
-from ..store import PreparedManifest, TeacherShard
+from ..store import TeacherShard
 from ..text.chat import encode_example, predicted_bytes
 from .shards import (PassConfig, Progress, add_common_arguments, check_nan, config_from_args, forward_predicted,
-                     length_batches, load_source, run_shards)
+                     length_batches, run_pass)
 
 
 def teach_shard(model, tok, cfg: PassConfig, device, table: pa.Table, where: str, prog: Progress):
@@ -67,21 +66,8 @@ def teach_shard(model, tok, cfg: PassConfig, device, table: pa.Table, where: str
 
 def teach(cfg: PassConfig, *, after_shard=None) -> dict:
     """Training-mode pass of every source; returns {source name: stats}."""
-    PreparedManifest.load(cfg.data_dir)  # fail before loading any model
-    di = _dist.dist_info(cfg.rank, cfg.world_size)
-    out = {}
-    for spec, name in zip(cfg.sources, cfg.source_names):
-        model, tok, device, thash, vocab = load_source(spec, cfg, di.local_rank)
-        stats = run_shards(cfg, name, spec, "train", thash, vocab,
-                           lambda j, t, w, p, model=model: teach_shard(model, tok, cfg, device, t, w, p),
-                           after_shard=after_shard)
-        out[name] = stats
-        print(f"teach {name}: {stats['shards']} shards written, {stats['skipped']} already complete, "
-              f"{stats['tokens']} predicted tokens at {stats['tok_s']:.0f} tok/s "
-              f"({stats['input_tokens']} input tokens, {stats['input_tok_s']:.0f} tok/s), "
-              f"{stats['bytes'] / max(stats['tokens'], 1):.1f} B/token on disk", file=sys.stderr)
-        del model
-    return out
+    return run_pass(cfg, "train", lambda model, tok, device, j, t, w, p: teach_shard(model, tok, cfg, device, t, w, p),
+                    after_shard=after_shard)
 
 
 def add_arguments(p) -> None:
