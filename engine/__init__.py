@@ -1,7 +1,7 @@
 """profuser.engine: the fusion pipeline around the loss library.
 
 Layers (imports point down only; tests/engine/test_layers.py checks it):
-    train.py, cli.py      the training recipe and the `profuser` command line
+    cli.py, train.py      the `profuser` command line; the training recipe
     tools/                demo, plot
     passes/ trainer/      teacher passes that build the stores; the training step, schedule, checkpoints, eval
     loader/               the streaming loader: stores + alignment -> padded fusion batches

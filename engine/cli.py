@@ -7,6 +7,8 @@
     profuser train     progressive fusion training (also: deepspeed engine/train.py --config ...)
     profuser eval      held-out NLL / perplexity of a model, the target and every source
     profuser plot      loss and eval curves to PNG
+    profuser check     a config and its stores checked, without loading a model
+    profuser repoint   a store's source model moved: record where it is now
     profuser demo      the whole pipeline on the shipped corpus with real small models
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; modules
@@ -19,6 +21,8 @@ import argparse
 import importlib
 import sys
 
+from .errors import report_errors
+
 # subcommand -> (module inside profuser.engine, one-line help)
 COMMANDS = {
     "prepare": ("passes.prepare", "build the prepared set from JSONL / Parquet / a datasets folder"),
@@ -28,12 +32,15 @@ COMMANDS = {
     "train": ("train", "progressive fusion training of the target model"),
     "eval": ("trainer.evaluate", "held-out NLL / perplexity (per token and per byte)"),
     "plot": ("tools.plot", "render loss and eval curves to PNG"),
+    "check": ("tools.check", "check a config and its stores (checksums, every row's values) without training"),
+    "repoint": ("tools.repoint", "tell a store where its source model folder lives now"),
     "demo": ("tools.demo", "run the whole pipeline on the embedded default"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="profuser", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_)
@@ -53,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(f"profuser.engine.{args._module}")
-    return int(module.run(args) or 0)
+    return report_errors(f"profuser {args.command}", module.run, args, debug=args.debug)
 
 
 if __name__ == "__main__":

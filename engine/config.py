@@ -21,7 +21,9 @@ checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,13 +45,19 @@ ADVANTAGES = ("minCE", "avgCE")
 ADVANTAGE_LEVELS = ("example", "token")
 CE_METRICS = ("per_byte", "per_token")
 ALIGN_METHODS = ("offsets", "mined")
-NAN_POLICIES = ("error", "drop")
+NAN_POLICIES = ("error", "drop")  # teach / generate: a NaN from the model (error, or store the row marked)
+BAD_ROW_POLICIES = ("error", "drop")  # readers: an invalid stored row (error naming it, or drop and count)
 SCHEDULES = ("two_stage", "linear", "simul", "reverse", "train_only", "infer_only")
 DECAYS = ("cosine", "linear", "constant")
 
 
+RENAMED = {"data.nan_policy": "data.bad_row_policy"}  # old key -> new key (a clear error, never ignored)
+
+
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key (and file)."""
+
+    exit_code = 2
 
 
 @dataclass
@@ -76,7 +84,8 @@ class DataConfig:
     student_as_candidate: bool = True
     shuffle_buffer: int = 256
     align_method: str = "offsets"  # offsets | mined
-    nan_policy: str = "error"  # error | drop (rows of the store with non-finite log-probs)
+    # error | drop: an invalid teacher row (NaN, impossible log-probs or ids, an edited prompt, ...)
+    bad_row_policy: str = "error"
 
 
 @dataclass
@@ -116,6 +125,9 @@ class CheckpointConfig:
     every: int = 0  # save every N optimizer steps (0: only at the end and on SIGTERM)
     keep_last: int = 2  # older step checkpoints are deleted
     resume: str = "auto"  # auto: latest in output_dir if any | never | a checkpoint folder
+    # resume from a checkpoint of another configuration, or one not written by profuser (its pickles could
+    # run code: only for a folder you trust)
+    allow_foreign: bool = False
     export: bool = True  # write the final student as a transformers folder (output_dir/final)
 
 
@@ -228,24 +240,28 @@ def _tname(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _apply(obj: Any, updates: dict, prefix: str, where: str) -> None:
-    """Merge a nested mapping into dataclass `obj` in place, checking keys and types."""
+def _apply(obj: Any, updates: dict, prefix: str, where: str, origins: dict | None = None) -> None:
+    """Merge a nested mapping into dataclass `obj` in place, checking keys and types; origins[key] = where."""
     if not isinstance(updates, dict):
         raise ConfigError(f"{where}{prefix.rstrip('.') or 'config'}: expected a mapping, got {updates!r}")
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for k, v in updates.items():
         key = f"{prefix}{k}"
+        if key in RENAMED:
+            raise ConfigError(f"{where}{key}: renamed to {RENAMED[key]}")
         if k not in names:
             raise ConfigError(f"{where}{key}: unknown key (known: {', '.join(sorted(names))})")
         cur = getattr(obj, k)
         if dataclasses.is_dataclass(cur):
-            _apply(cur, v, f"{key}.", where)
+            _apply(cur, v, f"{key}.", where, origins)
         else:
             setattr(obj, k, _check_value(v, hints[k], key, where))
+            if origins is not None:
+                origins[key] = where
 
 
-def _set_dotted(cfg: TrainConfig, dotted: str, value: Any) -> None:
+def _set_dotted(cfg: TrainConfig, dotted: str, value: Any, origins: dict) -> None:
     """Set one dotted key; inside the free-form `deepspeed` dict, missing levels are created."""
     parts = dotted.split(".")
     obj: Any = cfg
@@ -262,7 +278,7 @@ def _set_dotted(cfg: TrainConfig, dotted: str, value: Any) -> None:
         obj[parts[-1]] = value
     else:
         prefix = ".".join(parts[:-1])
-        _apply(obj, {parts[-1]: value}, f"{prefix}." if prefix else "", "override ")
+        _apply(obj, {parts[-1]: value}, f"{prefix}." if prefix else "", "override ", origins)
 
 
 def load_deepspeed_json(path: str, base: Path | None = None) -> dict:
@@ -279,7 +295,7 @@ def load_deepspeed_json(path: str, base: Path | None = None) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Defaults <- YAML file <- `key=value` overrides. Raises ConfigError naming the bad key."""
-    cfg = TrainConfig()
+    cfg, origins = TrainConfig(), {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -288,7 +304,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        _apply(cfg, raw, "", f"{path}: ")
+        _apply(cfg, raw, "", f"{path}: ", origins)
         if isinstance(cfg.deepspeed, str):
             cfg.deepspeed = load_deepspeed_json(cfg.deepspeed, path.parent)
     for item in overrides:
@@ -299,10 +315,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             value = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError:
             value = text
-        _set_dotted(cfg, key.strip(), value)
+        _set_dotted(cfg, key.strip(), value, origins)
     if isinstance(cfg.deepspeed, str):
         cfg.deepspeed = load_deepspeed_json(cfg.deepspeed)
-    validate(cfg)
+    validate(cfg, origins)
     return cfg
 
 
@@ -312,7 +328,7 @@ _CHOICES = {
     "data.advantage_level": ADVANTAGE_LEVELS,
     "data.ce_metric": CE_METRICS,
     "data.align_method": ALIGN_METHODS,
-    "data.nan_policy": NAN_POLICIES,
+    "data.bad_row_policy": BAD_ROW_POLICIES,
     "loss.missing_mass": MISSING_MASS_MODES,
     "loss.backend": BACKENDS,
     "schedule.kind": SCHEDULES,
@@ -320,49 +336,88 @@ _CHOICES = {
 }
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Value checks that types alone cannot express; each error names the key."""
+@dataclass(frozen=True)
+class _Range:
+    """[lo, hi] with open ends where said; every value must also be a finite number."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def ok(self, v: float) -> bool:
+        return math.isfinite(v) and (self.lo is None or (v > self.lo if self.lo_open else v >= self.lo)) \
+            and (self.hi is None or (v < self.hi if self.hi_open else v <= self.hi))
+
+    def __str__(self) -> str:
+        lo = "(-inf" if self.lo is None else f"{'(' if self.lo_open else '['}{self.lo:g}"
+        hi = "inf)" if self.hi is None else f"{self.hi:g}{')' if self.hi_open else ']'}"
+        return f"{lo}, {hi}"
+
+
+_POS, _NONNEG, _UNIT = _Range(0, lo_open=True), _Range(0), _Range(0, 1)
+_RANGES = {  # every numeric option; list options apply the range to each entry
+    "optim.max_steps": _Range(1), "optim.grad_accum": _Range(1), "optim.warmup_steps": _NONNEG,
+    "optim.lr": _POS, "optim.eps": _POS, "optim.betas": _Range(0, 1, hi_open=True),
+    "optim.weight_decay": _NONNEG, "optim.grad_clip": _NONNEG, "optim.min_lr_ratio": _UNIT,
+    "data.micro_batch_size": _Range(1), "data.k": _Range(1), "data.max_length": _Range(2),
+    "data.shuffle_buffer": _NONNEG, "loss.lam": _UNIT, "loss.temperature": _POS, "loss.softcap": _POS,
+    "schedule.switch_fraction": _UNIT, "schedule.ramp_fraction": _UNIT, "schedule.stage1": _NONNEG,
+    "schedule.stage2": _NONNEG, "checkpoint.every": _NONNEG, "checkpoint.keep_last": _NONNEG,
+    "eval.max_examples": _Range(1), "eval.every": _NONNEG, "eval.batch_size": _Range(1),
+    "eval.n_samples": _NONNEG, "eval.max_new_tokens": _Range(1), "log.every": _Range(1),
+    "demo.n_train": _Range(1), "demo.n_infer": _Range(1), "demo.n_eval": _Range(1),
+    "demo.max_new_tokens": _Range(1),
+}
+_LENGTHS = {"optim.betas": 2, "schedule.stage1": 2, "schedule.stage2": 2}
+
+
+def validate(cfg: TrainConfig, origins: dict | None = None) -> None:
+    """Every value check that types cannot express, before anything else runs; each error names the key and
+    where the value came from (the YAML file, or `override`)."""
+    origins = origins or {}
+
+    def fail(key, msg):
+        raise ConfigError(f"{origins.get(key, '')}{key}: {msg}")
+
     for key, choices in _CHOICES.items():
         sec, name = key.split(".")
         v = getattr(getattr(cfg, sec), name)
         if v not in choices:
-            raise ConfigError(f"{key}: {v!r} is not one of {', '.join(choices)}")
-    positive = {
-        "optim.max_steps": cfg.optim.max_steps, "optim.grad_accum": cfg.optim.grad_accum,
-        "data.micro_batch_size": cfg.data.micro_batch_size, "data.k": cfg.data.k,
-        "data.max_length": cfg.data.max_length, "eval.batch_size": cfg.eval.batch_size,
-        "log.every": cfg.log.every,
-    }
-    for key, v in positive.items():
-        if v <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {v}")
-    for key, v in {"optim.warmup_steps": cfg.optim.warmup_steps, "checkpoint.every": cfg.checkpoint.every,
-                   "eval.every": cfg.eval.every, "checkpoint.keep_last": cfg.checkpoint.keep_last}.items():
-        if v < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {v}")
-    if not 0.0 <= cfg.loss.lam <= 1.0:
-        raise ConfigError(f"loss.lam: must be in [0, 1], got {cfg.loss.lam}")
-    if cfg.loss.temperature <= 0:
-        raise ConfigError(f"loss.temperature: must be > 0, got {cfg.loss.temperature}")
-    if not 0.0 <= cfg.schedule.switch_fraction <= 1.0:
-        raise ConfigError(f"schedule.switch_fraction: must be in [0, 1], got {cfg.schedule.switch_fraction}")
-    if not 0.0 <= cfg.schedule.ramp_fraction <= 1.0:
-        raise ConfigError(f"schedule.ramp_fraction: must be in [0, 1], got {cfg.schedule.ramp_fraction}")
-    for key in ("stage1", "stage2"):
-        w = getattr(cfg.schedule, key)
-        if len(w) != 2 or min(w) < 0:
-            raise ConfigError(f"schedule.{key}: expected two non-negative weights [w_infer, w_train], got {w}")
-    if len(cfg.optim.betas) != 2:
-        raise ConfigError(f"optim.betas: expected two values, got {cfg.optim.betas}")
-    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
-        raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {cfg.optim.min_lr_ratio}")
+            fail(key, f"{v!r} is not one of {', '.join(choices)}")
+    for key, rng in _RANGES.items():
+        sec, name = key.split(".")
+        v = getattr(getattr(cfg, sec), name)
+        if v is None:
+            continue
+        if key in _LENGTHS and len(v) != _LENGTHS[key]:
+            fail(key, f"expected {_LENGTHS[key]} values, got {v}")
+        for x in (v if isinstance(v, list) else [v]):
+            if not rng.ok(float(x)):
+                fail(key, f"must be in {rng}, got {x!r}" + (f" (in {v})" if isinstance(v, list) else ""))
     if not cfg.data.sources:
-        raise ConfigError("data.sources: at least one source is needed")
+        fail("data.sources", "at least one source is needed")
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
-        raise ConfigError(f"checkpoint.resume: {cfg.checkpoint.resume} does not exist (use auto, never or a path)")
+        fail("checkpoint.resume", f"{cfg.checkpoint.resume} does not exist (use auto, never or a path)")
     stage = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"deepspeed.zero_optimization.stage: must be 0-3, got {stage!r}")
+        fail("deepspeed.zero_optimization.stage", f"must be 0-3, got {stage!r}")
+
+
+RESUMABLE_CHANGES = ("output_dir", "checkpoint", "eval", "log", "demo", "optim.max_steps")
+
+
+def resume_digest(cfg: TrainConfig) -> str:
+    """sha256 of what a checkpoint's training depends on: everything but RESUMABLE_CHANGES (where to write,
+    checkpointing, evaluation, logging, and max_steps: a run may be extended)."""
+    d = to_dict(cfg)
+    for key in RESUMABLE_CHANGES:
+        sec, _, name = key.partition(".")
+        if name:
+            d[sec].pop(name, None)
+        else:
+            d.pop(sec, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def to_dict(cfg: TrainConfig) -> dict:

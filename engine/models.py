@@ -22,6 +22,7 @@ upstream bf16 checkpoints (the greedy answers match llama.cpp's).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -222,6 +223,38 @@ def same_model(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return True
     pa_, pb = Path(str(a)).expanduser(), Path(str(b)).expanduser()
     return pa_.exists() and pb.exists() and pa_.resolve() == pb.resolve()
+
+
+_IDENTITY_FILES = ("config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def canonical_spec(spec: str | os.PathLike) -> str:
+    """What a manifest records as the model: the alias, or the resolved absolute path of a local folder
+    (a relative path would name another folder when the store is read from another working directory)."""
+    key = str(spec)
+    return key if key in ALIASES else str(Path(key).expanduser().resolve())
+
+
+def model_fingerprint(spec: str | os.PathLike) -> str:
+    """The same model wherever its folder lives: "alias:<name>" for an alias; for a local folder, sha256 over
+    its config, tokenizer and template files and the names and sizes of its weight files (hashing the
+    weights themselves would cost minutes for a 7B model at every start)."""
+    key = str(spec)
+    if key in ALIASES:
+        return f"alias:{key}"
+    folder = Path(key).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"model spec {key!r}: folder {folder} does not exist")
+    h = hashlib.sha256()
+    for name in _IDENTITY_FILES:
+        if (folder / name).is_file():
+            h.update(name.encode() + b"\0" + (folder / name).read_bytes() + b"\0")
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and f.suffix in _WEIGHT_SUFFIXES:
+            h.update(f"{f.name}:{f.stat().st_size}\n".encode())
+    return "sha256:" + h.hexdigest()
 
 
 def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:

@@ -42,10 +42,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from profuser.engine.config import MODES, ConfigError, TrainConfig, dump_yaml, load_config
+from profuser.engine.config import MODES, TrainConfig, dump_yaml, load_config, resume_digest
 from profuser.engine.dist import DistInfo, setup_distributed, teardown_distributed
-from profuser.engine.loader.stream import BatchStream, build_streams, check_stores, check_vocab_rows
-from profuser.engine.models import resolve_dtype
+from profuser.engine.errors import report_errors
+from profuser.engine.loader.stream import (BatchStream, build_streams, check_max_length, check_stores,
+                                           check_vocab_rows)
+from profuser.engine.models import load_tokenizer, resolve_dtype
+from profuser.engine.store import WriterLock
 from profuser.engine.trainer import checkpoint as ckpt
 from profuser.engine.trainer.deepspeed_setup import build_engine, deepspeed_config, full_shape, load_student
 from profuser.engine.trainer.evaluate import final_report, make_evaluator
@@ -78,6 +81,7 @@ class Run:
     evaluator: object = None
     sigterm: bool = False
     summary: dict = field(default_factory=dict)
+    lock: WriterLock | None = None  # rank 0: one training run per output_dir
 
     @property
     def out(self) -> Path:
@@ -91,14 +95,20 @@ class Run:
         return {"step": self.step, "world_size": self.info.world_size,
                 "loaders": loader_states or {m: s.state_dict() for m, s in self.streams.items()}}
 
-    def save(self) -> Path:
-        self.last_saved = self.step
-        return ckpt.save(self.engine, self.ckpt_dir, ckpt.tag_for(self.step), self.trainer_state(), self.config_yaml,
-                         rank=self.info.rank, keep_last=self.cfg.checkpoint.keep_last)
+    def save(self, tag: str | None = None, state: dict | None = None) -> Path:
+        """Checkpoint `tag` (default: this step's, as `latest`); a named tag (a NaN checkpoint) is kept aside."""
+        if tag is None:
+            self.last_saved = self.step
+        return ckpt.save(self.engine, self.ckpt_dir, tag or ckpt.tag_for(self.step), state or self.trainer_state(),
+                         self.config_yaml, config_digest=resume_digest(self.cfg), rank=self.info.rank,
+                         world_size=self.info.world_size, update_latest=tag is None,
+                         keep_last=self.cfg.checkpoint.keep_last)
 
     def close(self) -> None:
         if self.log is not None:
             self.log.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -126,8 +136,11 @@ def setup(cfg: TrainConfig) -> Run:
     info, device = setup_distributed()
     torch.manual_seed(cfg.seed + info.rank)
     config_yaml = dump_yaml(cfg)
+    lock = None
     if info.rank == 0:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        # two runs writing one output_dir would interleave checkpoints: the second one stops here, named
+        lock = WriterLock(Path(cfg.output_dir) / "train.lock", what=f"the training run in {cfg.output_dir}").acquire()
         (Path(cfg.output_dir) / "config.yaml").write_text(config_yaml)
         print(f"[profuser train] resolved config (world size {info.world_size}, device {device}):\n{config_yaml}",
               file=sys.stderr, flush=True)
@@ -135,9 +148,11 @@ def setup(cfg: TrainConfig) -> Run:
           file=sys.stderr, flush=True)
 
     modes = active_modes(cfg)
-    check_stores(cfg, modes)  # data first: a bad store fails in seconds, before any model is loaded
+    check_stores(cfg, modes)  # data first: a bad store or max_length fails in seconds, before any model loads
+    tok = load_tokenizer(cfg.model.student)
+    check_max_length(cfg, tok, modes)
     dtype = resolve_dtype(cfg.model.dtype, device)
-    lm, tok = load_student(cfg, dtype, deepspeed_config(cfg, dtype))
+    lm = load_student(cfg, dtype, deepspeed_config(cfg, dtype))
     streams = build_streams(cfg, tok, modes, info.rank, info.world_size)
     loader = next(iter(streams.values())).loader
     check_vocab_rows(loader, full_shape(lm.get_output_embeddings().weight)[0], cfg.model.student)
@@ -145,7 +160,7 @@ def setup(cfg: TrainConfig) -> Run:
     engine, _, stage = build_engine(cfg, lm, vocab_maps, dtype)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     run = Run(cfg=cfg, info=info, device=device, engine=engine, stage=stage, tok=tok, streams=streams,
-              pad_id=pad_id, config_yaml=config_yaml)
+              pad_id=pad_id, config_yaml=config_yaml, lock=lock)
     resume(run)
     run.log = MetricsLogger(run.out, rank=info.rank, total_steps=cfg.optim.max_steps, start_step=run.step,
                             tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
@@ -157,11 +172,12 @@ def setup(cfg: TrainConfig) -> Run:
 def resume(run: Run) -> None:
     """Continue from checkpoint.resume: "auto" = the latest complete checkpoint in output_dir, if any."""
     c = run.cfg.checkpoint
-    path = ckpt.latest_checkpoint(run.ckpt_dir) if c.resume == "auto" else None if c.resume == "never" \
-        else Path(c.resume)
+    paths = ckpt.candidates(run.ckpt_dir) if c.resume == "auto" else [] if c.resume == "never" else [Path(c.resume)]
+    path = ckpt.resume_point(paths, rank=run.info.rank, world_size=run.info.world_size,
+                             config_digest=resume_digest(run.cfg), allow_foreign=c.allow_foreign)
     if path is None:
         return
-    state = ckpt.load(run.engine, path, rank=run.info.rank, world_size=run.info.world_size)
+    state = ckpt.load(run.engine, path, rank=run.info.rank, allow_foreign=c.allow_foreign)
     run.step = run.last_saved = state["step"]
     for mode, sd in state["loaders"].items():
         if mode in run.streams:
@@ -200,9 +216,7 @@ def train_step(run: Run, weights: dict) -> WindowResult:
     window = [[run.streams[m].next() for m in step_modes] for _ in range(run.cfg.optim.grad_accum)]
 
     def on_nonfinite(batch, loss):
-        path = ckpt.save(run.engine, run.ckpt_dir, f"nan-{ckpt.tag_for(run.step)}",
-                         dict(run.trainer_state(window_loaders), rng=window_rng), run.config_yaml,
-                         rank=run.info.rank, update_latest=False)
+        path = run.save(f"nan-{ckpt.tag_for(run.step)}", dict(run.trainer_state(window_loaders), rng=window_rng))
         raise NonFiniteLossError(f"non-finite loss at step {run.step} (rank {run.info.rank}, loss {loss}); "
                                  f"example ids of the batch: {batch['example_ids']}; state before this step "
                                  f"saved in {path}")
@@ -271,6 +285,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML experiment file (see configs/demo.yaml)")
     p.add_argument("--resume", help="checkpoint folder to resume from (default: auto-resume from output_dir)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
+    p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-5 schedule.kind=simul")
 
 
@@ -278,18 +293,11 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.resume:
         overrides.append(f"checkpoint.resume={args.resume}")
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        print(f"profuser train: config error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, overrides)  # a bad value fails here, before anything starts
     try:
         summary = train(cfg)
         if dist.is_initialized() and dist.get_rank() == 0:
             print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, default=str), flush=True)
-    except ckpt.ResumeError as e:
-        print(f"profuser train: {e}", file=sys.stderr)
-        return 2
     finally:
         teardown_distributed()
     return int(summary.get("exit_code", 0))
@@ -298,7 +306,8 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="profuser train", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    return report_errors("profuser train", run, args, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .params import BACKENDS, MISSING_MASS_MODES, REDUCTIONS, FusionParams
+from .params import BACKENDS, LOGPROB_TOL, MISSING_MASS_MODES, REDUCTIONS, FusionParams
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _INTS = (torch.int32, torch.int64)
@@ -154,6 +154,12 @@ def validate_inputs(hidden, weight, labels, teacher_ids, teacher_logprobs, teach
     if bad.any():
         t, i, k = _first_bad(bad)
         raise _err("teacher_logprobs", f"[{t}, {i}, {k}] is {float(teacher_logprobs[t, i, k])} (NaN/inf)")
+    # a log-probability above 0 is impossible; a small tolerance admits float16 / fp32 rounding of 0
+    bad = (teacher_logprobs > LOGPROB_TOL) & (teacher_ids != -1)
+    if bad.any():
+        t, i, k = _first_bad(bad)
+        raise _err("teacher_logprobs", f"[{t}, {i}, {k}] = {float(teacher_logprobs[t, i, k])} is a positive "
+                                       f"log-probability (> {LOGPROB_TOL}): corrupt or not log-probabilities")
     if teacher_weights is not None:
         bad = ~torch.isfinite(teacher_weights)
         if bad.any():
@@ -163,6 +169,11 @@ def validate_inputs(hidden, weight, labels, teacher_ids, teacher_logprobs, teach
         if bad.any():
             t, i = _first_bad(bad)
             raise _err("teacher_weights", f"[{t}, {i}] = {float(teacher_weights[t, i])} is negative")
+        total = teacher_weights.sum(0, dtype=torch.float32)  # what the fused target divides by, per row
+        bad = ~torch.isfinite(total)
+        if bad.any():
+            i = _first_bad(bad)[0]
+            raise _err("teacher_weights", f"[:, {i}] sums to {float(total[i])}: the weights overflow float32")
 
 
 def _triton_backend():

@@ -29,6 +29,9 @@ import torch
 MISSING_MASS_MODES = ("renormalize", "tail_bucket")
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "reference", "chunked", "triton")
+# The largest teacher log-probability accepted anywhere (the loss's validation, the teacher store's value
+# checks): 0 plus rounding (float16 rounds a tiny positive fp32 log_softmax to at most ~1e-7).
+LOGPROB_TOL = 1e-3
 
 
 @dataclass(frozen=True)

@@ -45,8 +45,8 @@ import pyarrow as pa
 import torch
 
 from .. import store
-from ..config import ADVANTAGE_LEVELS, ADVANTAGES, ALIGN_METHODS, CE_METRICS, MODE_ID, MODES, NAN_POLICIES
-from ..models import load_tokenizer, same_model
+from ..config import ADVANTAGE_LEVELS, ADVANTAGES, ALIGN_METHODS, BAD_ROW_POLICIES, CE_METRICS, MODE_ID, MODES
+from ..models import load_tokenizer
 from ..text.align import align_mined, align_offsets_batch, build_vocab_map, token_strings, tokenizer_hash
 from . import collate as _collate
 from .advantage import example_metric, position_weights, tie_priority
@@ -71,7 +71,9 @@ class FusionDataConfig:
     student_as_candidate: the student's own source may win MinCE / get AvgCE weight (FuseLLM's ref model).
     shuffle_buffer: rows in the shuffle buffer; <= 1 = no shuffling at all (shards in order).
     align_method: "offsets" (exact character offsets) | "mined" (edit-distance alignment of token strings).
-    nan_policy: "error" (raise naming file and row) | "drop" (skip the example, count it, warn).
+    bad_row_policy: what an invalid teacher row does (store/shards.py lists the checks: NaN, positive or
+        unordered log-probs, ids outside the vocabulary, an edited prompt, ...): "error" raises naming the
+        file, row and example id; "drop" skips the example, counts it (stats["dropped_bad"]) and warns.
     source_models: optional {source: model spec}; the manifest's model must equal it and its tokenizer
         must hash to the manifest's tokenizer_hash.
     vocab_map_method: `method` of align.build_vocab_map for loader.vocab_maps (cached on disk).
@@ -93,7 +95,7 @@ class FusionDataConfig:
     shuffle_buffer: int = 1024
     seed: int = 0
     align_method: str = "offsets"
-    nan_policy: str = "error"
+    bad_row_policy: str = "error"
     source_models: dict[str, str] | None = None
     vocab_map_method: str = "exact+mined"
     pad_to_multiple_of: int = 8
@@ -102,7 +104,7 @@ class FusionDataConfig:
     def __post_init__(self):
         for name, allowed in (("mode", MODES), ("advantage", ADVANTAGES), ("advantage_level", ADVANTAGE_LEVELS),
                               ("ce_metric", CE_METRICS), ("align_method", ALIGN_METHODS),
-                              ("nan_policy", NAN_POLICIES)):
+                              ("bad_row_policy", BAD_ROW_POLICIES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"FusionDataConfig.{name} must be one of {allowed}, "
                                  f"got {getattr(self, name)!r}")
@@ -162,7 +164,7 @@ class FusionLoader:
             tokenizer whose hash differs from the manifest's tokenizer_hash is an error.
     Attributes:
         source_names: list[str] [T]; k: K; vocab_maps: list[torch.IntTensor [V_t] | None] [T];
-        is_student [T] / candidates [T]: bool arrays; stats: counters (examples, dropped_nan, dropped_long).
+        is_student [T] / candidates [T]: bool arrays; stats: counters (examples, dropped_bad, dropped_long).
     """
 
     def __init__(self, cfg: FusionDataConfig, tokenizer, rank: int = 0, world_size: int = 1, *,
@@ -184,7 +186,7 @@ class FusionLoader:
                 raise DataError(f"{st.manifest_path}: stores k={kt} but FusionDataConfig.k={self.k}")
 
         self._student_hash = tokenizer_hash(tokenizer)
-        self.is_student = np.array([m.tokenizer_hash == self._student_hash and same_model(m.model, cfg.student)
+        self.is_student = np.array([m.tokenizer_hash == self._student_hash and m.is_model(cfg.student)
                                     for m in self.manifests], dtype=bool)
         self.candidates = ~self.is_student | bool(cfg.student_as_candidate)
         if not self.candidates.any():
@@ -205,17 +207,18 @@ class FusionLoader:
         self._vocab_maps = None
         self._encoder = _collate.StudentEncoder(tokenizer)
         self._order_cache = None
-        self._validated: set = set()  # (path, mtime_ns, size, gold) of shards the store validator passed
+        self._validated: dict = {}  # (path, mtime_ns, size, gold) -> invalid rows found by the store validator
         self.epoch, self._consumed = 0, 0
-        self.stats = {"examples": 0, "dropped_nan": 0, "dropped_long": 0}
+        self.stats = {"examples": 0, "dropped_bad": 0, "dropped_long": 0}
 
     # ---- manifests, votes, tokenizers ---------------------------------------------------------------
 
     def _open_store(self, name: str) -> store.TeacherStore:
         st = store.TeacherStore(self.cfg.data_dir, name, self.cfg.mode, prepared=self.prepared)
         configured = (self.cfg.source_models or {}).get(name)
-        if configured is not None and not same_model(st.manifest.model, configured):
-            st.manifest.check(st.manifest_path, model=configured)  # raises, naming the manifest
+        if configured is not None and not st.manifest.is_model(configured):
+            raise DataError(f"{st.manifest_path}: model is {st.manifest.model!r} but FusionDataConfig.source_models "
+                            f"names {configured!r} (another model)")
         return st
 
     def _set_teacher_tok(self, t: int, tok):
@@ -360,17 +363,16 @@ class FusionLoader:
             use = np.ones((T, len(sel)), bool)
         bad = np.zeros(len(sel), bool)
         for t in range(T):
-            bad |= use[t] & recs[t].bad_rows[sel]
+            bad |= use[t] & recs[t].invalid[sel]
         if bad.any():
             i = int(np.nonzero(bad)[0][0])
-            t = int(np.nonzero(use[:, i] & np.array([r.bad_rows[sel[i]] for r in recs]))[0][0])
-            if cfg.nan_policy == "error":
-                raise DataError(f"{recs[t].path}: row {sel[i]} (example_id {eids[i]!r}): NaN in "
-                                f"{recs[t].nan_column(int(sel[i]))} (nan_policy='drop' skips such rows)")
-            self.stats["dropped_nan"] += int(bad.sum())
-            warnings.warn(f"shard {j}: dropped {int(bad.sum())} example(s) with NaN log-probabilities "
-                          f"(first: {recs[t].path} row {sel[i]}); {self.stats['dropped_nan']} so far",
-                          stacklevel=3)
+            t = int(np.nonzero(use[:, i] & np.array([r.invalid[sel[i]] for r in recs]))[0][0])
+            why = f"{recs[t].path}: row {sel[i]} (example_id {eids[i]!r}): {recs[t].problem(int(sel[i]))}"
+            if cfg.bad_row_policy == "error":
+                raise DataError(f"{why} (bad_row_policy='drop' skips such rows)")
+            self.stats["dropped_bad"] += int(bad.sum())
+            warnings.warn(f"shard {j}: dropped {int(bad.sum())} example(s) with invalid teacher rows (first: "
+                          f"{why}); {self.stats['dropped_bad']} so far", stacklevel=3)
             keep = ~bad
             sel, use, eids = sel[keep], use[:, keep], [e for e, k_ in zip(eids, keep) if k_]
             winners = winners[keep] if winners is not None else None

@@ -10,7 +10,10 @@ part in data. A mode's store lives in data.data_dir, or data.infer_data_dir for 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+
+import numpy as np
 
 from .. import store
 from ..config import TrainConfig
@@ -72,7 +75,7 @@ def build_streams(cfg: TrainConfig, tok, modes: list[str], rank: int, world_size
             data_dir=str(data_dir_of(cfg, mode)[1]), sources=list(d.sources), student=cfg.model.student, mode=mode,
             k=d.k, max_length=d.max_length, batch_size=d.micro_batch_size, advantage=d.advantage,
             advantage_level=d.advantage_level, ce_metric=d.ce_metric, student_as_candidate=d.student_as_candidate,
-            shuffle_buffer=d.shuffle_buffer, seed=cfg.seed, align_method=d.align_method, nan_policy=d.nan_policy)
+            shuffle_buffer=d.shuffle_buffer, seed=cfg.seed, align_method=d.align_method, bad_row_policy=d.bad_row_policy)
         streams[mode] = BatchStream(FusionLoader(dcfg, tok, rank=rank, world_size=world_size), mode, rank)
     return streams
 
@@ -84,3 +87,28 @@ def check_vocab_rows(loader: FusionLoader, vocab_rows: int, student: str) -> Non
             raise ValueError(f"model.student={student}: its lm_head has {vocab_rows} rows but the vocab map of "
                              f"source {name!r} maps to id {int(vm.max())}; the store was built for another "
                              "student tokenizer")
+
+
+def check_max_length(cfg: TrainConfig, tok, modes: list[str], sample: int = 512) -> None:
+    """data.max_length against the stores' prompts, before any model loads: ConfigError when the templated
+    prompts of a mode's first `sample` examples all leave no room for a response token (every example
+    would be dropped); a warning with the count when some do."""
+    from ..config import ConfigError
+    from .collate import StudentEncoder
+
+    L = cfg.data.max_length
+    for mode in modes:
+        key, root = data_dir_of(cfg, mode)
+        pm = store.PreparedManifest.load(root)
+        rows = store.read_prepared_shard(root, 0, pm).slice(0, sample)
+        enc = StudentEncoder(tok).encode_batch(rows["prompt"].to_pylist(), [""] * rows.num_rows,
+                                               rows["system"].to_pylist())
+        prompt_len = np.array([enc.pred_pos[a] + 1 for a in enc.pred_off[:-1].tolist()])  # templated prompt tokens
+        too_long = int((prompt_len >= L).sum())
+        if too_long == len(prompt_len):
+            raise ConfigError(f"data.max_length={L}: shorter than every templated prompt of the first {too_long} "
+                              f"{mode}-mode examples in {key}={root} (the shortest has {int(prompt_len.min())} "
+                              "tokens): every example would be dropped")
+        if too_long:
+            warnings.warn(f"data.max_length={L}: {too_long} of the first {len(prompt_len)} {mode}-mode examples in "
+                          f"{root} have a longer templated prompt and will be dropped", stacklevel=2)

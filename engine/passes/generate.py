@@ -14,8 +14,9 @@ generated sequence (tests/engine/passes/test_score.py checks it), which this cap
 Records use the training-mode format (store.TeacherShard) with the generated text as `response`: the
 tokens before the first stop token (the end-of-turn of the template, or EOS). The stop token is the last
 predicted token, with span [len, len]. A response that hit max_new_tokens has no stop token: it is stored
-without one, and counted in the manifest's generation.n_truncated. Token spans come from cumulative
-decoding of the generated ids (not from re-tokenizing the text, which could give other ids).
+without one, and counted per shard in the manifest (TeacherManifest.counters["n_truncated"]). Token spans
+come from cumulative decoding of the generated ids (not from re-tokenizing the text, which could give
+other ids).
 
 Sampling is reproducible per shard: the generator is seeded with (seed, shard), so a resumed or
 re-sharded run samples the same responses.
@@ -30,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ..store import TeacherShard
+from ..store import TeacherShard, prompt_fingerprint
 from ..text.chat import encode_example, predicted_bytes
 from .shards import PassConfig, Progress, add_common_arguments, check_nan, config_from_args, run_pass
 
@@ -186,6 +187,7 @@ def generate_shard(model, tok, cfg: GenerateConfig, device, table: pa.Table, whe
     R = np.array([r[1].shape[0] for r in results], np.int64)
     records = TeacherShard(
         example_ids=eids, responses=[r[0] for r in results], tok_off=np.concatenate([[0], np.cumsum(R)]),
+        prompt_shas=[prompt_fingerprint(p, s) for p, s in zip(prompts, systems)],
         offsets=np.concatenate([r[1] for r in results]).reshape(-1, 2),
         token_ids=np.concatenate([r[2] for r in results]), token_logprobs=np.concatenate([r[3] for r in results]),
         topk_ids=np.concatenate([r[4] for r in results]).reshape(-1, cfg.k),

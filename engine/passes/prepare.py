@@ -32,8 +32,8 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from ..store import (DEFAULT_SHARD_SIZE, PREPARED_SCHEMA, PreparedManifest, StoreError, prepared_dir,
-                     shard_name, write_table_atomic)
+from ..store import (DEFAULT_SHARD_SIZE, PREPARED_SCHEMA, PreparedManifest, StoreError, WriterLock, prepared_dir,
+                     write_prepared_shard)
 
 
 def shipped_corpus() -> Path:
@@ -60,6 +60,7 @@ class PrepareConfig:
     shard_size: int = DEFAULT_SHARD_SIZE
     limit: int | None = None
     overwrite: bool = False
+    wait: bool = False  # another `prepare` of the same folder is running: wait for it instead of failing
 
     def __post_init__(self):
         if self.on_bad_row not in ("error", "skip"):
@@ -261,25 +262,27 @@ def prepare(cfg: PrepareConfig, *, log=print) -> PreparedManifest:
                                 n_shards=-(-n // cfg.shard_size), sources=sources)
 
     out = prepared_dir(cfg.data_dir)
-    if (out / "manifest.json").exists():
-        old = PreparedManifest.load(cfg.data_dir)
-        if old.fingerprint == manifest.fingerprint and old.shard_size == manifest.shard_size:
-            log(f"prepare: {out} is already up to date ({n} examples, fingerprint {old.fingerprint[:12]})")
-            return old
-        if not cfg.overwrite:
-            raise StoreError(f"{out / 'manifest.json'}: a different prepared set is already there (fingerprint "
-                             f"{old.fingerprint[:12]}, shard_size {old.shard_size} vs {manifest.fingerprint[:12]}, "
-                             f"{manifest.shard_size}); teacher stores built on it "
-                             f"would no longer match. Use another --data-dir or pass --overwrite")
-        (out / "manifest.json").unlink()
-        for p in out.glob("part-*.parquet"):
-            p.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    for j in range(manifest.n_shards):
-        sl = slice(j * cfg.shard_size, (j + 1) * cfg.shard_size)
-        table = pa.Table.from_pydict({k: v[sl] for k, v in rows.items()}, schema=PREPARED_SCHEMA)
-        write_table_atomic(table, out / shard_name(j))
-    manifest.save(cfg.data_dir)  # last: its presence means the set is complete
+    with WriterLock(out / "prepare.lock", what="the prepared set", wait=cfg.wait):
+        if (out / "manifest.json").exists():
+            old = PreparedManifest.load(cfg.data_dir)
+            if old.fingerprint == manifest.fingerprint and old.shard_size == manifest.shard_size and old.shards:
+                log(f"prepare: {out} is already up to date ({n} examples, fingerprint {old.fingerprint[:12]})")
+                return old
+            if old.fingerprint != manifest.fingerprint or old.shard_size != manifest.shard_size:
+                if not cfg.overwrite:
+                    raise StoreError(f"{out / 'manifest.json'}: a different prepared set is already there "
+                                     f"(fingerprint {old.fingerprint[:12]}, shard_size {old.shard_size} vs "
+                                     f"{manifest.fingerprint[:12]}, {manifest.shard_size}); teacher stores built on "
+                                     "it would no longer match. Use another --data-dir or pass --overwrite")
+            (out / "manifest.json").unlink()
+            for p in out.glob("part-*.parquet"):
+                p.unlink()
+        for j in range(manifest.n_shards):
+            sl = slice(j * cfg.shard_size, (j + 1) * cfg.shard_size)
+            table = pa.Table.from_pydict({k: v[sl] for k, v in rows.items()}, schema=PREPARED_SCHEMA)
+            manifest.shards.append(write_prepared_shard(cfg.data_dir, j, table))
+        manifest.save(cfg.data_dir)  # last: its presence means the set is complete
     log(f"prepare: {n} examples in {manifest.n_shards} shards -> {out} (fingerprint {manifest.fingerprint[:12]}; "
         f"skipped {counts['bad']} bad rows, {counts['duplicate']} exact duplicates; "
         f"{counts['multi_turn']} multi-turn conversations kept their last exchange)")
@@ -302,6 +305,7 @@ def add_arguments(p) -> None:
     p.add_argument("--shard-size", type=int, default=d.shard_size)
     p.add_argument("--limit", type=int, default=None, help="keep only the first N examples")
     p.add_argument("--overwrite", action="store_true", help="replace a different prepared set in --data-dir")
+    p.add_argument("--wait", action="store_true", help="wait for another `prepare` of the same folder")
 
 
 def run(args) -> int:
@@ -309,7 +313,7 @@ def run(args) -> int:
                         response_field=args.response_field, system_field=args.system_field,
                         messages_field=args.messages_field, id_field=args.id_field or None, split=args.split,
                         on_bad_row=args.on_bad_row, multi_turn=args.multi_turn, shard_size=args.shard_size,
-                        limit=args.limit, overwrite=args.overwrite)
+                        limit=args.limit, overwrite=args.overwrite, wait=args.wait)
     try:
         prepare(cfg)
     except (ValueError, FileNotFoundError) as exc:

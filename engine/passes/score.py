@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,9 +271,9 @@ def mince_share(data_dir, sources: list[str], student: str | None = None) -> dic
         prep = read_prepared_shard(data_dir, j, pm)
         shards = [st.shard(j, prep) for st in stores]
         for name in cols:
-            cols[name].append(np.stack([getattr(sh, name) for sh in shards]))  # [T, rows of shard j]
+            cols[name].append(np.stack([np.where(sh.invalid, np.nan, getattr(sh, name)) for sh in shards]))
     nll, n_tok, n_bytes = (np.concatenate(cols[c], axis=1) for c in ("nll_sum", "n_tokens", "n_bytes"))
-    is_student = np.array([student is not None and models.same_model(st.manifest.model, student) for st in stores])
+    is_student = np.array([student is not None and st.manifest.is_model(student) for st in stores])
     out = {}
     for metric in CE_METRICS:
         w = advantage_weights(example_metric(nll, n_tok, n_bytes, metric), np.ones(len(sources), bool), "minCE",
@@ -298,7 +299,8 @@ class ScoreConfig:
 
 def load_generated(data_dir, sources: list[str]) -> tuple[pa.Table, list[list[str]], np.ndarray]:
     """The prepared set, every source's generated responses, row-aligned ([S][N]), and valid [N, S] bool:
-    False where a row is marked NaN (by `generate --nan-policy drop`). Every shard is validated."""
+    False where a row is invalid (store/shards.py: marked NaN by `generate --nan-policy drop`, or failing a
+    value check). Every shard is verified and validated."""
     pm = PreparedManifest.load(data_dir)
     preps = [read_prepared_shard(data_dir, j, pm) for j in range(pm.n_shards)]
     stores = [TeacherStore(data_dir, s, "infer", prepared=pm) for s in sources]
@@ -306,7 +308,10 @@ def load_generated(data_dir, sources: list[str]) -> tuple[pa.Table, list[list[st
     for st in stores:
         shards = [st.shard(j, prep) for j, prep in enumerate(preps)]
         responses.append([r for sh in shards for r in sh.responses.to_pylist()])
-        valid.append(np.concatenate([~sh.bad_rows for sh in shards]))
+        valid.append(np.concatenate([~sh.invalid for sh in shards]))
+        for j, sh in enumerate(shards):
+            for i in sorted(sh.problems or {})[:3]:
+                warnings.warn(f"{sh.path}: row {i}: {sh.problem(i)}: excluded from the vote", stacklevel=2)
     prep = pa.concat_tables(preps)
     return prep, responses, np.stack(valid, 1) if valid else np.zeros((prep.num_rows, 0), bool)
 
@@ -350,13 +355,14 @@ def score(cfg: ScoreConfig, *, scorers: list[Scorer] | None = None, log=print) -
     N, S = len(ids), len(cfg.sources)
     n_excluded = {s: int((~valid[:, j]).sum()) for j, s in enumerate(cfg.sources)}
     if sum(n_excluded.values()):
-        log(f"excluded {sum(n_excluded.values())} generated row(s) with NaN nll_sum (generate --nan-policy drop) "
-            "from scoring and voting: " + ", ".join(f"{s} {n}" for s, n in n_excluded.items()))
+        log(f"excluded {sum(n_excluded.values())} invalid generated row(s) (NaN nll_sum from generate --nan-policy "
+            "drop, or a failed value check) from scoring and voting: "
+            + ", ".join(f"{s} {n}" for s, n in n_excluded.items()))
     none = np.nonzero(~valid.any(1))[0]
     if none.size:
         named = ", ".join(repr(ids[i]) for i in none[:5]) + (f" (and {none.size - 5} more)" if none.size > 5 else "")
-        raise ValueError(f"example{'s' if none.size > 1 else ''} {named}: the generated row is NaN "
-                         f"(nll_sum = NaN, generate --nan-policy drop) in every "
+        raise ValueError(f"example{'s' if none.size > 1 else ''} {named}: the generated row is invalid "
+                         f"(NaN from generate --nan-policy drop, or a failed value check) in every "
                          f"source {cfg.sources}: no source can win it, and the inference-mode loader needs a vote "
                          "for every example; generate it again (another source, seed or settings) or prepare the "
                          "data without it")
@@ -402,7 +408,7 @@ def score(cfg: ScoreConfig, *, scorers: list[Scorer] | None = None, log=print) -
                   for n, m in table.items()} for i in range(N)])
     summary = {"n_examples": N, "scorers": list(table),
                "infer_win_share": {s: float((winner == i).mean()) for i, s in enumerate(cfg.sources)},
-               "infer_excluded_nan": n_excluded,
+               "infer_excluded": n_excluded,
                "train_mince_share": mince_share(cfg.data_dir, cfg.sources, cfg.student)}
     write_json_atomic(out / "summary.json", summary)
     log(f"inference mode, vote winners over {N} examples: " +

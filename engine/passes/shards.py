@@ -29,6 +29,7 @@ import logging
 import sys
 import time
 import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -39,9 +40,9 @@ import torch
 from .. import dist as _dist
 from .. import models
 from ..config import DTYPES, NAN_POLICIES
-from ..store import (PreparedManifest, StoreError, TeacherManifest, TeacherShard, WriteOptions, owned_shards,
-                     read_prepared_shard, read_teacher_shard, remove_stale_tmp, shard_name, teacher_dir,
-                     update_manifest, write_table_atomic)
+from ..store import (PreparedManifest, StoreError, TeacherManifest, TeacherShard, WriteOptions, WriterLock,
+                     file_sha256, owned_shards, read_prepared_shard, read_teacher_shard, remove_stale_tmp,
+                     shard_name, teacher_dir, update_manifest, write_table_atomic)
 
 log = logging.getLogger("profuser.passes")
 
@@ -72,6 +73,7 @@ class PassConfig:
     world_size: int | None = None
     progress: bool = True
     threads: int | None = None
+    wait: bool = False  # another writer holds a shard's lock: wait for it instead of failing
     write: WriteOptions = field(default_factory=WriteOptions)
 
     def __post_init__(self):
@@ -206,53 +208,67 @@ class Progress:
 
 def open_store(cfg: PassConfig, name: str, spec: str, mode: str, tok_hash: str, vocab_size: int,
                prepared: PreparedManifest, generation: dict | None = None) -> TeacherManifest:
-    """Create the (source, mode) manifest, or check an existing one (StoreError naming it on mismatch)."""
+    """Create the (source, mode) manifest, or check an existing one (StoreError naming it on mismatch).
+
+    The manifest records the source canonically (an alias, or the absolute path of its folder) with the
+    model's fingerprint, so the store means the same thing from any working directory."""
     from filelock import FileLock
 
     folder = teacher_dir(cfg.data_dir, name, mode)
     folder.mkdir(parents=True, exist_ok=True)
     path = TeacherManifest.path(cfg.data_dir, name, mode)
-    fresh = TeacherManifest(source=name, model=str(spec), mode=mode, tokenizer_hash=tok_hash,
+    fingerprint = models.model_fingerprint(spec)
+    fresh = TeacherManifest(source=name, model=models.canonical_spec(spec), mode=mode, tokenizer_hash=tok_hash,
                             vocab_size=int(vocab_size), k=cfg.k, prepared_fingerprint=prepared.fingerprint,
-                            shard_size=prepared.shard_size, n_shards=prepared.n_shards, generation=generation)
+                            shard_size=prepared.shard_size, n_shards=prepared.n_shards, generation=generation,
+                            model_fingerprint=fingerprint)
     with FileLock(str(path) + ".lock"):
         if path.exists():
             try:
                 old = TeacherManifest.load(cfg.data_dir, name, mode)
                 old.check(path, prepared=prepared, tokenizer_hash=tok_hash, vocab_size=int(vocab_size), k=cfg.k,
-                          model=str(spec))
-                if mode == "infer" and generation is not None:
-                    settings = {k: v for k, v in (old.generation or {}).items() if not k.startswith("n_")}
-                    if settings != generation:
-                        raise StoreError(f"{path}: generation settings {settings} differ from {generation}")
+                          model_fingerprint=fingerprint if old.model_fingerprint else None)
+                if not old.model_fingerprint and not models.same_model(old.model, spec):
+                    raise StoreError(f"{path}: model is {old.model!r} but expected {spec!r} (store of another "
+                                     "model; delete the folder or pass --overwrite)")
+                settings = {k: v for k, v in (old.generation or {}).items() if not k.startswith("n_")}
+                if mode == "infer" and generation is not None and settings != generation:
+                    raise StoreError(f"{path}: generation settings {settings} differ from {generation}")
                 return old
             except StoreError:
                 if not cfg.overwrite:
                     raise
-            for p in folder.glob("part-*.parquet*"):
-                p.unlink()
+            with ExitStack() as held:  # never delete what a live writer is writing
+                for lock in sorted(folder.glob("part-*.parquet.lock")):
+                    held.enter_context(WriterLock(lock, what=f"{lock.name[:-5]} (overwrite)", wait=cfg.wait))
+                for p in folder.glob("part-*.parquet*"):
+                    if not p.name.endswith(".lock"):
+                        p.unlink()
         fresh.save(cfg.data_dir)
     return fresh
 
 
-def adopt_orphans(cfg: PassConfig, name: str, mode: str, shards: list[int], man: TeacherManifest,
-                  prepared: PreparedManifest) -> None:
-    """A shard file renamed into place but missing from the manifest (killed in between): check, record."""
-    folder = teacher_dir(cfg.data_dir, name, mode)
-    for j in shards:
-        path = folder / shard_name(j)
-        if str(j) in man.completed or not path.exists():
-            continue
-        try:
-            shard = read_teacher_shard(path, man.k, read_prepared_shard(cfg.data_dir, j, prepared),
-                                       gold=mode == "train")
-        except StoreError as exc:
-            log.warning("discarding unrecorded shard %s (%s)", path, exc)
-            path.unlink()
-            continue
-        info = {"file": path.name, "rows": shard.n_rows, "tokens": int(shard.n_tokens.sum()),
-                "bytes": path.stat().st_size}
-        man.completed.update(update_manifest(cfg.data_dir, name, mode, j, info).completed)
+def adopt_orphan(cfg: PassConfig, name: str, mode: str, j: int, man: TeacherManifest,
+                 prepared: PreparedManifest) -> bool:
+    """A shard file renamed into place but missing from the manifest (killed in between): check it and record
+    it. Call with shard j's lock held. Returns whether it was adopted."""
+    path = teacher_dir(cfg.data_dir, name, mode) / shard_name(j)
+    if not path.exists():
+        return False
+    try:
+        shard = read_teacher_shard(path, man.k, read_prepared_shard(cfg.data_dir, j, prepared), gold=mode == "train",
+                                   vocab_size=int(man.vocab_size))
+        if shard.problems:
+            raise StoreError(f"{path}: row {min(shard.problems)}: {shard.problems[min(shard.problems)]}")
+    except StoreError as exc:
+        log.warning("discarding unrecorded shard %s (%s)", path, exc)
+        path.unlink()
+        return False
+    update_manifest(cfg.data_dir, name, mode, j, {
+        "file": path.name, "rows": shard.n_rows, "tokens": int(shard.n_tokens.sum()),
+        "bytes": path.stat().st_size, "sha256": file_sha256(path),
+        "counters": {"n_rows": shard.n_rows, "n_nan_rows": int(np.isnan(shard.nll_sum).sum())}})
+    return True
 
 
 def run_shards(cfg: PassConfig, name: str, spec: str, mode: str, tok_hash: str, vocab_size: int,
@@ -261,6 +277,8 @@ def run_shards(cfg: PassConfig, name: str, spec: str, mode: str, tok_hash: str, 
                after_shard: Callable[[int], None] | None = None) -> dict:
     """Run `compute(j, prepared_shard_j, where, progress) -> (records, counters)` over this rank's missing shards.
 
+    Each shard is computed under its writer lock (store/locks.py): a second writer of the same shard gets
+    StoreBusyError (or waits with cfg.wait) and finds the shard complete once it gets the lock.
     Returns {"shards": done, "skipped": already complete, "tokens": n, "tok_s": rate, "bytes": on disk}.
     """
     prepared = PreparedManifest.load(cfg.data_dir)
@@ -268,25 +286,29 @@ def run_shards(cfg: PassConfig, name: str, spec: str, mode: str, tok_hash: str, 
     man = open_store(cfg, name, spec, mode, tok_hash, vocab_size, prepared, generation)
     folder = teacher_dir(cfg.data_dir, name, mode)
     mine = owned_shards(prepared.n_shards, di.rank, di.world_size)
-    remove_stale_tmp(folder, mine)
-    adopt_orphans(cfg, name, mode, mine, man, prepared)
     todo = [j for j in mine if str(j) not in man.completed]
     prog = Progress(sum(prepared.shard_rows(j) for j in todo), f"{mode} {name} r{di.rank}", cfg.progress)
     stats = {"shards": 0, "skipped": len(mine) - len(todo), "tokens": 0, "bytes": 0, "nan_rows": 0,
              "input_tokens": 0}
     for j in todo:
-        table = read_prepared_shard(cfg.data_dir, j, prepared)
-        where = f"source {name} ({mode}) shard {j}"
-        records, counters = compute(j, table, where, prog)
-        out = records.to_table()
-        n_bytes = write_table_atomic(out, folder / shard_name(j), cfg.write)
-        tokens = int(out["n_tokens"].to_numpy().sum())
-        update_manifest(cfg.data_dir, name, mode, j, {"file": shard_name(j), "rows": out.num_rows,
-                                                      "tokens": tokens, "bytes": n_bytes},
-                        generation=counters if mode == "infer" else None)
+        with WriterLock(folder / f"{shard_name(j)}.lock", what=f"shard {j} of {name} ({mode})", wait=cfg.wait):
+            man = TeacherManifest.load(cfg.data_dir, name, mode)  # another writer may have finished it
+            remove_stale_tmp(folder, [shard_name(j)])  # ours to remove: we hold the shard's lock
+            if str(j) in man.completed or adopt_orphan(cfg, name, mode, j, man, prepared):
+                stats["skipped"] += 1
+                continue
+            table = read_prepared_shard(cfg.data_dir, j, prepared)
+            where = f"source {name} ({mode}) shard {j}"
+            records, counters = compute(j, table, where, prog)
+            out = records.to_table()
+            info = write_table_atomic(out, folder / shard_name(j), cfg.write)
+            tokens = int(out["n_tokens"].to_numpy().sum())
+            update_manifest(cfg.data_dir, name, mode, j, {"file": shard_name(j), "rows": out.num_rows,
+                                                          "tokens": tokens, "bytes": info.bytes,
+                                                          "sha256": info.sha256, "counters": counters})
         stats["shards"] += 1
         stats["tokens"] += tokens
-        stats["bytes"] += n_bytes
+        stats["bytes"] += info.bytes
         stats["nan_rows"] += counters.get("n_nan_rows", 0)
         stats["input_tokens"] += counters.get("n_input_tokens", 0)
         if after_shard is not None:
@@ -354,6 +376,7 @@ def add_common_arguments(p) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--compression-level", type=int, default=WriteOptions.compression_level)
+    p.add_argument("--wait", action="store_true", help="wait for another writer of the same shards instead of failing")
     _dist.add_arguments(p)
 
 
@@ -361,5 +384,5 @@ def config_from_args(args) -> dict:
     return dict(data_dir=args.data_dir, sources=list(args.sources), names=args.names, k=args.k,
                 batch_tokens=args.batch_tokens, max_batch_size=args.max_batch_size, device=args.device,
                 dtype=args.dtype, nan_policy=args.nan_policy, overwrite=args.overwrite, rank=args.rank,
-                world_size=args.world_size, progress=not args.no_progress, threads=args.threads,
+                world_size=args.world_size, progress=not args.no_progress, threads=args.threads, wait=args.wait,
                 write=WriteOptions(compression_level=args.compression_level))

@@ -22,7 +22,7 @@ import sys
 import numpy as np
 import pyarrow as pa
 
-from ..store import TeacherShard
+from ..store import TeacherShard, prompt_fingerprint
 from ..text.chat import encode_example, predicted_bytes
 from .shards import (PassConfig, Progress, add_common_arguments, check_nan, config_from_args, forward_predicted,
                      length_batches, run_pass)
@@ -57,6 +57,7 @@ def teach_shard(model, tok, cfg: PassConfig, device, table: pa.Table, where: str
     pred_offsets = np.concatenate([e.pred_offsets for e in encs]) if n else np.zeros((0, 2), np.int32)
     records = TeacherShard(
         example_ids=eids, responses=responses, tok_off=off, offsets=pred_offsets,
+        prompt_shas=[prompt_fingerprint(p, s) for p, s in zip(prompts, systems)],
         token_ids=np.concatenate([e.pred_ids for e in encs]).astype(np.int32), token_logprobs=tok_lp,
         topk_ids=topk_ids, topk_logprobs=topk_lp,
         n_bytes=np.array([predicted_bytes(r, e.pred_offsets) for r, e in zip(responses, encs)], np.int32))

@@ -34,6 +34,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 import weakref
 from pathlib import Path
 
@@ -254,10 +255,9 @@ def build(teacher_tok, student_tok, *, method: str, teacher_size: int | None, st
     if cache_dir is not False:
         root = Path(cache_dir) if cache_dir else cache_root() / "vocab_maps"
         path = root / f"{key}.npy"
-        if path.exists():
-            m = np.load(path)
-            if m.shape == (V_t,) and m.dtype == np.int32:
-                return m
+        m = _load_cached(path, V_t)
+        if m is not None:
+            return m
 
     t, s = vocab_info(teacher_tok), vocab_info(student_tok)
     out = np.full(V_t, -1, np.int32)
@@ -291,10 +291,31 @@ def build(teacher_tok, student_tok, *, method: str, teacher_size: int | None, st
         fd, tmp = tempfile.mkstemp(prefix=".vmap-", suffix=".npy", dir=path.parent)
         os.close(fd)
         np.save(tmp, out)
+        meta = {"method": method, "teacher_size": V_t, "student_size": s_size, "mapped": int((out >= 0).sum()),
+                "sha256": hashlib.sha256(Path(tmp).read_bytes()).hexdigest()}
+        with open(path.with_suffix(".json.tmp"), "w") as f:
+            json.dump(meta, f)
+        os.replace(path.with_suffix(".json.tmp"), path.with_suffix(".json"))  # the digest first, then the map
         os.replace(tmp, path)
-        with open(path.with_suffix(".json"), "w") as f:
-            json.dump({"method": method, "teacher_size": V_t, "student_size": s_size,
-                       "mapped": int((out >= 0).sum())}, f)
     return out
+
+
+def _load_cached(path: Path, V_t: int) -> np.ndarray | None:
+    """A cached map whose bytes match the digest beside it, else None (rebuilt, with a warning when the file
+    exists: a corrupt cache never reaches the loss)."""
+    if not path.exists():
+        return None
+    try:
+        meta = json.loads(path.with_suffix(".json").read_text())
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() == meta.get("sha256"):
+            m = np.load(path)
+            if m.shape == (V_t,) and m.dtype == np.int32:
+                return m
+    except (OSError, ValueError):
+        pass
+    warnings.warn(f"{path}: cached vocabulary map does not match its digest (corrupt or from an older version); "
+                  "rebuilding it", stacklevel=3)
+    return None
 
 

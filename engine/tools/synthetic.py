@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .. import store
+from .. import models, store
 from ..passes.prepare import shipped_corpus
 from ..text import chat
 from ..text.align import tokenizer_hash
@@ -57,15 +57,14 @@ def corpus(n: int, *, extra_every: int = 4, system_every: int = 7) -> list[dict]
 
 def write_prepared(data_dir, examples: list[dict], shard_size: int,
                    fingerprint: str = "fp-test") -> store.PreparedManifest:
-    d = store.prepared_dir(data_dir)
-    d.mkdir(parents=True, exist_ok=True)
+    store.prepared_dir(data_dir).mkdir(parents=True, exist_ok=True)
     n_shards = -(-len(examples) // shard_size)
-    for j in range(n_shards):
-        part = examples[j * shard_size:(j + 1) * shard_size]
-        table = pa.Table.from_pylist(part, schema=store.PREPARED_SCHEMA)
-        store.write_table_atomic(table, d / store.shard_name(j))
     pm = store.PreparedManifest(fingerprint=fingerprint, n_examples=len(examples), shard_size=shard_size,
                                 n_shards=n_shards)
+    for j in range(n_shards):
+        part = examples[j * shard_size:(j + 1) * shard_size]
+        pm.shards.append(store.write_prepared_shard(data_dir, j, pa.Table.from_pylist(part,
+                                                                                      schema=store.PREPARED_SCHEMA)))
     pm.save(data_dir)
     return pm
 
@@ -93,6 +92,7 @@ def records(tok, examples: list[dict], responses: list[str], k: int, rng: np.ran
     lens = [t.shape[0] for t in tids]
     return store.TeacherShard(
         example_ids=[e["example_id"] for e in examples], responses=list(responses),
+        prompt_shas=[store.prompt_fingerprint(e["prompt"], e["system"]) for e in examples],
         tok_off=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
         offsets=np.concatenate(offs).astype(np.int32), token_ids=np.concatenate(tids).astype(np.int32),
         token_logprobs=np.concatenate(tlps).astype(np.float32),
@@ -108,18 +108,22 @@ def write_teacher(data_dir, source: str, mode: str, tok, model: str, examples: l
     d.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     responses = responses if responses is not None else [e["response"] for e in examples]
+    try:  # a model name that is no alias and no folder (a test's stand-in) has no fingerprint
+        fingerprint = models.model_fingerprint(model)
+    except ValueError:
+        fingerprint = None
     m = store.TeacherManifest(source=source, model=model, mode=mode, tokenizer_hash=tokenizer_hash(tok),
                               vocab_size=len(tok), k=k, prepared_fingerprint=pm.fingerprint,
-                              shard_size=pm.shard_size, n_shards=pm.n_shards)
+                              shard_size=pm.shard_size, n_shards=pm.n_shards, model_fingerprint=fingerprint)
     for j in range(pm.n_shards):
         a, z = j * pm.shard_size, min((j + 1) * pm.shard_size, len(examples))
         rb = records(tok, examples[a:z], responses[a:z], k, rng)
         table = rb.to_table()
         if mutate is not None:
             table = mutate(j, table)
-        size = store.write_table_atomic(table, d / store.shard_name(j))
+        info = store.write_table_atomic(table, d / store.shard_name(j))
         m.completed[str(j)] = {"file": store.shard_name(j), "rows": z - a, "tokens": int(rb.tok_off[-1]),
-                               "bytes": size}
+                               "bytes": info.bytes, "sha256": info.sha256, "counters": {"n_rows": z - a}}
     m.save(data_dir)
     return m
 

@@ -1,12 +1,15 @@
-"""Crash-safe training checkpoints on top of DeepSpeed's save_checkpoint / load_checkpoint.
+"""Crash-safe, verifiable training checkpoints on top of DeepSpeed's save_checkpoint / load_checkpoint.
 
 Layout (`<output_dir>/checkpoints/`):
 
     latest                      text file holding the tag of the newest COMPLETE checkpoint (DeepSpeed's
                                 own format, so deepspeed's zero_to_fp32 and load_checkpoint read it too)
     step00000040/               DeepSpeed files (model / ZeRO optimizer partitions of every rank)
-        trainer_rank00000.pt    per rank: step, loader states, RNG states (torch, numpy, python), epochs
+        trainer_rank00000.pt    per rank: step, loader states, RNG states; tensors and plain types only,
+                                loaded with torch.load(weights_only=True): it can run no code
         config.yaml             the resolved config
+        profuser_checkpoint.json  step, world size, the config's resume digest, every file's size and
+                                sha256 (with the JSON's own checksum)
     tmp-step00000060/           a save in progress (ignored; removed by the next save)
 
 Why a crash during a save never corrupts the previous checkpoint: every rank writes into `tmp-<tag>`,
@@ -15,16 +18,27 @@ replaces `latest` through a temporary file + os.replace. A kill before the renam
 a kill between the rename and the pointer update leaves `latest` on the previous complete checkpoint.
 The filesystem must be shared by all ranks (as DeepSpeed itself assumes by default).
 
+Resume verifies before DeepSpeed reads anything: the folder must carry profuser_checkpoint.json, its
+config digest must be this run's (config.resume_digest; checkpoint.allow_foreign=true overrides), its
+world size this run's, and every file its recorded size and sha256 (each rank hashes a share). A corrupt
+checkpoint is skipped with a warning and the previous one is used. DeepSpeed's own files are pickles that
+torch.load unpickles: like any pickle, they must come from a folder you trust (the README says so).
+
 `export_student` turns a checkpoint into a standard transformers folder (ZeRO-3: zero_to_fp32).
 """
 
 from __future__ import annotations
 
 import copy
+import errno
+import hashlib
+import json
 import os
+import pickle
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +58,25 @@ def _barrier() -> None:
         dist.barrier()
 
 
+INFO = "profuser_checkpoint.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, ...); the message names the folder. Nothing partial is kept."""
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint this run cannot continue from; the message names the checkpoint and what differs."""
+
+    exit_code = 2
+
+
 def rng_state() -> dict:
+    """Every RNG's state as tensors and plain types (what torch.load(weights_only=True) accepts)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -55,47 +84,97 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint folder, or None. A `latest` pointing nowhere is an error."""
+def candidates(ckpt_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, newest first: the one `latest` names, then older step folders."""
     ckpt_dir = Path(ckpt_dir)
     pointer = ckpt_dir / "latest"
     if not pointer.is_file():
-        return None
+        return []
     tag = pointer.read_text().strip()
-    path = ckpt_dir / tag
-    if not path.is_dir():
-        raise FileNotFoundError(f"{pointer} names checkpoint {tag!r} but {path} does not exist")
-    return path
+    older = sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name) and p.name < tag),
+                   reverse=True)
+    return ([ckpt_dir / tag] if (ckpt_dir / tag).is_dir() else []) + older
 
 
-def save(engine: Any, ckpt_dir: str | Path, tag: str, trainer_state: dict, config_yaml: str, *,
-         rank: int, update_latest: bool = True, keep_last: int = 0) -> Path:
+def _share(names: list[str], rank: int, world: int) -> list[str]:
+    """The files this rank hashes: every world-th, so the ranks split the work of a large checkpoint."""
+    return sorted(names)[rank::world]
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _all_ok(ok: bool) -> bool:
+    flag = torch.tensor([1 if ok else 0])
+    if dist.is_available() and dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        flag = flag.to(device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _gather(obj, world: int) -> list:
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def save(engine: Any, ckpt_dir: str | Path, tag: str, trainer_state: dict, config_yaml: str, *, config_digest: str,
+         rank: int, world_size: int, update_latest: bool = True, keep_last: int = 0) -> Path:
     """Write checkpoint `tag` from every rank (collective). Returns the final folder.
 
-    trainer_state: this rank's extra state (step, loader states, ...); RNG states are added here.
+    trainer_state: this rank's extra state (step, loader states, ...); RNG states are added here. A failure
+    on any rank (a full disk) removes the whole temporary folder and raises CheckpointError on every rank.
     """
     ckpt_dir = Path(ckpt_dir)
     tmp_tag, final = f"tmp-{tag}", ckpt_dir / tag
+    tmp = ckpt_dir / tmp_tag
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         for stale in ckpt_dir.glob("tmp-*"):  # an earlier save that was killed half-way
             shutil.rmtree(stale, ignore_errors=True)
     _barrier()
-    # save_latest=False: `latest` is ours to update, after the folder is complete
-    engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, save_latest=False)
-    tmp = ckpt_dir / tmp_tag
-    state = {"rng": rng_state(), **trainer_state}  # a caller-captured "rng" (NaN checkpoints) wins
-    torch.save(state, tmp / f"trainer_rank{rank:05d}.pt")
-    if rank == 0:
-        (tmp / "config.yaml").write_text(config_yaml)
+    error = None
+    try:
+        # save_latest=False: `latest` is ours to update, after the folder is complete
+        engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, save_latest=False)
+        state = {"rng": rng_state(), **trainer_state}  # a caller-captured "rng" (NaN checkpoints) wins
+        torch.save(state, tmp / f"trainer_rank{rank:05d}.pt")
+        if rank == 0:
+            (tmp / "config.yaml").write_text(config_yaml)
+    except OSError as exc:
+        error = exc
+    if not _all_ok(error is None):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        why = "no space left on device" if getattr(error, "errno", None) == errno.ENOSPC else \
+            f"{type(error).__name__}: {error}" if error else "another rank failed to write its part"
+        raise CheckpointError(f"{tmp}: checkpoint not saved ({why}); nothing partial was kept, the previous "
+                              "checkpoint is intact")
     _barrier()
+    names = [p.name for p in tmp.iterdir() if p.is_file()]
+    mine = {n: {"bytes": (tmp / n).stat().st_size, "sha256": _file_sha256(tmp / n)}
+            for n in _share(names, rank, world_size)}
+    files = {k: v for part in _gather(mine, world_size) for k, v in part.items()}
     if rank == 0:
+        info = {"step": int(trainer_state["step"]), "world_size": world_size, "config_digest": config_digest,
+                "files": files}
+        info["checksum"] = _json_checksum(info)
+        (tmp / INFO).write_text(json.dumps(info, indent=1, sort_keys=True))
         if final.exists():  # re-saving the same step (e.g. SIGTERM right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -108,6 +187,11 @@ def save(engine: Any, ckpt_dir: str | Path, tag: str, trainer_state: dict, confi
     return final
 
 
+def _json_checksum(info: dict) -> str:
+    body = {k: v for k, v in info.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def _prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
     if keep_last <= 0:
         return
@@ -117,31 +201,86 @@ def _prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
             shutil.rmtree(ckpt_dir / name, ignore_errors=True)
 
 
-class ResumeError(RuntimeError):
-    """A checkpoint this run cannot continue from; the message names the checkpoint and what differs."""
+def check(path: Path, *, rank: int, world_size: int, config_digest: str, allow_foreign: bool = False) -> None:
+    """Raise ResumeError when this run may not resume from `path` (refusals are the same on every rank)."""
+    info_path = path / INFO
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, ValueError):
+        info = None
+    if info is None or info.get("checksum") != _json_checksum(info):
+        if not allow_foreign:
+            raise ResumeError(f"{path}: not a checkpoint written by profuser train ({INFO} missing or corrupt); a "
+                              "checkpoint folder can carry pickles that run code: resume from it only if you trust "
+                              "it, with checkpoint.allow_foreign=true")
+        info = {"world_size": len(list(path.glob("trainer_rank*.pt"))), "files": None}
+    if info["world_size"] != world_size:
+        raise ResumeError(f"checkpoint {path} was written by {info['world_size']} rank(s) but this run has "
+                          f"{world_size}: resume with the same world size (nodes x processes per node may differ), "
+                          "or start over with checkpoint.resume=never")
+    if info.get("config_digest") not in (None, config_digest) and not allow_foreign:
+        raise ResumeError(f"{path}: written by another configuration (resume digest {info['config_digest'][:12]} "
+                          f"!= {config_digest[:12]}: the model, data, loss, schedule, optimizer or DeepSpeed "
+                          "settings differ); resume it anyway with checkpoint.allow_foreign=true")
 
 
-def load(engine: Any, path: str | Path, *, rank: int, world_size: int) -> dict:
+def intact(path: Path, *, rank: int, world_size: int) -> str | None:
+    """Collective: None when every file has its recorded size and sha256 (each rank hashes a share), else
+    the first problem found on this rank (or that another rank found one)."""
+    try:
+        files = json.loads((path / INFO).read_text()).get("files")
+    except (OSError, ValueError):
+        files = None
+    problem = None
+    for name in _share(list(files or {}), rank, world_size):
+        f, want = path / name, files[name]
+        if not f.is_file():
+            problem = f"{f} is missing"
+        elif f.stat().st_size != want["bytes"]:
+            problem = f"{f} has {f.stat().st_size} bytes, {want['bytes']} were written"
+        elif _file_sha256(f) != want["sha256"]:
+            problem = f"{f} differs from the sha256 recorded when it was written"
+        if problem:
+            break
+    if not _all_ok(problem is None):
+        return problem or "another rank found a damaged file"
+    return None
+
+
+def load(engine: Any, path: str | Path, *, rank: int, allow_foreign: bool = False) -> dict:
     """Restore engine (model, optimizer, lr scheduler) and return this rank's trainer state (RNG restored).
-
-    A checkpoint is resumed only by the same number of ranks (any split over nodes): ZeRO partitions and
-    each rank's loader position belong to that world size. Another world size is refused before DeepSpeed
-    reads anything (docs/training.md, "Resume")."""
+    Call after `check` and `intact`. The trainer state loads with weights_only=True: a planted pickle is
+    refused, never run (an older checkpoint's numpy RNG state needs allow_foreign)."""
     path = Path(path)
     state_file = path / f"trainer_rank{rank:05d}.pt"
-    written = sorted(path.glob("trainer_rank*.pt"))
-    if not state_file.is_file() or len(written) != world_size:
-        raise ResumeError(f"checkpoint {path} was written by {len(written)} rank(s) but this run has {world_size}: "
-                          "resume with the same world size (nodes x processes per node may differ), or start "
-                          "over with checkpoint.resume=never")
-    state = torch.load(state_file, weights_only=False)
-    if state.get("world_size", world_size) != world_size:
-        raise ResumeError(f"{state_file}: written with world size {state['world_size']}, this run has {world_size}")
+    try:
+        state = torch.load(state_file, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not allow_foreign:
+            raise ResumeError(f"{state_file}: holds objects other than tensors and plain values (refused: loading it "
+                              f"could run code): {str(exc).splitlines()[0]}") from None
+        state = torch.load(state_file, weights_only=False)
     load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+        raise ResumeError(f"DeepSpeed could not load checkpoint {path}")
     set_rng_state(state.pop("rng"))
     return state
+
+
+def resume_point(paths: list[Path], *, rank: int, world_size: int, config_digest: str,
+                 allow_foreign: bool = False) -> Path | None:
+    """The newest of `paths` this run may resume from and whose files are intact; a damaged one is skipped
+    with a warning naming the file (the previous checkpoint is used), a refused one raises ResumeError."""
+    for path in paths:
+        check(path, rank=rank, world_size=world_size, config_digest=config_digest, allow_foreign=allow_foreign)
+        problem = intact(path, rank=rank, world_size=world_size)
+        if problem is None:
+            return path
+        warnings.warn(f"checkpoint {path} is damaged ({problem}); falling back to the previous one", stacklevel=2)
+    if paths:
+        raise ResumeError(f"no intact checkpoint among {[p.name for p in paths]} in {paths[0].parent}; start over "
+                          "with checkpoint.resume=never")
+    return None
 
 
 def export_student(lm, tok, checkpoint: Path, out: Path, *, stage: int, rank: int) -> Path:

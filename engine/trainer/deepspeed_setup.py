@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, TrainConfig
-from ..models import load_model, load_tokenizer
+from ..models import load_model
 from .schedule import lr_factor
 from .step import FusionStep
 
@@ -55,10 +55,9 @@ def resolve_attention(name: str) -> str:
 
 
 def load_student(cfg: TrainConfig, dtype: torch.dtype, ds_config: dict):
-    """The student and its tokenizer. Under ZeRO-3 the weights are partitioned while they load
+    """The student model in training mode. Under ZeRO-3 the weights are partitioned while they load
     (deepspeed.zero.Init through transformers' HfDeepSpeedConfig), so no rank ever holds the whole model:
     what lets a large student start on nodes whose CPU memory could not hold one full copy per rank."""
-    tok = load_tokenizer(cfg.model.student)
     zero3 = None
     if ds_config.get("zero_optimization", {}).get("stage") == 3:
         from transformers.integrations import HfDeepSpeedConfig
@@ -70,7 +69,7 @@ def load_student(cfg: TrainConfig, dtype: torch.dtype, ds_config: dict):
     if cfg.model.activation_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.train()
-    return lm, tok
+    return lm
 
 
 def full_shape(p: torch.Tensor) -> torch.Size:

@@ -105,7 +105,7 @@ def test_choice_lists_have_one_home():
     assert advantage.ADVANTAGES is config.ADVANTAGES and advantage.CE_METRICS is config.CE_METRICS
     assert config._CHOICES["loss.backend"] is params.BACKENDS
     assert config._CHOICES["loss.missing_mass"] is params.MISSING_MASS_MODES
-    for key, bad in (("advantage", "maxCE"), ("mode", "eval"), ("align_method", "dtw"), ("nan_policy", "skip")):
+    for key, bad in (("advantage", "maxCE"), ("mode", "eval"), ("align_method", "dtw"), ("bad_row_policy", "skip")):
         with pytest.raises(ValueError, match=f"FusionDataConfig.{key}"):
             FusionDataConfig(data_dir="x", sources=["a"], student="s", **{key: bad})
     with pytest.raises(ValueError, match="nan_policy"):

@@ -2,14 +2,15 @@
 `engine/train.py` run as a script cannot shadow another module.
 
 Layers of profuser.engine (a module may import its own unit and units of a lower rank only):
-    7  train.py, cli.py            the recipe and the command line
+    8  cli.py                      the command line (dispatches to every command, the recipe included)
+    7  train.py                    the training recipe
     6  tools/                      demo, plot, synthetic stores
     5  passes/, trainer/           teacher passes; training step, schedule, checkpoints, eval
     4  loader/                     the streaming loader
     3  store.py                    the stores on disk
     2  text/                       chat encoding, alignment, known tokenizers
     1  models.py                   model / tokenizer / dtype / logit-transform rules
-    0  config.py, dist.py          typed configs and choice lists; ranks and devices
+    0  config.py, dist.py, errors.py  typed configs and choice lists; ranks and devices; one-line errors
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 ENGINE = REPO / "engine"
-RANK = {"config": 0, "dist": 0, "models": 1, "text": 2, "store": 3, "loader": 4, "passes": 5, "trainer": 5,
-        "tools": 6, "train": 7, "cli": 7}
+RANK = {"config": 0, "dist": 0, "errors": 0, "models": 1, "text": 2, "store": 3, "loader": 4, "passes": 5, "trainer": 5,
+        "tools": 6, "train": 7, "cli": 8}
 
 
 def module_name(path: Path) -> str:

@@ -31,6 +31,7 @@ def make_records(rng, responses, ends_turn=True):
     lens = [len(x) for x in ids]
     return store.TeacherShard(
         example_ids=[f"e{i}" for i in range(len(responses))], responses=list(responses),
+        prompt_shas=[store.prompt_fingerprint(f"prompt {i}", None) for i in range(len(responses))],
         tok_off=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64), offsets=np.concatenate(offs),
         token_ids=np.concatenate(ids).astype(np.int32), token_logprobs=np.concatenate(lps).astype(np.float32),
         topk_ids=np.concatenate(kid).astype(np.int32), topk_logprobs=np.concatenate(klp).astype(np.float32),
@@ -44,12 +45,13 @@ def test_round_trip_and_schema(tmp_path):
     rng = np.random.default_rng(0)
     rb = make_records(rng, RESPONSES)
     path = tmp_path / store.shard_name(0)
-    size = store.write_table_atomic(rb.to_table(), path)
-    assert size == path.stat().st_size and not list(tmp_path.glob("*.tmp-*"))
+    info = store.write_table_atomic(rb.to_table(), path)
+    assert info.bytes == path.stat().st_size and info.sha256 == store.file_sha256(path)
+    assert not list(tmp_path.glob("*.tmp-*"))
     t = store.read_table(path)
     assert t.schema == store.TEACHER_SCHEMA
     back = store.read_teacher_shard(path, K, None, gold=False)
-    assert back.n_rows == len(RESPONSES) and not back.bad_rows.any()
+    assert back.n_rows == len(RESPONSES) and not back.invalid.any()
     np.testing.assert_array_equal(back.topk_ids, rb.topk_ids)
     np.testing.assert_array_equal(back.nll_sum, rb.nll_sum)
     rows = t.to_pylist()
@@ -77,19 +79,23 @@ def test_bytes_per_token_under_target(tmp_path):
     vocab_ids = rng.permutation(50000)[:512]
     rb = store.TeacherShard(
         example_ids=[f"e{i}" for i in range(n)], responses=["y" * R] * n,
+        prompt_shas=[store.prompt_fingerprint(f"prompt {i}", None) for i in range(n)],
         tok_off=np.arange(0, n * R + 1, R, dtype=np.int64),
         offsets=np.stack([np.tile(np.arange(R), n), np.tile(np.arange(R), n) + 1], 1).astype(np.int32),
         token_ids=vocab_ids[order[:, 0]].astype(np.int32),
         token_logprobs=np.take_along_axis(lp, order[:, :1], 1)[:, 0].astype(np.float32),
         topk_ids=vocab_ids[order].astype(np.int32), topk_logprobs=np.take_along_axis(lp, order, 1).astype(np.float32),
         n_bytes=np.full(n, R, np.int32))
-    size = store.write_table_atomic(rb.to_table(), tmp_path / "p.parquet")
+    size = store.write_table_atomic(rb.to_table(), tmp_path / "p.parquet").bytes
     assert size / (n * R) < 40
 
 
-def test_validation_errors_name_file_and_row(tmp_path):
-    rng = np.random.default_rng(2)
-    t = make_records(rng, RESPONSES).to_table()
+PREPARED = pa.table({"example_id": [f"e{i}" for i in range(4)], "prompt": [f"prompt {i}" for i in range(4)],
+                     "response": RESPONSES, "system": pa.array([None] * 4, pa.string())})
+
+
+def test_structural_errors_fail_the_shard(tmp_path):
+    t = make_records(np.random.default_rng(2), RESPONSES).to_table()
     path = tmp_path / "part-00000.parquet"
 
     def replace(col, i, value):
@@ -97,36 +103,65 @@ def test_validation_errors_name_file_and_row(tmp_path):
         vals[i] = value
         return t.set_column(t.schema.get_field_index(col), col, pa.array(vals, t.schema.field(col).type))
 
-    def check(table, prepared=None, gold=False):
-        shard = store.TeacherShard.from_table(table, path, K)
-        shard.validate(prepared, gold=gold)
-        return shard
-
-    bad_off = t["pred_offsets"].to_pylist()[2]
-    bad_off[-1] = 99  # end past the response
-    with pytest.raises(store.StoreError, match=r"part-00000.parquet: row 2: pred_offsets"):
-        check(replace("pred_offsets", 2, bad_off))
-    with pytest.raises(store.StoreError, match=r"row 0: n_tokens=7"):
-        check(replace("n_tokens", 0, 7))
+    with pytest.raises(store.StoreError, match=r"part-00000.parquet: row 0: n_tokens=7"):
+        store.TeacherShard.from_table(replace("n_tokens", 0, 7), path, K)
     with pytest.raises(store.StoreError, match=r"row 3: topk_ids has"):
-        check(replace("topk_ids", 3, [1, 2]))
-    with pytest.raises(store.StoreError, match=r"row 2: n_bytes=5"):
-        check(replace("n_bytes", 2, 5))
+        store.TeacherShard.from_table(replace("topk_ids", 3, [1, 2]), path, K)
     with pytest.raises(store.StoreError, match="lacks columns"):
-        check(t.drop(["nll_sum"]))
-    # NaN: flagged per row (the reader's nan_policy decides), naming the column
-    lp = t["topk_logprobs"].to_pylist()[1]
-    lp[0] = float("nan")
-    nan_shard = check(replace("topk_logprobs", 1, lp))
-    assert nan_shard.bad_rows.tolist() == [False, True, False, False] and nan_shard.nan_column(1) == "topk_logprobs"
-    # rows of another prepared set; in training mode the gold responses too
-    prep = pa.table({"example_id": ["e0", "zz", "e2", "e3"], "response": RESPONSES})
+        store.TeacherShard.from_table(t.drop(["nll_sum"]), path, K)
+    other = PREPARED.set_column(0, "example_id", pa.array(["e0", "zz", "e2", "e3"]))
     with pytest.raises(store.StoreError, match=r"row 1: example_id 'e1' but the prepared shard has 'zz'"):
-        check(t, prep)
-    gold = pa.table({"example_id": ["e0", "e1", "e2", "e3"], "response": ["abc", "", "other", "x" * 50]})
-    check(t, gold)  # inference mode: the stored response is the generated one
-    with pytest.raises(store.StoreError, match=r"row 2: stored response differs from the prepared gold"):
-        check(t, gold, gold=True)
+        store.TeacherShard.from_table(t, path, K).validate(other)
+
+
+def _flip(t: pa.Table, col: str, i: int, fn) -> pa.Table:
+    vals = t[col].to_pylist()
+    vals[i] = fn(vals[i])
+    return t.set_column(t.schema.get_field_index(col), col, pa.array(vals, t.schema.field(col).type))
+
+
+def _set(lst, j, v):
+    lst = list(lst)
+    lst[j] = v
+    return lst
+
+
+# (column, row, edit, fragment of the reason): every value a corrupt byte or an edit can produce
+INVALID = [
+    ("pred_offsets", 2, lambda o: _set(o, len(o) - 1, 99), "pred_offsets do not fit"),
+    ("n_bytes", 2, lambda n: 5, "n_bytes=5"),
+    ("topk_logprobs", 1, lambda lp: [x + 5.0 for x in lp], "positive top-k log-probability"),
+    ("topk_logprobs", 3, lambda lp: _set(lp, 1, 0.0), "not descending"),
+    ("topk_logprobs", 0, lambda lp: _set(lp, 0, float("nan")), "non-finite top-k"),
+    ("topk_ids", 0, lambda ids: _set(ids, 2, 1000), "top-k id outside [-1, 1000)"),
+    ("token_ids", 3, lambda ids: _set(ids, 0, -4), "token id outside"),
+    ("token_logprobs", 2, lambda lp: _set(lp, 0, 0.5), "positive token log-probability"),
+    ("nll_sum", 3, lambda x: x - 3.0, "nll_sum is not the sum"),
+    ("nll_sum", 0, lambda x: -1.0, "nll_sum is not the sum"),
+    ("prompt_sha", 1, lambda x: "0" * 16, "prompt fingerprint differs"),
+]
+
+
+@pytest.mark.parametrize("col, row, edit, why", INVALID, ids=[f"{c}-{w.split()[0]}" for c, _, _, w in INVALID])
+def test_invalid_values_are_named_per_row(tmp_path, col, row, edit, why):
+    t = make_records(np.random.default_rng(2), RESPONSES).to_table()
+    shard = store.TeacherShard.from_table(_flip(t, col, row, edit), tmp_path / "part-00000.parquet", K)
+    problems = shard.validate(PREPARED, vocab_size=1000)
+    assert list(problems) == [row] and why in problems[row], problems
+    assert shard.invalid.tolist() == [i == row for i in range(4)]
+    clean = store.TeacherShard.from_table(t, tmp_path / "part-00000.parquet", K)
+    assert clean.validate(PREPARED, vocab_size=1000) == {} and not clean.invalid.any()
+
+
+def test_gold_responses_and_nan_rows(tmp_path):
+    t = make_records(np.random.default_rng(2), RESPONSES).to_table()
+    gold = PREPARED.set_column(2, "response", pa.array(["abc", "", "other", "x" * 50]))
+    shard = store.TeacherShard.from_table(t, tmp_path / "p.parquet", K)
+    assert shard.validate(gold) == {}  # inference mode: the stored response is the generated one
+    assert "differs from the prepared gold" in shard.validate(gold, gold=True)[2]
+    nan = store.TeacherShard.from_table(_flip(t, "nll_sum", 1, lambda x: float("nan")), tmp_path / "p.parquet", K)
+    nan.validate(PREPARED)
+    assert nan.invalid.tolist() == [False, True, False, False] and "NaN" in nan.problem(1)
 
 
 def test_corrupt_and_missing_files(tmp_path):
@@ -183,7 +218,7 @@ def test_owned_shards_partition():
 def test_stale_tmp_removed_and_parquet_options(tmp_path):
     (tmp_path / "part-00001.parquet.tmp-123").write_bytes(b"half")
     (tmp_path / "part-00002.parquet.tmp-9").write_bytes(b"half")
-    assert store.remove_stale_tmp(tmp_path, [1]) == 1
+    assert store.remove_stale_tmp(tmp_path, [store.shard_name(1)]) == 1
     assert (tmp_path / "part-00002.parquet.tmp-9").exists()
     rb = make_records(np.random.default_rng(3), RESPONSES)
     store.write_table_atomic(rb.to_table(), tmp_path / "a.parquet")

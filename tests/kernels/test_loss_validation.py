@@ -54,6 +54,10 @@ CASES = {
                      "[1, 0, 2]"),
     "logprobs_inf": (dict(teacher_logprobs=_nan_at(g["teacher_logprobs"], (0, 0, 0), -float("inf"))),
                      "teacher_logprobs", "NaN/inf"),
+    "logprobs_positive": (dict(teacher_logprobs=_nan_at(g["teacher_logprobs"], (1, 3, 0), 0.01)),
+                          "teacher_logprobs", "[1, 3, 0] = 0.01"),
+    "logprobs_shifted": (dict(teacher_logprobs=g["teacher_logprobs"] + 5.0), "teacher_logprobs", "positive"),
+    "weights_overflow": (dict(teacher_weights=torch.full((2, 6), 3e38)), "teacher_weights", "overflow"),
     "weights_shape": (dict(teacher_weights=torch.rand(3, 6)), "teacher_weights", "T=2"),
     "weights_negative": (dict(teacher_weights=_nan_at(g["teacher_weights"], (1, 4), -0.5)), "teacher_weights",
                          "negative"),
@@ -92,7 +96,7 @@ def test_bad_input(name):
 def test_validate_false_skips_value_checks_only():
     # a value problem passes with validate=False (no device sync) ...
     kw = good()
-    lp = _nan_at(kw["teacher_logprobs"], (0, 0, 0), 5.0)   # finite but positive: fine either way
+    lp = _nan_at(kw["teacher_logprobs"], (0, 0, 0), 5.0)   # finite but positive: only the value checks see it
     fusion_loss(kw["hidden"], kw["weight"], kw["labels"], kw["teacher_ids"], lp, validate=False)
     bad = _nan_at(kw["teacher_weights"], (0, 0), -1.0)
     fusion_loss(kw["hidden"], kw["weight"], kw["labels"], kw["teacher_ids"], kw["teacher_logprobs"], bad,

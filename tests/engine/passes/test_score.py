@@ -74,9 +74,9 @@ def test_generate_greedy_captures_unwarped_topk(tmp_path, tiny_smol):
     rows = infer_rows(tmp_path)
     check_against_forward(tiny_smol, rows, EXAMPLES)
     m = store.TeacherManifest.load(tmp_path, "src", "infer")
-    gen = m.generation
-    assert gen["n_rows"] == len(EXAMPLES) and gen["do_sample"] is False
-    assert gen["n_truncated"] == sum(r["n_bytes"] == len(r["response"].encode()) for r in rows)
+    gen, counters = m.generation, m.counters
+    assert counters["n_rows"] == len(EXAMPLES) and gen["do_sample"] is False
+    assert counters["n_truncated"] == sum(r["n_bytes"] == len(r["response"].encode()) for r in rows)
     assert all(r["n_tokens"] <= 10 + 1 for r in rows)
     # the same settings resume (nothing to do); other settings are refused, naming the manifest
     assert G.generate(gen_cfg(tmp_path, tiny_smol))["src"]["skipped"] == 2
@@ -266,8 +266,8 @@ def test_nan_rows_never_win_and_the_loader_accepts_the_votes(tmp_path):
                          responses=[fx.infer_response(name, e) for e in ex], mutate=mark(ids))
     logs, sc = [], PrefersA()
     summary = S.score(S.ScoreConfig(data_dir=str(tmp_path), sources=["a", "b"]), scorers=[sc], log=logs.append)
-    assert any("excluded 3 generated row(s) with NaN nll_sum" in m and "a 3, b 0" in m for m in logs)
-    assert summary["infer_excluded_nan"] == {"a": 3, "b": 0}
+    assert any("excluded 3 invalid generated row(s)" in m and "a 3, b 0" in m for m in logs)
+    assert summary["infer_excluded"] == {"a": 3, "b": 0}
     votes = {v["example_id"]: v for v in read_votes_table(tmp_path)}
     assert len(votes) == len(ex)
     for e in ex:
@@ -283,16 +283,16 @@ def test_nan_rows_never_win_and_the_loader_accepts_the_votes(tmp_path):
     keep = [e for e in ex if e["example_id"] not in nan_ids]
     assert sc.seen[0] == ([e["prompt"] for e in keep], [e["system"] for e in keep])
     assert sc.seen[1][1] == [e["system"] for e in ex] and any(s for s in sc.seen[1][1])
-    # inference mode with nan_policy="error": no winner is a NaN row, so nothing raises or is dropped
+    # inference mode with bad_row_policy="error": no winner is a NaN row, so nothing raises or is dropped
     cfg = FusionDataConfig(data_dir=str(tmp_path), sources=["a", "b"], student="smollm2-135m-instruct",
-                           mode="infer", batch_size=4, nan_policy="error")
+                           mode="infer", batch_size=4, bad_row_policy="error")
     ld = FusionLoader(cfg, tok, teacher_tokenizers={"a": tok, "b": tok})
     assert sorted(e for batch in ld for e in batch["example_ids"]) == sorted(e["example_id"] for e in ex)
-    assert ld.stats["dropped_nan"] == 0
+    assert ld.stats["dropped_bad"] == 0
     # a NaN row in every source: no possible winner, an error naming the example
     fx.write_teacher(tmp_path, "b", "infer", tok, "teacher-b", ex, pm, k=4, seed=ord("b"),
                      responses=[fx.infer_response("b", e) for e in ex], mutate=mark({ex[3]["example_id"]}))
-    with pytest.raises(ValueError, match=f"{ex[3]['example_id']!r}: the generated row is NaN .* in every source"):
+    with pytest.raises(ValueError, match=f"{ex[3]['example_id']!r}: the generated row is invalid .* in every source"):
         S.score(S.ScoreConfig(data_dir=str(tmp_path), sources=["a", "b"]), scorers=[PrefersA()], log=lambda s: None)
 
 

@@ -6,7 +6,6 @@ chat templates, offsets and vocabulary sizes are the real ones; one slow test us
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pyarrow as pa
@@ -167,10 +166,9 @@ def test_manifest_mismatch_errors(tmp_path, tiny_smol):
     make_prepared(tmp_path)
     cfg = cfg_for(tmp_path, tiny_smol)
     teach.teach(cfg)
-    path = store.TeacherManifest.path(tmp_path, "src", "train")
-    obj = json.loads(path.read_text())
-    obj["tokenizer_hash"] = "0" * 64
-    path.write_text(json.dumps(obj))
+    m = store.TeacherManifest.load(tmp_path, "src", "train")  # a store of another tokenizer, written properly
+    m.tokenizer_hash = "0" * 64
+    m.save(tmp_path)
     with pytest.raises(store.StoreError, match=r"src/train/manifest.json: tokenizer_hash is '0000"):
         teach.teach(cfg)
     with pytest.raises(store.StoreError, match="tokenizer_hash"):
@@ -194,11 +192,15 @@ def test_corrupt_shard_and_text_mismatch_named(tmp_path, tiny_smol):
     t = store.read_table(d / store.shard_name(0))
     resp = t["response"].to_pylist()
     resp[1] = resp[1][:5]  # offsets no longer fit the text
-    store.write_table_atomic(t.set_column(1, "response", pa.array(resp)), d / store.shard_name(0))
-    with pytest.raises(store.StoreError, match=r"part-00000.parquet: row 1: pred_offsets do not fit"):
-        st.shard(0)
+    info = store.write_table_atomic(t.set_column(1, "response", pa.array(resp)), d / store.shard_name(0))
+    with pytest.raises(store.StoreError, match=r"part-00000.parquet: teacher shard content digest .* differs"):
+        st.shard(0)  # an edited file no longer matches its manifest
+    entry = dict(st.manifest.completed["0"], sha256=info.sha256, bytes=info.bytes)  # as if a buggy writer wrote it
+    store.update_manifest(tmp_path, "src", "train", 0, entry)
+    shard = store.TeacherStore(tmp_path, "src", "train").shard(0)  # the value checks name the row
+    assert list(shard.problems) == [1] and "pred_offsets do not fit" in shard.problem(1)
     (d / store.shard_name(1)).write_bytes(b"garbage")
-    with pytest.raises(store.StoreError, match=r"part-00001.parquet: corrupt"):
+    with pytest.raises(store.StoreError, match=r"part-00001.parquet: teacher shard content digest"):
         st.shard(1)
     (d / store.shard_name(1)).unlink()
     with pytest.raises(store.StoreError, match=r"part-00001.parquet: teacher shard file is missing"):
@@ -229,7 +231,7 @@ def test_nan_logprobs_error_or_marked(tmp_path, tiny_smol, monkeypatch):
     rows = read_rows(tmp_path)
     assert [bool(np.isnan(r["nll_sum"])) for r in rows] == [i == row for i in range(len(EXAMPLES))]
     shard = store.TeacherStore(tmp_path, "src", "train").shard(0)  # read back: the marked row is flagged
-    assert shard.bad_rows.tolist() == [i == row for i in range(4)] and shard.nan_column(row) == "token_logprobs"
+    assert shard.invalid.tolist() == [i == row for i in range(4)] and "NaN" in shard.problem(row)
 
 
 def test_length_batches_and_config_errors():

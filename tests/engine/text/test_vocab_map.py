@@ -169,12 +169,16 @@ def test_cache_roundtrip_and_sizes(tmp_path):
     assert (m[len(g):] == -1).all() and m.max() < 40_000
     files = list(tmp_path.glob("*.npy"))
     assert len(files) == 1
-    # a second call reads the cache file (proved by planting a marker in it)
+    # a second call reads the cache file (it is not rewritten)
+    stamp = files[0].stat().st_mtime_ns
+    assert (align.build_vocab_map(g, s, **kw) == m).all() and files[0].stat().st_mtime_ns == stamp
+    # a cache file that no longer matches its digest (corrupt, or planted) is never used: rebuilt, warned
     planted = m.copy()
     planted[0] = 12345
     np.save(files[0], planted)
-    again = align.build_vocab_map(g, s, **kw)
-    assert again[0] == 12345
+    with pytest.warns(UserWarning, match="does not match its digest"):
+        again = align.build_vocab_map(g, s, **kw)
+    assert (again == m).all()
     # a different method or student size is a different cache entry
     other = align.build_vocab_map(g, s, method="exact", teacher_size=50_304, cache_dir=tmp_path)
     assert other[0] != 12345 and len(list(tmp_path.glob("*.npy"))) == 2

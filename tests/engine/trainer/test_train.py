@@ -201,9 +201,11 @@ def test_store_and_vocab_errors(setup, tmp_path):
 
     data = tmp_path / "data"
     shutil.copytree(setup["data"], data)
-    pm = json.loads((data / "prepared" / "manifest.json").read_text())
-    pm["fingerprint"] = "another"
-    (data / "prepared" / "manifest.json").write_text(json.dumps(pm))
+    from profuser.engine import store
+
+    pm = store.PreparedManifest.load(data)  # another prepared set in the same folder, written properly
+    pm.fingerprint = "another"
+    pm.save(data)
     cfg = load_config(None, overrides(setup, tmp_path, **{"data.data_dir": str(data)}))
     with pytest.raises(ValueError, match="another prepared set"):
         check_stores(cfg, ["train"])
@@ -302,9 +304,9 @@ def test_zero3_loads_the_student_partitioned(setup, tmp_path):
     setup_distributed()
     cfg = load_config(None, overrides(setup, tmp_path))
     assert deepspeed_config(cfg, torch.float32)["zero_optimization"]["stage"] == 3
-    lm, _ = load_student(cfg, torch.float32, deepspeed_config(cfg, torch.float32))
+    lm = load_student(cfg, torch.float32, deepspeed_config(cfg, torch.float32))
     head = lm.get_output_embeddings().weight
     assert hasattr(head, "ds_id") and head.numel() == 0          # partitioned: no full local copy
     assert tuple(full_shape(head)) == (lm.config.vocab_size, lm.config.hidden_size)
-    plain, _ = load_student(cfg, torch.float32, {})             # no DeepSpeed config: a plain model
+    plain = load_student(cfg, torch.float32, {})             # no DeepSpeed config: a plain model
     assert not hasattr(plain.get_output_embeddings().weight, "ds_id")
