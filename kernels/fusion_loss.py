@@ -158,7 +158,7 @@ def validate_inputs(hidden, weight, labels, teacher_ids, teacher_logprobs, teach
     bad = (teacher_logprobs > LOGPROB_TOL) & (teacher_ids != -1)
     if bad.any():
         t, i, k = _first_bad(bad)
-        raise _err("teacher_logprobs", f"[{t}, {i}, {k}] = {float(teacher_logprobs[t, i, k])} is a positive "
+        raise _err("teacher_logprobs", f"[{t}, {i}, {k}] = {float(teacher_logprobs[t, i, k]):.4g} is a positive "
                                        f"log-probability (> {LOGPROB_TOL}): corrupt or not log-probabilities")
     if teacher_weights is not None:
         bad = ~torch.isfinite(teacher_weights)

@@ -97,10 +97,15 @@ def candidates(ckpt_dir: str | Path) -> list[Path]:
     pointer = ckpt_dir / "latest"
     if not pointer.is_file():
         return []
-    tag = pointer.read_text().strip()
+    tag = pointer.read_text(errors="replace").strip()
+    if not (TAG_RE.match(tag) and (ckpt_dir / tag).is_dir()):
+        steps = sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name)), reverse=True)
+        warnings.warn(f"{pointer} names {tag!r}, which is no checkpoint here (damaged pointer); trying the step "
+                      f"folders instead: {[p.name for p in steps]}", stacklevel=2)
+        return steps
     older = sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name) and p.name < tag),
                    reverse=True)
-    return ([ckpt_dir / tag] if (ckpt_dir / tag).is_dir() else []) + older
+    return [ckpt_dir / tag] + older
 
 
 def _share(names: list[str], rank: int, world: int) -> list[str]:
@@ -201,19 +206,17 @@ def _prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
             shutil.rmtree(ckpt_dir / name, ignore_errors=True)
 
 
-def check(path: Path, *, rank: int, world_size: int, config_digest: str, allow_foreign: bool = False) -> None:
-    """Raise ResumeError when this run may not resume from `path` (refusals are the same on every rank)."""
-    info_path = path / INFO
+def read_info(path: Path) -> dict | None:
+    """The checkpoint's profuser_checkpoint.json, or None when it is missing or fails its checksum."""
     try:
-        info = json.loads(info_path.read_text())
+        info = json.loads((path / INFO).read_text())
     except (OSError, ValueError):
-        info = None
-    if info is None or info.get("checksum") != _json_checksum(info):
-        if not allow_foreign:
-            raise ResumeError(f"{path}: not a checkpoint written by profuser train ({INFO} missing or corrupt); a "
-                              "checkpoint folder can carry pickles that run code: resume from it only if you trust "
-                              "it, with checkpoint.allow_foreign=true")
-        info = {"world_size": len(list(path.glob("trainer_rank*.pt"))), "files": None}
+        return None
+    return info if isinstance(info, dict) and info.get("checksum") == _json_checksum(info) else None
+
+
+def check(path: Path, info: dict, *, world_size: int, config_digest: str, allow_foreign: bool = False) -> None:
+    """Raise ResumeError when this run may not resume from `path` (refusals are the same on every rank)."""
     if info["world_size"] != world_size:
         raise ResumeError(f"checkpoint {path} was written by {info['world_size']} rank(s) but this run has "
                           f"{world_size}: resume with the same world size (nodes x processes per node may differ), "
@@ -224,13 +227,9 @@ def check(path: Path, *, rank: int, world_size: int, config_digest: str, allow_f
                           "settings differ); resume it anyway with checkpoint.allow_foreign=true")
 
 
-def intact(path: Path, *, rank: int, world_size: int) -> str | None:
+def intact(path: Path, files: dict | None, *, rank: int, world_size: int) -> str | None:
     """Collective: None when every file has its recorded size and sha256 (each rank hashes a share), else
     the first problem found on this rank (or that another rank found one)."""
-    try:
-        files = json.loads((path / INFO).read_text()).get("files")
-    except (OSError, ValueError):
-        files = None
     problem = None
     for name in _share(list(files or {}), rank, world_size):
         f, want = path / name, files[name]
@@ -269,17 +268,26 @@ def load(engine: Any, path: str | Path, *, rank: int, allow_foreign: bool = Fals
 
 def resume_point(paths: list[Path], *, rank: int, world_size: int, config_digest: str,
                  allow_foreign: bool = False) -> Path | None:
-    """The newest of `paths` this run may resume from and whose files are intact; a damaged one is skipped
-    with a warning naming the file (the previous checkpoint is used), a refused one raises ResumeError."""
+    """The newest of `paths` this run may resume from and whose files are intact. A damaged one (a file or its
+    own record fails its checksum) is skipped with a warning naming what failed, and the previous one is
+    used; a refused one (another world size or configuration) raises ResumeError."""
     for path in paths:
-        check(path, rank=rank, world_size=world_size, config_digest=config_digest, allow_foreign=allow_foreign)
-        problem = intact(path, rank=rank, world_size=world_size)
+        info = read_info(path)
+        if info is None and allow_foreign:  # trusted by the user: no record to check the files against
+            info = {"world_size": len(list(path.glob("trainer_rank*.pt"))), "files": None}
+        if info is None:
+            problem = f"{path / INFO} is missing or fails its checksum"
+        else:
+            check(path, info, world_size=world_size, config_digest=config_digest, allow_foreign=allow_foreign)
+            problem = intact(path, info.get("files"), rank=rank, world_size=world_size)
         if problem is None:
             return path
         warnings.warn(f"checkpoint {path} is damaged ({problem}); falling back to the previous one", stacklevel=2)
     if paths:
-        raise ResumeError(f"no intact checkpoint among {[p.name for p in paths]} in {paths[0].parent}; start over "
-                          "with checkpoint.resume=never")
+        raise ResumeError(f"no usable checkpoint among {[p.name for p in paths]} in {paths[0].parent}: damaged, or not "
+                          "written by profuser train (a checkpoint folder can carry pickles that run code: resume "
+                          "from one without its profuser_checkpoint.json only if you trust it, with "
+                          "checkpoint.allow_foreign=true); or start over with checkpoint.resume=never")
     return None
 
 
