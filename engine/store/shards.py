@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from profuser.kernels.params import LOGPROB_TOL
 
-from ..text.chat import predicted_bytes
+from ..text.chat import predicted_bytes_rows
 from .files import StoreError, read_table, shard_name, verify_digest
 from .manifests import PreparedManifest, TeacherManifest, prompt_fingerprint, read_prepared_shard
 
@@ -171,14 +171,19 @@ class TeacherShard:
                 problems.setdefault(int(i), reason)
 
         responses = _pylist(self.responses)
-        for i, resp in enumerate(responses):
-            o = self.offsets[self.tok_off[i]:self.tok_off[i + 1]]
-            if o.size and ((o[:, 0] < 0).any() or (o[:, 1] < o[:, 0]).any() or (o[:, 1] > len(resp)).any()
-                           or (np.diff(o[:, 0]) < 0).any()):
-                flag(i, f"pred_offsets do not fit its response of {len(resp)} characters")
-            elif self.n_bytes[i] != predicted_bytes(resp, o):
-                flag(i, f"n_bytes={self.n_bytes[i]} but the predicted text has {predicted_bytes(resp, o)} bytes "
-                        "(end-of-turn included)")
+        # offsets inside the response, starts non-decreasing within a row: per token, all rows at once
+        lens = np.fromiter((len(r) for r in responses), np.int64, len(responses))
+        row_of = np.repeat(np.arange(self.n_rows), self.n_tokens)
+        o = self.offsets.astype(np.int64)
+        off_bad = (o[:, 0] < 0) | (o[:, 1] < o[:, 0]) | (o[:, 1] > lens[row_of])
+        off_bad[1:] |= (np.diff(o[:, 0]) < 0) & (row_of[1:] == row_of[:-1])
+        bad_rows = np.zeros(self.n_rows, bool)
+        bad_rows[row_of[off_bad]] = True
+        for i in np.nonzero(bad_rows)[0].tolist():
+            flag(i, f"pred_offsets do not fit its response of {lens[i]} characters")
+        counted = predicted_bytes_rows(responses, np.where(off_bad[:, None], 0, o), self.tok_off)
+        for i in np.nonzero((counted != self.n_bytes) & ~bad_rows)[0].tolist():
+            flag(i, f"n_bytes={self.n_bytes[i]} but the predicted text has {counted[i]} bytes (end-of-turn included)")
         self._check_values(flag, vocab_size)
         if prepared is not None:  # the row against the conversation it claims to be about
             systems, prompts = prepared["system"].to_pylist(), prepared["prompt"].to_pylist()

@@ -259,15 +259,29 @@ def predicted_bytes(response: str, pred_offsets) -> int:
     """UTF-8 bytes of the text a row's predicted tokens cover, + 1 when the end-of-turn is predicted.
 
     The one byte count of the project: MinCE per byte (teach, generate), held-out NLL per byte (eval)
-    and the store's n_bytes check all call it. pred_offsets int [R, 2] as in EncodedExample (the
-    end-of-turn token's span is [len(response), len(response)]); a truncated response counts only its
-    covered prefix and no end-of-turn.
+    and the store's n_bytes check all use it (the store through `predicted_bytes_rows`, the same rule
+    for many rows at once). pred_offsets int [R, 2] as in EncodedExample (the end-of-turn token's span is
+    [len(response), len(response)]); a truncated response counts only its covered prefix and no end-of-turn.
     """
     off = np.asarray(pred_offsets).reshape(-1, 2)
-    if off.shape[0] == 0:
-        return 0
-    ends_turn = int(off[-1, 0]) == len(response)
-    return len(response[: int(off[:, 1].max())].encode("utf-8")) + int(ends_turn)
+    return int(predicted_bytes_rows([response], off, np.array([0, off.shape[0]]))[0])
+
+
+def predicted_bytes_rows(responses: list[str], offsets: np.ndarray, tok_off: np.ndarray) -> np.ndarray:
+    """predicted_bytes of n rows: responses [n], offsets int [sum R, 2], row i owns [tok_off[i], tok_off[i+1])
+    -> int64 [n]. Offsets must lie inside their response (callers check that first)."""
+    n = len(responses)
+    out = np.zeros(n, np.int64)
+    full = np.diff(tok_off) > 0
+    if not full.any():
+        return out
+    starts = np.asarray(tok_off[:-1])[full]
+    max_end = np.maximum.reduceat(offsets[:, 1], starts)
+    last_start = offsets[np.asarray(tok_off[1:])[full] - 1, 0]
+    for i, end, last in zip(np.nonzero(full)[0].tolist(), max_end.tolist(), last_start.tolist()):
+        r = responses[i]
+        out[i] = len((r if end >= len(r) else r[:end]).encode("utf-8")) + int(last == len(r))
+    return out
 
 
 def encode_example(tok, prompt: str, response: str, *, system: str | None = None,
