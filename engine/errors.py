@@ -11,10 +11,18 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
+
+
+def _one_line(message, category, filename, lineno, line=None) -> str:
+    return f"{category.__name__}: {message}\n"
 
 
 def report_errors(prog: str, fn, *args, debug: bool = False) -> int:
-    """fn(*args) -> exit code, with any error reported as one line (module docstring)."""
+    """fn(*args) -> exit code, with any error reported as one line (module docstring); warnings are one
+    line each too (no source line under them) unless debugging."""
+    if not (debug or os.environ.get("PROFUSER_DEBUG") == "1"):
+        warnings.formatwarning = _one_line
     try:
         return int(fn(*args) or 0)
     except (KeyboardInterrupt, SystemExit):
@@ -23,7 +31,7 @@ def report_errors(prog: str, fn, *args, debug: bool = False) -> int:
         if debug or os.environ.get("PROFUSER_DEBUG") == "1":
             raise
         msg = " ".join(str(exc).split()) or type(exc).__name__
-        expected = isinstance(exc, (ValueError, OSError, RuntimeError, LookupError, ImportError))
+        expected = isinstance(exc, (ValueError, OSError, RuntimeError, LookupError, ImportError, ArithmeticError))
         hint = "" if expected else f" ({type(exc).__name__}; PROFUSER_DEBUG=1 prints the traceback)"
         print(f"{prog}: error: {msg}{hint}", file=sys.stderr, flush=True)
         return int(getattr(exc, "exit_code", 1))

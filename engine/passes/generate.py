@@ -24,7 +24,6 @@ re-sharded run samples the same responses.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -216,12 +215,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    try:
-        generate(GenerateConfig(**config_from_args(args), max_new_tokens=args.max_new_tokens,
-                                do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
-                                top_k_sampling=args.top_k_sampling, seed=args.seed,
-                                gen_batch_size=args.gen_batch_size))
-    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
-        print(f"profuser generate: error: {exc}", file=sys.stderr)
-        return 1
+    generate(GenerateConfig(**config_from_args(args), max_new_tokens=args.max_new_tokens,
+                            do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
+                            top_k_sampling=args.top_k_sampling, seed=args.seed,
+                            gen_batch_size=args.gen_batch_size))
     return 0

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -314,9 +313,5 @@ def run(args) -> int:
                         messages_field=args.messages_field, id_field=args.id_field or None, split=args.split,
                         on_bad_row=args.on_bad_row, multi_turn=args.multi_turn, shard_size=args.shard_size,
                         limit=args.limit, overwrite=args.overwrite, wait=args.wait)
-    try:
-        prepare(cfg)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"profuser prepare: error: {exc}", file=sys.stderr)
-        return 1
+    prepare(cfg)
     return 0

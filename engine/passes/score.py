@@ -39,7 +39,6 @@ a changed spec or a replaced model are scored again.
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -430,12 +429,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    try:
-        score(ScoreConfig(data_dir=args.data_dir, sources=list(args.sources), scorers=list(args.scorers),
-                          device=args.device, student=args.student))
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"profuser score: error: {exc}", file=sys.stderr)
-        return 1
+    score(ScoreConfig(data_dir=args.data_dir, sources=list(args.sources), scorers=list(args.scorers),
+                      device=args.device, student=args.student))
     return 0
 
 

@@ -17,7 +17,6 @@ memory / batching / resumption rules are in passes/shards.py.
 
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -77,9 +76,5 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    try:
-        teach(PassConfig(**config_from_args(args), max_length=args.max_length))
-    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
-        print(f"profuser teach: error: {exc}", file=sys.stderr)
-        return 1
+    teach(PassConfig(**config_from_args(args), max_length=args.max_length))
     return 0
