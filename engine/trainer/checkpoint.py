@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import errno
-import hashlib
 import json
 import os
 import pickle
@@ -45,6 +44,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from ..store import canonical_checksum, file_sha256
 
 TAG_RE = re.compile(r"^step(\d{8})$")
 
@@ -113,14 +114,6 @@ def _share(names: list[str], rank: int, world: int) -> list[str]:
     return sorted(names)[rank::world]
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _all_ok(ok: bool) -> bool:
     flag = torch.tensor([1 if ok else 0])
     if dist.is_available() and dist.is_initialized():
@@ -172,13 +165,13 @@ def save(engine: Any, ckpt_dir: str | Path, tag: str, trainer_state: dict, confi
                               "checkpoint is intact")
     _barrier()
     names = [p.name for p in tmp.iterdir() if p.is_file()]
-    mine = {n: {"bytes": (tmp / n).stat().st_size, "sha256": _file_sha256(tmp / n)}
+    mine = {n: {"bytes": (tmp / n).stat().st_size, "sha256": file_sha256(tmp / n)}
             for n in _share(names, rank, world_size)}
     files = {k: v for part in _gather(mine, world_size) for k, v in part.items()}
     if rank == 0:
         info = {"step": int(trainer_state["step"]), "world_size": world_size, "config_digest": config_digest,
                 "files": files}
-        info["checksum"] = _json_checksum(info)
+        info["checksum"] = canonical_checksum(info)
         (tmp / INFO).write_text(json.dumps(info, indent=1, sort_keys=True))
         if final.exists():  # re-saving the same step (e.g. SIGTERM right after a periodic save)
             shutil.rmtree(final)
@@ -190,11 +183,6 @@ def save(engine: Any, ckpt_dir: str | Path, tag: str, trainer_state: dict, confi
             _prune(ckpt_dir, keep_last, keep=tag)
     _barrier()
     return final
-
-
-def _json_checksum(info: dict) -> str:
-    body = {k: v for k, v in info.items() if k != "checksum"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
@@ -212,7 +200,7 @@ def read_info(path: Path) -> dict | None:
         info = json.loads((path / INFO).read_text())
     except (OSError, ValueError):
         return None
-    return info if isinstance(info, dict) and info.get("checksum") == _json_checksum(info) else None
+    return info if isinstance(info, dict) and info.get("checksum") == canonical_checksum(info) else None
 
 
 def check(path: Path, info: dict, *, world_size: int, config_digest: str, allow_foreign: bool = False) -> None:
@@ -237,7 +225,7 @@ def intact(path: Path, files: dict | None, *, rank: int, world_size: int) -> str
             problem = f"{f} is missing"
         elif f.stat().st_size != want["bytes"]:
             problem = f"{f} has {f.stat().st_size} bytes, {want['bytes']} were written"
-        elif _file_sha256(f) != want["sha256"]:
+        elif file_sha256(f) != want["sha256"]:
             problem = f"{f} differs from the sha256 recorded when it was written"
         if problem:
             break
