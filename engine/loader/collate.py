@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..text import chat
+from ..text.content import encode_text, encode_texts, prefix_segments, special_tokens, template_ids
 
 log = logging.getLogger("profuser.loader")
 IGNORE_INDEX = -100
@@ -76,58 +77,35 @@ _PROBES = ("What is a cat?", "  padded \n\n prompt  ", "<b>&amp; {{ x }} {% raw 
            "Ünïcödé 東京 😀", "", "line one\nline two\t", " ")
 
 
-def _backend(tok):
-    """The Rust tokenizer when calling it directly is what tok(...) does (no truncation or padding set):
-    it skips transformers' per-example conversion to Python dicts (half the tokenization time)."""
-    bt = getattr(tok, "backend_tokenizer", None) if getattr(tok, "is_fast", False) else None
-    if bt is None or bt.truncation is not None or bt.padding is not None:
-        return None
-    return bt
-
-
-def _ids(tok, texts: list[str]) -> list[list[int]]:
-    if not texts:
-        return []
-    bt = _backend(tok)
-    if bt is None:
-        return tok(texts, add_special_tokens=False)["input_ids"]
-    return [e.ids for e in bt.encode_batch_fast(texts, add_special_tokens=False)]
-
-
-def _ids_offsets(tok, texts: list[str]) -> tuple[list, list]:
-    """(ids, offsets) per text, offsets as [(start, end)] character spans."""
-    bt = _backend(tok)
-    if bt is None:
-        enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
-        return enc["input_ids"], enc["offset_mapping"]
-    encs = bt.encode_batch(texts, add_special_tokens=False)
-    return [e.ids for e in encs], [e.offsets for e in encs]
-
-
 class _Plan:
-    """prefix(prompt) = head + prompt + tail for one system prompt; ids = head_ids + ids(mid) + tail_ids."""
+    """prefix(prompt) = head + prompt + tail for one system prompt; ids = head_ids + ids(mid) + tail_ids, where
+    mid is the run of text around the prompt between two template special tokens (text/content.py)."""
 
     def __init__(self, tok, system):
         prefix, self.suffix = chat.render_parts(tok, _SENTINEL, system)
         if prefix.count(_SENTINEL) != 1 or _SENTINEL in self.suffix:
             raise ValueError("the prompt is not inserted verbatim")
-        head, tail = prefix.split(_SENTINEL)
-        specials = [t.content for t in getattr(tok, "added_tokens_decoder", {}).values()
-                    if not (t.lstrip or t.rstrip or t.single_word or t.normalized)]
-        cut_h = max([head.rfind(sp) + len(sp) for sp in specials if sp in head], default=0)
-        cut_t = min([tail.find(sp) for sp in specials if sp in tail], default=len(tail))
-        self.head, self.tail, self.mid_head, self.mid_tail = head, tail, head[cut_h:], tail[:cut_t]
-        self.head_ids = _ids(tok, [head[:cut_h]])[0] if cut_h else []
-        self.tail_ids = _ids(tok, [tail[cut_t:]])[0] if cut_t < len(tail) else []
+        self.head, self.tail = prefix.split(_SENTINEL)
+        segs = prefix_segments(tok, _SENTINEL, system, lambda t, p, s: chat.render_parts(t, p, s)[0])
+        if segs is None:
+            raise ValueError("the template rewrites its content")
+        k = next(i for i, (text, special) in enumerate(segs) if not special and _SENTINEL in text)
+        self.mid_head, self.mid_tail = segs[k][0].split(_SENTINEL)
+        table = special_tokens(tok)[0]
+
+        def ids(part):
+            return [x for text, special in part for x in ([table[text]] if special else encode_text(tok, text))]
+
+        self.head_ids, self.tail_ids = ids(segs[:k]), ids(segs[k + 1:])
         for probe in _PROBES:  # strings and ids must match the exact path
-            if chat.render_parts(tok, probe, system) != (head + probe + tail, self.suffix):
+            if chat.render_parts(tok, probe, system) != (self.head + probe + self.tail, self.suffix):
                 raise ValueError("the template rewrites or branches on the prompt")
-            if self.prefix_ids(tok, [probe])[0] != _ids(tok, [head + probe + tail])[0]:
+            if self.prefix_ids(tok, [probe])[0] != chat.templated_prompt_ids(tok, probe, system):
                 raise ValueError("the pieces around the special tokens do not tokenize independently")
 
     def prefix_ids(self, tok, prompts: list[str]) -> list[list[int]]:
-        mids = _ids(tok, [self.mid_head + p + self.mid_tail for p in prompts])
-        return [self.head_ids + m + self.tail_ids for m in mids]
+        mids = encode_texts(tok, [self.mid_head + p + self.mid_tail for p in prompts])
+        return [self.head_ids + list(m) + self.tail_ids for m in mids]
 
 
 class StudentEncoder:
@@ -169,10 +147,10 @@ class StudentEncoder:
                 continue
             for i, ids in zip(idx, plan.prefix_ids(tok, [prompts[i] for i in idx])):
                 pre[i], suf[i] = ids, plan.suffix
-        rendered = [i for i in rendered if isinstance(prompts[i], str)]  # _assemble rejects the others
-        parts = [chat.render_parts(tok, prompts[i], systems[i]) for i in rendered]
-        for i, ids, (_, s) in zip(rendered, _ids(tok, [p for p, _ in parts]), parts):
-            pre[i], suf[i] = ids, s
+        for i in rendered:
+            if isinstance(prompts[i], str):  # _assemble rejects the others
+                pre[i], suf[i] = chat.templated_prompt_ids(tok, prompts[i], systems[i]), \
+                    chat.render_parts(tok, prompts[i], systems[i])[1]
         return pre, suf
 
     def encode_batch(self, prompts: list[str], responses: list[str], systems: list[str | None], *,
@@ -208,10 +186,10 @@ def _assemble(tok, prompts, responses, prefix_ids, suffixes, max_length, errors)
     """prefix ids + response ids + suffix ids per example, with encode_example's truncation rule."""
     n = len(prompts)
     distinct = sorted({s for s in suffixes if s})
-    sfx = dict(zip(distinct, _ids(tok, distinct)))
+    sfx = {text: template_ids(tok, text) for text in distinct}
     sfx[""] = []
     texts = [r if isinstance(r, str) else "" for r in responses]
-    resp_ids_all, resp_off_all = _ids_offsets(tok, texts) if n else ([], [])
+    resp_ids_all, resp_off_all = encode_texts(tok, texts, offsets=True) if n else ([], [])
 
     ids_chunks, pos_chunks, pid_chunks, off_chunks = [], [], [], []
     lens = np.zeros(n, np.int64)

@@ -30,10 +30,13 @@ markers when the vocabulary has them, else "User:/Assistant:" ended by the EOS t
 
 from __future__ import annotations
 
+import unicodedata
 import weakref
 from dataclasses import dataclass
 
 import numpy as np
+
+from .content import encode_text, encode_texts, prefix_ids, template_ids
 
 _SENTINEL = "\x00\x01PROFUSER_RESPONSE\x01\x00"
 
@@ -126,6 +129,12 @@ def _fallback_specials(tok) -> tuple[list[int], list[int]]:
     return bos, eos
 
 
+def templated_prompt_ids(tok, prompt: str, system: str | None = None) -> list[int]:
+    """Ids of the templated prompt (without the fallback template's BOS): special-token text in the prompt
+    or system prompt stays text; control tokens come only from the template (text/content.py)."""
+    return prefix_ids(tok, prompt, system, lambda t, p, s: render_parts(t, p, s)[0])
+
+
 def render_parts(tok, prompt: str, system: str | None = None) -> tuple[str, str]:
     """(prefix, suffix) strings of the template around the assistant content."""
     if getattr(tok, "chat_template", None):
@@ -145,12 +154,6 @@ def render_parts(tok, prompt: str, system: str | None = None) -> tuple[str, str]
 # ----------------------------------------------------------------------------------------------------
 # tokenization with offsets
 # ----------------------------------------------------------------------------------------------------
-
-
-def _encode_plain(tok, text: str) -> list[int]:
-    if not text:
-        return []
-    return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
 def _decode_offsets(tok, ids: list[int], text: str) -> np.ndarray:
@@ -186,11 +189,11 @@ def tokenize_with_offsets(tok, text: str) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros(0, np.int32), np.zeros((0, 2), np.int32)
     offsets = None
     try:
-        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = np.asarray(enc["input_ids"], dtype=np.int32)
-        offsets = np.asarray(enc["offset_mapping"], dtype=np.int32).reshape(-1, 2)
-    except (NotImplementedError, TypeError, ValueError, KeyError):
-        ids = np.asarray(_encode_plain(tok, text), dtype=np.int32)
+        ids_l, off_l = encode_texts(tok, [text], offsets=True)
+        ids = np.asarray(ids_l[0], dtype=np.int32)
+        offsets = np.asarray(off_l[0], dtype=np.int32).reshape(-1, 2)
+    except (NotImplementedError, TypeError, ValueError, KeyError):  # no offsets (MistralCommonBackend)
+        ids = np.asarray(encode_text(tok, text), dtype=np.int32)
     if offsets is None or offsets.shape[0] != ids.shape[0]:
         offsets = _decode_offsets(tok, ids.tolist(), text)
     return ids, canonical_offsets(offsets, text)
@@ -199,8 +202,9 @@ def tokenize_with_offsets(tok, text: str) -> tuple[np.ndarray, np.ndarray]:
 def canonical_offsets(offsets: np.ndarray, text: str) -> np.ndarray:
     """Give each inter-token gap to the following token (see the module header). int32 [n, 2] -> [n, 2].
 
-    Raises ValueError if spans leave the text, go backwards, or leave a non-whitespace gap (the ids do
-    not describe the text).
+    A gap of combining marks (a text in NFD read by an NFC-normalizing tokenizer, which composes them into
+    the character before) goes to the previous token instead. Raises ValueError if spans leave the text,
+    go backwards, or skip other text (the ids do not describe the text).
     """
     off = np.array(offsets, dtype=np.int64, copy=True)
     n = off.shape[0]
@@ -213,16 +217,30 @@ def canonical_offsets(offsets: np.ndarray, text: str) -> np.ndarray:
     prev_end = np.concatenate([[0], frontier[:-1]])
     if (np.diff(off[:, 0]) < 0).any():
         raise ValueError("token offsets go backwards")
-    gap = off[:, 0] > prev_end
-    if gap.any():
-        for i in np.nonzero(gap)[0]:
-            if text[prev_end[i]:off[i, 0]].strip():
-                raise ValueError(f"token offsets skip text {text[prev_end[i]:off[i, 0]]!r} at character "
-                                 f"{prev_end[i]}: the ids do not decode to the text")
-        off[gap, 0] = prev_end[gap]
-    if frontier[-1] < len(text) and text[frontier[-1]:].strip():
-        raise ValueError(f"token offsets end at character {frontier[-1]} but the text has {len(text)}")
+    for i in np.nonzero(off[:, 0] > prev_end)[0].tolist():
+        skipped = text[prev_end[i]:off[i, 0]]
+        if not skipped.strip() or i == 0:  # whitespace (or anything before the first token): the next token's
+            if skipped.strip() and not _absorbed(skipped):
+                raise ValueError(f"token offsets skip text {skipped!r} at character {prev_end[i]}: the ids do not "
+                                 "decode to the text")
+            off[i, 0] = prev_end[i]
+        elif _absorbed(skipped):  # marks a normalizer composed into the previous character: the previous token's
+            off[i - 1, 1] = max(off[i - 1, 1], off[i, 0])
+        else:
+            raise ValueError(f"token offsets skip text {skipped!r} at character {prev_end[i]}: the ids do not decode "
+                             "to the text")
+    tail = text[int(off[:, 1].max()):]
+    if tail.strip():
+        if not _absorbed(tail):
+            raise ValueError(f"token offsets end at character {int(off[:, 1].max())} but the text has {len(text)}")
+        off[-1, 1] = len(text)  # trailing marks a normalizer composed into the last token
     return off.astype(np.int32)
+
+
+def _absorbed(skipped: str) -> bool:
+    """Characters a normalizing tokenizer (NFC, NFKC) composes into the character before them and leaves
+    out of every span: combining marks (and whitespace). They belong to the token before the gap."""
+    return all(unicodedata.category(c).startswith("M") or c.isspace() for c in skipped)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -294,9 +312,9 @@ def encode_example(tok, prompt: str, response: str, *, system: str | None = None
     if not isinstance(prompt, str) or not isinstance(response, str):
         raise ValueError(f"prompt and response must be str, got {type(prompt).__name__} and "
                          f"{type(response).__name__}")
-    prefix, suffix = render_parts(tok, prompt, system)
-    prefix_ids = _encode_plain(tok, prefix)
-    suffix_ids = _encode_plain(tok, suffix)
+    _, suffix = render_parts(tok, prompt, system)
+    prefix_ids = templated_prompt_ids(tok, prompt, system)
+    suffix_ids = template_ids(tok, suffix)
     if not getattr(tok, "chat_template", None):
         before, after = _fallback_specials(tok)
         prefix_ids, suffix_ids = before + prefix_ids, suffix_ids + after

@@ -132,7 +132,8 @@ def vocab_info(tok) -> VocabInfo:
 
 
 def _roles(tok) -> dict[str, int]:
-    from .chat import _encode_plain, _fallback_specials, render_parts
+    from .chat import _fallback_specials, render_parts
+    from .content import template_ids
 
     roles = {}
     for role in ("bos", "eos", "pad", "unk"):
@@ -141,7 +142,7 @@ def _roles(tok) -> dict[str, int]:
             roles[role] = int(i)
     try:
         _, suffix = render_parts(tok, "x")
-        ids = _encode_plain(tok, suffix)
+        ids = template_ids(tok, suffix)
         if not getattr(tok, "chat_template", None) and not ids:
             ids = _fallback_specials(tok)[1]
         if ids:
