@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 PIPQ := 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
 PYTEST_ARGS ?=
 
-.PHONY: help venv install build test test-fast test-slow demo bench bench-loss bench-align bench-loader bench-train corpus clean
+.PHONY: help venv install build test test-fast test-slow demo bench bench-loss bench-align bench-align-fidelity bench-loader bench-train corpus clean
 
 help:
 	@echo "make test      create the venv, build + install profuser, run the test suite (CPU)"
@@ -52,13 +52,16 @@ test-slow: install
 demo: install
 	$(VENV)/bin/profuser demo --config configs/demo.yaml $(DEMO_ARGS)
 
-bench: bench-loss bench-align bench-loader bench-train
+bench: bench-loss bench-align bench-align-fidelity bench-loader bench-train
 
 bench-loss: install
 	$(VPY) bench/bench_loss.py
 
 bench-align: install
 	$(VPY) bench/bench_align.py
+
+bench-align-fidelity: install
+	$(VPY) bench/bench_align_fidelity.py
 
 bench-loader: install
 	$(VPY) bench/bench_loader.py

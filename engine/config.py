@@ -45,6 +45,8 @@ ADVANTAGES = ("minCE", "avgCE")
 ADVANTAGE_LEVELS = ("example", "token")
 CE_METRICS = ("per_byte", "per_token")
 ALIGN_METHODS = ("offsets", "mined")
+# teacher-vocabulary -> student-vocabulary maps (text/vocab_map.py); "+stats" needs corpus counts: API only
+VOCAB_MAPS = ("projection", "exact", "exact+mined", "projection+mined")
 NAN_POLICIES = ("error", "drop")  # teach / generate: a NaN from the model (error, or store the row marked)
 BAD_ROW_POLICIES = ("error", "drop")  # readers: an invalid stored row (error naming it, or drop and count)
 SCHEDULES = ("two_stage", "linear", "simul", "reverse", "train_only", "infer_only")
@@ -84,6 +86,8 @@ class DataConfig:
     student_as_candidate: bool = True
     shuffle_buffer: int = 256
     align_method: str = "offsets"  # offsets | mined
+    # projection: a teacher token -> the student token emitted first for its text | exact | exact+mined
+    vocab_map: str = "projection"
     # error | drop: an invalid teacher row (NaN, impossible log-probs or ids, an edited prompt, ...)
     bad_row_policy: str = "error"
 
@@ -328,6 +332,7 @@ _CHOICES = {
     "data.advantage_level": ADVANTAGE_LEVELS,
     "data.ce_metric": CE_METRICS,
     "data.align_method": ALIGN_METHODS,
+    "data.vocab_map": VOCAB_MAPS,
     "data.bad_row_policy": BAD_ROW_POLICIES,
     "loss.missing_mass": MISSING_MASS_MODES,
     "loss.backend": BACKENDS,

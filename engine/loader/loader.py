@@ -45,7 +45,8 @@ import pyarrow as pa
 import torch
 
 from .. import store
-from ..config import ADVANTAGE_LEVELS, ADVANTAGES, ALIGN_METHODS, BAD_ROW_POLICIES, CE_METRICS, MODE_ID, MODES
+from ..config import (ADVANTAGE_LEVELS, ADVANTAGES, ALIGN_METHODS, BAD_ROW_POLICIES, CE_METRICS, MODE_ID, MODES,
+                      VOCAB_MAPS)
 from ..models import load_tokenizer
 from ..text.align import align_mined, align_offsets_batch, build_vocab_map, token_strings, tokenizer_hash
 from . import collate as _collate
@@ -97,14 +98,14 @@ class FusionDataConfig:
     align_method: str = "offsets"
     bad_row_policy: str = "error"
     source_models: dict[str, str] | None = None
-    vocab_map_method: str = "exact+mined"
+    vocab_map_method: str = "projection"
     pad_to_multiple_of: int = 8
     drop_last: bool = False
 
     def __post_init__(self):
         for name, allowed in (("mode", MODES), ("advantage", ADVANTAGES), ("advantage_level", ADVANTAGE_LEVELS),
                               ("ce_metric", CE_METRICS), ("align_method", ALIGN_METHODS),
-                              ("bad_row_policy", BAD_ROW_POLICIES)):
+                              ("bad_row_policy", BAD_ROW_POLICIES), ("vocab_map_method", VOCAB_MAPS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"FusionDataConfig.{name} must be one of {allowed}, "
                                  f"got {getattr(self, name)!r}")

@@ -55,15 +55,72 @@ except ImportError:  # pragma: no cover
 # ----------------------------------------------------------------------------------------------------
 
 
-def check_offsets(off, name: str, seq_index: int) -> np.ndarray:
-    """Validate one offsets array; returns it as int64 [n, 2]. ValueError names the sequence and row."""
+# The argument checks of the public API (text/align.py) live here, once, and run before either
+# implementation: what they let through is a well-typed array or list, so the C++ and Python paths see the
+# same input and raise the same ValueError for what is left (empty, not a span, ...; tests run both).
+
+
+def _kind(x) -> str:
+    return "None" if x is None else type(x).__name__
+
+
+def as_offsets(off, name: str, seq_index: int) -> np.ndarray:
+    """An offsets argument as int32 C-contiguous [n, 2]: integers, two columns, values in int32."""
+    where = f"sequence {seq_index}: {name} offsets"
+    if off is None or isinstance(off, (str, bytes)):
+        raise ValueError(f"{where} must be an integer array [n, 2], got {_kind(off)}")
     a = np.asarray(off)
+    if a.size and not (np.issubdtype(a.dtype, np.integer) and a.dtype != np.bool_):
+        raise ValueError(f"{where} must be integers, got {a.dtype}")
     if a.ndim != 2 or a.shape[1] != 2:
-        raise ValueError(f"sequence {seq_index}: {name} offsets must have shape [n, 2], got {a.shape}")
+        raise ValueError(f"{where} must have shape [n, 2], got {a.shape}")
+    if a.size and a.dtype != np.int32 and (int(a.max()) >= 2**31 or int(a.min()) < -(2**31)):
+        v = int(a.max()) if int(a.max()) >= 2**31 else int(a.min())
+        raise ValueError(f"{where} must fit in int32 (texts under 2^31 characters), got {v}")
+    return np.ascontiguousarray(a, np.int32)
+
+
+def as_strings(tokens, name: str, seq_index: int) -> list[str]:
+    """A token-strings argument as list[str]: a list (not one str), every entry a str of valid Unicode."""
+    where = f"sequence {seq_index}: {name} tokens"
+    if tokens is None or isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__len__"):
+        raise ValueError(f"{where} must be a list of str (one per token), got {_kind(tokens)}")
+    tokens = list(tokens)
+    for r, t in enumerate(tokens):
+        if not isinstance(t, str):
+            raise ValueError(f"{where[:-1]} {r} is not a str ({type(t).__name__})")
+    try:
+        "".join(tokens).encode("utf-8")
+    except UnicodeEncodeError:
+        r = next(r for r, t in enumerate(tokens) if not _valid_unicode(t))
+        raise ValueError(f"{where[:-1]} {r} holds a lone surrogate ({tokens[r]!r}): not valid Unicode") from None
+    return tokens
+
+
+def _valid_unicode(t: str) -> bool:
+    try:
+        t.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def as_ids(ids, name: str) -> np.ndarray:
+    """A token-ids argument as int64 [n]: integers (an empty list too), one dimension."""
+    if ids is None or isinstance(ids, (str, bytes)):
+        raise ValueError(f"{name} must be an integer array [n], got {_kind(ids)}")
+    a = np.asarray(ids)
+    if a.size and not (np.issubdtype(a.dtype, np.integer) and a.dtype != np.bool_):
+        raise ValueError(f"{name} must be integers, got {a.dtype}")
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional [n], got shape {a.shape}")
+    return a.astype(np.int64, copy=False)
+
+
+def check_offsets(a: np.ndarray, name: str, seq_index: int) -> np.ndarray:
+    """The content checks of one offsets array (as_offsets first), as in csrc/align.cpp: int64 [n, 2]."""
     if a.shape[0] == 0:
         raise ValueError(f"sequence {seq_index}: {name} offsets are empty")
-    if not np.issubdtype(a.dtype, np.integer):
-        raise ValueError(f"sequence {seq_index}: {name} offsets must be integers, got {a.dtype}")
     a = a.astype(np.int64, copy=False)
     bad = np.nonzero((a[:, 0] < 0) | (a[:, 1] < a[:, 0]))[0]
     if bad.size:
@@ -173,21 +230,12 @@ def dtw_backtrack(D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return count, row
 
 
-def check_strings(tokens, name: str, seq_index: int) -> list[str]:
-    if len(tokens) == 0:
-        raise ValueError(f"sequence {seq_index}: {name} tokens are empty")
-    for r, t in enumerate(tokens):
-        if not isinstance(t, str):
-            raise ValueError(f"sequence {seq_index}: {name} token {r} is not a str ({type(t).__name__})")
-    return list(tokens)
-
-
-def align_mined(student, teacher, band=None, seq_index: int = 0) -> np.ndarray:
-    """int32 [S]: teacher row for each student predicted token under MinED DTW, -1 where none."""
-    s = check_strings(student, "student", seq_index)
-    t = check_strings(teacher, "teacher", seq_index)
-    if band is not None and band < 0:
-        raise ValueError(f"band must be >= 0 or None, got {band}")
+def align_mined(s: list[str], t: list[str], band=None, seq_index: int = 0) -> np.ndarray:
+    """int32 [S]: teacher row for each student predicted token under MinED DTW, -1 where none (arguments
+    checked by as_strings; band >= 0 or None)."""
+    for name, x in (("student", s), ("teacher", t)):
+        if len(x) == 0:  # as in csrc/align.cpp check_strings
+            raise ValueError(f"sequence {seq_index}: {name} tokens are empty")
     lo, hi = band_limits(len(t), len(s), band)
     D = dtw_matrix(_cost_matrix(t, s, lo, hi))
     if not np.isfinite(D[-1, -1]):

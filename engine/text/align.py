@@ -49,17 +49,6 @@ def _impl(use_ext: bool | None):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _as_offsets(a, name: str, seq_index: int) -> np.ndarray:
-    a = np.asarray(a)
-    if a.dtype != np.int32:
-        if not np.issubdtype(a.dtype, np.integer):
-            raise ValueError(f"sequence {seq_index}: {name} offsets must be integers, got {a.dtype}")
-        if a.size and (a.max() > np.iinfo(np.int32).max or a.min() < 0):
-            raise ValueError(f"sequence {seq_index}: {name} offsets outside [0, 2^31)")
-        a = a.astype(np.int32)
-    return np.ascontiguousarray(a)
-
-
 def align_offsets(student_offsets, teacher_offsets, *, seq_index: int = 0,
                   use_ext: bool | None = None) -> np.ndarray:
     """Teacher row per student predicted token by exact character offsets.
@@ -68,10 +57,8 @@ def align_offsets(student_offsets, teacher_offsets, *, seq_index: int = 0,
     int32 [S], -1 where the student token does not start cleanly where a teacher token starts cleanly.
     """
     ext = _impl(use_ext)
-    if ext is None:
-        return _py.align_offsets(student_offsets, teacher_offsets, seq_index)
-    return ext.align_offsets(_as_offsets(student_offsets, "student", seq_index),
-                             _as_offsets(teacher_offsets, "teacher", seq_index), int(seq_index))
+    s, t = _py.as_offsets(student_offsets, "student", seq_index), _py.as_offsets(teacher_offsets, "teacher", seq_index)
+    return _py.align_offsets(s, t, seq_index) if ext is None else ext.align_offsets(s, t, int(seq_index))
 
 
 def align_offsets_batch(student_offsets: list, teacher_offsets: list, *, use_ext: bool | None = None) -> list:
@@ -79,19 +66,23 @@ def align_offsets_batch(student_offsets: list, teacher_offsets: list, *, use_ext
 
     One call into C++ for the whole batch (the loader's per-example overhead); seq_index = position b.
     """
+    for name, x in (("student_offsets", student_offsets), ("teacher_offsets", teacher_offsets)):
+        if not isinstance(x, (list, tuple)):
+            raise ValueError(f"{name} must be a list of int arrays [n, 2], got {type(x).__name__}")
     if len(student_offsets) != len(teacher_offsets):
         raise ValueError(f"batch sizes differ: {len(student_offsets)} student vs {len(teacher_offsets)} "
                          "teacher")
     ext = _impl(use_ext)
+    ss = [_py.as_offsets(s, "student", b) for b, s in enumerate(student_offsets)]
+    ts = [_py.as_offsets(t, "teacher", b) for b, t in enumerate(teacher_offsets)]
     if ext is None:
-        return [_py.align_offsets(s, t, b) for b, (s, t) in enumerate(zip(student_offsets, teacher_offsets))]
-    return ext.align_offsets_batch([_as_offsets(s, "student", b) for b, s in enumerate(student_offsets)],
-                                   [_as_offsets(t, "teacher", b) for b, t in enumerate(teacher_offsets)])
+        return [_py.align_offsets(s, t, b) for b, (s, t) in enumerate(zip(ss, ts))]
+    return ext.align_offsets_batch(ss, ts)
 
 
-def _normalize(tokens) -> list[str]:
+def _normalize(tokens: list[str]) -> list[str]:
     # marker-normalized strings: SentencePiece "▁" and byte-level "Ġ" both mean a space
-    return [t.replace("\u2581", " ").replace("\u0120", " ") if isinstance(t, str) else t for t in tokens]
+    return [t.replace("\u2581", " ").replace("\u0120", " ") for t in tokens]
 
 
 def _codepoints(tokens: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -109,9 +100,9 @@ def align_mined(student_tokens, teacher_tokens, *, band: int | None = None, seq_
     student_tokens list[str] [S], teacher_tokens list[str] [R] (e.g. from token_strings) -> int32 [S].
     band: half-width (in student tokens) of the DTW band around the length-scaled diagonal; None = full.
     """
-    s = _py.check_strings(_normalize(student_tokens), "student", seq_index)
-    t = _py.check_strings(_normalize(teacher_tokens), "teacher", seq_index)
-    if band is not None and (not isinstance(band, (int, np.integer)) or band < 0):
+    s = _normalize(_py.as_strings(student_tokens, "student", seq_index))
+    t = _normalize(_py.as_strings(teacher_tokens, "teacher", seq_index))
+    if band is not None and (not isinstance(band, (int, np.integer)) or isinstance(band, bool) or band < 0):
         raise ValueError(f"band must be a non-negative int or None, got {band!r}")
     ext = _impl(use_ext)
     if ext is None:
@@ -125,8 +116,8 @@ def token_strings(tok, ids) -> list[str]:
     """Normalized string of each id [n] -> list[str] [n]: the bytes it stands for, one char per byte
     (latin-1), so byte pieces of one character and whole characters compare byte by byte. Special tokens
     with a role get a role name ("\\x00eot\\x00", ...), so <|im_end|> and <end_of_turn> compare equal."""
+    ids = _py.as_ids(ids, "ids")
     info = _vm.vocab_info(tok)
-    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     if ids.size and (ids.min() < 0 or ids.max() >= info.size):
         bad = int(ids[(ids < 0) | (ids >= info.size)][0])
         raise ValueError(f"token id {bad} is outside the vocabulary of size {info.size}")
@@ -176,13 +167,13 @@ def _bytes_flat(strs: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.frombuffer(data, dtype=np.uint8), off
 
 
-def build_vocab_map(teacher_tok, student_tok, *, method: str = "exact+mined", teacher_size: int | None = None,
+def build_vocab_map(teacher_tok, student_tok, *, method: str = "projection", teacher_size: int | None = None,
                     student_size: int | None = None, cache_dir=None, counts=None,
                     max_distance_ratio: float = 0.34, use_ext: bool | None = None) -> np.ndarray:
     """Teacher id -> student id, int32 [max(len(teacher_tok), teacher_size)], -1 = none (see vocab_map.py).
 
-    method: "exact", "exact+mined", "exact+stats", "exact+mined+stats"; counts = coalign_counts(...) for
-    stats. cache_dir=None -> $PROFUSER_CACHE/vocab_maps; cache_dir=False disables the cache.
+    method: "projection" (the default) or "exact", optionally followed by "+mined" and/or "+stats";
+    counts = coalign_counts(...) for stats. cache_dir=None -> $PROFUSER_CACHE/vocab_maps; cache_dir=False disables the cache.
     """
     impl = _ExtVocab if _impl(use_ext) is not None else _PyVocab
     return _vm.build(teacher_tok, student_tok, method=method, teacher_size=teacher_size,

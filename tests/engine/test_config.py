@@ -61,6 +61,7 @@ def test_yaml_errors_name_key_and_file(tmp_path, text, key):
     ("schedule.stage2=[1]", "schedule.stage2"),
     ("deepspeed.zero_optimization.stage=4", "deepspeed.zero_optimization.stage"),
     ("optim.lr", "optim.lr"),
+    ("data.vocab_map=mined", "data.vocab_map"),
 ])
 def test_override_errors_name_key(override, key):
     with pytest.raises(ConfigError) as e:
@@ -105,7 +106,8 @@ def test_choice_lists_have_one_home():
     assert advantage.ADVANTAGES is config.ADVANTAGES and advantage.CE_METRICS is config.CE_METRICS
     assert config._CHOICES["loss.backend"] is params.BACKENDS
     assert config._CHOICES["loss.missing_mass"] is params.MISSING_MASS_MODES
-    for key, bad in (("advantage", "maxCE"), ("mode", "eval"), ("align_method", "dtw"), ("bad_row_policy", "skip")):
+    for key, bad in (("advantage", "maxCE"), ("mode", "eval"), ("align_method", "dtw"), ("bad_row_policy", "skip"),
+                     ("vocab_map_method", "mined")):
         with pytest.raises(ValueError, match=f"FusionDataConfig.{key}"):
             FusionDataConfig(data_dir="x", sources=["a"], student="s", **{key: bad})
     with pytest.raises(ValueError, match="nan_policy"):
@@ -118,3 +120,6 @@ def test_choice_lists_have_one_home():
     with pytest.raises(ConfigError, match="model.dtype"):
         load_config(None, ["model.dtype=float64"])
     assert config.MODES == ("infer", "train") and set(config.MODE_ID) == set(config.MODES)
+    # the vocabulary map the loader builds: projection by default, the config's choice passed through
+    assert config.DataConfig().vocab_map == FusionDataConfig(data_dir="x", sources=["a"], student="s").vocab_map_method \
+        == config.VOCAB_MAPS[0] == "projection"

@@ -272,3 +272,15 @@ def test_vocab_maps(data, toks):
         assert maps[t].dtype == torch.int32 and maps[t].shape[0] >= len(tok)
         assert maps[t].numpy().tolist() == want.tolist()
     assert ld.vocab_maps is maps  # built once
+
+
+def test_training_streams_use_the_configured_vocab_map(data, toks):
+    """data.vocab_map reaches the loader of every mode (default: projection)."""
+    from profuser.engine.config import load_config
+    from profuser.engine.loader.stream import build_streams
+
+    root, _, _ = data
+    base = [f"data.data_dir={root}", f"data.sources=[{', '.join(SOURCES)}]", f"model.student={STUDENT}", "data.k=8"]
+    for extra, want in (([], "projection"), (["data.vocab_map=exact+mined"], "exact+mined")):
+        streams = build_streams(load_config(None, base + extra), toks["smollm2"], ["train", "infer"], 0, 1)
+        assert {m: s.loader.cfg.vocab_map_method for m, s in streams.items()} == {"train": want, "infer": want}

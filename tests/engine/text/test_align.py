@@ -116,11 +116,6 @@ def test_offsets_batch_bad_input_names_index(use_ext):
         align.align_offsets_batch([good] * 3, [good] * 2, use_ext=use_ext)
 
 
-def test_offsets_float_input_rejected(use_ext):
-    with pytest.raises(ValueError, match="integers"):
-        align.align_offsets(np.zeros((2, 2), np.float32), off((0, 1)), use_ext=use_ext)
-
-
 # ---------------------------------------------------------------------------------------------------
 # mined (FuseLLM MinED DTW with the off-by-one fixed)
 # ---------------------------------------------------------------------------------------------------
@@ -237,15 +232,6 @@ def test_mined_wide_band_equals_full(use_ext):
     t = ["▁the", "▁cats", "▁sat", "▁on", "▁the", "▁m", "at"]
     np.testing.assert_array_equal(align.align_mined(s, t, band=10, use_ext=use_ext),
                                   align.align_mined(s, t, use_ext=use_ext))
-
-
-def test_mined_bad_input(use_ext):
-    with pytest.raises(ValueError, match="sequence 3: student tokens are empty"):
-        align.align_mined([], ["a"], seq_index=3, use_ext=use_ext)
-    with pytest.raises(ValueError, match="sequence 3: teacher token 1 is not a str"):
-        align.align_mined(["a"], ["a", 5], seq_index=3, use_ext=use_ext)
-    with pytest.raises(ValueError, match="band"):
-        align.align_mined(["a"], ["a"], band=-2, use_ext=use_ext)
 
 
 def test_no_ext_env_forces_fallback():

@@ -1,0 +1,174 @@
+"""Alignment fidelity: where a teacher's probability lands in the student's vocabulary.
+
+For each (teacher -> student) pair of real tokenizers and each text of 12 kinds (bench/fidelity_texts.py),
+both sides encode the same response (text.chat.encode_example), the student's predicted tokens are aligned
+to the teacher's by character offsets (text.align.align_offsets), and at every aligned position the
+teacher's ACTUAL next token goes through the vocabulary map:
+
+    hit      the map sends it to the student's actual next token
+    miss     to another student token
+    dropped  nowhere (-1)
+
+Positions are split by what the teacher's token spans against the student's (both start at the same
+character): "covers" when the teacher's token reaches at least as far (same text or longer: the map can
+land on the student's token), "shorter" when it ends first (" inter" vs " international", "4" vs "45":
+no static map can name the student's longer token; reported on its own). "bf dup" counts mappings onto a
+SentencePiece byte-fallback piece whose bytes the student also has as a regular piece (never emitted).
+
+Real distributions: SmolLM2-135M-Instruct and Gemma-3-270M teacher-forced on the same texts (top-10
+log-probs at every predicted position); at the aligned positions, the share of the teacher's top-10 mass
+whose ids the map keeps (maps somewhere), per kind, both directions.
+
+    python bench/bench_align_fidelity.py [--methods exact+mined projection] [--no-models]
+Writes bench/results/align_fidelity.json and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from fidelity_texts import TEXTS
+from harness import machine_name
+
+from profuser.engine.text import align
+from profuser.engine.text.chat import encode_example
+from profuser.engine.text.tokenizers import load_known
+from profuser.engine.text.vocab_map import vocab_info
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROMPT = "Please answer."
+PAIRS = [("gemma3", "smollm2"), ("smollm2", "gemma3"), ("gpt2", "smollm2"), ("llama3", "qwen2.5"),
+         ("mistral-sp", "smollm2"), ("deepseek", "gemma3"), ("llama3", "gemma3"), ("qwen2.5", "llama3")]
+MODELS = {"smollm2": "smollm2-135m-instruct", "gemma3": "gemma3-270m"}
+
+
+def aligned_positions(teacher, student, text: str):
+    """[(teacher id, student id, "covers" | "shorter")] at the offsets-aligned response positions."""
+    es, et = encode_example(student, PROMPT, text), encode_example(teacher, PROMPT, text)
+    rows = align.align_offsets(es.pred_offsets, et.pred_offsets)
+    tb, sb = vocab_info(teacher).bytes, vocab_info(student).bytes
+    out = []
+    for s in range(len(rows) - 1):  # the last predicted token is the end-of-turn (a special: mapped by role)
+        r = int(rows[s])
+        if r < 0 or r == len(et.pred_ids) - 1:
+            continue
+        t_id, s_id = int(et.pred_ids[r]), int(es.pred_ids[s])
+        t_end, s_end = int(et.pred_offsets[r, 1]), int(es.pred_offsets[s, 1])
+        t_len, s_len = len(tb[t_id].lstrip(b" ")), len(sb[s_id].lstrip(b" "))  # a dummy-prefix space aside
+        covers = t_end > s_end or (t_end == s_end and t_len >= s_len)
+        out.append((t_id, s_id, "covers" if covers else "shorter"))
+    return out
+
+
+def score_pair(teacher, student, vmap: np.ndarray) -> dict:
+    s_info = vocab_info(student)
+    regular = {b for b, fb in zip(s_info.bytes, s_info.byte_fallback) if not fb}
+    per_kind = {}
+    for kind, texts in TEXTS.items():
+        c = dict(covers=0, hit=0, miss=0, dropped=0, shorter=0, shorter_hit=0, bf_dup=0)
+        for text in texts:
+            for t_id, s_id, cat in aligned_positions(teacher, student, text):
+                m = int(vmap[t_id]) if t_id < len(vmap) else -1
+                if m >= 0 and s_info.byte_fallback[m] and s_info.bytes[m] in regular:
+                    c["bf_dup"] += 1
+                if cat == "shorter":
+                    c["shorter"] += 1
+                    c["shorter_hit"] += int(m == s_id)
+                    continue
+                c["covers"] += 1
+                c["hit" if m == s_id else "dropped" if m < 0 else "miss"] += 1
+        per_kind[kind] = c
+    total = {k: sum(c[k] for c in per_kind.values()) for k in next(iter(per_kind.values()))}
+    return {"total": total, "per_kind": per_kind}
+
+
+def mass_kept(teacher_name: str, student_name: str, vmaps: dict[str, np.ndarray]) -> dict:
+    """Per kind and method: the share of a real teacher's top-10 mass at aligned positions that the map keeps."""
+    import torch
+
+    from profuser.engine import models
+    from profuser.engine.passes.shards import forward_predicted
+
+    teacher, student = load_known(teacher_name), load_known(student_name)
+    model = models.load_model(MODELS[teacher_name])
+    pad = teacher.pad_token_id if teacher.pad_token_id is not None else 0
+    out: dict = {m: {} for m in vmaps}
+    for kind, texts in TEXTS.items():
+        kept = {m: 0.0 for m in vmaps}
+        total = 0.0
+        for text in texts:
+            es, et = encode_example(student, PROMPT, text), encode_example(teacher, PROMPT, text)
+            rows = align.align_offsets(es.pred_offsets, et.pred_offsets)
+            ids, lps, _ = forward_predicted(model, [et], 10, torch.device("cpu"), pad)
+            for r in rows[:-1][rows[:-1] >= 0].tolist():
+                p = np.exp(lps[r].astype(np.float64))
+                total += p.sum()
+                for m, vm in vmaps.items():
+                    kept[m] += p[vm[ids[r]] >= 0].sum()
+        for m in vmaps:
+            out[m][kind] = kept[m] / max(total, 1e-12)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--methods", nargs="+", default=["exact+mined", "projection"])
+    ap.add_argument("--no-models", action="store_true", help="skip the real-distribution mass (no model loads)")
+    ap.add_argument("--out", default=str(RESULTS / "align_fidelity.json"))
+    a = ap.parse_args(argv)
+    report: dict = {"bench": "align_fidelity", "machine": machine_name(), "kinds": list(TEXTS),
+                    "n_texts": sum(len(v) for v in TEXTS.values()), "pairs": {}, "mass_kept": {}, "build_s": {}}
+    maps: dict = {}
+    for t_name, s_name in PAIRS:
+        teacher, student = load_known(t_name), load_known(s_name)
+        key = f"{t_name}->{s_name}"
+        report["pairs"][key] = {}
+        for method in a.methods:
+            t0 = time.perf_counter()
+            vm = align.build_vocab_map(teacher, student, method=method, cache_dir=False)
+            report["build_s"][f"{key} {method}"] = round(time.perf_counter() - t0, 2)
+            maps[(key, method)] = vm
+            report["pairs"][key][method] = score_pair(teacher, student, vm)
+            tot = report["pairs"][key][method]["total"]
+            print(f"{key:22s} {method:12s} covers {tot['covers']:5d} hit {tot['hit'] / max(tot['covers'], 1):.3f} "
+                  f"miss {tot['miss'] / max(tot['covers'], 1):.3f} dropped {tot['dropped'] / max(tot['covers'], 1):.3f} "
+                  f"| shorter {tot['shorter']:4d} | bf dup {tot['bf_dup']}", flush=True)
+    if not a.no_models:
+        for t_name, s_name in (("gemma3", "smollm2"), ("smollm2", "gemma3")):
+            key = f"{t_name}->{s_name}"
+            report["mass_kept"][key] = mass_kept(t_name, s_name, {m: maps[(key, m)] for m in a.methods})
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(report, indent=1))
+    print(tables(report))
+    return 0
+
+
+def tables(report: dict) -> str:
+    lines = ["| teacher -> student | map | covers: hit | miss | dropped | worst kind, >= 10 positions (hit) | shorter (static hit) "
+             "| bf dup |", "|---|---|---:|---:|---:|---|---:|---:|"]
+    for key, by_method in report["pairs"].items():
+        for method, res in by_method.items():
+            tot, kinds = res["total"], res["per_kind"]
+            n = max(tot["covers"], 1)
+            worst = min((k for k in kinds if kinds[k]["covers"] >= 10), default=next(iter(kinds)),
+                        key=lambda k: kinds[k]["hit"] / max(kinds[k]["covers"], 1))
+            w = kinds[worst]["hit"] / max(kinds[worst]["covers"], 1)
+            lines.append(f"| {key} | {method} | {tot['hit'] / n:.3f} | {tot['miss'] / n:.3f} | {tot['dropped'] / n:.3f} "
+                         f"| {worst} ({w:.3f}) | {tot['shorter']} ({tot['shorter_hit'] / max(tot['shorter'], 1):.2f}) "
+                         f"| {tot['bf_dup']} |")
+    if report["mass_kept"]:
+        kinds = report["kinds"]
+        lines += ["", "| real teacher -> student | map | " + " | ".join(kinds) + " |",
+                  "|---|---|" + "---:|" * len(kinds)]
+        for key, by_method in report["mass_kept"].items():
+            for method, per_kind in by_method.items():
+                lines.append(f"| {key} | {method} | " + " | ".join(f"{per_kind[k]:.3f}" for k in kinds) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
