@@ -20,7 +20,7 @@ log-probs at every predicted position); at the aligned positions, the share of t
 whose ids the map keeps (maps somewhere), per kind, both directions.
 
     python bench/bench_align_fidelity.py [--methods exact+mined projection] [--no-models]
-Writes bench/results/align_fidelity.json and prints the tables.
+Writes bench/results/align_fidelity.json (+ .png: hit per pair and kind) and prints the tables.
 """
 
 from __future__ import annotations
@@ -143,8 +143,36 @@ def main(argv=None) -> int:
             report["mass_kept"][key] = mass_kept(t_name, s_name, {m: maps[(key, m)] for m in a.methods})
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=1))
+    plot(report, Path(a.out).with_suffix(".png"))
     print(tables(report))
     return 0
+
+
+def plot(report: dict, path: Path) -> None:
+    """Heatmap per map: covers-hit per pair (rows) and text kind (columns); white where < 10 positions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(next(iter(report["pairs"].values())))
+    pairs, kinds = list(report["pairs"]), report["kinds"]
+    fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 0.45 * len(pairs) + 2), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        grid = np.full((len(pairs), len(kinds)), np.nan)
+        for i, key in enumerate(pairs):
+            for j, kind in enumerate(kinds):
+                c = report["pairs"][key][method]["per_kind"][kind]
+                if c["covers"] >= 10:
+                    grid[i, j] = c["hit"] / c["covers"]
+        im = ax.imshow(grid, vmin=0.5, vmax=1.0, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(kinds)), kinds, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(len(pairs)), pairs if ax is axes[0][0] else [], fontsize=8)
+        ax.set_title(f"{method}: teacher token lands on the student's target", fontsize=9)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    fig.suptitle(f"alignment fidelity ({report['machine']})", fontsize=9)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def tables(report: dict) -> str:

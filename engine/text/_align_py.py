@@ -66,6 +66,9 @@ def _kind(x) -> str:
 
 def as_offsets(off, name: str, seq_index: int) -> np.ndarray:
     """An offsets argument as int32 C-contiguous [n, 2]: integers, two columns, values in int32."""
+    if type(off) is np.ndarray and off.dtype == np.int32 and off.ndim == 2 and off.shape[1] == 2 \
+            and off.flags.c_contiguous:
+        return off  # the loader's case, per sequence and side: no further work
     where = f"sequence {seq_index}: {name} offsets"
     if off is None or isinstance(off, (str, bytes)):
         raise ValueError(f"{where} must be an integer array [n, 2], got {_kind(off)}")

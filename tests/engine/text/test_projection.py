@@ -3,7 +3,6 @@
 pieces never take a tie; where the teacher's token covers the student's, the map hits the student's
 target on real text."""
 
-import numpy as np
 import pytest
 
 from profuser.engine.text import align

@@ -4,7 +4,7 @@ import editdistance
 import numpy as np
 import pytest
 
-from profuser.engine.text import _align_py, align
+from profuser.engine.text import align
 from profuser.engine.text.chat import encode_example
 from profuser.engine.text.vocab_map import coalign_counts, vocab_info
 
