@@ -5,7 +5,9 @@
 
 Layout (one job per file): params.py (options, stats, reduction scale), targets.py (sparse fused target),
 rowmath.py (per-row loss and gradient coefficients), reference.py (dense ground truth), chunked.py (plain
-torch backend), triton_ops.py / triton_fusion.py (Triton backend), fusion_loss.py (API, validation, dispatch).
+torch backend; the GEMM path on CUDA), triton_common.py / triton_lse.py / triton_grad.py / triton_fusion.py
+(Triton backend: shared tiles and configs, forward kernels, gradient kernels, autograd.Function),
+fusion_loss.py (API, validation, dispatch).
 """
 
 from .fusion_loss import FusionLoss, fusion_loss

@@ -6,10 +6,12 @@ ignore_index, z = W h_i + b (softcap s: z = s tanh(z / s)):
     M_i    = sum_t w_t / sum_t' w_t' * p_t   over teachers with a kept entry (fused sparse target)
     KD_i   = T^2 sum_j M_j (log M_j - log_softmax(z / T)_j)  [+ r (log r - log(1 - sum_{j in S} q_j))]
     loss_i = lam CE_i + (1 - lam) KD_i;  reduction "mean" divides the sum by num_items (default: the
-    count of valid labels; 0 -> loss 0).
+    count of valid labels; 0 -> loss 0); reduction "sum" with row_weights w: sum_i w_i loss_i.
 Backends: "reference" (dense, float64-capable ground truth), "chunked" (plain torch, [chunk x V]
-logits at most; the CPU default), "triton" (CCE-style kernels; kernels/triton_fusion.py), "auto"
-(triton on CUDA tensors except float64, chunked elsewhere).
+logits at most, cuBLAS GEMMs on CUDA: 6 N H V flops), "triton" (CCE-style kernels, nothing of size
+[rows x V]: the least memory; kernels/triton_fusion.py), "auto": chunked. On CUDA that is the path whose
+predicted time is lower in docs/kernels.md (GEMM-bound against the triton path's atomics); it is a
+prediction until bench/gpu_suite.py has measured both (README, "Which backend").
 
 Validation happens before any compute and raises ValueError naming the argument. Checks that read
 tensor values (ids in range, NaN/inf, negative weights, labels in range) need a host sync; validate=False
@@ -27,6 +29,10 @@ from .params import BACKENDS, LOGPROB_TOL, MISSING_MASS_MODES, REDUCTIONS, Fusio
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _INTS = (torch.int32, torch.int64)
+
+
+# which backend "auto" takes on CUDA (docs/kernels.md: chunked is predicted faster at every shape of the suite)
+AUTO_CUDA = "chunked"
 
 
 def _err(name: str, msg: str) -> ValueError:
@@ -79,8 +85,8 @@ def _first_bad(mask: torch.Tensor) -> tuple[int, ...]:
 
 
 def validate_inputs(hidden, weight, labels, teacher_ids, teacher_logprobs, teacher_weights, vocab_maps, bias,
-                    params: FusionParams, check_values: bool = True) -> None:
-    """Raise ValueError naming the offending argument (shapes [N, H], [V, H], [N], [T, N, K], [T, N])."""
+                    params: FusionParams, check_values: bool = True, row_weights=None) -> None:
+    """Raise ValueError naming the offending argument (shapes [N, H], [V, H], [N], [T, N, K], [T, N], [N])."""
     _check_tensor("hidden", hidden, 2, _FLOATS, None)
     dev = hidden.device
     N, H = hidden.shape
@@ -123,9 +129,21 @@ def validate_inputs(hidden, weight, labels, teacher_ids, teacher_logprobs, teach
                 raise _err(f"vocab_maps[{t}]", "must be None or a non-empty 1-D int32/int64 tensor")
             if vm.device != dev:
                 raise _err(f"vocab_maps[{t}]", f"is on {vm.device} but hidden is on {dev}")
+    if row_weights is not None:
+        _check_tensor("row_weights", row_weights, 1, _FLOATS, dev)
+        if row_weights.shape[0] != N:
+            raise _err("row_weights", f"must be [N={N}], got shape {tuple(row_weights.shape)}")
+        if params.reduction != "sum":
+            raise _err("row_weights", f"needs reduction='sum' (the weights are the normalization), got "
+                                      f"reduction={params.reduction!r}")
     if not check_values:
         return
 
+    if row_weights is not None:
+        bad = ~torch.isfinite(row_weights)
+        if bad.any():
+            i = _first_bad(bad)[0]
+            raise _err("row_weights", f"[{i}] is {float(row_weights[i])} (NaN/inf)")
     valid = labels != params.ignore_index
     bad = valid & ((labels < 0) | (labels >= V))
     if bad.any():
@@ -201,9 +219,12 @@ def fusion_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     num_items=None,
+    row_weights: torch.Tensor | None = None,
     backend: str = "auto",
     return_stats: bool = False,
     validate: bool = True,
+    filter_eps: float = 0.0,
+    deterministic: bool = False,
 ):
     """Fused multi-teacher distillation loss lam * CE(gold) + (1 - lam) * KL(fused teachers || student).
 
@@ -211,33 +232,45 @@ def fusion_loss(
     teacher_ids [T, N, K] int32/int64 (-1 = empty); teacher_logprobs [T, N, K] float (log_softmax over the
     teacher's vocabulary); teacher_weights [T, N] float >= 0 or None (= 1); vocab_maps None or T entries
     (None, or int tensor [V_t]: teacher id -> student id, -1 = none); bias [V] or None.
-    Returns the loss ([N] with reduction "none", else 0-dim; float32, or float64 for float64 inputs),
-    or (loss, FusionStats) with return_stats. Gradients flow to hidden, weight and bias only.
+    row_weights [N] float or None: with reduction "sum", loss = sum_i row_weights[i] loss_i; one call then
+    serves rows of several groups with their own weight and normalizer (the engine passes w_m / N_m for the
+    rows of mode m). Returns the loss ([N] with reduction "none", else 0-dim; float32, or float64 for
+    float64 inputs), or (loss, FusionStats) with return_stats (FusionStats.row_ce / row_kd hold the per-row
+    terms for group statistics on the device). Gradients flow to hidden, weight and bias only.
+    validate=False skips the checks that read tensor values (each one a host sync).
+    filter_eps (triton only; reference and chunked are always exact): skip the gradient GEMMs of logit
+    tiles whose |dLoss/dz| are all below it (CCE's gradient filtering); 0 = exact, the default.
+    deterministic (triton only): gradients without atomics, bitwise reproducible (10 N H V flops, not 8).
     """
     if backend not in BACKENDS:
         raise _err("backend", f"must be one of {BACKENDS}, got {backend!r}")
     params = make_params(lam, temperature, softcap, missing_mass, ignore_index, reduction, num_items)
+    if not isinstance(filter_eps, (int, float)) or not (0.0 <= float(filter_eps) < float("inf")):
+        raise _err("filter_eps", f"must be a finite number >= 0, got {filter_eps!r}")
     validate_inputs(hidden, weight, labels, teacher_ids, teacher_logprobs, teacher_weights, vocab_maps, bias,
-                    params, check_values=validate)
+                    params, check_values=validate, row_weights=row_weights)
     labels = labels.to(torch.int64)
     if backend == "auto":
-        # the Triton kernels take float32/bfloat16/float16; float64 (tests, gradcheck) stays on chunked
-        backend = "triton" if hidden.is_cuda and hidden.dtype != torch.float64 else "chunked"
+        backend = AUTO_CUDA if hidden.is_cuda and hidden.dtype != torch.float64 else "chunked"
     if backend == "reference":
         from .reference import reference_fusion_loss
 
         return reference_fusion_loss(hidden, weight, bias, labels, teacher_ids, teacher_logprobs,
-                                     teacher_weights, vocab_maps, params, return_stats)
+                                     teacher_weights, vocab_maps, params, return_stats, row_weights)
     from .targets import build_sparse_target
 
     tdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     target = build_sparse_target(labels, teacher_ids, teacher_logprobs, teacher_weights, vocab_maps, params,
-                                 dtype=tdt)
+                                 dtype=tdt, vocab_size=weight.shape[0])
     if backend == "triton":
+        from .triton_fusion import TritonConfig
+
         fn = _triton_backend()
-    else:
-        from .chunked import chunked_fusion_loss as fn
-    return fn(hidden, weight, bias, labels, target, params, return_stats)
+        return fn(hidden, weight, bias, labels, target, params, return_stats,
+                  TritonConfig(float(filter_eps), bool(deterministic)), row_weights)
+    from .chunked import chunked_fusion_loss
+
+    return chunked_fusion_loss(hidden, weight, bias, labels, target, params, return_stats, None, row_weights)
 
 
 class FusionLoss(nn.Module):
@@ -256,10 +289,10 @@ class FusionLoss(nn.Module):
                             validate=validate)
 
     def forward(self, hidden, weight, labels, teacher_ids, teacher_logprobs, teacher_weights=None, *,
-                vocab_maps=None, bias=None, num_items=None, return_stats=False):
+                vocab_maps=None, bias=None, num_items=None, row_weights=None, return_stats=False):
         return fusion_loss(hidden, weight, labels, teacher_ids, teacher_logprobs, teacher_weights,
-                           vocab_maps=vocab_maps, bias=bias, num_items=num_items, return_stats=return_stats,
-                           **self.options)
+                           vocab_maps=vocab_maps, bias=bias, num_items=num_items, row_weights=row_weights,
+                           return_stats=return_stats, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -6,6 +6,8 @@
 Reduction scale (applied identically in every backend, so it lives here):
     reduction "none": loss_i per row, upstream gradient g_i = grad_output[i]
     reduction "sum" : loss = sum_i loss_i,            g_i = grad_output
+                      with row_weights w [N]: loss = sum_i w_i loss_i, g_i = w_i grad_output (one call for
+                      rows of several groups, each with its own weight / normalizer, e.g. w_m / N_m per mode)
     reduction "mean": loss = sum_i loss_i / num_items, g_i = grad_output / num_items
 num_items is `FusionParams.num_items` when given (a float: a global token count under gradient
 accumulation / data parallelism), else the number of rows whose label != ignore_index, counted on the
@@ -18,6 +20,8 @@ FusionStats: 0-dim float tensors from the same pass as the loss, no gradient:
     accuracy                 mean of (argmax_v z_iv == label_i) over non-ignored rows
     kept_fraction            teacher entries kept after vocab mapping / non-empty entries (non-ignored rows)
     student_mass_on_support  mean over KD rows of sum_{distinct teacher ids j} softmax(z_i)_j
+    row_ce, row_kd           [N] per row: CE_i (0 on ignored rows), KD_i (0 on rows without KD); group
+                             sums (per mode, per source) stay on the device: no host sync to log them
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ class FusionStats:
     accuracy: torch.Tensor
     kept_fraction: torch.Tensor
     student_mass_on_support: torch.Tensor
+    row_ce: torch.Tensor | None = None
+    row_kd: torch.Tensor | None = None
 
     def as_dict(self) -> dict[str, float]:
         """Python floats (one host sync), for logging."""
@@ -70,12 +76,15 @@ class FusionStats:
                                                     "student_mass_on_support")}
 
 
-def reduction_scale(params: FusionParams, valid: torch.Tensor,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """0-dim tensor s such that loss = s * sum_i loss_i for reductions "mean" / "sum" (1 for "none").
+def reduction_scale(params: FusionParams, valid: torch.Tensor, dtype: torch.dtype = torch.float32,
+                    row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """s such that loss = sum_i s_i loss_i for reductions "mean" / "sum": a 0-dim tensor, or [N] with
+    row_weights (reduction "sum"); 1 for "none".
 
     valid: [N] bool, rows whose label != ignore_index (only counted for "mean" without num_items).
     """
+    if row_weights is not None:
+        return row_weights.to(dtype)
     if params.reduction != "mean":
         return torch.ones((), dtype=dtype, device=valid.device)
     if params.num_items is not None:

@@ -12,12 +12,14 @@ uses logsumexp over the kept entries, and autograd differentiates it (no hand-wr
     KD_i   = T^2 sum_v M log M - M log_softmax(z / T)
              + tail_bucket: r (log r - log(1 - sum_{v in support} softmax(z)_v)), r = clamp(1 - sum M, 0, 1)
     loss_i = lam CE_i + (1 - lam) KD_i  (KD only where some entry is kept and the weight sum is > 0)
-As in rowmath, the support mass is clamped to 1 - eps(dtype) before log(1 - s).
+log(1 - q(support)) is the log-sum-exp of the logits outside the support minus lse (no subtraction from
+1), clamped below at log(tiny(dtype)); a row whose support is the whole vocabulary has no tail term.
 Memory: O(N * V * T); use it on small shapes.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -36,6 +38,7 @@ def reference_fusion_loss(
     vocab_maps: Sequence[torch.Tensor | None] | None,
     params: FusionParams,
     return_stats: bool = False,
+    row_weights: torch.Tensor | None = None,
 ):
     """Dense fusion loss. hidden [N, H], weight [V, H], bias [V] | None, labels [N],
     teacher_ids / teacher_logprobs [T, N, K], teacher_weights [T, N] | None,
@@ -103,9 +106,11 @@ def reference_fusion_loss(
     q1 = logq1.exp()
     s_sup = (q1 * in_support).sum(1)
     if params.missing_mass == "tail_bucket":
-        r = (1.0 - M.sum(1)).clamp(0.0, 1.0)
-        s_cl = s_sup.clamp(0.0, 1.0 - torch.finfo(cdt).eps)
-        kd = kd + torch.xlogy(r, r) - r * torch.log1p(-s_cl)
+        full = in_support.all(1)  # the tail has nowhere to go: no tail term
+        r = torch.where(full, torch.zeros_like(wsum), (1.0 - M.sum(1)).clamp(0.0, 1.0))
+        outside = torch.logsumexp(z.masked_fill(in_support, float("-inf")), dim=1)
+        log1m = (outside - torch.logsumexp(z, dim=1)).clamp_min(math.log(torch.finfo(cdt).tiny))
+        kd = kd + torch.xlogy(r, r) - torch.where(r > 0, r * log1m, torch.zeros_like(r))
     zero = torch.zeros((), dtype=cdt, device=dev)
     kd = torch.where(has_kd, kd, zero)
     ce = torch.where(valid, ce, zero)
@@ -113,6 +118,8 @@ def reference_fusion_loss(
 
     if params.reduction == "none":
         loss = loss_rows
+    elif row_weights is not None:
+        loss = (loss_rows * row_weights.to(cdt)).sum()
     else:
         loss = loss_rows.sum()
         if params.reduction == "mean":
@@ -132,5 +139,6 @@ def reference_fusion_loss(
             ce=mean(ce.detach(), valid), kd=mean(kd.detach(), has_kd), accuracy=mean(acc, valid),
             kept_fraction=(kept_total / nonempty_total if nonempty_total > 0 else zero).to(torch.float32),
             student_mass_on_support=mean(s_sup.detach(), has_kd),
+            row_ce=ce.detach().to(torch.float32), row_kd=kd.detach().to(torch.float32),
         )
     return loss, stats

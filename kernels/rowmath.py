@@ -3,27 +3,30 @@
 A backend reduces each row of logits z_i (after softcap) to a few statistics, and this module turns them
 into the loss and into the coefficients of dLoss/dz. Rows are independent, so it works on any chunk.
 
-Inputs per row i (S = T*K slots of the SparseTarget):
+Inputs per row i (S = T*K slots of the SparseTarget; the support S_i = the row's distinct kept ids):
     lse    = logsumexp_v z_iv          lse_t = logsumexp_v z_iv / T   (== lse when T == 1)
     z_label = z_i[label_i]             z_sup[s] = z_i[ids_is] (anything where ids == -1, it is masked)
+    lse_out = logsumexp_{v not in S_i} z_iv   (tail_bucket only; -inf for an empty complement)
 
-Loss (M = fused mixture, Msum = sum_u M_u, q = softmax(z), qT = softmax(z / T)):
+Loss (M = fused mixture, Msum = sum_u M_u, q = softmax(z), qT = softmax(z / T), r = target.tail):
     CE_i = lse - z_label
     KD_i = T^2 * (neg_entropy - sum_s mass_s * (z_sup_s / T - lse_t))            [renormalize]
-         = neg_entropy - sum_s mass_s * (z_sup_s - lse) - r log(1 - s_sup)     [tail_bucket, T == 1]
-      where s_sup = sum over distinct support ids j of q_j, and neg_entropy already holds r log r.
+         = neg_entropy - sum_s mass_s * (z_sup_s - lse) - r log(1 - q(S))      [tail_bucket, T == 1]
+      where neg_entropy already holds r log r, and log(1 - q(S)) = lse_out - lse: the complement's own
+      log-sum-exp, never 1 minus a sum (a confident student has q(S) = 1 - 1e-6, which fp32 cannot
+      subtract). Rows whose support is the whole vocabulary have r = 0 (targets.py): no tail term. When
+      the complement underflows, log(1 - q(S)) is clamped to log(tiny(dtype)) (a loss of at most ~87 r).
     loss_i = lam * CE_i + (1 - lam) * KD_i on rows with a KD term, lam * CE_i on other valid rows, 0 on
     ignored rows.
-s_sup is clamped to [0, 1 - eps(dtype)]: when the student puts (numerically) all its mass on the
-support, 1 - s_sup underflows to 0 and log(1 - s_sup) would be -inf; the clamp bounds the tail term by
-r * log(1/eps) (~16 r in float32) and keeps its gradient finite.
 
 Gradient, with g_i the upstream gradient of loss_i (reduction scale times grad_output):
-    dLoss/dz_iv = alpha_i q_iv + beta_i qT_iv + sum_{s: sp_ids[i,s] == v} sp_coef[i,s]
+    dLoss/dz_iv = alpha_i q_iv + beta_i qT_iv + [v not in S_i] gamma_i exp(z_iv - lse_out_i)
+                  + sum_{s: sp_ids[i,s] == v} sp_coef[i,s]
     CE part: alpha += g lam,                sp(label) -= g lam
     KD part: beta  = g (1-lam) T Msum,      sp(ids_s) -= g (1-lam) T mass_s
-    tail:    with c = g (1-lam) r / (1 - s_sup):  d[-r log(1-s_sup)]/dz_v = c q_v (1[v in S] - s_sup)
-             alpha -= c s_sup,              sp(first distinct ids_s) += c q(ids_s)
+    tail:    d[-r log(1 - q(S))]/dz_v = r q_v for v in S, -r q(S) q_v / (1 - q(S)) outside, so with
+             gk = g (1-lam): gamma = -gk r q(S) (exp(z_v - lse_out) = q_v / (1 - q(S)) <= 1: no huge
+             factor, no cancellation), sp(first distinct ids_s) += gk r q(ids_s)
 The softcap chain rule dz/dz_raw = 1 - tanh(z_raw/cap)^2 = 1 - (z/cap)^2 is the backend's job.
 sp_ids [N, S+1]: column 0 is the label (-1 on ignored rows), columns 1.. are target.ids.
 """
@@ -47,11 +50,37 @@ class RowTerms(NamedTuple):
     sup_mass: torch.Tensor
 
 
+class GradCoefs(NamedTuple):
+    """Coefficients of dLoss/dz (module doc): alpha, beta, gamma, lse_out [N]; sp_ids int64 / sp_coef [N, S+1]
+    (-1 / 0 = none). lse_out is finite where gamma != 0 (lse elsewhere, so exp(z - lse_out) <= 1)."""
+
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    gamma: torch.Tensor
+    lse_out: torch.Tensor
+    sp_ids: torch.Tensor
+    sp_coef: torch.Tensor
+
+
+def support_ids(target: SparseTarget) -> torch.Tensor:
+    """[N, S] int64: each distinct support id once (at its first slot), -1 elsewhere."""
+    return torch.where(target.first, target.ids, torch.full_like(target.ids, -1))
+
+
 def _support_mass(target: SparseTarget, lse: torch.Tensor,
                   z_sup: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q_sup [N, S] = softmax(z)_ids on first distinct slots else 0, s_sup [N])."""
     q = torch.where(target.first, (z_sup - lse.unsqueeze(1)).exp(), torch.zeros_like(z_sup))
     return q, q.sum(1)
+
+
+def _log_complement(target: SparseTarget, lse: torch.Tensor, lse_out: torch.Tensor | None) -> torch.Tensor:
+    """log(1 - q(S)) [N] = lse_out - lse, clamped to log(tiny); 0 on rows without a tail (unused there)."""
+    if lse_out is None:
+        raise ValueError("missing_mass='tail_bucket' needs lse_out (the complement's logsumexp) from the backend")
+    floor = torch.finfo(lse.dtype).tiny
+    log1m = torch.clamp(lse_out - lse, min=float(torch.log(torch.tensor(floor, dtype=torch.float64))))
+    return torch.where(target.tail > 0, log1m, torch.zeros_like(log1m))
 
 
 def row_loss(
@@ -61,8 +90,9 @@ def row_loss(
     z_label: torch.Tensor,
     z_sup: torch.Tensor,
     params: FusionParams,
+    lse_out: torch.Tensor | None = None,
 ) -> RowTerms:
-    """Loss terms per row. lse, lse_t, z_label [N]; z_sup [N, S]; all in the compute dtype."""
+    """Loss terms per row. lse, lse_t, z_label, lse_out [N]; z_sup [N, S]; all in the compute dtype."""
     dt = lse.dtype
     T = params.temperature
     mass = target.mass.to(dt)
@@ -72,8 +102,7 @@ def row_loss(
     kd = (T * T) * (target.neg_entropy.to(dt) - (mass * logq).sum(1))
     _, s_sup = _support_mass(target, lse, z_sup)
     if params.tail_bucket:
-        s_cl = s_sup.clamp(0.0, 1.0 - torch.finfo(dt).eps)
-        kd = kd - target.tail.to(dt) * torch.log1p(-s_cl)
+        kd = kd - target.tail.to(dt) * _log_complement(target, lse, lse_out)
     kd = torch.where(target.has_kd, kd, zero)
     s_sup = torch.where(target.has_kd, s_sup, zero)
     loss = params.lam * ce + (1.0 - params.lam) * kd
@@ -88,11 +117,9 @@ def grad_coefs(
     z_sup: torch.Tensor,
     params: FusionParams,
     g: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Coefficients of dLoss/dz (see module doc). g: [N] or 0-dim upstream gradient per row.
-
-    Returns alpha [N], beta [N], sp_ids [N, S+1] int64 (-1 = none), sp_coef [N, S+1] (0 where -1).
-    """
+    lse_out: torch.Tensor | None = None,
+) -> GradCoefs:
+    """Coefficients of dLoss/dz (see module doc). g: [N] or 0-dim upstream gradient per row."""
     dt = lse.dtype
     T = params.temperature
     N = lse.shape[0]
@@ -105,16 +132,19 @@ def grad_coefs(
     alpha = gv * params.lam
     beta = gk * T * mass.sum(1)
     sp_kd = -(gk * T).unsqueeze(1) * mass
+    gamma = torch.zeros_like(alpha)
+    out = lse
     if params.tail_bucket:
-        q_sup, s_sup = _support_mass(target, lse, z_sup)
-        s_cl = s_sup.clamp(0.0, 1.0 - torch.finfo(dt).eps)
-        c = gk * target.tail.to(dt) / (1.0 - s_cl)
-        alpha = alpha - c * s_cl
-        sp_kd = sp_kd + c.unsqueeze(1) * q_sup
+        r = target.tail.to(dt)
+        log1m = _log_complement(target, lse, lse_out)
+        q_sup, _ = _support_mass(target, lse, z_sup)
+        gamma = torch.where(r > 0, -gk * r * -torch.expm1(log1m), zero)  # -gk r q(S), q(S) = 1 - e^log1m
+        sp_kd = sp_kd + (gk * r).unsqueeze(1) * q_sup
+        out = torch.where(r > 0, lse + log1m, lse)
     sp_ids = torch.cat([target.label.unsqueeze(1), target.ids], dim=1)
     sp_coef = torch.cat([(-gv * params.lam).unsqueeze(1), sp_kd], dim=1)
     sp_coef = torch.where(sp_ids >= 0, sp_coef, zero)
-    return alpha, beta, sp_ids, sp_coef
+    return GradCoefs(alpha, beta, gamma, out, sp_ids, sp_coef)
 
 
 def make_stats(target: SparseTarget, terms: RowTerms, argmax: torch.Tensor) -> FusionStats:
@@ -133,4 +163,6 @@ def make_stats(target: SparseTarget, terms: RowTerms, argmax: torch.Tensor) -> F
         accuracy=mean_over(correct, target.valid),
         kept_fraction=kept_frac,
         student_mass_on_support=mean_over(terms.sup_mass, target.has_kd),
+        row_ce=terms.ce.detach().to(torch.float32),
+        row_kd=terms.kd.detach().to(torch.float32),
     )

@@ -13,7 +13,9 @@ need M densely: sum_s mass_s * f(ids_s) = sum_u M_u f(u) for any f, and sums ove
 use `first` (the first slot of each id in the row).
 
     neg_entropy_i = sum_u M_u log M_u  (+ r_i log r_i with tail_bucket; 0 log 0 = 0)
-    tail_i        = r_i = clamp(1 - sum_u M_u, 0, 1) with tail_bucket, else 0
+    tail_i        = r_i = clamp(1 - sum_u M_u, 0, 1) with tail_bucket, else 0; and 0 where the support
+                    covers the whole student vocabulary (vocab_size distinct ids): the tail has nowhere
+                    to go, so the row has no tail term at all (defined so, identically in every backend)
 
 Duplicates are found by a stable sort of each row's ids (O(N*S log S), no [N, S, S] tensor): in sorted
 order a group starts where the id changes, and stable sorting makes the group's first element the id's
@@ -86,6 +88,7 @@ def build_sparse_target(
     params: FusionParams,
     *,
     dtype: torch.dtype | None = None,
+    vocab_size: int | None = None,
 ) -> SparseTarget:
     """Fuse the T teachers' top-k entries into one sparse target per row.
 
@@ -94,6 +97,7 @@ def build_sparse_target(
     Inputs are assumed validated (fusion_loss does it). Returns a SparseTarget with S = T*K.
     dtype: float dtype of mass / neg_entropy / tail; None = float64 if teacher_logprobs is float64 else
     float32 (fusion_loss passes float64 for float64 hidden states).
+    vocab_size: the student's V, for the full-support rule of tail_bucket (None: never full).
     """
     T, N, K = teacher_ids.shape
     dev = teacher_ids.device
@@ -147,7 +151,8 @@ def build_sparse_target(
     neg_entropy = torch.xlogy(m_group, m_group).sum(1)
 
     if params.tail_bucket:
-        tail = torch.where(has_kd, (1.0 - mass.sum(1)).clamp(0.0, 1.0), torch.zeros_like(wsum))
+        open_tail = has_kd if vocab_size is None else has_kd & (first.sum(1) < vocab_size)
+        tail = torch.where(open_tail, (1.0 - mass.sum(1)).clamp(0.0, 1.0), torch.zeros_like(wsum))
         neg_entropy = neg_entropy + torch.xlogy(tail, tail)
     else:
         tail = torch.zeros_like(wsum)

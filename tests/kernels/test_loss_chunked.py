@@ -17,7 +17,7 @@ from profuser.kernels.chunked import ChunkConfig, chunked_fusion_loss
 from profuser.kernels.fusion_loss import make_params
 from profuser.kernels.targets import build_sparse_target
 
-BACKENDS = ["chunked", "chunked_rows", "chunked_vblock", "triton"]
+BACKENDS = ["chunked", "chunked_rows", "chunked_vblock", "chunked_lowp", "triton"]
 
 
 def make_case(N=97, H=32, V=1271, T=3, K=8, dtype=torch.float32, seed=0, ignore_frac=0.2, scale=1.0,
@@ -62,14 +62,16 @@ def run(backend, case, grad_out=None, **opts):
     b = None if case["bias"] is None else case["bias"].detach().clone().requires_grad_()
     args = (h, w, case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["teacher_weights"])
     if backend.startswith("chunked_"):
-        params = make_params(**{k: v for k, v in opts.items() if k != "return_stats"})
+        params = make_params(**{k: v for k, v in opts.items() if k not in ("return_stats", "row_weights")})
         tdt = torch.float64 if h.dtype == torch.float64 else torch.float32
         target = build_sparse_target(case["labels"], case["teacher_ids"], case["teacher_logprobs"],
-                                     case["teacher_weights"], case["vocab_maps"], params, dtype=tdt)
+                                     case["teacher_weights"], case["vocab_maps"], params, dtype=tdt,
+                                     vocab_size=w.shape[0])
         V = w.shape[0]
-        budget = 8 * V * 4 * 3 if backend == "chunked_rows" else 64 * 4 * 3 * max(1, V // 7)
-        out = chunked_fusion_loss(h, w, b, case["labels"], target, params, opts.get("return_stats", False),
-                                  ChunkConfig(budget_bytes=budget))
+        budget = {"chunked_rows": 8 * V * 4 * 3, "chunked_vblock": 64 * 4 * 3 * max(1, V // 7)}.get(backend)
+        cfg = ChunkConfig(budget_bytes=budget, lowp_grad=backend == "chunked_lowp")
+        out = chunked_fusion_loss(h, w, b, case["labels"], target, params, opts.get("return_stats", False), cfg,
+                                  opts.get("row_weights"))
     else:
         out = fusion_loss(*args, vocab_maps=case["vocab_maps"], bias=b, backend=backend, **opts)
     loss = out[0] if isinstance(out, tuple) else out
@@ -217,6 +219,45 @@ def test_stats_independent(backend):
     assert abs(float(st.kd) - float(ref_st.kd)) < 1e-4
 
 
+@pytest.mark.parametrize("backend", ["reference", "chunked", "chunked_vblock", "triton"])
+def test_row_weights_equal_separate_calls(backend):
+    """One call with row_weights = w_m / N_m on the rows of group m equals sum_m w_m * mean over group m
+    (the engine's one-call step for both modes): loss and every gradient."""
+    case = make_case(N=53, V=611, maps=True, seed=4)
+    group = torch.arange(53) % 3 == 0
+    wts, n = {True: 0.7, False: 1.9}, {True: 40.0, False: 77.0}
+    rw = torch.where(group, wts[True] / n[True], wts[False] / n[False])
+    loss, grads, st = run(backend, dict(case), reduction="sum", row_weights=rw, return_stats=True)
+    total, want = 0.0, [torch.zeros_like(g) if g is not None else None for g in grads]
+    for g_val in (True, False):
+        part = dict(case)
+        sel = torch.nonzero(group == g_val).squeeze(1)
+        part["labels"] = torch.where(group == g_val, case["labels"], torch.full_like(case["labels"], -100))
+        l_m, g_m, _ = run(backend, part, num_items=n[g_val])
+        total = total + wts[g_val] * l_m
+        want = [None if a is None else a + wts[g_val] * b for a, b in zip(want, g_m)]
+        assert sel.numel() > 0
+    torch.testing.assert_close(loss, total, rtol=1e-5, atol=1e-7)
+    for a, b in zip(grads, want):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # per-row terms in the stats: group sums on the device, no per-group call needed
+    assert st.row_ce.shape == (53,) and st.row_kd.shape == (53,)
+    ce_g = st.row_ce[group & (case["labels"] != -100)].sum() / (group & (case["labels"] != -100)).sum()
+    _, _, st_g = run(backend, dict(case, labels=torch.where(group, case["labels"], -100)), return_stats=True)
+    torch.testing.assert_close(ce_g, st_g.ce, rtol=1e-5, atol=1e-6)
+
+
+def test_row_weights_need_reduction_sum():
+    case = make_case(N=5, V=50)
+    with pytest.raises(ValueError, match="row_weights' needs reduction='sum'"):
+        fusion_loss(case["hidden"], case["weight"], case["labels"], case["teacher_ids"], case["teacher_logprobs"],
+                    row_weights=torch.ones(5))
+    with pytest.raises(ValueError, match=r"row_weights' must be \[N=5\]"):
+        fusion_loss(case["hidden"], case["weight"], case["labels"], case["teacher_ids"], case["teacher_logprobs"],
+                    row_weights=torch.ones(4), reduction="sum")
+
+
 def test_gradient_in_forward_saves_no_weight():
     """mean/sum: backward only scales precomputed grads (the ZeRO-3 property: weight unused in backward)."""
     case = make_case(N=20, V=200)
@@ -290,9 +331,9 @@ def test_float16_matches_reference(backend):
 def test_chunk_plan_respects_budget(N, V, n_buf):
     from profuser.kernels.chunked import MIN_ROWS, _plan
 
-    cfg = ChunkConfig()
-    rows, vblock = _plan(N, V, n_buf, 4, cfg)
+    budget = ChunkConfig().budget(torch.empty(V, 8, device="meta"))  # the CPU default: 256 MiB
+    rows, vblock = _plan(N, V, n_buf, 4, budget)
     assert 1 <= rows <= N and 1 <= vblock <= V
-    assert rows * vblock * 4 * n_buf <= cfg.budget_bytes
+    assert rows * vblock * 4 * n_buf <= budget == 256 * 2**20
     if vblock < V:  # the vocabulary is split only when MIN_ROWS full rows would not fit
-        assert min(N, MIN_ROWS) * V * 4 * n_buf > cfg.budget_bytes
+        assert min(N, MIN_ROWS) * V * 4 * n_buf > budget

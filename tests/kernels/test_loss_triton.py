@@ -13,22 +13,23 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 
-from profuser.kernels import triton_ops
+from profuser.kernels import triton_common
 from profuser.kernels.params import FusionParams
 from profuser.kernels.reference import reference_fusion_loss
+from profuser.kernels.rowmath import GradCoefs
 from profuser.kernels.targets import build_sparse_target
 from profuser.kernels.triton_fusion import TritonConfig, triton_fusion_loss
-from profuser.kernels.triton_ops import fused_grad, indexed_logits, lse_forward
+from profuser.kernels.triton_grad import fused_grad, sparse_grad
+from profuser.kernels.triton_lse import indexed_logits, lse_forward
 
 @pytest.fixture(autouse=True)
 def _cpu_tests_need_the_interpreter(request):
     """With PROFUSER_TEST_REAL_TRITON=1 (a GPU run) the CPU-tensor tests cannot launch: skip them there."""
-    if not triton_ops.INTERPRET and request.node.get_closest_marker("gpu") is None \
+    if not triton_common.INTERPRET and request.node.get_closest_marker("gpu") is None \
             and "sm90" not in request.node.name:
         pytest.skip("CPU tests of the triton backend run under TRITON_INTERPRET=1")
 
@@ -98,7 +99,8 @@ def run_triton(case, params, *, grad_out=None, return_stats=False, cfg=None):
     w = case["weight"].clone().requires_grad_()
     b = None if case["bias"] is None else case["bias"].clone().requires_grad_()
     target = build_sparse_target(case["labels"], case["teacher_ids"], case["teacher_logprobs"],
-                                 case["teacher_weights"], case["vocab_maps"], params)
+                                 case["teacher_weights"], case["vocab_maps"], params,
+                                 vocab_size=case["weight"].shape[0])
     res = triton_fusion_loss(h, w, b, case["labels"], target, params, return_stats=return_stats, cfg=cfg)
     loss, stats = (res if return_stats else (res, None))
     go = torch.ones_like(loss) if grad_out is None else grad_out
@@ -141,36 +143,54 @@ def check_against_reference(case, params, grad_out=None):
 # primitives vs plain torch
 
 
-@pytest.mark.parametrize("has_bias,softcap,temperature",
-                         [(False, None, 1.0), (True, None, 2.0), (True, 5.0, 1.0), (False, 3.0, 0.5)])
-def test_lse_forward_matches_torch(has_bias, softcap, temperature):
+@pytest.mark.parametrize("has_bias,softcap,temperature,splits",
+                         [(False, None, 1.0, None), (True, None, 2.0, 3), (True, 5.0, 1.0, None),
+                          (False, 3.0, 0.5, 2)])
+def test_lse_forward_matches_torch(has_bias, softcap, temperature, splits):
+    """Also with the vocabulary split across programs (splits > 1): partial sums merged in torch."""
     N, H, V = 37, 40, 301
     h = torch.randn(N, H)
     w = torch.randn(V, H) * 0.5
     b = torch.randn(V) if has_bias else None
-    lse, lse_t, am = lse_forward(h, w, b, softcap, temperature)
+    rs = lse_forward(h, w, b, softcap, temperature, splits=splits)
     z = dense_logits(h, w, b, softcap)
     z32 = h @ w.T + (0 if b is None else b)  # torch's own fp32 result: the error bar
     z32 = z32 if softcap is None else softcap * torch.tanh(z32 / softcap)
-    assert lse.dtype == torch.float32 and am.dtype == torch.int64
-    assert_no_worse("lse", lse, z.logsumexp(1), z32.logsumexp(1))
-    torch.testing.assert_close(lse_t.double(), (z / temperature).logsumexp(1), rtol=1e-6, atol=1e-5)
-    assert torch.equal(am, z.argmax(1))
+    assert rs.lse.dtype == torch.float32 and rs.argmax.dtype == torch.int64 and rs.lse_out is None
+    assert_no_worse("lse", rs.lse, z.logsumexp(1), z32.logsumexp(1))
+    torch.testing.assert_close(rs.lse_t.double(), (z / temperature).logsumexp(1), rtol=1e-6, atol=1e-5)
+    assert torch.equal(rs.argmax, z.argmax(1))
+
+
+@pytest.mark.parametrize("splits", [None, 4])
+def test_lse_forward_complement_of_the_support(splits):
+    """lse_out = logsumexp over the columns outside each row's support, accumulated apart (no 1 - q(S))."""
+    N, H, V, S = 29, 24, 150, 6
+    h, w = torch.randn(N, H), torch.randn(V, H)
+    sup = torch.randint(-1, V, (N, S))
+    sup[3] = -1  # a row without support: lse_out == lse
+    rs = lse_forward(h, w, None, None, support=sup, argmax=False, splits=splits)
+    z = dense_logits(h, w, None, None)
+    inside = torch.zeros(N, V + 1, dtype=torch.bool).scatter_(1, torch.where(sup >= 0, sup, V), True)[:, :V]
+    want = z.masked_fill(inside, float("-inf")).logsumexp(1)
+    torch.testing.assert_close(rs.lse_out.double(), want, rtol=1e-6, atol=1e-5)
+    assert rs.argmax is None and torch.allclose(rs.lse_out[3], rs.lse[3])
 
 
 def test_lse_forward_argmax_ties_and_ragged_tiles():
-    # duplicate weight rows in different V tiles: ties must resolve to the first index, as torch.argmax
+    # duplicate weight rows in different V tiles (and splits): ties must resolve to the first index
     N, H, V = 20, 16, 530
     h = torch.randn(N, H)
     w = torch.randn(V, H) * 0.1
     w[300] = h[0] * 3
     w[5] = h[0] * 3
     w[520] = h[0] * 3
-    lse, _, am = lse_forward(h, w, None, None)
     z = dense_logits(h, w, None, None)
-    assert am[0].item() == 5
-    assert torch.equal(am, z.float().argmax(1))
-    torch.testing.assert_close(lse.double(), z.logsumexp(1), rtol=1e-6, atol=1e-5)
+    for splits in (None, 3):
+        rs = lse_forward(h, w, None, None, splits=splits)
+        assert rs.argmax[0].item() == 5
+        assert torch.equal(rs.argmax, z.float().argmax(1))
+        torch.testing.assert_close(rs.lse.double(), z.logsumexp(1), rtol=1e-6, atol=1e-5)
 
 
 def test_lse_forward_extreme_logits_finite():
@@ -179,11 +199,11 @@ def test_lse_forward_extreme_logits_finite():
     h = torch.randn(N, H) * 100
     w = torch.randn(V, H) * 10
     for dt in (torch.float32, torch.bfloat16):
-        lse, lse_t, _ = lse_forward(h.to(dt), w.to(dt), None, None, 2.0)
+        rs = lse_forward(h.to(dt), w.to(dt), None, None, 2.0, splits=2)
         z = dense_logits(h.to(dt), w.to(dt), None, None)
         assert z.abs().max() > 5e3
-        torch.testing.assert_close(lse.double(), z.logsumexp(1), rtol=1e-6, atol=1e-2)
-        torch.testing.assert_close(lse_t.double(), (z / 2).logsumexp(1), rtol=1e-6, atol=1e-2)
+        torch.testing.assert_close(rs.lse.double(), z.logsumexp(1), rtol=1e-6, atol=1e-2)
+        torch.testing.assert_close(rs.lse_t.double(), (z / 2).logsumexp(1), rtol=1e-6, atol=1e-2)
 
 
 @pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
@@ -200,18 +220,32 @@ def test_indexed_logits_matches_torch(id_dtype):
     assert z.shape == (N, S) and z.dtype == torch.float32
 
 
-@pytest.mark.parametrize("softcap,temperature,has_bias",
-                         [(None, 1.0, False), (5.0, 2.0, True), (None, 0.7, True)])
-def test_fused_grad_matches_autograd(softcap, temperature, has_bias):
+def _coefs(N, V, S, seed, tail):
+    """Random gradient coefficients (GradCoefs) with repeated sparse ids; with `tail`, gamma and a support."""
+    g = torch.Generator().manual_seed(seed)
+    alpha, beta = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    sp_ids = torch.randint(-1, V, (N, S), generator=g)
+    sp_ids[:, 1] = sp_ids[:, 0]  # a repeated id adds up
+    sp_coef = torch.randn(N, S, generator=g)
+    sup = torch.randint(-1, V, (N, 4), generator=g) if tail else None
+    gamma = torch.randn(N, generator=g) if tail else torch.zeros(N)
+    return alpha, beta, gamma, sp_ids, sp_coef, sup
+
+
+@pytest.mark.parametrize("softcap,temperature,has_bias,tail,deterministic",
+                         [(None, 1.0, False, False, False), (5.0, 2.0, True, False, False),
+                          (None, 0.7, True, False, True), (4.0, 1.0, True, True, False), (None, 1.0, False, True, True)])
+def test_fused_grad_matches_autograd(softcap, temperature, has_bias, tail, deterministic):
     N, H, V, S = 41, 40, 301, 7
     h, w = torch.randn(N, H), torch.randn(V, H) * 0.3
     b = torch.randn(V) if has_bias else None
-    lse, lse_t, _ = lse_forward(h, w, b, softcap, temperature)
-    alpha, beta = torch.randn(N), torch.randn(N)
-    sp_ids = torch.randint(-1, V, (N, S))
-    sp_ids[:, 1] = sp_ids[:, 0]  # a repeated id adds up
-    sp_coef = torch.randn(N, S)
-    dh, dw, db = fused_grad(h, w, b, softcap, temperature, lse, lse_t, alpha, beta, sp_ids, sp_coef)
+    alpha, beta, gamma, sp_ids, sp_coef, sup = _coefs(N, V, S, 0, tail)
+    rs = lse_forward(h, w, b, softcap, temperature, support=sup)
+    lse_out = rs.lse_out if tail else rs.lse
+    gc = GradCoefs(alpha, beta, gamma, lse_out, sp_ids, sp_coef)
+    z_sp = indexed_logits(h, w, b, softcap, sp_ids)
+    dh, dw, db = fused_grad(h, w, b, softcap, temperature, rs.lse, rs.lse_t, gc, z_sp, sup,
+                            deterministic=deterministic)
     # autograd of sum(z * G) with G the (detached) logit gradient gives G's chain rule through softcap
     hh, ww = h.double().requires_grad_(), w.double().requires_grad_()
     bb = None if b is None else b.double().requires_grad_()
@@ -219,6 +253,9 @@ def test_fused_grad_matches_autograd(softcap, temperature, has_bias):
     with torch.no_grad():
         G = (alpha.double()[:, None] * torch.softmax(z, 1)
              + beta.double()[:, None] * torch.softmax(z / temperature, 1))
+        if tail:
+            inside = torch.zeros(N, V + 1, dtype=torch.bool).scatter_(1, torch.where(sup >= 0, sup, V), True)[:, :V]
+            G += torch.where(inside, 0.0, gamma.double()[:, None] * torch.exp(z - lse_out.double()[:, None]))
         G += torch.zeros(N, V + 1, dtype=torch.float64).scatter_add_(
             1, torch.where(sp_ids >= 0, sp_ids, V), sp_coef.double())[:, :V]
     (z * G).sum().backward()
@@ -228,27 +265,49 @@ def test_fused_grad_matches_autograd(softcap, temperature, has_bias):
         torch.testing.assert_close(db.double(), bb.grad, rtol=1e-5, atol=2e-5)
     else:
         assert db is None
-    # deterministic (each program owns its output rows; no atomics) and partial requests
-    dh2, dw2, db2 = fused_grad(h, w, b, softcap, temperature, lse, lse_t, alpha, beta, sp_ids, sp_coef,
-                               need_hidden=False)
-    assert dh2 is None and torch.equal(dw2, dw)
-    dh3, dw3, _ = fused_grad(h, w, b, softcap, temperature, lse, lse_t, alpha, beta, sp_ids, sp_coef,
-                             need_weight=False, need_bias=False)
-    assert dw3 is None and torch.equal(dh3, dh)
+    # partial requests
+    dh2, dw2, _ = fused_grad(h, w, b, softcap, temperature, rs.lse, rs.lse_t, gc, z_sp, sup, need_hidden=False,
+                             deterministic=deterministic)
+    assert dh2 is None and torch.allclose(dw2, dw, rtol=1e-6, atol=1e-6)
+    dh3, dw3, _ = fused_grad(h, w, b, softcap, temperature, rs.lse, rs.lse_t, gc, z_sp, sup, need_weight=False,
+                             need_bias=False, deterministic=deterministic)
+    assert dw3 is None and torch.allclose(dh3, dh, rtol=1e-6, atol=1e-6)
+
+
+def test_sparse_grad_kernels_match_torch():
+    """The sparse part's Triton kernels (per-row gather, per-id runs of a stable sort) equal torch's
+    index_add_ / einsum, repeated ids and -1 slots included."""
+    N, H, V, S = 23, 40, 97, 9
+    h, w = torch.randn(N, H), torch.randn(V, H)
+    ids = torch.randint(-1, V, (N, S))
+    ids[:, 2] = ids[:, 1]
+    ids[5:9, 0] = 7  # one id over many rows: one program sums its run
+    coef = torch.randn(N, S)
+    out = {}
+    for impl in ("torch", "triton"):
+        dh, dw, db = torch.zeros(N, H), torch.zeros(V, H), torch.zeros(V)
+        sparse_grad(h, w, ids, coef, dh, dw, db, impl=impl)
+        out[impl] = (dh, dw, db)
+    for a, b in zip(out["triton"], out["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert out["torch"][1][7].abs().sum() > 0
 
 
 def test_fused_grad_filter_skips_only_tiny_tiles():
     N, H, V = 32, 32, 256
     h, w = torch.randn(N, H), torch.randn(V, H) * 0.3
-    lse, lse_t, _ = lse_forward(h, w, None, None)
-    alpha, beta = torch.full((N,), 1e-9), torch.zeros(N)
+    rs = lse_forward(h, w, None, None)
     sp_ids, sp_coef = torch.full((N, 1), -1), torch.zeros(N, 1)
-    exact = fused_grad(h, w, None, None, 1.0, lse, lse_t, alpha, beta, sp_ids, sp_coef)
-    filt = fused_grad(h, w, None, None, 1.0, lse, lse_t, alpha, beta, sp_ids, sp_coef, filter_eps=1e-3)
-    assert exact[0].abs().max() > 0 and filt[0].abs().max() == 0 and filt[1].abs().max() == 0
-    big = fused_grad(h, w, None, None, 1.0, lse, lse_t, alpha * 1e9, beta, sp_ids, sp_coef, filter_eps=1e-12)
-    ref = fused_grad(h, w, None, None, 1.0, lse, lse_t, alpha * 1e9, beta, sp_ids, sp_coef)
-    assert torch.equal(big[0], ref[0])
+    z_sp = torch.zeros(N, 1)
+    tiny = GradCoefs(torch.full((N,), 1e-9), torch.zeros(N), torch.zeros(N), rs.lse, sp_ids, sp_coef)
+    for det in (False, True):
+        exact = fused_grad(h, w, None, None, 1.0, rs.lse, rs.lse_t, tiny, z_sp, deterministic=det)
+        filt = fused_grad(h, w, None, None, 1.0, rs.lse, rs.lse_t, tiny, z_sp, filter_eps=1e-3, deterministic=det)
+        assert exact[0].abs().max() > 0 and filt[0].abs().max() == 0 and filt[1].abs().max() == 0
+        big = tiny._replace(alpha=tiny.alpha * 1e9)
+        a = fused_grad(h, w, None, None, 1.0, rs.lse, rs.lse_t, big, z_sp, filter_eps=1e-12, deterministic=det)
+        r = fused_grad(h, w, None, None, 1.0, rs.lse, rs.lse_t, big, z_sp, deterministic=det)
+        assert torch.equal(a[0], r[0])
 
 
 def test_primitives_reject_bad_shapes():
@@ -426,62 +485,19 @@ def test_larger_shapes_match_reference(mm, T, K, N, H, V):
 # GPU code generation without a GPU: the interpreter runs Python, so errors that only the compiler sees
 # (scf.if type mismatches, dot shape / dtype rules, constexpr misuse) would otherwise reach users first.
 
-_AOT_SCRIPT = textwrap.dedent("""
-    import glob, os, subprocess, sys, tempfile
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from profuser.kernels import triton_ops as T
-
-    def jit_fn(k):
-        while not isinstance(k, triton.runtime.jit.JITFunction):
-            k = k.fn
-        return k
-
-    dt = sys.argv[1]
-    P = lambda t: "*" + t
-    rows = dict(H_ptr=P(dt), W_ptr=P(dt), Bias_ptr=P(dt), N="i32", V="i32", D="i32", stride_hn="i32",
-                stride_wv="i32", SOFTCAP="fp32", inv_t="fp32")
-    grad = dict(rows, LSE_ptr=P("fp32"), LSET_ptr=P("fp32"), Alpha_ptr=P("fp32"), Beta_ptr=P("fp32"),
-                SpIds_ptr=P("i64"), SpCoef_ptr=P("fp32"), n_sparse="i32", stride_sp="i32", filter_eps="fp32")
-    jobs = [
-        (T._lse_fwd_kernel, dict(rows, LSE_ptr=P("fp32"), LSET_ptr=P("fp32"), Argmax_ptr=P("i64")), {},
-         "lse"),
-        (T._grad_hidden_kernel, dict(grad, DH_ptr=P("fp32"), stride_dh="i32"), {}, "grad_hidden"),
-        (T._grad_weight_kernel, dict(grad, DW_ptr=P("fp32"), DB_ptr=P("fp32"), stride_dw="i32"),
-         dict(NEED_DW=True, NEED_DB=True), "grad_weight"),
-    ]
-    ptxas = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas"))
-    for kernel, types, extra, kind in jobs:
-        cfg = T.CUDA_CONFIGS[kind]
-        consts = dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_TEMP=True, UPCAST=False, DOT_PRECISION="ieee",
-                      BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, **extra)
-        fn = jit_fn(kernel)
-        sig = {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}
-        out = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
-                             options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-        ptx = out.asm["ptx"]
-        assert "wgmma" in ptx, f"{kind}: the {dt} GEMM did not lower to wgmma"
-        report = ""
-        if ptxas:
-            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-                f.write(ptx)
-            r = subprocess.run([ptxas[0], "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
-                               capture_output=True, text=True)
-            report = " | ".join(l.split(":", 1)[-1].strip() for l in r.stderr.splitlines() if "spill" in l)
-        print(kind, dt, "ok", report)
-""")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.mark.parametrize("dtype", ["bf16", pytest.param("fp16", marks=pytest.mark.slow)])
 def test_kernels_compile_for_sm90(dtype):
-    """The three GEMM kernels, all flags on, compile to sm_90 wgmma code (no GPU needed)."""
+    """Every kernel config the backend launches compiles for sm_90a; the GEMM kernels lower to wgmma
+    (bench/kernel_report.py, the source of docs/kernels.md's register table; no GPU needed)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, dtype], capture_output=True, text=True, env=env,
-                       timeout=300)
-    print(r.stdout, r.stderr[-3000:])
+    r = subprocess.run([sys.executable, os.path.join(REPO, "bench", "kernel_report.py"), "--dtype", dtype],
+                       capture_output=True, text=True, env=env, timeout=600)
+    print(r.stdout[-4000:], r.stderr[-3000:])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count(" ok") == 3
+    assert r.stdout.count(" ok regs=") == 12
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -489,7 +505,7 @@ def test_kernels_compile_for_sm90(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or triton_ops.INTERPRET,
+@pytest.mark.skipif(not torch.cuda.is_available() or triton_common.INTERPRET,
                     reason="needs CUDA and PROFUSER_TEST_REAL_TRITON=1 (no interpreter)")
 class TestCuda:
     def _case(self, dtype, N=16384, H=1024, V=32003, T=3, K=8):
@@ -533,9 +549,12 @@ class TestCuda:
     def test_deterministic_and_filtered(self):
         case = self._case(torch.bfloat16, N=4096, H=512, V=50257)
         params = FusionParams()
-        a = run_triton(case, params)
-        b = run_triton(case, params)
+        det = TritonConfig(deterministic=True)
+        a = run_triton(case, params, cfg=det)
+        b = run_triton(case, params, cfg=det)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1]["weight"], b[1]["weight"])
-        f = run_triton(case, params, cfg=TritonConfig(filter_eps=2.0 ** -16))
+        fast = run_triton(case, params)  # atomics: equal up to the order of the fp32 adds
         scale = a[1]["weight"].float().abs().max()
+        assert (fast[1]["weight"].float() - a[1]["weight"].float()).abs().max() <= 1e-3 * scale
+        f = run_triton(case, params, cfg=TritonConfig(filter_eps=2.0 ** -16))
         assert (f[1]["weight"].float() - a[1]["weight"].float()).abs().max() <= 1e-2 * scale
