@@ -33,6 +33,7 @@ sp_ids [N, S+1]: column 0 is the label (-1 on ignored rows), columns 1.. are tar
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -78,8 +79,7 @@ def _log_complement(target: SparseTarget, lse: torch.Tensor, lse_out: torch.Tens
     """log(1 - q(S)) [N] = lse_out - lse, clamped to log(tiny); 0 on rows without a tail (unused there)."""
     if lse_out is None:
         raise ValueError("missing_mass='tail_bucket' needs lse_out (the complement's logsumexp) from the backend")
-    floor = torch.finfo(lse.dtype).tiny
-    log1m = torch.clamp(lse_out - lse, min=float(torch.log(torch.tensor(floor, dtype=torch.float64))))
+    log1m = torch.clamp(lse_out - lse, min=math.log(torch.finfo(lse.dtype).tiny))
     return torch.where(target.tail > 0, log1m, torch.zeros_like(log1m))
 
 

@@ -1,12 +1,23 @@
 """One optimizer step of fusion training: the module DeepSpeed wraps and the window it runs.
 
-    FusionStep(lm)    student backbone -> labelled rows [N, H] -> fusion_loss per mode, weighted
+    FusionStep(lm)    student backbone -> labelled rows [N, H] -> ONE fusion_loss call for every mode
     merge_modes       micro-batches of both modes concatenated along B (one forward for both)
     run_window        grad_accum micro-steps: global token counts, forward, backward, DeepSpeed step
 
 Normalization: each mode's loss is a mean over that mode's GLOBAL target-token count in the window, so the
 window's gradient is exactly that of sum_m w_m L_m whatever the split of tokens over ranks and
 micro-batches; the loss is multiplied by the world size because DeepSpeed averages gradients over ranks.
+All of it is one per-row scale, row_weights_i = w_m * world / N_m for the rows of mode m, so both modes
+share one fusion_loss call (one pass over the lm_head weight, one weight-gradient buffer).
+
+No host synchronisation inside a micro-step: labelled rows are gathered with nonzero_static (the loader
+counted them on the host: n_tokens), a right-padded batch reaches the backbone without an attention mask
+(causal attention never reads the padding after a row's tokens, and transformers' all-ones check of a mask
+would read the device), token counts and per-row scales stay on the device, the loss is called
+with validate=False (the loader validated every stored row), and per-mode statistics are sums of the
+per-row terms on the device. The window reads the device once, at the accumulation boundary, before the
+optimizer step: the non-finite check (a NaN must never reach the weights) and the statistics travel in the
+same all-reduce.
 
 Logits: the student's own output transform (models.LogitTransform: logit scaling, soft-capping) is what
 the loss sees: the labelled hidden rows are multiplied by its scale ((s h) W^T = s W h) and its cap is the
@@ -21,8 +32,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import MODE_ID, MODES, LossConfig
+from ..config import MODE_ID, LossConfig
 from ..models import LogitTransform
+
+# columns of the per-mode statistics FusionStep returns: [len(MODE_ID), 3]
+STAT_COLUMNS = ("loss", "ce", "kd")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -30,12 +44,14 @@ class NonFiniteLossError(RuntimeError):
 
 
 class FusionStep(nn.Module):
-    """The module DeepSpeed wraps: student backbone -> labelled rows -> fused loss per mode.
+    """The module DeepSpeed wraps: student backbone -> labelled rows -> one fused loss call for all modes.
 
-    forward(batch, weights, counts, scale) -> (loss [], parts {mode: (L_m [], rows n, FusionStats)})
-        batch: the loader's dict, modes concatenated along B (see merge_modes); tensors on device
-        weights: {"infer": w1, "train": w2}; counts: {"infer": N_infer, "train": N_train} (global counts)
-        scale: multiplier of the returned loss (world size, see the module docstring)
+    forward(batch, mode_scale) -> (loss [], stats [len(MODE_ID), 3])
+        batch: the loader's dict, modes concatenated along B (see merge_modes); tensors on device;
+            batch["n_tokens"] (host int) = its labelled positions
+        mode_scale: [len(MODE_ID)] float tensor on the device, indexed by MODE_ID: the per-row loss weight
+            of each mode (w_m * world / N_m, see the module docstring)
+        stats: per mode (rows MODE_ID), the sums over its rows of loss_i, CE_i and KD_i (unweighted)
     """
 
     def __init__(self, lm: nn.Module, loss: LossConfig, vocab_maps: list):
@@ -51,49 +67,48 @@ class FusionStep(nn.Module):
     def backbone(self) -> nn.Module:
         return getattr(self.lm, self.lm.base_model_prefix)
 
-    def forward(self, batch: dict, weights: dict, counts: dict, scale: float):
+    def forward(self, batch: dict, mode_scale: torch.Tensor):
         from profuser.kernels import fusion_loss
 
         head = self.lm.get_output_embeddings()
-        hidden = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+        mask = None if batch.get("right_padded") else batch["attention_mask"]
+        hidden = self.backbone(input_ids=batch["input_ids"], attention_mask=mask)[0]
         B, L, H = hidden.shape
         labels = batch["labels"].reshape(B * L)
-        rows = (labels != -100).nonzero().squeeze(1)  # [N] labelled positions
+        # [N] labelled positions; N is known on the host, so no device read (nonzero would sync)
+        rows = torch.nonzero_static(labels != -100, size=int(batch["n_tokens"])).squeeze(1)
         h = hidden.reshape(B * L, H).index_select(0, rows)  # [N, H]
         if self.logit_scale != 1.0:
             h = h * self.logit_scale
         y = labels.index_select(0, rows)
-        row_mode = batch["mode"][:, None].expand(B, L).reshape(B * L).index_select(0, rows)
+        row_mode = batch["mode"][:, None].expand(B, L).reshape(B * L).index_select(0, rows)  # [N] MODE_ID
         T, K = batch["teacher_ids"].shape[0], batch["teacher_ids"].shape[-1]
         t_ids = batch["teacher_ids"].reshape(T, B * L, K).index_select(1, rows)  # [T, N, K]
         t_lp = batch["teacher_logprobs"].reshape(T, B * L, K).index_select(1, rows)  # -inf at empty slots
         t_w = batch["teacher_weights"].reshape(T, B * L).index_select(1, rows)  # [T, N]
         # keeps every parameter in the graph on every rank, even with no labelled rows: ZeRO's gradient
         # reduction is collective, a rank whose loss skipped a parameter would hang the others
-        total = 0.0 * (hidden.sum() + head.weight.sum())
-        parts = {}
-        for mode in MODES:
-            sel = (row_mode == MODE_ID[mode]).nonzero().squeeze(1)
-            if weights.get(mode, 0.0) <= 0 or sel.numel() == 0:
-                continue
-            loss_m, stats = fusion_loss(
-                h.index_select(0, sel), head.weight, y.index_select(0, sel),
-                t_ids.index_select(1, sel), t_lp.index_select(1, sel), t_w.index_select(1, sel),
-                vocab_maps=self.vocab_maps, bias=getattr(head, "bias", None), lam=self.cfg.lam,
-                temperature=self.cfg.temperature, softcap=self.softcap, missing_mass=self.cfg.missing_mass,
-                reduction="mean", num_items=max(counts[mode], 1.0), backend=self.cfg.backend, return_stats=True)
-            total = total + (weights[mode] * scale) * loss_m
-            parts[mode] = (loss_m.detach(), sel.numel(), stats)
-        return total, parts
+        keep = 0.0 * (hidden.sum() + head.weight.sum())
+        loss, st = fusion_loss(
+            h, head.weight, y, t_ids, t_lp, t_w, vocab_maps=self.vocab_maps, bias=getattr(head, "bias", None),
+            lam=self.cfg.lam, temperature=self.cfg.temperature, softcap=self.softcap,
+            missing_mass=self.cfg.missing_mass, reduction="sum", row_weights=mode_scale.index_select(0, row_mode),
+            backend=self.cfg.backend, return_stats=True, validate=False)
+        lam = self.cfg.lam
+        per_row = torch.stack([lam * st.row_ce + (1.0 - lam) * st.row_kd, st.row_ce, st.row_kd], 1)  # [N, 3]
+        stats = torch.zeros((len(MODE_ID), len(STAT_COLUMNS)), dtype=torch.float64, device=per_row.device)
+        stats.index_add_(0, row_mode, per_row.double())
+        return keep + loss, stats
 
 
 def merge_modes(batches: list[dict], pad_id: int) -> dict:
-    """Concatenate micro-batches of different modes along B, right-padding to the longest L.
+    """Concatenate micro-batches of different modes along B, right-padding to the longest L (host tensors).
 
     Tensors: input_ids/attention_mask/labels [B, L]; teacher_ids/logprobs [T, B, L, K]; weights [T, B, L].
+    Sets right_padded (bool): every row's mask is ones then zeros (FusionStep then needs no mask).
     """
     if len(batches) == 1:
-        return batches[0]
+        return dict(batches[0], right_padded=_right_padded(batches[0]["attention_mask"]))
     L = max(b["input_ids"].shape[1] for b in batches)
     fill = {"input_ids": pad_id, "attention_mask": 0, "labels": -100, "teacher_ids": -1,
             "teacher_logprobs": 0.0, "teacher_weights": 0.0}
@@ -112,11 +127,21 @@ def merge_modes(batches: list[dict], pad_id: int) -> dict:
     out["mode"] = torch.cat([b["mode"] for b in batches])
     out["example_ids"] = [i for b in batches for i in b["example_ids"]]
     out["n_tokens"] = sum(int(b["n_tokens"]) for b in batches)
+    out["right_padded"] = _right_padded(out["attention_mask"])
     return out
 
 
+def _right_padded(mask: torch.Tensor) -> bool:
+    """[B, L] host mask: ones then only zeros in every row."""
+    return torch.equal(mask.cumprod(1), mask)
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """Tensors to `device`; on CUDA through pinned host memory with non-blocking copies (the copy overlaps
+    the previous micro-step's kernels instead of waiting for them)."""
+    pin = device.type == "cuda"
+    return {k: (v.pin_memory() if pin and not v.is_pinned() else v).to(device, non_blocking=True)
+            if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 @dataclass
@@ -138,43 +163,60 @@ class WindowResult:
     modes: dict[str, ModeTotals] = field(default_factory=dict)
 
 
-def _all_reduce_sums(sums: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:
-    """Sum named scalars over ranks in one collective (on `device`: NCCL only reduces CUDA tensors)."""
-    keys = sorted(sums)
-    packed = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device) for k in keys])
-    dist.all_reduce(packed)
-    return dict(zip(keys, packed.tolist()))
-
-
 def run_window(engine, window: list[list[dict]], step_modes: list[str], weights: dict, *, pad_id: int,
                device: torch.device, on_nonfinite=None) -> WindowResult:
     """One optimizer step: forward/backward every micro-batch of the window, then DeepSpeed steps.
 
-    window: grad_accum lists, each holding one loader batch per mode in step_modes.
+    window: grad_accum lists, each holding one loader batch per mode in step_modes. The device is read once,
+    at the accumulation boundary (module docstring).
     """
     world = dist.get_world_size()
-    counts = _all_reduce_sums({m: sum(int(mb[i]["n_tokens"]) for mb in window) for i, m in enumerate(step_modes)},
-                              device)  # the window's global token count per mode (loss normalization)
-    zero = torch.zeros((), dtype=torch.float64, device=device)
-    sums = {"loss": zero, "tokens": zero, **{f"{m}.{k}": zero for m in step_modes for k in ("loss", "ce", "kd")}}
-    for micro in window:
+    n_modes = len(MODE_ID)
+    # the window's global token count per mode (the loss normalization), reduced on the device
+    counts = torch.zeros(n_modes, dtype=torch.float64)
+    for i, m in enumerate(step_modes):
+        counts[MODE_ID[m]] = float(sum(int(mb[i]["n_tokens"]) for mb in window))
+    counts = counts.to(device)
+    dist.all_reduce(counts)
+    w = torch.zeros(n_modes, dtype=torch.float64)
+    for m in step_modes:
+        w[MODE_ID[m]] = float(weights[m]) * world
+    mode_scale = (w.to(device) / counts.clamp_min(1.0)).to(torch.float32)
+    stats = torch.zeros((n_modes, len(STAT_COLUMNS)), dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    bad = torch.zeros(len(window), dtype=torch.float64, device=device)  # per micro-step: 1 if non-finite
+    batches = []
+    for j, micro in enumerate(window):
         batch = to_device(merge_modes(micro, pad_id), device)
-        loss, parts = engine(batch, weights, counts, float(world))
-        bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0], device=device)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank stops together
-        if bad.item():
-            if on_nonfinite is not None:
-                on_nonfinite(batch, float(loss.detach()))
-            raise NonFiniteLossError(f"non-finite loss; example ids of the batch: {batch['example_ids']}")
+        batches.append(batch)
+        loss, st = engine(batch, mode_scale)
+        bad[j] = (~torch.isfinite(loss.detach())).double()
         engine.backward(loss, scale_wrt_gas=False)  # already normalized by the window's global count
+        if j == len(window) - 1:
+            # the one device read of the window, before the optimizer step at the boundary: the non-finite
+            # flags of every micro-step and every rank, and the statistics, in one all-reduce
+            stats = stats + st
+            loss_sum = loss_sum + loss.detach().double() / world
+            packed = torch.cat([bad, loss_sum.reshape(1), counts / world, stats.reshape(-1)])  # counts: global
+            dist.all_reduce(packed)
+            got = packed.tolist()
+            flags = got[: len(window)]
+            if any(f > 0 for f in flags):
+                k = next(i for i, f in enumerate(flags) if f > 0)
+                if on_nonfinite is not None:
+                    on_nonfinite(batches[k], float("nan"))
+                raise NonFiniteLossError(f"non-finite loss; example ids of the batch: {batches[k]['example_ids']}")
+        else:
+            stats = stats + st
+            loss_sum = loss_sum + loss.detach().double() / world
         engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
-        sums["loss"] = sums["loss"] + loss.detach().double() / world
-        sums["tokens"] = sums["tokens"] + int(batch["n_tokens"])
-        for mode, (loss_m, n, stats) in parts.items():
-            sums[f"{mode}.loss"] = sums[f"{mode}.loss"] + loss_m.double()
-            sums[f"{mode}.ce"] = sums[f"{mode}.ce"] + stats.ce.double() * n
-            sums[f"{mode}.kd"] = sums[f"{mode}.kd"] + stats.kd.double() * n
-    got = _all_reduce_sums(sums, device)
-    modes = {m: ModeTotals(loss=got[f"{m}.loss"], ce=got[f"{m}.ce"] / max(counts[m], 1.0),
-                           kd=got[f"{m}.kd"] / max(counts[m], 1.0), tokens=int(counts[m])) for m in step_modes}
-    return WindowResult(loss=got["loss"], tokens=int(got["tokens"]), modes=modes)
+    rest = got[len(window):]
+    total_loss, counts_h = rest[0], rest[1: 1 + n_modes]
+    sums = rest[1 + n_modes:]
+    modes = {}
+    for m in step_modes:
+        i, n = MODE_ID[m], max(counts_h[MODE_ID[m]], 1.0)
+        loss_m, ce_m, kd_m = (sums[i * len(STAT_COLUMNS) + c] / n for c in range(len(STAT_COLUMNS)))
+        modes[m] = ModeTotals(loss=loss_m, ce=ce_m, kd=kd_m, tokens=int(round(counts_h[i])))
+    tokens = int(round(sum(counts_h[MODE_ID[m]] for m in step_modes)))
+    return WindowResult(loss=total_loss, tokens=tokens, modes=modes)

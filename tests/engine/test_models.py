@@ -158,9 +158,9 @@ def test_training_step_sees_the_model_logits(model_type):
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
              "teacher_ids": torch.full((1, 2, L, 1), -1, dtype=torch.int32),
              "teacher_logprobs": torch.full((1, 2, L, 1), float("-inf")), "teacher_weights": torch.zeros(1, 2, L),
-             "mode": torch.zeros(2, dtype=torch.long)}
+             "mode": torch.zeros(2, dtype=torch.long), "n_tokens": n}
     step = FusionStep(lm, LossConfig(lam=1.0, backend="reference"), [None])
-    loss, _ = step(batch, {"train": 1.0}, {"train": float(n)}, 1.0)
+    loss, _ = step(batch, torch.tensor([1.0 / n, 0.0]))  # MODE_ID: train 0
     logits = lm(ids).logits.float()
     ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
     torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-5, atol=1e-5)

@@ -169,10 +169,10 @@ def test_nan_loss_stops_with_ids_and_checkpoint(setup, tmp_path, monkeypatch):
     calls = {"n": 0}
     forward = step_mod.FusionStep.forward
 
-    def poisoned(self, batch, weights, counts, scale):  # the 2nd micro-batch of step 2 (index 1) is NaN
-        loss, parts = forward(self, batch, weights, counts, scale)
+    def poisoned(self, batch, mode_scale):  # the 2nd micro-batch of step 2 (index 1) is NaN
+        loss, stats = forward(self, batch, mode_scale)
         calls["n"] += 1
-        return (loss * float("nan") if calls["n"] == 4 else loss), parts
+        return (loss * float("nan") if calls["n"] == 4 else loss), stats
 
     monkeypatch.setattr(step_mod.FusionStep, "forward", poisoned)
     out = tmp_path / "nan"

@@ -1,0 +1,240 @@
+"""The training step in one pass (issue #13, item 3): one fusion_loss call for both modes equals the two
+per-mode calls it replaced, and a micro-step reads nothing back from the device.
+
+Host syncs are counted on the CPU by wrapping every torch entry point that forces one on CUDA (a value read:
+item / tolist / bool / int / float / numpy, data-dependent shapes: nonzero, unique, masked_select, boolean
+indexing). The student's own forward is not ours: transformers' mask preparation reads the device once per
+forward (an all-ones or packed-sequence check), so the count pauses inside the backbone; everything else of
+the micro-step (row gathering, the loss, its backward, the statistics) must not read the device at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from profuser.engine.config import MODE_ID, LossConfig
+from profuser.engine.trainer import step as step_mod
+from profuser.engine.trainer.step import FusionStep, merge_modes, run_window
+from profuser.kernels import fusion_loss
+
+V, V_T, T, K = 61, 80, 2, 4
+
+
+def make_lm():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    lm = LlamaForCausalLM(cfg)
+    lm.config.use_cache = False
+    return lm
+
+
+def vocab_maps():
+    g = torch.Generator().manual_seed(1)
+    vm = torch.randint(0, V, (V_T,), generator=g, dtype=torch.int32)
+    vm[torch.rand(V_T, generator=g) < 0.2] = -1
+    return [None, vm]
+
+
+def make_batch(g, mode: str, B: int, L: int) -> dict:
+    ids = torch.randint(1, V, (B, L), generator=g)
+    labels = torch.full((B, L), -100)
+    labels[:, 2:L - 1] = ids[:, 3:]
+    labels[0, L - 3:] = -100
+    tid = torch.stack([torch.randint(0, V, (B, L, K), generator=g), torch.randint(0, V_T, (B, L, K), generator=g)])
+    tid[:, :, :, -1][torch.rand(T, B, L, generator=g) < 0.3] = -1
+    tlp = torch.log_softmax(torch.randn(T, B, L, K + 2, generator=g) * 2, -1)[..., :K].sort(-1, descending=True).values
+    return {"input_ids": ids, "attention_mask": torch.ones(B, L, dtype=torch.long), "labels": labels,
+            "teacher_ids": tid.to(torch.int32), "teacher_logprobs": tlp.to(torch.float16),
+            "teacher_weights": torch.rand(T, B, L, generator=g), "mode": torch.full((B,), MODE_ID[mode]),
+            "example_ids": [f"{mode}-{b}" for b in range(B)], "n_tokens": int((labels != -100).sum())}
+
+
+@pytest.mark.parametrize("backend,missing_mass", [("chunked", "renormalize"), ("reference", "tail_bucket"),
+                                                  ("triton", "renormalize")])
+def test_one_call_equals_two_calls(backend, missing_mass):
+    """loss and every parameter gradient of the one-call step == sum_m w_m * (per-mode mean over N_m)."""
+    g = torch.Generator().manual_seed(3)
+    batches = {"infer": make_batch(g, "infer", 2, 9), "train": make_batch(g, "train", 3, 12)}
+    batch = merge_modes([batches["infer"], batches["train"]], pad_id=0)
+    weights, counts = {"infer": 0.3, "train": 1.7}, {"infer": 31.0, "train": 44.0}
+    cfg = LossConfig(lam=0.6, backend=backend, missing_mass=missing_mass)
+
+    lm = make_lm()
+    step = FusionStep(lm, cfg, vocab_maps())
+    scale = torch.zeros(len(MODE_ID))
+    for m in weights:
+        scale[MODE_ID[m]] = weights[m] / counts[m]
+    loss, stats = step(batch, scale)
+    loss.backward()
+    one = {n: p.grad.clone() for n, p in lm.named_parameters()}
+
+    lm2 = make_lm()  # the two-call formulation, as the engine ran it before
+    total = 0.0
+    for m, b in batches.items():
+        hidden = lm2.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])[0]
+        B, L, H = hidden.shape
+        sel = b["labels"].reshape(-1) != -100
+        ids = b["teacher_ids"].reshape(T, B * L, K)[:, sel]
+        loss_m = fusion_loss(hidden.reshape(B * L, H)[sel], lm2.lm_head.weight, b["labels"].reshape(-1)[sel], ids,
+                             b["teacher_logprobs"].reshape(T, B * L, K)[:, sel], b["teacher_weights"].reshape(T, -1)[:, sel],
+                             vocab_maps=vocab_maps(), lam=0.6, missing_mass=missing_mass, num_items=counts[m],
+                             backend=backend)
+        total = total + weights[m] * loss_m
+    total.backward()
+    torch.testing.assert_close(loss.detach(), total.detach(), rtol=1e-5, atol=1e-6)
+    for n, p in lm2.named_parameters():
+        torch.testing.assert_close(one[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    # per-mode statistics: sums over each mode's rows, on the device
+    assert stats.shape == (len(MODE_ID), 3) and stats.dtype == torch.float64
+    assert all(float(stats[MODE_ID[m], 1]) > 0 for m in batches)
+
+
+# sync-forcing entry points: (owner, attribute)
+SYNC_POINTS = [(torch.Tensor, a) for a in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__",
+                                          "numpy", "nonzero", "unique", "unique_consecutive", "masked_select")] + \
+              [(torch, a) for a in ("nonzero", "unique", "unique_consecutive", "masked_select")]
+
+
+PAUSED = {"on": False}
+
+
+@contextlib.contextmanager
+def count_syncs():
+    """Counts calls of SYNC_POINTS (and boolean-mask indexing) made while active: {name: count}."""
+    counts: dict[str, int] = {}
+    saved = []
+
+    def wrap(owner, name, fn):
+        def inner(*a, **k):
+            if not PAUSED["on"]:
+                counts[name] = counts.get(name, 0) + 1
+            return fn(*a, **k)
+        return inner
+
+    for owner, name in SYNC_POINTS:
+        fn = getattr(owner, name)
+        saved.append((owner, name, fn))
+        setattr(owner, name, wrap(owner, name, fn))
+    getitem = torch.Tensor.__getitem__
+
+    def getitem_checked(self, idx):
+        parts = idx if isinstance(idx, tuple) else (idx,)
+        if not PAUSED["on"] and any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
+            counts["bool-index"] = counts.get("bool-index", 0) + 1
+        return getitem(self, idx)
+
+    torch.Tensor.__getitem__ = getitem_checked
+    try:
+        yield counts
+    finally:
+        torch.Tensor.__getitem__ = getitem
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+
+
+def test_count_syncs_sees_a_sync():
+    """The counter itself: nonzero, item and a boolean index are seen (else the next tests prove nothing)."""
+    x = torch.arange(5)
+    with count_syncs() as c:
+        (x > 2).nonzero()
+        x.sum().item()
+        x[x > 1]
+    assert c == {"nonzero": 1, "item": 1, "bool-index": 1}
+
+
+@pytest.mark.parametrize("backend,missing_mass", [("chunked", "renormalize"), ("chunked", "tail_bucket"),
+                                                  ("triton", "tail_bucket")])
+def test_micro_step_has_no_host_sync(backend, missing_mass):
+    g = torch.Generator().manual_seed(4)
+    batch = merge_modes([make_batch(g, "infer", 2, 9), make_batch(g, "train", 3, 12)], pad_id=0)
+    assert batch["right_padded"]  # so the backbone gets no mask (the module doc of trainer/step.py)
+    lm = make_lm()
+    pause_inside(lm.model)
+    step = FusionStep(lm, LossConfig(backend=backend, missing_mass=missing_mass), vocab_maps())
+    scale = torch.tensor([0.02, 0.05])
+    with count_syncs() as c:
+        loss, stats = step(batch, scale)
+        loss.backward()
+    assert c == {}, f"host syncs inside the micro-step: {c}"
+
+
+def pause_inside(backbone):
+    """Counting pauses while the student's backbone runs its forward (transformers' own device reads)."""
+    forward = backbone.forward
+
+    def paused(*a, **k):
+        PAUSED["on"] = True
+        try:
+            return forward(*a, **k)
+        finally:
+            PAUSED["on"] = False
+
+    backbone.forward = paused
+
+
+class FakeEngine:
+    """What run_window needs of a DeepSpeed engine: call, backward, step (plain SGD-free bookkeeping)."""
+
+    def __init__(self, module):
+        self.module, self.steps = module, 0
+
+    def __call__(self, *a):
+        return self.module(*a)
+
+    def backward(self, loss, scale_wrt_gas=True):
+        loss.backward()
+
+    def step(self):
+        self.steps += 1
+
+
+def test_window_reads_the_device_once(monkeypatch):
+    """A window of 3 micro-steps: one all-reduce and one host read (at the boundary), none per micro-step."""
+    import torch.distributed as dist
+
+    g = torch.Generator().manual_seed(5)
+    window = [[make_batch(g, "infer", 2, 9), make_batch(g, "train", 2, 10)] for _ in range(3)]
+    lm = make_lm()
+    pause_inside(lm.model)
+    engine = FakeEngine(FusionStep(lm, LossConfig(backend="chunked"), vocab_maps()))
+    reduces = []
+    monkeypatch.setattr(dist, "get_world_size", lambda: 1)
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None: reduces.append(t.numel()))
+    monkeypatch.setattr(step_mod, "to_device", lambda b, d: b)
+    with count_syncs() as c:
+        res = run_window(engine, window, ["infer", "train"], {"infer": 0.5, "train": 1.0}, pad_id=0,
+                         device=torch.device("cpu"))
+    assert c == {"tolist": 1}, c
+    assert len(reduces) == 2  # the token counts (stay on the device) and the boundary read
+    assert engine.steps == 3 and res.tokens == sum(b["n_tokens"] for mb in window for b in mb)
+    assert set(res.modes) == {"infer", "train"} and all(m.ce > 0 for m in res.modes.values())
+
+
+def test_nonfinite_micro_step_is_named_before_the_optimizer_step(monkeypatch):
+    import torch.distributed as dist
+
+    g = torch.Generator().manual_seed(6)
+    window = [[make_batch(g, "train", 2, 9)] for _ in range(3)]
+    module = FusionStep(make_lm(), LossConfig(backend="chunked"), vocab_maps())
+    forward = module.forward
+    calls = {"n": 0}
+
+    def poisoned(batch, scale):
+        calls["n"] += 1
+        loss, st = forward(batch, scale)
+        return (loss * float("nan") if calls["n"] == 2 else loss), st
+
+    module.forward = poisoned
+    engine = FakeEngine(module)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 1)
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None: None)
+    monkeypatch.setattr(step_mod, "to_device", lambda b, d: b)
+    with pytest.raises(step_mod.NonFiniteLossError, match="train-0"):
+        run_window(engine, window, ["train"], {"infer": 0.0, "train": 1.0}, pad_id=0, device=torch.device("cpu"))
+    assert engine.steps == 2  # the boundary step (the optimizer) never ran
