@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 PIPQ := 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
 PYTEST_ARGS ?=
 
-.PHONY: help venv install build test test-fast test-slow demo bench bench-loss bench-align bench-align-fidelity bench-loader bench-train corpus clean
+.PHONY: help venv install build test test-fast test-slow demo bench bench-loss bench-align bench-align-fidelity bench-loader bench-train gpu-suite gpu-wheels kernel-report corpus clean
 
 help:
 	@echo "make test      create the venv, build + install profuser, run the test suite (CPU)"
@@ -62,6 +62,16 @@ bench-align: install
 
 bench-align-fidelity: install
 	$(VPY) bench/bench_align_fidelity.py
+
+# on a GPU machine (see bench/gpu_suite.py for the offline install); --dry-run rehearses it on the CPU
+gpu-suite:
+	python3 bench/gpu_suite.py $(if $(OUT),--out $(OUT),)
+
+gpu-wheels:
+	bash bench/gpu_wheels.sh .whl
+
+kernel-report: install
+	env -u TRITON_INTERPRET $(VPY) bench/kernel_report.py --json bench/results/kernel_report_sm90a.json
 
 bench-loader: install
 	$(VPY) bench/bench_loader.py

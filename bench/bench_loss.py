@@ -18,6 +18,10 @@ Methods (inputs: hidden [N, H], weight [V, H], labels [N], T teachers' top-K ids
               [N, H] x [V, H] projection of the same shape as the student: it does one more GEMM than
               the others, and cannot take sparse, several or different-vocabulary teachers.
   cce_ce      Cut Cross-Entropy linear_cross_entropy, CE part only (impl torch_compile on CPU, cce on GPU).
+  liger_flce  Liger-Kernel LigerFusedLinearCrossEntropyLoss, CE part only (Triton: GPU only).
+  liger_fljsd Liger-Kernel LigerFusedLinearJSD (Triton op, jsd_beta=0: forward KL) with ONE dense teacher
+              given as hidden + lm_head, as liger_jsd (GPU only; KD only, no CE term).
+  triton_det  profuser backend "triton" with deterministic=True (no atomics; GPU only).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import harness
 import shapes
 
 METHODS = ["naive", "reference", "chunked", "triton", "liger_jsd_compiled", "liger_jsd_eager", "cce_ce"]
+GPU_ONLY = {"triton", "triton_det", "liger_flce", "liger_fljsd"}  # Triton without its interpreter
 CPU_CASES = ["smollm2-135m:4096", "gemma3-270m:1024"]
 GPU_CASES = ["smollm2-135m:16384", "llama3-8b:16384"]
 T, K, LAM, TEMP = 3, 8, 0.9, 1.0
@@ -79,13 +84,17 @@ def build_method(method: str, inp: dict, device: torch.device):
     w = inp["weight"].clone().requires_grad_()
     args = (inp["labels"], inp["teacher_ids"], inp["teacher_logprobs"], inp["teacher_weights"])
     note = ""
-    if method in ("reference", "chunked", "triton"):
-        if method == "triton" and device.type != "cuda":
-            raise RuntimeError("Triton needs a GPU (on CPU it only runs in its interpreter)")
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if method in GPU_ONLY and device.type != "cuda" and not (interpreted and method.startswith("triton")):
+        raise RuntimeError("Triton needs a GPU (on CPU it only runs in its interpreter)")
+    if method in ("reference", "chunked", "triton", "triton_det"):
         from profuser.kernels import fusion_loss
 
+        backend = "triton" if method == "triton_det" else method
+
         def loss_fn():
-            return fusion_loss(h, w, *args, lam=LAM, temperature=TEMP, backend=method)
+            return fusion_loss(h, w, *args, lam=LAM, temperature=TEMP, backend=backend,
+                               deterministic=method == "triton_det", validate=False)
     elif method == "naive":
         def loss_fn():
             return naive_loss(h, w, *args)
@@ -102,6 +111,25 @@ def build_method(method: str, inp: dict, device: torch.device):
 
         def loss_fn():
             return mod(h, w, th, tw, inp["labels"])
+    elif method == "liger_fljsd":
+        from liger_kernel.transformers import LigerFusedLinearJSD
+
+        g = torch.Generator().manual_seed(1)
+        th = torch.randn(h.shape, generator=g).to(h.dtype).to(device)
+        tw = (torch.randn(w.shape, generator=g) / h.shape[1] ** 0.5).to(w.dtype).to(device)
+        mod = LigerFusedLinearJSD(jsd_beta=0.0, temperature=TEMP)
+        note = "1 dense teacher [N,H]x[V,H]; KD only"
+
+        def loss_fn():
+            return mod(h, w, th, tw, inp["labels"])
+    elif method == "liger_flce":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        mod = LigerFusedLinearCrossEntropyLoss()
+        note = "CE only"
+
+        def loss_fn():
+            return mod(w, h, inp["labels"])
     elif method == "cce_ce":
         from cut_cross_entropy import linear_cross_entropy
 

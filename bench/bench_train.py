@@ -94,13 +94,10 @@ def fusellm_loss(lm, batch: dict, vocab_maps: list) -> torch.Tensor:
     return LAM * ce + (1 - LAM) * kd
 
 
-def one(variant: str, args) -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    n = args.warmup + args.steps
-    batches, vms = make_batches(n, args.batch, args.length, 2, args.k, 49152)
-    lm = load_student(device, dtype)
+def measure_variant(variant: str, lm, batches: list[dict], vms: list, device: torch.device, dtype: torch.dtype,
+                    warmup: int, pad_id: int = 2) -> dict:
+    """Train `lm` on `batches` with one variant (module doc), the first `warmup` steps untimed: tokens/s
+    and peak memory above the state after setup (and after the warmup steps, so optimizer state exists)."""
     if variant.startswith("engine"):
         from profuser.engine.config import load_config
         from profuser.engine.dist import setup_distributed
@@ -108,14 +105,16 @@ def one(variant: str, args) -> dict:
         from profuser.engine.trainer.step import run_window
 
         setup_distributed()
+        B = batches[0]["input_ids"].shape[0]
         cfg = load_config(None, ["optim.lr=1e-5", "optim.grad_clip=1.0", "optim.decay=constant",
-                                 f"data.micro_batch_size={args.batch}",
+                                 f"data.micro_batch_size={B}",
                                  f"deepspeed.zero_optimization.stage={3 if variant == 'engine-zero3' else 0}"])
         engine, _, _ = build_engine(cfg, lm, [v.to(device) if v is not None else None for v in vms], dtype)
 
         def step(b):
-            run_window(engine, [[b]], ["train"], {"infer": 0.0, "train": 1.0}, pad_id=2, device=device)
+            run_window(engine, [[b]], ["train"], {"infer": 0.0, "train": 1.0}, pad_id=pad_id, device=device)
     else:
+        engine = None
         opt = torch.optim.AdamW(lm.parameters(), lr=1e-5)
         vms_d = [v.to(device) if v is not None else None for v in vms]
 
@@ -126,18 +125,30 @@ def one(variant: str, args) -> dict:
             torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-    for b in batches[:args.warmup]:
+    for b in batches[:warmup]:
         step(b)
     mem = harness.PeakMemory(device)
     tokens, t0 = 0, time.perf_counter()
-    for b in batches[args.warmup:]:
+    for b in batches[warmup:]:
         step(b)
         tokens += b["n_tokens"]
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    return {"variant": variant, "tokens_per_s": tokens / dt, "s_per_step": dt / args.steps,
-            "peak_mem_mb": mem.peak_mb(), "tokens": tokens}
+    steps = len(batches) - warmup
+    out = {"variant": variant, "tokens_per_s": tokens / dt, "s_per_step": dt / steps, "peak_mem_mb": mem.peak_mb(),
+           "tokens": tokens}
+    if engine is not None:
+        engine.destroy()  # another engine may be built in this process (ZeRO-3 hooks must go)
+    return out
+
+
+def one(variant: str, args) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    batches, vms = make_batches(args.warmup + args.steps, args.batch, args.length, 2, args.k, 49152)
+    return measure_variant(variant, load_student(device, dtype), batches, vms, device, dtype, args.warmup)
 
 
 def main() -> int:

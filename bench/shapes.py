@@ -23,6 +23,8 @@ MODELS: dict[str, ModelShape] = {
         ModelShape("smollm2-135m", hidden=576, vocab=49152),
         ModelShape("gemma3-270m", hidden=640, vocab=262144),
         ModelShape("llama3-8b", hidden=4096, vocab=128256, gpu_only=True),
+        ModelShape("gemma3-12b", hidden=3840, vocab=262144, gpu_only=True),
+        ModelShape("tiny", hidden=40, vocab=301),  # bench/gpu_suite.py --dry-run
     )
 }
 

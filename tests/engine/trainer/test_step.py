@@ -1,22 +1,20 @@
 """The training step in one pass (issue #13, item 3): one fusion_loss call for both modes equals the two
 per-mode calls it replaced, and a micro-step reads nothing back from the device.
 
-Host syncs are counted on the CPU by wrapping every torch entry point that forces one on CUDA (a value read:
-item / tolist / bool / int / float / numpy, data-dependent shapes: nonzero, unique, masked_select, boolean
-indexing). The student's own forward is not ours: transformers' mask preparation reads the device once per
+Host syncs are counted on the CPU (engine/tools/syncs.py: every torch entry point that forces one on CUDA).
+The student's own forward is not ours: transformers' mask preparation reads the device once per
 forward (an all-ones or packed-sequence check), so the count pauses inside the backbone; everything else of
 the micro-step (row gathering, the loss, its backward, the statistics) must not read the device at all.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 from profuser.engine.config import MODE_ID, LossConfig
 from profuser.engine.trainer import step as step_mod
+from profuser.engine.tools.syncs import count_syncs, paused_forward
 from profuser.engine.trainer.step import FusionStep, merge_modes, run_window
 from profuser.kernels import fusion_loss
 
@@ -95,49 +93,6 @@ def test_one_call_equals_two_calls(backend, missing_mass):
     assert all(float(stats[MODE_ID[m], 1]) > 0 for m in batches)
 
 
-# sync-forcing entry points: (owner, attribute)
-SYNC_POINTS = [(torch.Tensor, a) for a in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__",
-                                          "numpy", "nonzero", "unique", "unique_consecutive", "masked_select")] + \
-              [(torch, a) for a in ("nonzero", "unique", "unique_consecutive", "masked_select")]
-
-
-PAUSED = {"on": False}
-
-
-@contextlib.contextmanager
-def count_syncs():
-    """Counts calls of SYNC_POINTS (and boolean-mask indexing) made while active: {name: count}."""
-    counts: dict[str, int] = {}
-    saved = []
-
-    def wrap(owner, name, fn):
-        def inner(*a, **k):
-            if not PAUSED["on"]:
-                counts[name] = counts.get(name, 0) + 1
-            return fn(*a, **k)
-        return inner
-
-    for owner, name in SYNC_POINTS:
-        fn = getattr(owner, name)
-        saved.append((owner, name, fn))
-        setattr(owner, name, wrap(owner, name, fn))
-    getitem = torch.Tensor.__getitem__
-
-    def getitem_checked(self, idx):
-        parts = idx if isinstance(idx, tuple) else (idx,)
-        if not PAUSED["on"] and any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
-            counts["bool-index"] = counts.get("bool-index", 0) + 1
-        return getitem(self, idx)
-
-    torch.Tensor.__getitem__ = getitem_checked
-    try:
-        yield counts
-    finally:
-        torch.Tensor.__getitem__ = getitem
-        for owner, name, fn in saved:
-            setattr(owner, name, fn)
-
-
 def test_count_syncs_sees_a_sync():
     """The counter itself: nonzero, item and a boolean index are seen (else the next tests prove nothing)."""
     x = torch.arange(5)
@@ -155,27 +110,13 @@ def test_micro_step_has_no_host_sync(backend, missing_mass):
     batch = merge_modes([make_batch(g, "infer", 2, 9), make_batch(g, "train", 3, 12)], pad_id=0)
     assert batch["right_padded"]  # so the backbone gets no mask (the module doc of trainer/step.py)
     lm = make_lm()
-    pause_inside(lm.model)
+    paused_forward(lm.model)
     step = FusionStep(lm, LossConfig(backend=backend, missing_mass=missing_mass), vocab_maps())
     scale = torch.tensor([0.02, 0.05])
     with count_syncs() as c:
         loss, stats = step(batch, scale)
         loss.backward()
     assert c == {}, f"host syncs inside the micro-step: {c}"
-
-
-def pause_inside(backbone):
-    """Counting pauses while the student's backbone runs its forward (transformers' own device reads)."""
-    forward = backbone.forward
-
-    def paused(*a, **k):
-        PAUSED["on"] = True
-        try:
-            return forward(*a, **k)
-        finally:
-            PAUSED["on"] = False
-
-    backbone.forward = paused
 
 
 class FakeEngine:
@@ -201,7 +142,7 @@ def test_window_reads_the_device_once(monkeypatch):
     g = torch.Generator().manual_seed(5)
     window = [[make_batch(g, "infer", 2, 9), make_batch(g, "train", 2, 10)] for _ in range(3)]
     lm = make_lm()
-    pause_inside(lm.model)
+    paused_forward(lm.model)
     engine = FakeEngine(FusionStep(lm, LossConfig(backend="chunked"), vocab_maps()))
     reduces = []
     monkeypatch.setattr(dist, "get_world_size", lambda: 1)
