@@ -98,7 +98,7 @@ def section_env(device: torch.device, dry: bool) -> dict:
     y = torch.empty_like(x)
     ms = median_ms(lambda: y.copy_(x), device)
     info["copy"] = {"bytes": nbytes, "ms": ms, "tb_per_s": 2 * nbytes / ms / 1e9}
-    del a, b, x, y
+    a = b = x = y = None  # noqa: F841 - release before the next section
     free_memory(device)
     return info
 
