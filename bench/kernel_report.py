@@ -29,10 +29,11 @@ from triton.compiler import ASTSource
 from profuser.kernels import triton_common as C
 from profuser.kernels import triton_grad as G
 from profuser.kernels import triton_lse as L
+from profuser.kernels import triton_rows as R
 
-INT64_PTRS = {"Sup_ptr", "PIdx_ptr", "Ids_ptr", "SortedIds_ptr", "Rows_ptr", "RunEnd_ptr"}
+INT64_PTRS = {"Sup_ptr", "PIdx_ptr", "Ids_ptr", "SortedIds_ptr", "Rows_ptr", "RunEnd_ptr", "Arg_ptr"}
 FLOAT_SCALARS = {"SOFTCAP", "inv_t", "filter_eps"}
-INPUT_PTRS = {"H_ptr", "W_ptr", "Bias_ptr"}
+INPUT_PTRS = {"H_ptr", "W_ptr", "Bias_ptr", "Z_ptr"}
 
 ALL_OFF = dict(HAS_BIAS=False, HAS_SOFTCAP=False, HAS_TEMP=False, TAIL=False, FILTER=False)
 ALL_ON = dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_TEMP=True, TAIL=True, FILTER=True)
@@ -44,16 +45,26 @@ JOBS = [
       "tail+stats": dict(ALL_OFF, TAIL=True, ARGMAX=True)}, True),
     ("grad_tile (atomic)", G._grad_tile_kernel, "grad",
      {"plain": dict(ALL_OFF, NEED_DH=True, NEED_DW=True, NEED_DB=False, GROUP=8),
-      "all flags": dict(ALL_ON, NEED_DH=True, NEED_DW=True, NEED_DB=True, GROUP=8)}, True),
-    ("grad_hidden (deterministic)", G._grad_hidden_kernel, "grad_hidden",
-     {"plain": dict(ALL_OFF), "all flags": dict(ALL_ON)}, True),
-    ("grad_weight (deterministic)", G._grad_weight_kernel, "grad_weight",
-     {"plain": dict(ALL_OFF, NEED_DW=True, NEED_DB=False), "all flags": dict(ALL_ON, NEED_DW=True, NEED_DB=True)},
+      "T+softcap+bias+filter": dict(ALL_ON, TAIL=False, NEED_DH=True, NEED_DW=True, NEED_DB=True, GROUP=8),
+      "tail+softcap+bias+filter": dict(ALL_ON, HAS_TEMP=False, NEED_DH=True, NEED_DW=True, NEED_DB=True, GROUP=8)},
      True),
+    ("grad_hidden (deterministic)", G._grad_hidden_kernel, "grad_hidden",
+     {"plain": dict(ALL_OFF), "T+softcap+bias+filter": dict(ALL_ON, TAIL=False),
+      "tail+softcap+bias+filter": dict(ALL_ON, HAS_TEMP=False)}, True),
+    ("grad_weight (deterministic)", G._grad_weight_kernel, "grad_weight",
+     {"plain": dict(ALL_OFF, NEED_DW=True, NEED_DB=False),
+      "T+softcap+bias+filter": dict(ALL_ON, TAIL=False, NEED_DW=True, NEED_DB=True),
+      "tail+softcap+bias+filter": dict(ALL_ON, HAS_TEMP=False, NEED_DW=True, NEED_DB=True)}, True),
     ("indexed_logits", L._indexed_logits_kernel, None,
      {"softcap+bias": dict(HAS_BIAS=True, HAS_SOFTCAP=True, BLOCK_S=32, BLOCK_H=64)}, False),
     ("sparse_dh", G._sparse_dh_kernel, None, {"": dict(BLOCK_S=16, BLOCK_H=128)}, False),
     ("sparse_dw", G._sparse_dw_kernel, None, {"": dict(NEED_DW=True, NEED_DB=True, BLOCK_H=128)}, False),
+    ("rows_lse (chunked, CUDA)", R._rows_lse_kernel, None,
+     {"plain": dict(HAS_SOFTCAP=False, HAS_TEMP=False, TAIL=False, ARGMAX=False, BLOCK=1024, num_warps=8),
+      "all flags": dict(HAS_SOFTCAP=True, HAS_TEMP=True, TAIL=True, ARGMAX=True, BLOCK=1024, num_warps=8)}, False),
+    ("rows_dz (chunked, CUDA)", R._rows_dz_kernel, None,
+     {"plain": dict(HAS_SOFTCAP=False, HAS_TEMP=False, TAIL=False, BLOCK=1024, num_warps=8),
+      "all flags": dict(HAS_SOFTCAP=True, HAS_TEMP=True, TAIL=True, BLOCK=1024, num_warps=8)}, False),
 ]
 DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 
@@ -66,14 +77,17 @@ def jit_fn(k):
 
 def signature(fn, consts: dict, dt: str) -> tuple[dict, dict]:
     sig, consts = {}, {k: v for k, v in consts.items() if k in fn.arg_names}
+    flags = {"Bias_ptr": "HAS_BIAS", "Sup_ptr": "TAIL", "PLT_ptr": "HAS_TEMP", "PLO_ptr": "TAIL",
+             "PBest_ptr": "ARGMAX", "PIdx_ptr": "ARGMAX", "Arg_ptr": "ARGMAX", "LSET_ptr": "HAS_TEMP",
+             "LSEO_ptr": "TAIL", "Beta_ptr": "HAS_TEMP", "Gamma_ptr": "TAIL", "SOFTCAP": "HAS_SOFTCAP"}
     for p in fn.params:
         name = p.name
         if p.is_constexpr or name in consts:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            flag = {"Bias_ptr": "HAS_BIAS", "Sup_ptr": "TAIL", "PLT_ptr": "HAS_TEMP", "PLO_ptr": "TAIL",
-                    "PBest_ptr": "ARGMAX", "PIdx_ptr": "ARGMAX"}.get(name)
-            if flag is not None and not consts.get(flag, True):
+            flag = flags.get(name)
+            if flag is not None and name in ("Bias_ptr", "Sup_ptr", "PLT_ptr", "PLO_ptr", "PBest_ptr", "PIdx_ptr",
+                                             "Arg_ptr") and not consts.get(flag, True):
                 sig[name], consts[name] = "constexpr", None  # launched as None: a constexpr
             else:
                 sig[name] = "*" + (dt if name in INPUT_PTRS else "i64" if name in INT64_PTRS else "fp32")
@@ -101,16 +115,18 @@ def compile_one(kernel, consts: dict, kind: str | None, dt: str) -> dict:
     fn = jit_fn(kernel)
     opts = {}
     if kind is not None:
-        cfg = C.CUDA_CONFIGS[kind]
+        cfg = (C.CUDA_CONFIGS_TAIL if consts.get("TAIL") else C.CUDA_CONFIGS)[kind]
         consts = dict(consts, UPCAST=False, DOT_PRECISION="ieee" if dt == "fp32" else "tf32",
                       BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h)
         opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
-        opts = dict(num_warps=4)
+        consts = dict(consts)
+        opts = dict(num_warps=consts.pop("num_warps", 4))
     sig, consts = signature(fn, consts, dt)
     out = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=opts)
     ptx = out.asm["ptx"]
     rep = ptxas_report(ptx)
+    rep["smem_bytes"] = out.metadata.shared  # dynamic shared memory (ptxas reports static only)
     rep["wgmma"] = "wgmma" in ptx
     rep["config"] = None if kind is None else f"{consts['BLOCK_N']}x{consts['BLOCK_V']}x{consts['BLOCK_H']}, " \
                                               f"{opts['num_warps']} warps, {opts['num_stages']} stages"

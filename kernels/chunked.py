@@ -51,10 +51,12 @@ CPU_BUDGET = 256 * 2**20
 class ChunkConfig:
     """budget_bytes: memory for the [rows x V-block] float buffers of one chunk (None: 256 MiB on the CPU,
     the weight's own size on CUDA; see the module doc). lowp_grad: round dz to a bf16/fp16 input's dtype
-    for the gradient GEMMs (None: on CUDA only)."""
+    for the gradient GEMMs (None: on CUDA only). fused: the chunk's elementwise work in the two Triton row
+    kernels of triton_rows.py, on a logits buffer in the input dtype (None: on CUDA only)."""
 
     budget_bytes: int | None = None
     lowp_grad: bool | None = None
+    fused: bool | None = None
 
     def budget(self, weight: torch.Tensor) -> int:
         if self.budget_bytes is not None:
@@ -232,6 +234,40 @@ def _chunk_single(h, weight, bias, tg: SparseTarget, params, g, out: _Out, r0, r
     _apply_dz(z, h, weight, out, r0, r1, 0, weight.shape[0], lowp)
 
 
+def _chunk_fused(h, weight, bias, tg: SparseTarget, params, g, out: _Out, r0, r1, buf, cdt):
+    """One row chunk on the Triton row kernels (triton_rows.py): the GEMM writes raw logits in the buffer's
+    dtype, one kernel reads them for the row statistics, one overwrites them with the dense dLoss/dz."""
+    from .triton_rows import rows_dz_, rows_lse
+
+    c = r1 - r0
+    cap, T = params.softcap, params.temperature
+    z = buf[:c]
+    if bias is None:
+        torch.mm(h, weight.t(), out=z)
+    else:
+        torch.addmm(bias, h, weight.t(), out=z)
+    sp_ids = torch.cat([tg.label.unsqueeze(1), tg.ids], dim=1)
+    safe = sp_ids.clamp_min(0)
+    z_sp = z.gather(1, safe).to(cdt)
+    if cap is not None:
+        z_sp = cap * torch.tanh(z_sp / cap)
+    sup = support_ids(tg) if params.tail_bucket else None
+    rs = rows_lse(z, cap, T, sup, argmax=out.argmax is not None)
+    terms = row_loss(tg, rs.lse, rs.lse_t, z_sp[:, 0], z_sp[:, 1:], params, rs.lse_out)
+    out.put_rows(r0, r1, terms, rs.argmax)
+    if g is None:
+        return
+    gc = grad_coefs(tg, rs.lse, rs.lse_t, z_sp[:, 0], z_sp[:, 1:], params, g, rs.lse_out)
+    rows_dz_(z, cap, T, sup, rs.lse, rs.lse_t, gc.lse_out, gc.alpha, gc.beta, gc.gamma)
+    # sparse part, rounded once: each id's coefficients summed in fp32 (duplicates included), added to the
+    # dense value there, written back (every slot of an id writes the same value)
+    coef = gc.sp_coef if cap is None else gc.sp_coef * (1.0 - (z_sp / cap) ** 2)
+    same = safe.unsqueeze(2) == safe.unsqueeze(1)  # [c, S', S']
+    total = (same * coef.unsqueeze(1)).sum(2)
+    z.scatter_(1, safe, (z.gather(1, safe).to(cdt) + total).to(z.dtype))
+    _apply_dz(z, h, weight, out, r0, r1, 0, weight.shape[0], lowp=True)
+
+
 def _apply_dz(dz, h, weight, out: _Out, r0, r1, v0, v1, lowp):
     """Accumulate the GEMM gradients of dz [c, v1 - v0] (fp32/fp64) for rows [r0, r1) and columns [v0, v1)."""
     full = v0 == 0 and v1 == weight.shape[0]
@@ -333,13 +369,22 @@ def _run(hidden, weight, bias, target: SparseTarget, params: FusionParams, g, ne
     N = hidden.shape[0]
     V = weight.shape[0]
     cdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    out = _Out(hidden, weight, bias, cdt, want_stats, need if g is not None else (False, False, False))
+    fused = hidden.dtype != torch.float64 and (cfg.fused if cfg.fused is not None else hidden.is_cuda)
+    if fused:  # one buffer in the input dtype; the row kernels hold everything else in registers
+        rows, _ = _plan(N, V, 1, hidden.element_size(), max(cfg.budget(weight), V * hidden.element_size()))
+        buf = torch.empty((rows, V), dtype=hidden.dtype, device=hidden.device)
+        for r0 in range(0, N, rows):
+            r1 = min(N, r0 + rows)
+            gc = None if g is None else (g if g.dim() == 0 else g[r0:r1])
+            _chunk_fused(hidden[r0:r1], weight, bias, target.rows(r0, r1), params, gc, out, r0, r1, buf, cdt)
+        return out
     elt = torch.finfo(cdt).bits // 8
     lowp = hidden.dtype in (torch.bfloat16, torch.float16) and (
         cfg.lowp_grad if cfg.lowp_grad is not None else hidden.is_cuda)
     flags = (True, params.temperature != 1.0, params.softcap is not None and g is not None)
     rows, vblock = _plan(N, V, sum(flags), elt, cfg.budget(weight))
     bufs = [torch.empty((rows, vblock), dtype=cdt, device=hidden.device) if f else None for f in flags]
-    out = _Out(hidden, weight, bias, cdt, want_stats, need if g is not None else (False, False, False))
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         tg = target.rows(r0, r1)

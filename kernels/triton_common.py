@@ -177,6 +177,9 @@ CUDA_CONFIGS = {
     "grad_hidden": KernelConfig(128, 128, 32, num_warps=8, num_stages=3),
     "grad_weight": KernelConfig(128, 128, 32, num_warps=8, num_stages=3),
 }
+# the tail bucket's support compares hold a [BLOCK_N, BLOCK_V] mask more: 64-row tiles keep it in registers
+# (128-row tiles spill 0.3-1.5 KB there; docs/kernels.md)
+CUDA_CONFIGS_TAIL = {k: KernelConfig(64, 128, 32, num_warps=8, num_stages=3) for k in CUDA_CONFIGS}
 
 
 def autotune_configs():
@@ -199,19 +202,19 @@ def pow2_between(x: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(x), 1))))
 
 
-def kernel_config(kind: str, n: int, v: int, h: int) -> KernelConfig:
-    """The config used for `kind` (a CUDA_CONFIGS key) at this shape.
+def kernel_config(kind: str, n: int, v: int, h: int, tail: bool = False) -> KernelConfig:
+    """The config used for `kind` (a CUDA_CONFIGS key) at this shape (tail: the tail bucket's variant).
 
     Under the interpreter the cost is (programs x loop iterations) of numpy calls, so tiles are as large as
     the shape allows (whole H in one step when H <= 128); on CUDA one fixed, known-good tile per kernel.
     """
     if not INTERPRET:
-        return CUDA_CONFIGS[kind]
+        return (CUDA_CONFIGS_TAIL if tail else CUDA_CONFIGS)[kind]
     return KernelConfig(pow2_between(n, 16, 64), pow2_between(v, 16, 2048), pow2_between(h, 16, 128), 4, 1)
 
 
-def launch_kwargs(kind: str, n: int, v: int, h: int) -> dict:
-    return {} if AUTOTUNE else kernel_config(kind, n, v, h).launch()
+def launch_kwargs(kind: str, n: int, v: int, h: int, tail: bool = False) -> dict:
+    return {} if AUTOTUNE else kernel_config(kind, n, v, h, tail).launch()
 
 
 def check_inputs(hidden, weight, bias):

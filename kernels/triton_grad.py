@@ -325,7 +325,7 @@ def fused_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     scal = dict(SOFTCAP=sc, inv_t=inv_t, filter_eps=float(filter_eps))
     with launching(dev):
         if not deterministic:
-            kw = launch_kwargs("grad", n, v, h)
+            kw = launch_kwargs("grad", n, v, h, sup is not None)
             grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),)  # noqa: E731
             _grad_tile_kernel[grid](*common[:3], *row, tail["Sup_ptr"], dh if dh is not None else dummy,
                                     dw if dw is not None else dummy, db if db is not None else dummy, n, v, h,
@@ -336,14 +336,14 @@ def fused_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                 grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
                 _grad_hidden_kernel[grid](*common[:3], *row, tail["Sup_ptr"], dh, n, v, h, tail["n_sup"],
                                           hidden.stride(0), weight.stride(0), tail["stride_sup"], **scal,
-                                          **launch_kwargs("grad_hidden", n, v, h))
+                                          **launch_kwargs("grad_hidden", n, v, h, sup is not None))
             if need_weight or need_bias:
                 grid = lambda meta: (triton.cdiv(v, meta["BLOCK_V"]),)  # noqa: E731
                 _grad_weight_kernel[grid](*common[:3], *row, tail["Sup_ptr"], dw if dw is not None else dummy,
                                           db if db is not None else dummy, n, v, h, tail["n_sup"],
                                           hidden.stride(0), weight.stride(0), tail["stride_sup"], **scal,
                                           NEED_DW=need_weight, NEED_DB=need_bias,
-                                          **launch_kwargs("grad_weight", n, v, h))
+                                          **launch_kwargs("grad_weight", n, v, h, sup is not None))
     c = coefs.sp_coef.to(torch.float32)
     if softcap is not None:
         c = c * (1.0 - (z_sp / float(softcap)) ** 2)

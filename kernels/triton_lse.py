@@ -149,7 +149,7 @@ def lse_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                         torch.empty(0, dtype=torch.int64, device=dev) if argmax else None)
     if v == 0:
         raise ValueError("weight has V = 0 rows (an empty ZeRO-3 shard? gather the lm_head weight first)")
-    cfg = kernel_config("lse", n, v, h)
+    cfg = kernel_config("lse", n, v, h, support is not None)
     n_splits = splits or split_count(n, v, cfg.block_n, cfg.block_v, num_sms(dev))
     align = 256 if AUTOTUNE else cfg.block_v  # a multiple of every BLOCK_V the kernel may run with
     v_per_split = triton.cdiv(triton.cdiv(v, n_splits), align) * align
@@ -169,7 +169,7 @@ def lse_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         _lse_partial_kernel[grid](hidden, weight, bias, sup, pm, pl, plt_, plo, pbest, pidx, n, v, h, v_per_split,
                                   0 if sup is None else sup.shape[1], hidden.stride(0), weight.stride(0),
                                   0 if sup is None else sup.stride(0), n_splits, softcap_arg(softcap), inv_t,
-                                  **launch_kwargs("lse", n, v, h))
+                                  **launch_kwargs("lse", n, v, h, sup is not None))
     big = pm.amax(1, keepdim=True)
     scale = torch.exp(pm - big)
     lse = big.squeeze(1) + torch.log((pl * scale).sum(1))

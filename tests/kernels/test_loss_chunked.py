@@ -4,7 +4,9 @@ Tolerance (the flash-attention / CCE habit): gt = reference on float64 copies of
 the reference run in the test dtype (what a user gets from plain torch); a backend passes when
 err_backend <= 2 * err_torch + atol for the loss and every gradient. Backends: "chunked" (one row chunk),
 "chunked_rows" (many row chunks), "chunked_vblock" (vocabulary split into blocks: the two-pass path),
-and "triton" when kernels/triton_fusion.py is present (its own file tests it in depth).
+"chunked_lowp" (dz rounded to bf16/fp16 inputs' dtype for the gradient GEMMs, forced on the CPU),
+"chunked_fused" (the CUDA GEMM path: logits in the input dtype, the Triton row kernels of triton_rows.py
+under the interpreter, several row chunks) and "triton" (its own file tests it in depth).
 """
 
 import math
@@ -17,7 +19,7 @@ from profuser.kernels.chunked import ChunkConfig, chunked_fusion_loss
 from profuser.kernels.fusion_loss import make_params
 from profuser.kernels.targets import build_sparse_target
 
-BACKENDS = ["chunked", "chunked_rows", "chunked_vblock", "chunked_lowp", "triton"]
+BACKENDS = ["chunked", "chunked_rows", "chunked_vblock", "chunked_lowp", "chunked_fused", "triton"]
 
 
 def make_case(N=97, H=32, V=1271, T=3, K=8, dtype=torch.float32, seed=0, ignore_frac=0.2, scale=1.0,
@@ -68,8 +70,9 @@ def run(backend, case, grad_out=None, **opts):
                                      case["teacher_weights"], case["vocab_maps"], params, dtype=tdt,
                                      vocab_size=w.shape[0])
         V = w.shape[0]
-        budget = {"chunked_rows": 8 * V * 4 * 3, "chunked_vblock": 64 * 4 * 3 * max(1, V // 7)}.get(backend)
-        cfg = ChunkConfig(budget_bytes=budget, lowp_grad=backend == "chunked_lowp")
+        budget = {"chunked_rows": 8 * V * 4 * 3, "chunked_vblock": 64 * 4 * 3 * max(1, V // 7),
+                  "chunked_fused": 16 * V * 4}.get(backend)
+        cfg = ChunkConfig(budget_bytes=budget, lowp_grad=backend == "chunked_lowp", fused=backend == "chunked_fused")
         out = chunked_fusion_loss(h, w, b, case["labels"], target, params, opts.get("return_stats", False), cfg,
                                   opts.get("row_weights"))
     else:

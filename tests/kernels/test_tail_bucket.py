@@ -16,7 +16,7 @@ from profuser.kernels.chunked import ChunkConfig, chunked_fusion_loss
 from profuser.kernels.fusion_loss import make_params
 from profuser.kernels.targets import build_sparse_target
 
-BACKENDS = ["reference", "chunked", "chunked_vblock", "triton"]
+BACKENDS = ["reference", "chunked", "chunked_vblock", "chunked_fused", "triton"]
 
 
 def confident_case(N=24, H=32, V=300, K=5, margin=17.0, seed=0):
@@ -40,12 +40,12 @@ def loss_of(backend, case, dtype=torch.float32, **opts):
     h = case["hidden"].to(dtype).detach().clone().requires_grad_()
     w = case["weight"].to(dtype).detach().clone().requires_grad_()
     args = (case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["teacher_weights"])
-    if backend == "chunked_vblock":
+    if backend in ("chunked_vblock", "chunked_fused"):
         params = make_params(**opts)
         target = build_sparse_target(*args, None, params, dtype=torch.float64 if dtype == torch.float64 else None,
                                      vocab_size=w.shape[0])
-        loss = chunked_fusion_loss(h, w, None, case["labels"], target, params,
-                                   cfg=ChunkConfig(budget_bytes=64 * 4 * 40))
+        cfg = ChunkConfig(budget_bytes=64 * 4 * 40) if backend == "chunked_vblock" else ChunkConfig(fused=True)
+        loss = chunked_fusion_loss(h, w, None, case["labels"], target, params, cfg=cfg)
     else:
         loss = fusion_loss(h, w, *args, backend=backend, **opts)
     loss.backward()
