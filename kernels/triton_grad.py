@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (DENSE_FLAGS, INTERPRET, check_inputs, decorate, dense_dz_tile, launch_kwargs,
+from .triton_common import (DENSE_FLAGS, INTERPRET, check_inputs, decorate, dense_dz_tile, helper, launch_kwargs,
                             launching, logit_tile, softcap_arg)
 
 
@@ -98,6 +98,25 @@ def _grad_tile_kernel(H_ptr, W_ptr, Bias_ptr, LSE_ptr, LSET_ptr, LSEO_ptr, Alpha
                               mask=mask_v[:, None] & mask_h[None, :])
 
 
+@helper
+def rows_update(dz_op, Op_ptr, Out_ptr, n_op, n_out, D, stride_op, op0, out0, UPCAST: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, BLOCK_OP: tl.constexpr, BLOCK_OUT: tl.constexpr,
+                BLOCK_H: tl.constexpr):
+    """Out[out0 : out0 + BLOCK_OUT, :] += dz_op @ Op[op0 : op0 + BLOCK_OP, :] over H in BLOCK_H steps; Out is
+    an fp32 [n_out, D] buffer this program owns (no atomics). dz_op [BLOCK_OUT, BLOCK_OP]."""
+    op_blk = tl.make_block_ptr(Op_ptr, (n_op, D), (stride_op, 1), (op0, 0), (BLOCK_OP, BLOCK_H), (1, 0))
+    out_blk = tl.make_block_ptr(Out_ptr, (n_out, D), (D, 1), (out0, 0), (BLOCK_OUT, BLOCK_H), (1, 0))
+    for _ in range(0, tl.cdiv(D, BLOCK_H)):
+        b = tl.load(op_blk, boundary_check=(0, 1), padding_option="zero")
+        if UPCAST:
+            b = b.to(tl.float32)
+        acc = tl.load(out_blk, boundary_check=(0, 1), padding_option="zero")
+        acc = tl.dot(dz_op, b, acc, input_precision=DOT_PRECISION)
+        tl.store(out_blk, acc, boundary_check=(0, 1))
+        op_blk = tl.advance(op_blk, (0, BLOCK_H))
+        out_blk = tl.advance(out_blk, (0, BLOCK_H))
+
+
 def _grad_hidden_kernel(H_ptr, W_ptr, Bias_ptr, LSE_ptr, LSET_ptr, LSEO_ptr, Alpha_ptr, Beta_ptr, Gamma_ptr,
                         Sup_ptr, DH_ptr, N, V, D, n_sup, stride_hn, stride_wv, stride_sup, SOFTCAP, inv_t,
                         filter_eps, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMP: tl.constexpr,
@@ -123,17 +142,8 @@ def _grad_hidden_kernel(H_ptr, W_ptr, Bias_ptr, LSE_ptr, LSET_ptr, LSEO_ptr, Alp
             dz_op = dz
             if not UPCAST:
                 dz_op = dz.to(W_ptr.dtype.element_ty)
-            w_blk = tl.make_block_ptr(W_ptr, (V, D), (stride_wv, 1), (v0, 0), (BLOCK_V, BLOCK_H), (1, 0))
-            dh_blk = tl.make_block_ptr(DH_ptr, (N, D), (D, 1), (n0, 0), (BLOCK_N, BLOCK_H), (1, 0))
-            for _ in range(0, tl.cdiv(D, BLOCK_H)):
-                w = tl.load(w_blk, boundary_check=(0, 1), padding_option="zero")
-                if UPCAST:
-                    w = w.to(tl.float32)
-                acc = tl.load(dh_blk, boundary_check=(0, 1), padding_option="zero")
-                acc = tl.dot(dz_op, w, acc, input_precision=DOT_PRECISION)
-                tl.store(dh_blk, acc, boundary_check=(0, 1))
-                w_blk = tl.advance(w_blk, (0, BLOCK_H))
-                dh_blk = tl.advance(dh_blk, (0, BLOCK_H))
+            rows_update(dz_op, W_ptr, DH_ptr, V, N, D, stride_wv, v0, n0, UPCAST, DOT_PRECISION, BLOCK_V, BLOCK_N,
+                        BLOCK_H)
 
 
 def _grad_weight_kernel(H_ptr, W_ptr, Bias_ptr, LSE_ptr, LSET_ptr, LSEO_ptr, Alpha_ptr, Beta_ptr, Gamma_ptr,
@@ -164,17 +174,8 @@ def _grad_weight_kernel(H_ptr, W_ptr, Bias_ptr, LSE_ptr, LSET_ptr, LSEO_ptr, Alp
                 dzt = tl.trans(dz)  # [BLOCK_V, BLOCK_N]
                 if not UPCAST:
                     dzt = dzt.to(H_ptr.dtype.element_ty)
-                h_blk = tl.make_block_ptr(H_ptr, (N, D), (stride_hn, 1), (n0, 0), (BLOCK_N, BLOCK_H), (1, 0))
-                dw_blk = tl.make_block_ptr(DW_ptr, (V, D), (D, 1), (v0, 0), (BLOCK_V, BLOCK_H), (1, 0))
-                for _ in range(0, tl.cdiv(D, BLOCK_H)):
-                    h = tl.load(h_blk, boundary_check=(0, 1), padding_option="zero")
-                    if UPCAST:
-                        h = h.to(tl.float32)
-                    acc = tl.load(dw_blk, boundary_check=(0, 1), padding_option="zero")
-                    acc = tl.dot(dzt, h, acc, input_precision=DOT_PRECISION)
-                    tl.store(dw_blk, acc, boundary_check=(0, 1))
-                    h_blk = tl.advance(h_blk, (0, BLOCK_H))
-                    dw_blk = tl.advance(dw_blk, (0, BLOCK_H))
+                rows_update(dzt, H_ptr, DW_ptr, N, V, D, stride_hn, n0, v0, UPCAST, DOT_PRECISION, BLOCK_N,
+                            BLOCK_V, BLOCK_H)
     if NEED_DB:
         tl.store(DB_ptr + offs_v, db, mask=mask_v)
 

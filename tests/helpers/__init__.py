@@ -7,6 +7,7 @@
     store fixtures         profuser.engine.tools.synthetic (re-exported as `synthetic`)
     training_data(root)    a tiny student with the real SmolLM2 tokenizer and both-mode stores of two sources
                            (itself, GPT-2's vocabulary); overrides(data, out, **kv) the matching train overrides
+    fusion_vocab_maps, fusion_batch  loader-format batches of random tokens for FusionStep / run_window
 """
 
 from __future__ import annotations
@@ -92,3 +93,35 @@ def overrides(data: dict, out, **extra) -> list[str]:
           "eval.data": "null", "checkpoint.every": 2}
     kv.update(extra)
     return [f"{k}={v}" for k, v in kv.items()]
+
+
+def fusion_vocab_maps(V: int, V_T: int, seed: int = 1) -> list:
+    """[None, int32 [V_T]]: teacher 0 shares the student's vocabulary, teacher 1 maps with 20% unmapped."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    vm = torch.randint(0, V, (V_T,), generator=g, dtype=torch.int32)
+    vm[torch.rand(V_T, generator=g) < 0.2] = -1
+    return [None, vm]
+
+
+def fusion_batch(g, mode: int, B: int, L: int, *, V: int, V_T: int, K: int, tag: str) -> dict:
+    """A loader-format micro-batch (docs/contracts.md section 4) of random tokens, two teachers (the second
+    in a V_T vocabulary), right padding in row 0, empty teacher slots; mode: a MODE_ID value."""
+    import torch
+
+    T = 2
+    ids = torch.randint(1, V, (B, L), generator=g)
+    attn = torch.ones(B, L, dtype=torch.long)
+    attn[0, L - 2:] = 0  # right padding in one row
+    ids[0, L - 2:] = 0
+    labels = torch.full((B, L), -100)
+    labels[:, 3:L - 1] = ids[:, 4:]
+    labels[0, L - 3:] = -100
+    tid = torch.stack([torch.randint(0, V, (B, L, K), generator=g), torch.randint(0, V_T, (B, L, K), generator=g)])
+    tid[:, :, :, -1][torch.rand(T, B, L, generator=g) < 0.3] = -1
+    tlp = torch.log_softmax(torch.randn(T, B, L, K + 2, generator=g) * 2, -1)[..., :K].sort(-1, descending=True).values
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels, "teacher_ids": tid.to(torch.int32),
+            "teacher_logprobs": tlp.to(torch.float16), "teacher_weights": torch.rand(T, B, L, generator=g),
+            "mode": torch.full((B,), mode), "example_ids": [f"{tag}-{b}" for b in range(B)],
+            "n_tokens": int((labels != -100).sum())}

@@ -18,6 +18,8 @@ from profuser.engine.tools.syncs import count_syncs, paused_forward
 from profuser.engine.trainer.step import FusionStep, merge_modes, run_window
 from profuser.kernels import fusion_loss
 
+from helpers import fusion_batch, fusion_vocab_maps
+
 V, V_T, T, K = 61, 80, 2, 4
 
 
@@ -33,24 +35,11 @@ def make_lm():
 
 
 def vocab_maps():
-    g = torch.Generator().manual_seed(1)
-    vm = torch.randint(0, V, (V_T,), generator=g, dtype=torch.int32)
-    vm[torch.rand(V_T, generator=g) < 0.2] = -1
-    return [None, vm]
+    return fusion_vocab_maps(V, V_T)
 
 
 def make_batch(g, mode: str, B: int, L: int) -> dict:
-    ids = torch.randint(1, V, (B, L), generator=g)
-    labels = torch.full((B, L), -100)
-    labels[:, 2:L - 1] = ids[:, 3:]
-    labels[0, L - 3:] = -100
-    tid = torch.stack([torch.randint(0, V, (B, L, K), generator=g), torch.randint(0, V_T, (B, L, K), generator=g)])
-    tid[:, :, :, -1][torch.rand(T, B, L, generator=g) < 0.3] = -1
-    tlp = torch.log_softmax(torch.randn(T, B, L, K + 2, generator=g) * 2, -1)[..., :K].sort(-1, descending=True).values
-    return {"input_ids": ids, "attention_mask": torch.ones(B, L, dtype=torch.long), "labels": labels,
-            "teacher_ids": tid.to(torch.int32), "teacher_logprobs": tlp.to(torch.float16),
-            "teacher_weights": torch.rand(T, B, L, generator=g), "mode": torch.full((B,), MODE_ID[mode]),
-            "example_ids": [f"{mode}-{b}" for b in range(B)], "n_tokens": int((labels != -100).sum())}
+    return fusion_batch(g, MODE_ID[mode], B, L, V=V, V_T=V_T, K=K, tag=mode)
 
 
 @pytest.mark.parametrize("backend,missing_mass", [("chunked", "renormalize"), ("reference", "tail_bucket"),
@@ -109,6 +98,7 @@ def test_micro_step_has_no_host_sync(backend, missing_mass):
     g = torch.Generator().manual_seed(4)
     batch = merge_modes([make_batch(g, "infer", 2, 9), make_batch(g, "train", 3, 12)], pad_id=0)
     assert batch["right_padded"]  # so the backbone gets no mask (the module doc of trainer/step.py)
+    assert (batch["attention_mask"] == 0).any()  # ... though the batch has padding
     lm = make_lm()
     paused_forward(lm.model)
     step = FusionStep(lm, LossConfig(backend=backend, missing_mass=missing_mass), vocab_maps())

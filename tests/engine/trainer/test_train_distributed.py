@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import fusion_batch, fusion_vocab_maps
 
 WORLD, ACCUM, STEPS, T, K, V, V_T = 2, 2, 3, 2, 4, 384, 500
 WEIGHTS = [(1.0, 0.0), (1.0, 0.5), (0.1, 1.0)]  # (w_infer, w_train) per step; step 0 skips train mode
@@ -36,27 +37,11 @@ def make_lm(tied: bool):
 
 
 def vocab_maps():
-    g = torch.Generator().manual_seed(1)
-    vm = torch.randint(0, V, (V_T,), generator=g, dtype=torch.int32)
-    vm[torch.rand(V_T, generator=g) < 0.2] = -1
-    return [None, vm]
+    return fusion_vocab_maps(V, V_T)
 
 
 def make_batch(g, mode: int, B: int, L: int, tag: str) -> dict:
-    ids = torch.randint(1, V, (B, L), generator=g)
-    attn = torch.ones(B, L, dtype=torch.long)
-    attn[0, L - 2:] = 0  # right padding in one row
-    ids[0, L - 2:] = 0
-    labels = torch.full((B, L), -100)
-    labels[:, 3:L - 1] = ids[:, 4:]
-    labels[0, L - 3:] = -100
-    tid = torch.stack([torch.randint(0, V, (B, L, K), generator=g), torch.randint(0, V_T, (B, L, K), generator=g)])
-    tid[:, :, :, -1][torch.rand(T, B, L, generator=g) < 0.3] = -1
-    tlp = torch.log_softmax(torch.randn(T, B, L, K + 2, generator=g) * 2, -1)[..., :K].sort(-1, descending=True).values
-    return {"input_ids": ids, "attention_mask": attn, "labels": labels, "teacher_ids": tid.to(torch.int32),
-            "teacher_logprobs": tlp.to(torch.float16), "teacher_weights": torch.rand(T, B, L, generator=g),
-            "mode": torch.full((B,), mode), "example_ids": [f"{tag}-{b}" for b in range(B)],
-            "n_tokens": int((labels != -100).sum())}
+    return fusion_batch(g, mode, B, L, V=V, V_T=V_T, K=K, tag=tag)
 
 
 def make_problem():
@@ -150,7 +135,10 @@ def reference_run(tied: bool):
 @pytest.mark.distributed
 def test_zero3_two_ranks_matches_single_process(tmp_path):
     root = Path(__file__).resolve().parents[3]
+    # the worker imports the tests' helpers package as this process does
+    tests_dir = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]),
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
                                                    str(Path.home() / ".cache/profuser/torch_extensions")))
     out = tmp_path / "ds.pt"
