@@ -47,6 +47,7 @@ CE_METRICS = ("per_byte", "per_token")
 ALIGN_METHODS = ("offsets", "mined")
 # teacher-vocabulary -> student-vocabulary maps (text/vocab_map.py); "+stats" needs corpus counts: API only
 VOCAB_MAPS = ("projection", "exact", "exact+mined", "projection+mined")
+TEACHER_ENGINES = ("hf", "vllm")  # teach / generate: transformers (default) or vLLM (passes/vllm_engine.py)
 NAN_POLICIES = ("error", "drop")  # teach / generate: a NaN from the model (error, or store the row marked)
 BAD_ROW_POLICIES = ("error", "drop")  # readers: an invalid stored row (error naming it, or drop and count)
 SCHEDULES = ("two_stage", "linear", "simul", "reverse", "train_only", "infer_only")

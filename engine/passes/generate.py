@@ -32,6 +32,7 @@ import torch
 
 from ..store import TeacherShard, prompt_fingerprint
 from ..text.chat import encode_example, predicted_bytes
+from . import vllm_engine
 from .shards import PassConfig, Progress, add_common_arguments, check_nan, config_from_args, run_pass
 
 
@@ -129,11 +130,38 @@ def _gen_config(cfg: GenerateConfig, stop_ids: list[int], pad: int):
 
 
 @torch.no_grad()
+def _hf_rows(model, device, prefixes: list, gcfg, pad: int, k: int, batch_size: int, prog: Progress) -> list:
+    """The transformers engine: left-padded batches (longest first) through model.generate with TopKCapture.
+    Returns per row (generated ids [T] int64, topk ids [T, k], topk lp [T, k], chosen lp [T]); T is the
+    batch's length: a row that stopped earlier carries padding after its stop token."""
+    from transformers import LogitsProcessorList
+
+    n = len(prefixes)
+    rows: list = [None] * n
+    order = sorted(range(n), key=lambda i: -len(prefixes[i]))
+    for s in range(0, n, batch_size):
+        batch = order[s:s + batch_size]
+        P = max(len(prefixes[i]) for i in batch)
+        ids = np.full((len(batch), P), pad, np.int64)
+        mask = np.zeros((len(batch), P), np.int64)
+        for b, i in enumerate(batch):  # left padding: every prompt ends at column P - 1
+            ids[b, P - len(prefixes[i]):] = prefixes[i]
+            mask[b, P - len(prefixes[i]):] = 1
+        cap = TopKCapture(k)
+        out = model.generate(input_ids=torch.from_numpy(ids).to(device),
+                             attention_mask=torch.from_numpy(mask).to(device), generation_config=gcfg,
+                             logits_processor=LogitsProcessorList([cap]))
+        kid, klp, tlp = cap.collect(out.sequences)
+        gen_ids = out.sequences[:, P:].cpu().numpy()
+        for b, i in enumerate(batch):
+            rows[i] = (gen_ids[b], kid[b], klp[b], tlp[b])
+        prog.update(len(batch), 0)
+    return rows
+
+
 def generate_shard(model, tok, cfg: GenerateConfig, device, table: pa.Table, where: str, prog: Progress,
                    shard: int):
     """Generated records of one prepared shard (rows in shard order) and counters."""
-    from transformers import LogitsProcessorList
-
     eids, prompts = table["example_id"].to_pylist(), table["prompt"].to_pylist()
     systems = table["system"].to_pylist()
     prefixes, stop = [], None
@@ -147,42 +175,27 @@ def generate_shard(model, tok, cfg: GenerateConfig, device, table: pa.Table, whe
     eos = tok.eos_token_id
     stop_ids = [stop] + ([int(eos)] if eos is not None and eos != stop else [])  # either ends the turn
     pad = tok.pad_token_id if tok.pad_token_id is not None else stop
-    gcfg = _gen_config(cfg, stop_ids, pad)
     n = len(prefixes)
-    results: list = [None] * n
-    truncated = 0
-    order = sorted(range(n), key=lambda i: -len(prefixes[i]))
-    if cfg.do_sample:
-        torch.manual_seed(cfg.seed * 1_000_003 + shard)
-    for s in range(0, n, cfg.gen_batch_size):
-        batch = order[s:s + cfg.gen_batch_size]
-        P = max(len(prefixes[i]) for i in batch)
-        ids = np.full((len(batch), P), pad, np.int64)
-        mask = np.zeros((len(batch), P), np.int64)
-        for b, i in enumerate(batch):  # left padding: every prompt ends at column P - 1
-            ids[b, P - len(prefixes[i]):] = prefixes[i]
-            mask[b, P - len(prefixes[i]):] = 1
-        cap = TopKCapture(cfg.k)
-        out = model.generate(input_ids=torch.from_numpy(ids).to(device),
-                             attention_mask=torch.from_numpy(mask).to(device), generation_config=gcfg,
-                             logits_processor=LogitsProcessorList([cap]))
-        seqs = out.sequences
-        kid, klp, tlp = cap.collect(seqs)
-        gen_ids = seqs[:, P:].cpu().numpy()
-        n_tok = 0
-        for b, i in enumerate(batch):
-            row = gen_ids[b]
-            hits = np.nonzero(np.isin(row, stop_ids))[0]
-            ends = hits.size > 0
-            n_resp = int(hits[0]) if ends else row.shape[0]
-            truncated += int(not ends)
-            text, spans = decode_offsets(tok, row[:n_resp].tolist())
-            R = n_resp + int(ends)
-            if ends:
-                spans = np.concatenate([spans, [[len(text), len(text)]]]).astype(np.int32)
-            results[i] = (text, spans, row[:R].astype(np.int32), tlp[b, :R], kid[b, :R], klp[b, :R])
-            n_tok += R
-        prog.update(len(batch), n_tok)
+    if isinstance(model, vllm_engine.VLLMSource):
+        raw = vllm_engine.generate_rows(model, prefixes, stop_ids, cfg, shard) if n else []
+        prog.update(n, 0)
+    else:
+        if cfg.do_sample:
+            torch.manual_seed(cfg.seed * 1_000_003 + shard)
+        raw = _hf_rows(model, device, prefixes, _gen_config(cfg, stop_ids, pad), pad, cfg.k, cfg.gen_batch_size, prog)
+    results, truncated, n_tok = [], 0, 0
+    for row, kid, klp, tlp in raw:  # keep the tokens up to the first stop token, that one included
+        hits = np.nonzero(np.isin(row, stop_ids))[0]
+        ends = hits.size > 0
+        n_resp = int(hits[0]) if ends else row.shape[0]
+        truncated += int(not ends)
+        text, spans = decode_offsets(tok, row[:n_resp].tolist())
+        R = n_resp + int(ends)
+        if ends:
+            spans = np.concatenate([spans, [[len(text), len(text)]]]).astype(np.int32)
+        results.append((text, spans, row[:R].astype(np.int32), tlp[:R], kid[:R], klp[:R]))
+        n_tok += R
+    prog.update(0, n_tok)
     R = np.array([r[1].shape[0] for r in results], np.int64)
     records = TeacherShard(
         example_ids=eids, responses=[r[0] for r in results], tok_off=np.concatenate([[0], np.cumsum(R)]),

@@ -26,11 +26,13 @@ is written atomically and recorded in the manifest, so a killed run redoes at mo
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -39,10 +41,11 @@ import torch
 
 from .. import dist as _dist
 from .. import models
-from ..config import DTYPES, NAN_POLICIES
+from ..config import DTYPES, NAN_POLICIES, TEACHER_ENGINES
 from ..store import (PreparedManifest, StoreError, TeacherManifest, TeacherShard, WriteOptions, WriterLock,
                      file_sha256, owned_shards, read_prepared_shard, read_teacher_shard, remove_stale_tmp,
                      shard_name, teacher_dir, update_manifest, write_table_atomic)
+from . import vllm_engine
 
 log = logging.getLogger("profuser.passes")
 
@@ -55,6 +58,9 @@ class PassConfig:
     the folder name). batch_tokens: padded tokens per forward (B * L_max). logit_chunk_bytes: cap on one
     fp32 logits block. nan_policy: "error" raises naming the row; "drop" stores the row with nll_sum = NaN
     (every reader then skips it) and warns with a count, keeping shard j row-aligned with prepared shard j.
+    engine: "hf" (transformers forward / generate) or "vllm" (vllm_engine.py; options in `vllm`); both write
+    the same store. batch_tokens, max_batch_size and logit_chunk_bytes size the transformers engine only
+    (vLLM schedules its own batches).
     """
 
     data_dir: str
@@ -75,8 +81,18 @@ class PassConfig:
     threads: int | None = None
     wait: bool = False  # another writer holds a shard's lock: wait for it instead of failing
     write: WriteOptions = field(default_factory=WriteOptions)
+    engine: str = "hf"
+    vllm: vllm_engine.VLLMOptions = field(default_factory=vllm_engine.VLLMOptions)
 
     def __post_init__(self):
+        if self.engine not in TEACHER_ENGINES:
+            raise ValueError(f"engine must be one of {TEACHER_ENGINES}, got {self.engine!r}")
+        if self.engine != "vllm" and (self.vllm.tensor_parallel_size > 1 or self.vllm.extra):
+            raise ValueError("--tensor-parallel-size and --vllm-arg need --engine vllm")
+        if self.engine == "vllm" and self.threads:
+            raise vllm_engine.UnsupportedByVLLMError(
+                "--threads with --engine vllm: vLLM's CPU backend binds its own threads (set "
+                "VLLM_CPU_OMP_THREADS_BIND, e.g. 0-1)")
         if not self.sources:
             raise ValueError("no --source given")
         if self.names is not None and len(self.names) != len(self.sources):
@@ -322,7 +338,7 @@ def run_shards(cfg: PassConfig, name: str, spec: str, mode: str, tok_hash: str, 
 
 
 def run_pass(cfg: PassConfig, mode: str, shard_fn: Callable, *, generation: dict | None = None,
-             after_shard: Callable[[int], None] | None = None) -> dict:
+             after_shard: Callable[[int], None] | None = None, max_model_len: int | None = None) -> dict:
     """Every source of cfg through its (source, `mode`) store, one model at a time on this rank's device.
 
     shard_fn(model, tok, device, j, prepared_shard_j, where, progress) -> (TeacherShard, counters).
@@ -331,7 +347,7 @@ def run_pass(cfg: PassConfig, mode: str, shard_fn: Callable, *, generation: dict
     di = _dist.dist_info(cfg.rank, cfg.world_size)
     out = {}
     for spec, name in zip(cfg.sources, cfg.source_names):
-        model, tok, device, thash, vocab = load_source(spec, cfg, di.local_rank)
+        model, tok, device, thash, vocab = load_source(spec, cfg, di.local_rank, max_model_len)
         stats = run_shards(cfg, name, spec, mode, thash, vocab,
                            lambda j, t, w, p, model=model, tok=tok: shard_fn(model, tok, device, j, t, w, p),
                            generation=generation, after_shard=after_shard)
@@ -341,24 +357,42 @@ def run_pass(cfg: PassConfig, mode: str, shard_fn: Callable, *, generation: dict
         print(f"{mode} {name}: {stats['shards']} shards written, {stats['skipped']} already complete, "
               f"{stats['tokens']} predicted tokens at {stats['tok_s']:.1f} tok/s{inputs}, "
               f"{stats['bytes'] / max(stats['tokens'], 1):.1f} B/token on disk", file=sys.stderr)
+        if isinstance(model, vllm_engine.VLLMSource):
+            model.close()
         del model
     return out
 
 
-def load_source(spec: str, cfg: PassConfig, local_rank: int):
-    """(model, tokenizer, device, tokenizer hash, vocab size) of one source."""
+def load_source(spec: str, cfg: PassConfig, local_rank: int, max_model_len: int | None = None):
+    """(model, tokenizer, device, tokenizer hash, vocab size) of one source; with engine "vllm" the model is a
+    vllm_engine.VLLMSource (max_model_len: its context unless cfg.vllm sets one)."""
     from ..text.align import tokenizer_hash
 
-    device = _dist.device_for(local_rank, cfg.device)
     if cfg.threads:
         # on a CPU shared with other jobs, 2+ intra-op threads can be ~8x slower than 1 (measured: a
         # SmolLM2 forward took 13.9 s with 2 threads and 1.6 s with 1 at load average 7 on 2 cores)
         torch.set_num_threads(cfg.threads)
+    if cfg.engine == "vllm":
+        # no torch.cuda call before vLLM starts: its processes must inherit this rank's CUDA_VISIBLE_DEVICES
+        kind = "cpu" if cfg.device == "cpu" or (cfg.device == "auto" and not _cuda_visible()) else "cuda"
+        device = torch.device(kind)
+        model = vllm_engine.load(spec, models.resolve_dtype(cfg.dtype, device), kind, local_rank, cfg.k, cfg.vllm,
+                                 max_model_len)
+        tok = models.load_tokenizer(spec)
+        return model, tok, device, tokenizer_hash(tok), model.vocab_size
+    device = _dist.device_for(local_rank, cfg.device)
     # the model first: for an alias it converts the GGUF once, tokenizer included
     model = models.load_model(spec, dtype=models.resolve_dtype(cfg.dtype, device)).to(device)
     tok = models.load_tokenizer(spec)
     vocab = model.get_output_embeddings().weight.shape[0]
     return model, tok, device, tokenizer_hash(tok), vocab
+
+
+def _cuda_visible() -> bool:
+    """Whether this machine has a CUDA device, without initializing CUDA in this process."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return torch.version.cuda is not None and Path("/proc/driver/nvidia").exists()
 
 
 def add_common_arguments(p) -> None:
@@ -377,6 +411,12 @@ def add_common_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--compression-level", type=int, default=WriteOptions.compression_level)
     p.add_argument("--wait", action="store_true", help="wait for another writer of the same shards instead of failing")
+    p.add_argument("--engine", choices=TEACHER_ENGINES, default="hf",
+                   help="hf: transformers (default); vllm: vLLM (same store; needs vllm, see `make vllm-env`)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM: GPUs per engine")
+    p.add_argument("--max-model-len", type=int, default=None, help="vLLM: context length of the engine")
+    p.add_argument("--vllm-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="vLLM: any other vllm.LLM keyword, e.g. gpu_memory_utilization=0.85 (repeatable)")
     _dist.add_arguments(p)
 
 
@@ -385,4 +425,7 @@ def config_from_args(args) -> dict:
                 batch_tokens=args.batch_tokens, max_batch_size=args.max_batch_size, device=args.device,
                 dtype=args.dtype, nan_policy=args.nan_policy, overwrite=args.overwrite, rank=args.rank,
                 world_size=args.world_size, progress=not args.no_progress, threads=args.threads, wait=args.wait,
-                write=WriteOptions(compression_level=args.compression_level))
+                write=WriteOptions(compression_level=args.compression_level), engine=args.engine,
+                vllm=vllm_engine.VLLMOptions(tensor_parallel_size=args.tensor_parallel_size,
+                                             max_model_len=args.max_model_len,
+                                             extra=vllm_engine.parse_vllm_args(args.vllm_arg)))

@@ -23,8 +23,29 @@ import pyarrow as pa
 
 from ..store import TeacherShard, prompt_fingerprint
 from ..text.chat import encode_example, predicted_bytes
+from . import vllm_engine
 from .shards import (PassConfig, Progress, add_common_arguments, check_nan, config_from_args, forward_predicted,
                      length_batches, run_pass)
+
+
+def _forward_batched(model, tok, encs: list, cfg: PassConfig, device, off: np.ndarray, prog: Progress):
+    """The transformers engine: length-bucketed batches through shards.forward_predicted, rows put back in
+    example order. Returns topk_ids int32 [N, k], topk_lp float32 [N, k], token_lp float32 [N]."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    topk_ids = np.zeros((off[-1], cfg.k), np.int32)
+    topk_lp = np.zeros((off[-1], cfg.k), np.float32)
+    tok_lp = np.zeros(off[-1], np.float32)
+    R = np.diff(off)
+    for batch in length_batches([len(e.input_ids) for e in encs], cfg.batch_tokens, cfg.max_batch_size):
+        ti, tl, tk = forward_predicted(model, [encs[i] for i in batch], cfg.k, device, pad, cfg.logit_chunk_bytes)
+        s = 0
+        for i in batch:
+            topk_ids[off[i]:off[i + 1]] = ti[s:s + R[i]]
+            topk_lp[off[i]:off[i + 1]] = tl[s:s + R[i]]
+            tok_lp[off[i]:off[i + 1]] = tk[s:s + R[i]]
+            s += R[i]
+        prog.update(len(batch), int(R[batch].sum()))
+    return topk_ids, topk_lp, tok_lp
 
 
 def teach_shard(model, tok, cfg: PassConfig, device, table: pa.Table, where: str, prog: Progress):
@@ -37,22 +58,14 @@ def teach_shard(model, tok, cfg: PassConfig, device, table: pa.Table, where: str
             encs.append(encode_example(tok, p, r, system=s, max_length=cfg.max_length))
         except ValueError as exc:
             raise ValueError(f"{where}: row {i} (example_id {eids[i]!r}): {exc}") from exc
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     n = len(encs)
     R = np.array([e.n_predicted for e in encs], dtype=np.int64)
     off = np.concatenate([[0], np.cumsum(R)])
-    topk_ids = np.zeros((off[-1], cfg.k), np.int32)
-    topk_lp = np.zeros((off[-1], cfg.k), np.float32)
-    tok_lp = np.zeros(off[-1], np.float32)
-    for batch in length_batches([len(e.input_ids) for e in encs], cfg.batch_tokens, cfg.max_batch_size):
-        ti, tl, tk = forward_predicted(model, [encs[i] for i in batch], cfg.k, device, pad, cfg.logit_chunk_bytes)
-        s = 0
-        for i in batch:
-            topk_ids[off[i]:off[i + 1]] = ti[s:s + R[i]]
-            topk_lp[off[i]:off[i + 1]] = tl[s:s + R[i]]
-            tok_lp[off[i]:off[i + 1]] = tk[s:s + R[i]]
-            s += R[i]
-        prog.update(len(batch), int(R[batch].sum()))
+    if isinstance(model, vllm_engine.VLLMSource):  # vLLM schedules the whole shard itself
+        topk_ids, topk_lp, tok_lp = vllm_engine.teach_predicted(model, encs)
+        prog.update(n, int(off[-1]))
+    else:
+        topk_ids, topk_lp, tok_lp = _forward_batched(model, tok, encs, cfg, device, off, prog)
     pred_offsets = np.concatenate([e.pred_offsets for e in encs]) if n else np.zeros((0, 2), np.int32)
     records = TeacherShard(
         example_ids=eids, responses=responses, tok_off=off, offsets=pred_offsets,
@@ -67,7 +80,7 @@ def teach_shard(model, tok, cfg: PassConfig, device, table: pa.Table, where: str
 def teach(cfg: PassConfig, *, after_shard=None) -> dict:
     """Training-mode pass of every source; returns {source name: stats}."""
     return run_pass(cfg, "train", lambda model, tok, device, j, t, w, p: teach_shard(model, tok, cfg, device, t, w, p),
-                    after_shard=after_shard)
+                    after_shard=after_shard, max_model_len=cfg.max_length + 1 if cfg.max_length else None)
 
 
 def add_arguments(p) -> None:
