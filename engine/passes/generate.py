@@ -20,6 +20,9 @@ other ids).
 
 Sampling is reproducible per shard: the generator is seeded with (seed, shard), so a resumed or
 re-sharded run samples the same responses.
+
+Engines: the transformers loop above (`_hf_rows`), or vLLM (`--engine vllm`, vllm_engine.generate_rows),
+which returns the same per-row arrays; everything after them (stop handling, offsets, records) is shared.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ top-k of the model's own log-softmax at every predicted position). Per row it st
 
 MinCE compares nll_sum / n_bytes across sources (tokenizers of different granularity: per token is not
 comparable); nll_sum / n_tokens is kept for the per-token variant. The shard driver, the forward and the
-memory / batching / resumption rules are in passes/shards.py.
+memory / batching / resumption rules are in passes/shards.py. With `--engine vllm` the top-k come from
+vLLM's prompt_logprobs (vllm_engine.teach_predicted) and everything else is this module's.
 """
 
 from __future__ import annotations

@@ -95,13 +95,41 @@ def parse_vllm_args(items: list[str] | None) -> dict:
 
 
 def import_vllm():
+    """vllm, after checking that the installed transformers and torch are ones vLLM declares it works with
+    (pip warns once at install time and then lets a later upgrade break the engine silently)."""
     try:
         import vllm
     except ImportError as exc:
         raise EngineUnavailableError(
             f"--engine vllm: vLLM is not importable in this environment ({exc}); on this CPU `make vllm-env` "
             "builds .venv-vllm (then run .venv-vllm/bin/profuser), on GPUs `pip install profuser[vllm]`") from exc
+    conflicts = pin_conflicts()
+    if conflicts:
+        raise EngineUnavailableError(f"--engine vllm: {'; '.join(conflicts)} (reinstall vLLM's pins, or use a "
+                                     "separate environment: make vllm-env)")
     return vllm
+
+
+def pin_conflicts(packages=("transformers", "torch", "tokenizers")) -> list[str]:
+    """Installed versions of `packages` outside what the installed vLLM distribution requires."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    dists = metadata.packages_distributions().get("vllm") or []
+    out = []
+    for dist in dists:
+        for line in metadata.requires(dist) or []:
+            req = Requirement(line)
+            if req.name not in packages or (req.marker is not None and not req.marker.evaluate()):
+                continue
+            try:
+                have = metadata.version(req.name)
+            except metadata.PackageNotFoundError:
+                continue
+            if not req.specifier.contains(have, prereleases=True):
+                out.append(f"{dist} {metadata.version(dist)} requires {req.name}{req.specifier}, found {have}")
+    return out
 
 
 def check_source(spec: str) -> None:

@@ -74,6 +74,8 @@ def stages(cfg: TrainConfig, config_path: str | None, overrides: list[str]) -> l
     run = _run_dir(cfg)
     data, data_inf = cfg.data.data_dir, cfg.data.infer_data_dir or cfg.data.data_dir
     sources = list(cfg.data.sources)
+    # the default engine adds nothing to the commands: stage keys (and so finished stages) stay valid
+    engine = ["--engine", cfg.data.teacher_engine] if cfg.data.teacher_engine != "hf" else []
     train_cmd = [sys.executable, "-m", "profuser.engine.train"]
     if config_path:
         train_cmd += ["--config", config_path]
@@ -82,9 +84,9 @@ def stages(cfg: TrainConfig, config_path: str | None, overrides: list[str]) -> l
                      _profuser("prepare", "--input", str(run / "infer.jsonl"), "--data-dir", data_inf,
                                "--id-field", "id")]),
         ("teach", [_profuser("teach", "--data-dir", data, "--source", *sources, "--k", str(cfg.data.k),
-                             "--max-length", str(cfg.data.max_length), "--no-progress")]),
+                             "--max-length", str(cfg.data.max_length), "--no-progress", *engine)]),
         ("generate", [_profuser("generate", "--data-dir", data_inf, "--source", *sources, "--k", str(cfg.data.k),
-                                "--max-new-tokens", str(cfg.demo.max_new_tokens), "--no-progress")]),
+                                "--max-new-tokens", str(cfg.demo.max_new_tokens), "--no-progress", *engine)]),
         ("score", [_profuser("score", "--data-dir", data_inf, "--sources", *sources, "--scorer", *cfg.demo.scorers,
                              "--student", cfg.model.student)]),
         ("train", [train_cmd + overrides]),

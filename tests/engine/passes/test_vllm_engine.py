@@ -250,3 +250,16 @@ def test_launcher_environment_hidden_and_restored(monkeypatch):
     with pytest.raises(ValueError, match="needs GPUs 6..7"):
         with vllm_engine._engine_environment("cuda", 3, 2):
             pass
+
+
+def test_pin_conflicts_named(monkeypatch):
+    from importlib import metadata
+
+    reqs = {"vllm-fake": ["transformers<5.20.0,>=5.16.1", "torch==9.9.9; platform_system == 'NoSuchOS'",
+                          "tokenizers>=0.1"]}
+    versions = {"vllm-fake": "0.99", "transformers": "5.24.0", "tokenizers": "0.23.3"}
+    monkeypatch.setattr(metadata, "packages_distributions", lambda: {"vllm": ["vllm-fake"]})
+    monkeypatch.setattr(metadata, "requires", lambda d: reqs[d])
+    monkeypatch.setattr(metadata, "version", lambda d: versions[d])
+    # the torch line's marker does not apply here; tokenizers satisfies its range
+    assert vllm_engine.pin_conflicts() == ["vllm-fake 0.99 requires transformers<5.20.0,>=5.16.1, found 5.24.0"]
