@@ -50,7 +50,7 @@ VOCAB_MAPS = ("projection", "exact", "exact+mined", "projection+mined")
 TEACHER_ENGINES = ("hf", "vllm")  # teach / generate: transformers (default) or vLLM (passes/vllm_engine.py)
 NAN_POLICIES = ("error", "drop")  # teach / generate: a NaN from the model (error, or store the row marked)
 BAD_ROW_POLICIES = ("error", "drop")  # readers: an invalid stored row (error naming it, or drop and count)
-SCHEDULES = ("two_stage", "linear", "simul", "reverse", "train_only", "infer_only")
+SCHEDULES = ("two_stage", "linear", "simul", "reverse", "train_only", "infer_only", "sft")
 DECAYS = ("cosine", "linear", "constant")
 
 
@@ -106,7 +106,7 @@ class LossConfig:
 
 @dataclass
 class ScheduleConfig:
-    kind: str = "two_stage"  # two_stage | linear | simul | reverse | train_only | infer_only
+    kind: str = "two_stage"  # two_stage | linear | simul | reverse | train_only | infer_only | sft
     switch_fraction: float = 0.5  # two_stage / reverse: fraction of steps spent in stage 1
     ramp_fraction: float = 1.0  # linear: width of the ramp (fraction of steps), centred on switch_fraction
     stage1: list[float] = field(default_factory=lambda: [1.0, 0.0])  # (w_infer, w_train)

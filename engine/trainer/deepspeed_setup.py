@@ -11,6 +11,7 @@ embedding is the same tensor: it is registered once and DeepSpeed never gathers 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 
 from ..config import ConfigError, TrainConfig
 from ..models import load_model
-from .schedule import lr_factor
+from .schedule import effective_lam, lr_factor
 from .step import FusionStep
 
 
@@ -87,7 +88,7 @@ def build_engine(cfg: TrainConfig, lm: nn.Module, vocab_maps: list, dtype: torch
 
     ds_config = deepspeed_config(cfg, dtype)
     stage = ds_config["zero_optimization"]["stage"]
-    wrapper = FusionStep(lm, cfg.loss, vocab_maps)
+    wrapper = FusionStep(lm, dataclasses.replace(cfg.loss, lam=effective_lam(cfg)), vocab_maps)
     if optimizer is None:
         decay = [p for p in wrapper.parameters() if len(full_shape(p)) >= 2]
         no_decay = [p for p in wrapper.parameters() if len(full_shape(p)) < 2]

@@ -14,6 +14,12 @@ weights s1 = (1, 0), s2 = (0.1, 1) (configurable):
     reverse     mirrored modes: (0, 1) while p < f, then (1, 0.1)  (ReverseFuse ablation)
     train_only  (0, 1)                                        (FuseLLM / FuseChat: training mode only)
     infer_only  (1, 0)
+    sft         (0, 1) with lam = 1                           (plain fine-tuning on the gold answers: the
+                                                               baseline every fusion schedule must beat)
+
+Every kind reads the same streams in the same order (a mode's stream advances only on the steps that use
+it), so runs of different kinds with one seed see the same training-mode batches; `sft` differs from
+`train_only` by the loss alone (effective_lam).
 
 A mode whose weight is 0 is not even loaded that step (the engine skips its loader).
 
@@ -56,11 +62,16 @@ def fusion_weights(cfg: ScheduleConfig, step: int, max_steps: int) -> tuple[floa
         return (s1[0] + t * (s2[0] - s1[0]), s1[1] + t * (s2[1] - s1[1]))
     if kind == "simul":
         return (1.0, 1.0)
-    if kind == "train_only":
+    if kind in ("train_only", "sft"):
         return (0.0, 1.0)
     if kind == "infer_only":
         return (1.0, 0.0)
     raise ValueError(f"schedule.kind: unknown schedule {kind!r}")
+
+
+def effective_lam(cfg: TrainConfig) -> float:
+    """The CE weight of the loss: 1 for `sft` (no teacher term), loss.lam for every fusion schedule."""
+    return 1.0 if cfg.schedule.kind == "sft" else float(cfg.loss.lam)
 
 
 def lr_factor(cfg: OptimConfig, step: int) -> float:

@@ -5,7 +5,8 @@ import math
 import pytest
 
 from profuser.engine.config import OptimConfig, ScheduleConfig
-from profuser.engine.trainer.schedule import fusion_weights, lr_factor, stage_of
+from profuser.engine.config import TrainConfig
+from profuser.engine.trainer.schedule import effective_lam, fusion_weights, lr_factor, stage_of
 
 
 def weights(kind, n=10, **kw):
@@ -28,7 +29,8 @@ def test_reverse_mirrors_modes():
     assert w[:5] == [(0.0, 1.0)] * 5 and w[5:] == [(1.0, 0.1)] * 5
 
 
-@pytest.mark.parametrize("kind, pair", [("simul", (1.0, 1.0)), ("train_only", (0.0, 1.0)), ("infer_only", (1.0, 0.0))])
+@pytest.mark.parametrize("kind, pair", [("simul", (1.0, 1.0)), ("train_only", (0.0, 1.0)), ("infer_only", (1.0, 0.0)),
+                                        ("sft", (0.0, 1.0))])
 def test_constant_schedules(kind, pair):
     assert weights(kind) == [pair] * 10
 
@@ -73,3 +75,10 @@ def test_lr_linear_and_constant():
     cfg = OptimConfig(max_steps=10, warmup_steps=0, decay="linear", min_lr_ratio=0.0)
     assert [lr_factor(cfg, s) for s in (0, 5)] == [pytest.approx(1.0), pytest.approx(0.5)]
     assert lr_factor(OptimConfig(decay="constant"), 30) == 1.0
+
+
+@pytest.mark.parametrize("kind, lam", [("sft", 1.0), ("train_only", 0.7), ("two_stage", 0.7), ("reverse", 0.7)])
+def test_sft_is_the_only_kind_without_the_teacher_term(kind, lam):
+    cfg = TrainConfig()
+    cfg.schedule.kind, cfg.loss.lam = kind, 0.7
+    assert effective_lam(cfg) == lam

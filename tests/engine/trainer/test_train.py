@@ -310,3 +310,16 @@ def test_zero3_loads_the_student_partitioned(setup, tmp_path):
     assert tuple(full_shape(head)) == (lm.config.vocab_size, lm.config.hidden_size)
     plain = load_student(cfg, torch.float32, {})             # no DeepSpeed config: a plain model
     assert not hasattr(plain.get_output_embeddings().weight, "ds_id")
+
+
+def test_sft_trains_on_gold_only_with_train_only_batches(setup, tmp_path):
+    """`sft` = plain fine-tuning: its loss is the CE alone (no teacher term), on the very batches `train_only`
+    reads (same first-step CE from the same initial weights)."""
+    common = {"optim.max_steps": 2, "checkpoint.every": 0}
+    run_inproc(setup, tmp_path / "sft", **common, **{"schedule.kind": "sft"})
+    run_inproc(setup, tmp_path / "fuse", **common, **{"schedule.kind": "train_only"})
+    sft, fuse = losses(tmp_path / "sft"), losses(tmp_path / "fuse")
+    for step, row in sft.items():
+        assert row["loss"] == pytest.approx(row["ce_train"], rel=1e-6) and "ce_infer" not in row
+    assert sft[1]["ce_train"] == pytest.approx(fuse[1]["ce_train"], rel=1e-6)
+    assert fuse[1]["loss"] != pytest.approx(fuse[1]["ce_train"], rel=1e-3)  # the fusion run has its KD term
