@@ -246,6 +246,10 @@ def test_launcher_environment_hidden_and_restored(monkeypatch):
         assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
         assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"
     assert os.environ["RANK"] == "3" and os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7"
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    with vllm_engine._engine_environment("cpu", 0, 1):  # every core this process may use, unless set
+        assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, sorted(os.sched_getaffinity(0))))
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5")
     with pytest.raises(ValueError, match="needs GPUs 6..7"):
         with vllm_engine._engine_environment("cuda", 3, 2):

@@ -1,0 +1,100 @@
+"""A knowledge task for lm-evaluation-harness built from held-out (prompt, response) pairs, and its runner.
+
+    profuser eval --lm-eval-task runs/demo/heldout.jsonl --model runs/demo/train/export     # build + run
+    lm_eval --model hf --model_args pretrained=runs/demo/train/export,dtype=float32 \\
+        --include_path runs/demo/lm_eval_task --tasks profuser_heldout_mc --apply_chat_template  # the same, by hand
+
+The task: each held-out prompt with four candidate answers, its own gold response and the gold responses of
+three other held-out prompts (distractors drawn with a fixed seed, never the gold itself, never a duplicate
+text). The model picks the candidate with the highest log-likelihood as the assistant's answer
+(`output_type: multiple_choice`; lm-eval reports `acc` and the length-normalised `acc_norm`). On the shipped
+WordNet corpus this is "pick the right definition of a word among four": knowledge a model has or lacks,
+which held-out NLL on the gold answers alone does not separate from fitting the answers' style.
+
+Files written to the task folder: `<task>.yaml` (the lm-eval task config, loading `items.jsonl` with the
+`json` builder: no hub access) and `items.jsonl` ({id, question, choices, label}). Building is deterministic:
+the same pairs and seed give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+TASK = "profuser_heldout_mc"
+N_CHOICES = 4
+
+_YAML = """\
+# lm-evaluation-harness task written by profuser (engine/trainer/lm_eval_task.py); items.jsonl beside it
+task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {items}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+target_delimiter: " "
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def build_items(pairs: list[dict], seed: int = 0) -> list[dict]:
+    """[{example_id?, prompt, response}] -> [{id, question, choices [4], label}] (label: the gold's index).
+
+    ValueError when fewer than N_CHOICES distinct responses exist (no three distractors to draw)."""
+    texts = sorted({p["response"].strip() for p in pairs})
+    if len(texts) < N_CHOICES:
+        raise ValueError(f"lm-eval task: {len(texts)} distinct responses, need at least {N_CHOICES}")
+    rng = random.Random(seed)
+    items = []
+    for i, p in enumerate(pairs):
+        gold = p["response"].strip()
+        others = [t for t in texts if t != gold]
+        choices = rng.sample(others, N_CHOICES - 1) + [gold]
+        rng.shuffle(choices)
+        items.append({"id": str(p.get("example_id") or p.get("id") or i), "question": p["prompt"].strip(),
+                      "choices": choices, "label": choices.index(gold)})
+    return items
+
+
+def write_task(pairs: list[dict], out_dir: str | Path, *, seed: int = 0, task: str = TASK) -> Path:
+    """Write the task folder (module docstring); returns it."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    items = build_items(pairs, seed)
+    (out / "items.jsonl").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items))
+    (out / f"{task}.yaml").write_text(_YAML.format(task=task, items=str((out / "items.jsonl").resolve())))
+    return out
+
+
+def run_task(model_dir: str | Path, task_dir: str | Path, *, task: str = TASK, batch_size: int = 8,
+             device: str = "cpu", dtype: str = "float32", limit: int | None = None) -> dict:
+    """Run the task with lm-eval's `hf` model on an exported model folder (chat template applied, as the
+    model was trained). Returns {"acc", "acc_norm", "n", "per_example": {id: {"acc", "acc_norm"}}}."""
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError as exc:
+        raise ImportError("the lm-eval task needs the lm-eval package: pip install lm-eval") from exc
+    items = [json.loads(x) for x in (Path(task_dir) / "items.jsonl").read_text().splitlines()]
+    res = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={model_dir},dtype={dtype}", tasks=[task], device=device,
+        batch_size=batch_size, task_manager=TaskManager(include_path=str(task_dir)), log_samples=True,
+        apply_chat_template=True, limit=limit)
+    per = {}
+    for s in res["samples"][task]:
+        per[items[int(s["doc_id"])]["id"]] = {"acc": float(s["acc"]), "acc_norm": float(s["acc_norm"])}
+    out = {k: float(res["results"][task][f"{k},none"]) for k in ("acc", "acc_norm")}
+    return {**out, "n": len(per), "per_example": per}
