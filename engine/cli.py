@@ -5,7 +5,8 @@
     profuser generate  inference mode: each source generates a response, with top-k log-probabilities
     profuser score     reward scorers vote for the best generated response per prompt
     profuser train     progressive fusion training (also: deepspeed engine/train.py --config ...)
-    profuser eval      held-out NLL / perplexity of a model, the target and every source
+    profuser eval      held-out NLL / perplexity of a model, the target and every source (and the lm-eval task)
+    profuser study     variants x seeds of one config (sft, FuseLLM, ProFuser, ...), evaluated, one table
     profuser plot      loss and eval curves to PNG
     profuser check     a config and its stores checked, without loading a model
     profuser repoint   a store's source model moved: record where it is now
@@ -31,6 +32,7 @@ COMMANDS = {
     "score": ("passes.score", "score generated responses with reward scorers and store the votes"),
     "train": ("train", "progressive fusion training of the target model"),
     "eval": ("trainer.evaluate", "held-out NLL / perplexity (per token and per byte)"),
+    "study": ("tools.study", "schedules x seeds from one config, every model evaluated the same way, one table"),
     "plot": ("tools.plot", "render loss and eval curves to PNG"),
     "check": ("tools.check", "check a config and its stores (checksums, every row's values) without training"),
     "repoint": ("tools.repoint", "tell a store where its source model folder lives now"),

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..config import MODES
-from ..models import load_model, load_tokenizer, output_logits, resolve_dtype
+from ..models import load_model, load_tokenizer, output_logits, resolve_dtype, resolve_model
 from ..store import TeacherManifest, read_json
 from ..text.chat import encode_example, predicted_bytes
 
@@ -165,11 +165,13 @@ def evaluate_specs(named: dict[str, str], examples: list[dict], *, max_length: i
 
 
 def markdown_table(results: dict) -> str:
-    lines = ["| model | NLL / token | perplexity | bits / byte | tokens | bytes |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lm = any("lm_eval_acc" in r for r in results.values())
+    lines = ["| model | NLL / token | perplexity | bits / byte | tokens | bytes |" + (" lm-eval acc |" if lm else ""),
+             "|---|---:|---:|---:|---:|---:|" + ("---:|" if lm else "")]
     for name, r in results.items():
+        acc = f" {r['lm_eval_acc']:.3f} |" if "lm_eval_acc" in r else (" – |" if lm else "")
         lines.append(f"| {name} | {r['nll_per_token']:.4f} | {r['ppl']:.2f} | {r['bits_per_byte']:.4f} | "
-                     f"{r['n_tokens']} | {r['n_bytes']} |")
+                     f"{r['n_tokens']} | {r['n_bytes']} |" + acc)
     return "\n".join(lines)
 
 
@@ -251,6 +253,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=0, help="greedy samples of the first model")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--out", help="folder for report.md / report.json")
+    p.add_argument("--lm-eval", action="store_true",
+                   help="also run the lm-eval multiple-choice task built from --data (trainer/lm_eval_task.py) "
+                        "on every model; the task folder goes to <--out or .>/lm_eval_task")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -262,6 +267,15 @@ def run(args: argparse.Namespace) -> int:
     results, samples = evaluate_specs(named, examples, max_length=args.max_length, batch_size=args.batch_size,
                                       samples_of=next(iter(named)), n_samples=args.samples,
                                       max_new_tokens=args.max_new_tokens)
+    if args.lm_eval:
+        from .lm_eval_task import TASK, run_task, write_task
+
+        task = write_task(examples, Path(args.out or ".") / "lm_eval_task")
+        for name, spec in named.items():
+            got = run_task(str(resolve_model(spec)), task, batch_size=args.batch_size)
+            results[name].update(lm_eval_acc=got["acc"], lm_eval_acc_norm=got["acc_norm"])
+        print(f"lm-eval task: {task} (lm_eval --model hf --include_path {task} --tasks {TASK} "
+              "--apply_chat_template)")
     print(markdown_table(results))
     if args.out:
         print(f"report: {write_report(args.out, results, samples, {'data': args.data, 'n_examples': len(examples)})}")

@@ -1,0 +1,369 @@
+"""`profuser study`: schedules x seeds from one training config, every model evaluated the same way.
+
+    profuser study --config configs/study.yaml                   # train what is missing, evaluate, tabulate
+    profuser study --config configs/study.yaml --variants sft two_stage --seeds 0
+
+The study config (configs/study.yaml):
+
+    base: demo.yaml                 a training config (relative to the study file); its stores must exist
+    overrides: {optim.max_steps: 40}  applied to every run (a mapping, or a list of "key=value")
+    variants: {sft: {schedule.kind: sft}, two_stage: {schedule.kind: two_stage}, ...}
+    seeds: [0, 1, 2]
+    baseline: sft                   the variant every other one is compared with, example by example
+    eval: {data: ..., lm_eval: true, win_rate: false, ...}   StudyEval
+
+Runs. Variant v with seed s is a normal `profuser train` run in <output_dir>/runs/<v>/seed<s> (its own process,
+resumable: a killed study re-run resumes the run from its checkpoint, and a run whose export
+<run>/final exists is not redone). Same steps, same tokens per step and, for one seed, the same data order in
+every variant (a mode's stream advances only on the steps that use it).
+
+Evaluation, the same for every exported model and for the untouched target (`model.student` of the base):
+    bits/byte   held-out NLL per byte of the gold answers (trainer/evaluate.py)
+    acc         the lm-eval multiple-choice task built from the same held-out pairs (trainer/lm_eval_task.py)
+    win         greedy answers to the held-out prompts judged against the target's greedy answers by the
+                scorers of `profuser score` (a plurality vote of the two; a tie counts half)
+Each model's results are cached beside it (study_eval.json, keyed by the evaluation settings).
+
+Table: per variant the mean and the spread (sample standard deviation over seeds) of each metric, and the
+paired difference to the baseline: per example, the variant's value minus the baseline's with the same seed,
+averaged over seeds, with a 95% bootstrap interval over examples. Written as <output_dir>/study.md,
+study.json and study.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from ..config import ConfigError, load_config
+
+METRICS = {"bits_per_byte": "bits/byte (lower is better)", "acc": "lm-eval acc", "win": "win rate vs target"}
+
+
+@dataclass
+class StudyEval:
+    data: str | None = None  # held-out JSONL; None: heldout.jsonl beside the base's data_dir (as the demo writes)
+    max_examples: int | None = None
+    max_length: int | None = 512
+    batch_size: int = 8
+    lm_eval: bool = True
+    win_rate: bool = False
+    scorers: list = field(default_factory=lambda: ["similarity"])
+    max_new_tokens: int = 48
+    seed: int = 0  # distractor draw of the lm-eval task
+
+
+@dataclass
+class StudyConfig:
+    base: str | None = None
+    output_dir: str = "runs/study"
+    overrides: dict = field(default_factory=dict)
+    variants: dict = field(default_factory=dict)
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    baseline: str = "sft"
+    bootstrap: int = 2000
+    eval: StudyEval = field(default_factory=StudyEval)
+
+    def __post_init__(self):
+        if not self.variants:
+            raise ConfigError("study: `variants` is empty")
+        if self.baseline not in self.variants:
+            raise ConfigError(f"study: baseline {self.baseline!r} is not one of the variants {list(self.variants)}")
+        if not self.seeds:
+            raise ConfigError("study: `seeds` is empty")
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    """The study file; ConfigError naming the file and key for an unknown key or a bad value."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study config {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    known = {f.name for f in fields(StudyConfig)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{path}: unknown key {key!r} (expected one of {sorted(known)})")
+    ev = raw.pop("eval", None) or {}
+    known_ev = {f.name for f in fields(StudyEval)}
+    for key in ev:
+        if key not in known_ev:
+            raise ConfigError(f"{path}: unknown key 'eval.{key}' (expected one of {sorted(known_ev)})")
+    if raw.get("base"):
+        raw["base"] = str((path.parent / raw["base"]).resolve()) if not Path(raw["base"]).is_absolute() else raw["base"]
+    for name, ov in (raw.get("variants") or {}).items():
+        if not isinstance(ov, dict):
+            raise ConfigError(f"{path}: variants.{name} must be a mapping of key: value overrides")
+    return StudyConfig(**raw, eval=StudyEval(**ev))
+
+
+def as_overrides(ov) -> list[str]:
+    if isinstance(ov, dict):
+        return [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in ov.items()]
+    return [str(x) for x in ov or []]
+
+
+def run_dir(cfg: StudyConfig, variant: str, seed: int) -> Path:
+    return Path(cfg.output_dir) / "runs" / variant / f"seed{seed}"
+
+
+def train_command(cfg: StudyConfig, variant: str, seed: int) -> list[str]:
+    cmd = [sys.executable, "-m", "profuser.engine.train"]
+    if cfg.base:
+        cmd += ["--config", cfg.base]
+    return cmd + as_overrides(cfg.overrides) + as_overrides(cfg.variants[variant]) + [
+        f"output_dir={run_dir(cfg, variant, seed)}", f"seed={seed}", "eval.data=null", "checkpoint.export=true"]
+
+
+def train_missing(cfg: StudyConfig, log=print) -> dict:
+    """Every (variant, seed) run whose export is missing, one process each. Returns {run: wall seconds}."""
+    walls = {}
+    for variant in cfg.variants:
+        for seed in cfg.seeds:
+            out = run_dir(cfg, variant, seed)
+            if (out / "final" / "config.json").is_file():
+                log(f"[study] {variant} seed {seed}: done ({out}/final)")
+                continue
+            cmd = train_command(cfg, variant, seed)
+            log(f"[study] {variant} seed {seed}: training -> {out}")
+            t0 = time.perf_counter()
+            r = subprocess.run(cmd)
+            if r.returncode != 0:
+                raise RuntimeError(f"study: run {variant} seed {seed} failed (exit {r.returncode}): {' '.join(cmd)}")
+            walls[f"{variant}/seed{seed}"] = time.perf_counter() - t0
+            wall_file = out / "study_wall.json"
+            prev = json.loads(wall_file.read_text())["seconds"] if wall_file.exists() else 0.0
+            wall_file.write_text(json.dumps({"seconds": prev + walls[f"{variant}/seed{seed}"]}))
+    return walls
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluation of one model
+# ---------------------------------------------------------------------------------------------------------
+
+
+def heldout_path(cfg: StudyConfig, base) -> Path:
+    if cfg.eval.data:
+        return Path(cfg.eval.data)
+    return Path(base.data.data_dir).parent / "heldout.jsonl"
+
+
+def eval_key(cfg: StudyConfig, heldout: Path) -> str:
+    doc = {"eval": asdict(cfg.eval), "heldout_sha256": hashlib.sha256(heldout.read_bytes()).hexdigest()}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def greedy_answers(spec: str, examples: list[dict], max_new_tokens: int) -> list[str]:
+    import torch
+
+    from ..models import load_model, load_tokenizer
+    from ..trainer.evaluate import generate_samples
+
+    lm, tok = load_model(spec).eval(), load_tokenizer(spec)
+    out = [s["generated"] for s in generate_samples(lm, tok, examples, max_new_tokens=max_new_tokens,
+                                                    device=torch.device("cpu"))]
+    del lm
+    return out
+
+
+def win_vs(cfg: StudyConfig, examples: list[dict], answers: list[str], reference: list[str]) -> list[float]:
+    """Per example 1 / 0.5 / 0: `answers` beat / tie / lose to `reference` under the scorers' plurality vote."""
+    from ..passes.score import make_scorer, vote
+
+    prompts = [e["prompt"] for e in examples]
+    gold = [e["response"] for e in examples]
+    scores = {}
+    for spec in cfg.eval.scorers:
+        sc = make_scorer(spec)
+        scores[spec] = np.stack([sc.score(prompts, reference, gold), sc.score(prompts, answers, gold)], 1)
+    _, votes, zsum = vote(scores)
+    out = np.where(votes[:, 1] > votes[:, 0], 1.0, np.where(votes[:, 1] < votes[:, 0], 0.0, 0.5))
+    tie = votes[:, 1] == votes[:, 0]
+    out[tie] = np.where(zsum[tie, 1] > zsum[tie, 0], 1.0, np.where(zsum[tie, 1] < zsum[tie, 0], 0.0, 0.5))
+    return out.tolist()
+
+
+def evaluate_model(cfg: StudyConfig, spec: str, cache: Path, examples: list[dict], key: str, task_dir: Path | None,
+                   target_answers: list[str] | None, log=print) -> dict:
+    """Per-example metrics of one model, cached in `cache` under `key`."""
+    if cache.is_file():
+        got = json.loads(cache.read_text())
+        if got.get("key") == key:
+            return got
+    import torch
+
+    from ..models import load_model, load_tokenizer
+    from ..trainer.evaluate import nll_rows
+
+    log(f"[study] evaluating {spec}")
+    lm, tok = load_model(spec).eval(), load_tokenizer(spec)
+    with torch.no_grad():
+        rows = nll_rows(lm, tok, examples, max_length=cfg.eval.max_length, batch_size=cfg.eval.batch_size,
+                        device=torch.device("cpu"))
+    del lm
+    res = {"key": key, "model": str(spec), "ids": [e["example_id"] for e in examples],
+           "nll": [r[0] for r in rows], "bytes": [r[2] for r in rows]}
+    if task_dir is not None:
+        from ..trainer.lm_eval_task import run_task
+
+        got = run_task(spec, task_dir, batch_size=cfg.eval.batch_size)
+        res["acc"] = [got["per_example"][i]["acc"] for i in res["ids"]]
+    if target_answers is not None:
+        answers = greedy_answers(spec, examples, cfg.eval.max_new_tokens)
+        res["answers"] = answers
+        res["win"] = win_vs(cfg, examples, answers, target_answers)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(res))
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the table
+# ---------------------------------------------------------------------------------------------------------
+
+
+def metric_of(res: dict, metric: str, idx: np.ndarray | None = None) -> float:
+    """The aggregate of one model's per-example results (over the examples `idx`, default all)."""
+    idx = np.arange(len(res["nll"])) if idx is None else idx
+    if metric == "bits_per_byte":
+        return float(np.asarray(res["nll"])[idx].sum() / (np.asarray(res["bytes"])[idx].sum() * math.log(2)))
+    return float(np.asarray(res[metric])[idx].mean())
+
+
+def paired(runs: list[dict], base: list[dict], metric: str, n_boot: int, seed: int = 0) -> dict:
+    """Mean over seeds of (variant - baseline, same seed) and its 95% bootstrap interval over examples."""
+    n = len(base[0]["nll"])
+    rng = np.random.default_rng(seed)
+
+    def stat(idx):
+        return float(np.mean([metric_of(r, metric, idx) - metric_of(b, metric, idx) for r, b in zip(runs, base)]))
+
+    boots = [stat(rng.integers(0, n, n)) for _ in range(n_boot)]
+    lo, hi = np.percentile(boots, [2.5, 97.5]) if boots else (float("nan"), float("nan"))
+    return {"diff": stat(np.arange(n)), "ci95": [float(lo), float(hi)]}
+
+
+def tabulate(cfg: StudyConfig, results: dict, target: dict, walls: dict) -> dict:
+    metrics = ["bits_per_byte"] + (["acc"] if cfg.eval.lm_eval else []) + (["win"] if cfg.eval.win_rate else [])
+    table = {"target": {m: {"mean": metric_of(target, m), "sd": 0.0, "n": 1} for m in metrics if m != "win"}}
+    base = [results[cfg.baseline][s] for s in cfg.seeds]
+    for variant in cfg.variants:
+        runs = [results[variant][s] for s in cfg.seeds]
+        row = {}
+        for m in metrics:
+            vals = [metric_of(r, m) for r in runs]
+            row[m] = {"mean": float(np.mean(vals)), "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+                      "n": len(vals), "per_seed": vals}
+            if variant != cfg.baseline:
+                row[m]["vs_baseline"] = paired(runs, base, m, cfg.bootstrap)
+        table[variant] = row
+    return {"config": asdict(cfg), "metrics": metrics, "table": table, "n_examples": len(target["nll"]),
+            "train_wall_s": walls}
+
+
+def markdown(doc: dict, baseline: str) -> str:
+    ms = doc["metrics"]
+    head = "| model | " + " | ".join(f"{METRICS[m]}" for m in ms) + " | " + \
+        " | ".join(f"{m} vs {baseline} (95% CI)" for m in ms) + " |"
+    lines = [head, "|---|" + "---:|" * (2 * len(ms))]
+    for name, row in doc["table"].items():
+        cells = [f"{row[m]['mean']:.4f} ± {row[m]['sd']:.4f}" if m in row else "–" for m in ms]
+        diffs = []
+        for m in ms:
+            d = row.get(m, {}).get("vs_baseline")
+            diffs.append(f"{d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d else "–")
+        label = "target (untouched)" if name == "target" else name
+        lines.append(f"| {label} | " + " | ".join(cells + diffs) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ms = doc["metrics"]
+    fig, axes = plt.subplots(1, len(ms), figsize=(4.5 * len(ms), 3.6), squeeze=False)
+    names = list(doc["table"])
+    for ax, m in zip(axes[0], ms):
+        rows = [(n, doc["table"][n][m]) for n in names if m in doc["table"][n]]
+        ax.bar(range(len(rows)), [r["mean"] for _, r in rows], yerr=[r["sd"] for _, r in rows], capsize=3,
+               color=["#999999" if n == "target" else "#3b75af" for n, _ in rows])
+        ax.set_xticks(range(len(rows)), [n for n, _ in rows], rotation=35, ha="right", fontsize=8)
+        ax.set_title(METRICS[m], fontsize=9)
+        lo = min(r["mean"] - r["sd"] for _, r in rows)
+        hi = max(r["mean"] + r["sd"] for _, r in rows)
+        ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def study(cfg: StudyConfig, log=print) -> dict:
+    """Train what is missing, evaluate every model, write study.{md,json,png}; returns the JSON document."""
+    from ..trainer.evaluate import load_eval_examples
+    from ..trainer.lm_eval_task import write_task
+
+    base = load_config(cfg.base, as_overrides(cfg.overrides))
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    walls = train_missing(cfg, log)
+    heldout = heldout_path(cfg, base)
+    examples = load_eval_examples(heldout, cfg.eval.max_examples)
+    key = eval_key(cfg, heldout)
+    task_dir = write_task(examples, out / "lm_eval_task", seed=cfg.eval.seed) if cfg.eval.lm_eval else None
+    target_answers = greedy_answers(base.model.student, examples, cfg.eval.max_new_tokens) \
+        if cfg.eval.win_rate else None
+    target = evaluate_model(cfg, base.model.student, out / "target" / "study_eval.json", examples, key, task_dir,
+                            None, log)
+    results = {}
+    for variant in cfg.variants:
+        results[variant] = {}
+        for seed in cfg.seeds:
+            d = run_dir(cfg, variant, seed)
+            results[variant][seed] = evaluate_model(cfg, str(d / "final"), d / "study_eval.json", examples, key,
+                                                    task_dir, target_answers, log)
+    for variant in cfg.variants:
+        for seed in cfg.seeds:
+            f = run_dir(cfg, variant, seed) / "study_wall.json"
+            if f.exists():
+                walls[f"{variant}/seed{seed}"] = json.loads(f.read_text())["seconds"]
+    doc = tabulate(cfg, results, target, walls)
+    (out / "study.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / "study.md").write_text(markdown(doc, cfg.baseline))
+    plot(doc, out / "study.png")
+    log(markdown(doc, cfg.baseline))
+    return doc
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="study YAML (see configs/study.yaml)")
+    p.add_argument("--variants", nargs="+", default=None, help="a subset of the config's variants")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="a subset (or another list) of seeds")
+    p.add_argument("--output-dir", default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_study(args.config)
+    if args.variants:
+        unknown = [v for v in args.variants if v not in cfg.variants]
+        if unknown:
+            raise ConfigError(f"--variants: {unknown} not in {list(cfg.variants)}")
+        keep = set(args.variants) | {cfg.baseline}
+        cfg.variants = {k: v for k, v in cfg.variants.items() if k in keep}
+    if args.seeds:
+        cfg.seeds = list(args.seeds)
+    if args.output_dir:
+        cfg.output_dir = args.output_dir
+    study(cfg)
+    return 0

@@ -1,0 +1,110 @@
+"""`profuser study` on tiny random models: orchestration, resume, the table (not the numbers); the lm-eval task.
+
+The student is a tiny random Llama with the real SmolLM2 tokenizer and the stores are written by the test
+helpers (helpers.training_data), so a run takes seconds; lm-eval runs the real harness on the tiny exports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from profuser.engine.config import ConfigError
+from profuser.engine.tools import study as S
+from profuser.engine.trainer import lm_eval_task as T
+from helpers import overrides, training_data
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return training_data(tmp_path_factory.mktemp("study"), n=16)
+
+
+def study_file(data, out: Path, **kw) -> Path:
+    ov = dict(x.split("=", 1) for x in overrides(data, out / "unused", **{"optim.max_steps": 2, "checkpoint.every": 0}))
+    ov.pop("output_dir")
+    doc = {"output_dir": str(out), "overrides": ov, "seeds": [0, 1], "baseline": "sft", "bootstrap": 200,
+           "variants": {"sft": {"schedule.kind": "sft"}, "two_stage": {"schedule.kind": "two_stage"}},
+           "eval": {"data": data["heldout"], "lm_eval": True, "win_rate": True,
+                    "scorers": [f"judge:{data['student']}"], "max_new_tokens": 4, "batch_size": 4}}
+    doc.update(kw)
+    path = out / "study.yaml"
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_study_trains_evaluates_tabulates_and_resumes(data, tmp_path):
+    out = tmp_path / "st"
+    cfg = S.load_study(study_file(data, out))
+    doc = S.study(cfg, log=lambda s: None)
+    assert set(doc["table"]) == {"target", "sft", "two_stage"}
+    assert doc["metrics"] == ["bits_per_byte", "acc", "win"]
+    n = doc["n_examples"]
+    assert n == 10
+    for variant in ("sft", "two_stage"):
+        row = doc["table"][variant]
+        for m in doc["metrics"]:
+            assert len(row[m]["per_seed"]) == 2 and np.isfinite(row[m]["mean"]) and row[m]["sd"] >= 0
+        assert 0 <= row["acc"]["mean"] <= 1 and 0 <= row["win"]["mean"] <= 1
+    d = doc["table"]["two_stage"]["bits_per_byte"]["vs_baseline"]
+    assert d["ci95"][0] <= d["diff"] <= d["ci95"][1]
+    # the paired difference is the mean over seeds of per-seed differences
+    per = doc["table"]["two_stage"]["bits_per_byte"]["per_seed"]
+    base = doc["table"]["sft"]["bits_per_byte"]["per_seed"]
+    assert d["diff"] == pytest.approx(np.mean(np.subtract(per, base)), rel=1e-9)
+    for f in ("study.md", "study.json", "study.png"):
+        assert (out / f).stat().st_size > 0
+    assert "target (untouched)" in (out / "study.md").read_text()
+    # each run is a normal training run of its own, the two variants saw the same first training batch
+    metrics = {v: [json.loads(x) for x in (out / "runs" / v / "seed0" / "metrics.jsonl").read_text().splitlines()]
+               for v in ("sft", "two_stage")}
+    assert all(r["loss"] == pytest.approx(r["ce_train"], rel=1e-6) for r in metrics["sft"] if r["kind"] == "train")
+
+    # resume: a finished run is not redone, a missing one is; cached evaluations are reused
+    keep = out / "runs" / "sft" / "seed0" / "final" / "config.json"
+    stamp = keep.stat().st_mtime_ns
+    redo = out / "runs" / "two_stage" / "seed1"
+    for p in sorted(redo.rglob("*"), reverse=True):
+        p.unlink() if p.is_file() else p.rmdir()
+    cache = out / "runs" / "sft" / "seed1" / "study_eval.json"
+    cached = cache.stat().st_mtime_ns
+    doc2 = S.study(S.load_study(study_file(data, out)), log=lambda s: None)
+    assert keep.stat().st_mtime_ns == stamp and cache.stat().st_mtime_ns == cached
+    assert (redo / "final" / "config.json").is_file()
+    assert doc2["table"]["sft"] == doc["table"]["sft"]
+
+
+def test_study_config_errors_named(data, tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'varients'"):
+        S.load_study(study_file(data, tmp_path / "a", varients={}))
+    with pytest.raises(ConfigError, match="baseline 'sft' is not one of the variants"):
+        S.load_study(study_file(data, tmp_path / "b", variants={"two_stage": {"schedule.kind": "two_stage"}}))
+    with pytest.raises(ConfigError, match="unknown key 'eval.lm_evl'"):
+        S.load_study(study_file(data, tmp_path / "c", eval={"lm_evl": True}))
+    with pytest.raises(ConfigError, match="does not exist"):
+        S.load_study(tmp_path / "nope.yaml")
+
+
+def test_lm_eval_task_is_deterministic_and_well_formed(tmp_path):
+    corpus = Path(__file__).resolve().parents[3] / "data" / "wordnet_instruct.jsonl"
+    pairs = [json.loads(x) for x in corpus.read_text().splitlines()[-40:]]
+    a = T.write_task(pairs, tmp_path / "a")
+    b = T.write_task(pairs, tmp_path / "b")
+    assert (a / "items.jsonl").read_bytes() == (b / "items.jsonl").read_bytes()
+    items = [json.loads(x) for x in (a / "items.jsonl").read_text().splitlines()]
+    assert len(items) == 40
+    for it, p in zip(items, pairs):
+        assert len(it["choices"]) == 4 and len(set(it["choices"])) == 4
+        assert it["choices"][it["label"]] == p["response"].strip() and it["question"] == p["prompt"]
+    assert 0.1 < np.mean([it["label"] == 0 for it in items]) < 0.45  # the gold's place is shuffled
+    cfg = yaml.safe_load((a / f"{T.TASK}.yaml").read_text())
+    assert cfg["task"] == T.TASK and cfg["output_type"] == "multiple_choice"
+    assert os.path.isabs(cfg["dataset_kwargs"]["data_files"]["test"])
+    with pytest.raises(ValueError, match="need at least 4"):
+        T.build_items(pairs[:3])
