@@ -126,7 +126,8 @@ def main() -> int:
     if args.engines:
         result = {"bench": "teach_engines", "machine": machine_name(), "device": device,
                   "torch_threads": torch.get_num_threads(), "load_average_before": os.getloadavg(),
-                  "vllm_cpu_omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto (vLLM default)"),
+                  "vllm_cpu_omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or "profuser default: "
+                  f"every usable core ({','.join(map(str, sorted(os.sched_getaffinity(0))))})",
                   "config": vars(args), "models": engine_rows(args, device), "load_average_after": os.getloadavg()}
         path = Path(args.out) / f"teach_engines_{device}.json"
         path.parent.mkdir(parents=True, exist_ok=True)

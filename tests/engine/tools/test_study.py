@@ -108,3 +108,12 @@ def test_lm_eval_task_is_deterministic_and_well_formed(tmp_path):
     assert os.path.isabs(cfg["dataset_kwargs"]["data_files"]["test"])
     with pytest.raises(ValueError, match="need at least 4"):
         T.build_items(pairs[:3])
+
+
+def test_shipped_study_config_loads():
+    path = Path(__file__).resolve().parents[3] / "configs" / "study.yaml"
+    cfg = S.load_study(path)
+    assert set(cfg.variants) == {"sft", "train_only", "infer_only", "simul", "reverse", "two_stage"}
+    assert Path(cfg.base).is_file() and cfg.baseline == "sft" and len(cfg.seeds) >= 3
+    assert [c for c in S.train_command(cfg, "sft", 1) if c.startswith(("seed=", "schedule.kind="))] == \
+        ["schedule.kind=sft", "seed=1"]
