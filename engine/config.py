@@ -169,6 +169,9 @@ class DemoConfig:
     # judge LM (a judge favours its own answers: one judge per source cancels that out)
     scorers: list[str] = field(default_factory=lambda: ["similarity", "judge:smollm2-135m-instruct",
                                                         "judge:gemma3-270m"])
+    # schedule kinds trained beside the demo's own run, same config, for the final table: a fusion result
+    # means little without plain fine-tuning (sft) and training-mode-only fusion (FuseLLM) next to it
+    baselines: list[str] = field(default_factory=lambda: ["sft", "train_only"])
 
 
 @dataclass

@@ -10,7 +10,10 @@ before the next stage loads another):
     generate  inference mode: every source answers the inference prompts (top-k log-probs captured)
     score     the scorers vote for the best generated response per prompt
     train     progressive fusion (two_stage) of the SmolLM2 target, ZeRO-3 (python -m profuser.engine.train)
-    report    before/after table: target before, target after, every source (NLL per token and per byte)
+              (its report: target before, target after, every source, NLL per token and per byte, samples)
+    baselines the same training run with each schedule of demo.baselines (sft: plain fine-tuning on the gold
+              answers; train_only: FuseLLM), into <output_dir>-<kind>
+    table     `profuser eval` of every model on the held-out answers: the demo's result beside its baselines
 
 Idempotent and resumable: a stage that finished leaves `<run>/.done-<stage>` holding its key, a hash of
 ALL its commands, of the inputs it reads (sha256 of the split JSONL files, the demo sizes) and of the
@@ -90,7 +93,26 @@ def stages(cfg: TrainConfig, config_path: str | None, overrides: list[str]) -> l
         ("score", [_profuser("score", "--data-dir", data_inf, "--sources", *sources, "--scorer", *cfg.demo.scorers,
                              "--student", cfg.model.student)]),
         ("train", [train_cmd + overrides]),
-    ]
+    ] + baseline_stages(cfg, train_cmd + overrides)
+
+
+BASELINE_NAMES = {"sft": "plain fine-tuning (sft)", "train_only": "FuseLLM (train_only)"}
+
+
+def baseline_stages(cfg: TrainConfig, train_cmd: list[str]) -> list[tuple[str, list]]:
+    """The baseline runs and the final table (none when demo.baselines is empty)."""
+    kinds = list(cfg.demo.baselines)
+    if not kinds:
+        return []
+    out = Path(cfg.output_dir)
+    runs = [train_cmd + [f"schedule.kind={k}", f"output_dir={out}-{k}", "eval.data=null"] for k in kinds]
+    models = [f"ProFuser ({cfg.schedule.kind}, the demo's run)={out / 'final'}"]
+    models += [f"{BASELINE_NAMES.get(k, k)}={out}-{k}/final" for k in kinds]
+    models += [f"target before={cfg.model.student}"] + [f"source {s}={s}" for s in cfg.data.sources]
+    table = _profuser("eval", "--data", str(_run_dir(cfg) / "heldout.jsonl"), "--max-examples", str(cfg.eval.max_examples),
+                      "--max-length", str(cfg.data.max_length), "--out", str(_run_dir(cfg) / "table"),
+                      *[a for m in models for a in ("--model", m)])
+    return [("baselines", runs), ("table", [table])]
 
 
 def _sha256(path: Path) -> str:
@@ -117,7 +139,7 @@ def with_overwrite(name: str, cmds: list[list[str]]) -> list[list[str]]:
     """The stage's commands told to replace what other inputs built (they refuse / resume by default)."""
     if name in ("prepare", "teach", "generate"):
         return [c + ["--overwrite"] for c in cmds]
-    if name == "train":
+    if name in ("train", "baselines"):
         return [c + ["checkpoint.resume=never"] for c in cmds]
     return cmds  # score rewrites its outputs on every run
 
@@ -167,6 +189,10 @@ def run_pipeline(cfg: TrainConfig, config_path: str | None, overrides: list[str]
     report = Path(cfg.output_dir) / "report" / "report.md"
     if report.exists():
         print("\n" + report.read_text(), flush=True)
+    table = run / "table" / "report.md"
+    if cfg.demo.baselines and table.exists():
+        print("\n## The demo's run beside its baselines (same config, steps and batches)\n\n"
+              + table.read_text(), flush=True)
     (run / "timings.json").write_text(json.dumps(timings, indent=2))
     return report
 

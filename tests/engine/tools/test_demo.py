@@ -29,9 +29,14 @@ def test_demo_pipeline_small(tmp_path):
     for r in report["results"].values():
         assert r["n_examples"] == 6 and 0 < r["bits_per_byte"] < 10
     assert "| student (after) |" in p.stdout and (run / "train" / "final" / "model.safetensors").is_file()
+    # the final table: the demo's run beside plain fine-tuning and FuseLLM, same held-out examples
+    table = json.loads((run / "table" / "report.json").read_text())["results"]
+    assert {"plain fine-tuning (sft)", "FuseLLM (train_only)", "target before"} <= set(table)
+    assert all(r["n_examples"] == 6 for r in table.values())
+    assert "plain fine-tuning (sft)" in p.stdout
     # a second run skips every finished stage
     p2 = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert p2.returncode == 0 and p2.stdout.count("done earlier, skipped") == 5, p2.stdout[-2000:]
+    assert p2.returncode == 0 and p2.stdout.count("done earlier, skipped") == 7, p2.stdout[-2000:]
 
 
 def _demo_cfg(tmp_path, *extra):
@@ -52,10 +57,13 @@ def test_demo_stage_markers_rerun_on_changed_inputs(tmp_path, monkeypatch, capsy
     calls = []
     monkeypatch.setattr(demo, "_has_cuda", lambda: False)
     monkeypatch.setattr(demo, "run_command", lambda cmd, env: calls.append(cmd) or 0)
-    names = ["prepare", "teach", "generate", "score", "train"]
+    names = ["prepare", "teach", "generate", "score", "train", "baselines", "baselines", "table"]
+    every = ["prepare"] + names
 
     def stage_of(cmd):
-        return "train" if "profuser.engine.train" in cmd else cmd[cmd.index("profuser.engine.cli") + 1]
+        if "profuser.engine.train" in cmd:
+            return "baselines" if any(c.startswith("schedule.kind=") for c in cmd) else "train"
+        return {"eval": "table"}.get(cmd[cmd.index("profuser.engine.cli") + 1], cmd[cmd.index("profuser.engine.cli") + 1])
 
     def run(cfg, **kw):
         calls.clear()
@@ -64,25 +72,27 @@ def test_demo_stage_markers_rerun_on_changed_inputs(tmp_path, monkeypatch, capsy
 
     cfg = _demo_cfg(tmp_path)
     first = run(cfg)
-    assert [s for s, _ in first] == ["prepare", "prepare", "teach", "generate", "score", "train"]
+    assert [s for s, _ in first] == every
+    kinds = [c[-3] for s, c in first if s == "baselines"]
+    assert kinds == ["schedule.kind=sft", "schedule.kind=train_only"]
     assert not any("--overwrite" in c or "checkpoint.resume=never" in c for _, c in first)
     capsys.readouterr()
 
     # (a) the same config again: every stage skipped
     assert run(_demo_cfg(tmp_path)) == []
-    assert capsys.readouterr().out.count("done earlier, skipped") == 5
+    assert capsys.readouterr().out.count("done earlier, skipped") == 7
 
     # (b) another demo size changes train.jsonl: prepare (both commands) ... train re-run, overwriting
     again = run(_demo_cfg(tmp_path, "demo.n_train=16"))
-    assert [s for s, _ in again] == ["prepare", "prepare", "teach", "generate", "score", "train"]
+    assert [s for s, _ in again] == every
     for stage, cmd in again:
         if stage in ("prepare", "teach", "generate"):
             assert cmd[-1] == "--overwrite", cmd
-    assert again[-1][1][-1] == "checkpoint.resume=never"
+    assert all(c[-1] == "checkpoint.resume=never" for s, c in again if s in ("train", "baselines"))
     assert run(_demo_cfg(tmp_path, "demo.n_train=16")) == []
 
     # n_eval only feeds train (heldout.jsonl): the stores are kept
-    assert [s for s, _ in run(_demo_cfg(tmp_path, "demo.n_train=16", "demo.n_eval=4"))] == ["train"]
+    assert [s for s, _ in run(_demo_cfg(tmp_path, "demo.n_train=16", "demo.n_eval=4"))] == names[4:]
 
     # a stage that fails while overwriting keeps overwriting when re-run with the same inputs
     monkeypatch.setattr(demo, "run_command", lambda cmd, env: calls.append(cmd) or int(stage_of(cmd) == "teach"))
@@ -94,5 +104,8 @@ def test_demo_stage_markers_rerun_on_changed_inputs(tmp_path, monkeypatch, capsy
 
     # --force: every stage again, with the overwrite flags
     forced = run(_demo_cfg(tmp_path, "demo.n_train=20"), force=True)
-    assert [s for s, _ in forced] == ["prepare", "prepare", "teach", "generate", "score", "train"]
-    assert forced[0][1][-1] == "--overwrite" and forced[-1][1][-1] == "checkpoint.resume=never"
+    assert [s for s, _ in forced] == every
+    assert forced[0][1][-1] == "--overwrite" and forced[5][1][-1] == "checkpoint.resume=never"
+
+    # demo.baselines=[] keeps the old pipeline (no baseline runs, no table)
+    assert [s for s, _ in run(_demo_cfg(tmp_path, "demo.n_train=20", "demo.baselines=[]"), force=True)] == every[:6]
