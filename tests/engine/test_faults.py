@@ -415,18 +415,27 @@ def test_the_long_fault_run(tmp_path):
 # configs: named, before any model loads, in seconds
 
 
+@pytest.fixture(scope="module")
+def bare_torch_import_s() -> float:
+    """Seconds a bare `python -c "import torch"` takes on this machine now (3-6 s on a loaded 2-core CPU):
+    the yardstick of "fails fast", so the bound holds on a slow machine and still catches a model load."""
+    t0 = time.time()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True, timeout=120)
+    return time.time() - t0
+
+
 @pytest.mark.parametrize("override, key", [("optim.lr=-1", "optim.lr"), ("optim.lr=.nan", "optim.lr"),
                                            ("optim.eps=-1", "optim.eps"), ("optim.betas=[2, 3]", "optim.betas"),
                                            ("optim.weight_decay=-5", "optim.weight_decay"),
                                            ("optim.grad_clip=-1", "optim.grad_clip"),
                                            ("loss.temperature=.nan", "loss.temperature"),
                                            ("data.max_length=1", "data.max_length")])
-def test_bad_config_values_fail_fast_naming_the_key(override, key, tmp_path):
+def test_bad_config_values_fail_fast_naming_the_key(override, key, tmp_path, bare_torch_import_s):
     t0 = time.time()
     p = subprocess.run([sys.executable, "-m", "profuser.engine.train", "--config", str(REPO / "configs" / "demo.yaml"),
                         f"output_dir={tmp_path}", override], capture_output=True, text=True, timeout=60)
     elapsed = time.time() - t0
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and f"override {key}: must be in" in lines[0], p.stderr
-    assert elapsed < 5.0, f"{override}: {elapsed:.1f} s"
-    record("bad config value", "named in < 5 s")
+    assert elapsed < bare_torch_import_s + 5.0, f"{override}: {elapsed:.1f} s (import torch: {bare_torch_import_s:.1f} s)"
+    record("bad config value", "named within 5 s of a bare torch import")
