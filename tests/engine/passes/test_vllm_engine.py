@@ -31,7 +31,7 @@ from helpers import make_prepared, need
 
 K = 8
 TOL = 1e-4
-N_EXAMPLES = 12
+N_EXAMPLES = 8
 MAX_NEW = 40
 CORPUS = Path(__file__).resolve().parents[3] / "data" / "wordnet_instruct.jsonl"
 SPEC = "smollm2-135m-instruct"
@@ -178,7 +178,7 @@ def test_cli_store_equal_and_resume_after_sigkill(prepared, vsrc, tmp_path, monk
     proc.wait(60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
     done = store.TeacherManifest.load(dirs["vllm"], "src", "infer").completed
-    assert 1 <= len(done) < 3
+    assert 1 <= len(done) < store.PreparedManifest.load(dirs["vllm"]).n_shards
     # resume in this process with the module's engine (one engine load for the whole module)
     monkeypatch.setattr(vllm_engine, "load", lambda *a, **kw: vllm_engine.VLLMSource(vsrc.llm, vsrc.vocab_size, K))
     monkeypatch.setattr(vllm_engine.VLLMSource, "close", lambda self: None)
