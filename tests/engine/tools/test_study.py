@@ -62,6 +62,8 @@ def test_study_trains_evaluates_tabulates_and_resumes(data, tmp_path):
         assert (out / f).stat().st_size > 0
     assert "target (untouched)" in (out / "study.md").read_text()
     # each run is a normal training run of its own, the two variants saw the same first training batch
+    # only the exports are kept (keep_checkpoints: false, the default)
+    assert not (out / "runs" / "sft" / "seed0" / "checkpoints").exists()
     metrics = {v: [json.loads(x) for x in (out / "runs" / v / "seed0" / "metrics.jsonl").read_text().splitlines()]
                for v in ("sft", "two_stage")}
     assert all(r["loss"] == pytest.approx(r["ce_train"], rel=1e-6) for r in metrics["sft"] if r["kind"] == "train")
