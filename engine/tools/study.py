@@ -15,7 +15,8 @@ The study config (configs/study.yaml):
 Runs. Variant v with seed s is a normal `profuser train` run in <output_dir>/runs/<v>/seed<s> (its own process,
 resumable: a killed study re-run resumes the run from its checkpoint, and a run whose export
 <run>/final exists is not redone). Same steps, same tokens per step and, for one seed, the same data order in
-every variant (a mode's stream advances only on the steps that use it).
+every variant (a mode's stream advances only on the steps that use it). Seed-major order, each run evaluated
+right after it is trained, so a study stopped part-way has every variant for its first seeds.
 
 Evaluation, the same for every exported model and for the untouched target (`model.student` of the base):
     bits/byte   held-out NLL per byte of the gold answers (trainer/evaluate.py)
@@ -128,28 +129,23 @@ def train_command(cfg: StudyConfig, variant: str, seed: int) -> list[str]:
         f"output_dir={run_dir(cfg, variant, seed)}", f"seed={seed}", "eval.data=null", "checkpoint.export=true"]
 
 
-def train_missing(cfg: StudyConfig, log=print) -> dict:
-    """Every (variant, seed) run whose export is missing, one process each. Returns {run: wall seconds}."""
-    walls = {}
-    for variant in cfg.variants:
-        for seed in cfg.seeds:
-            out = run_dir(cfg, variant, seed)
-            if (out / "final" / "config.json").is_file():
-                log(f"[study] {variant} seed {seed}: done ({out}/final)")
-                continue
-            cmd = train_command(cfg, variant, seed)
-            log(f"[study] {variant} seed {seed}: training -> {out}")
-            t0 = time.perf_counter()
-            r = subprocess.run(cmd)
-            if r.returncode != 0:
-                raise RuntimeError(f"study: run {variant} seed {seed} failed (exit {r.returncode}): {' '.join(cmd)}")
-            walls[f"{variant}/seed{seed}"] = time.perf_counter() - t0
-            if not cfg.keep_checkpoints:
-                shutil.rmtree(out / "checkpoints", ignore_errors=True)
-            wall_file = out / "study_wall.json"
-            prev = json.loads(wall_file.read_text())["seconds"] if wall_file.exists() else 0.0
-            wall_file.write_text(json.dumps({"seconds": prev + walls[f"{variant}/seed{seed}"]}))
-    return walls
+def train_run(cfg: StudyConfig, variant: str, seed: int, log=print) -> None:
+    """One (variant, seed) run, unless its export exists; its wall seconds summed into <run>/study_wall.json."""
+    out = run_dir(cfg, variant, seed)
+    if (out / "final" / "config.json").is_file():
+        log(f"[study] {variant} seed {seed}: done ({out}/final)")
+        return
+    cmd = train_command(cfg, variant, seed)
+    log(f"[study] {variant} seed {seed}: training -> {out}")
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd)
+    if r.returncode != 0:
+        raise RuntimeError(f"study: run {variant} seed {seed} failed (exit {r.returncode}): {' '.join(cmd)}")
+    wall_file = out / "study_wall.json"
+    prev = json.loads(wall_file.read_text())["seconds"] if wall_file.exists() else 0.0
+    wall_file.write_text(json.dumps({"seconds": prev + time.perf_counter() - t0}))
+    if not cfg.keep_checkpoints:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -223,10 +219,10 @@ def evaluate_model(cfg: StudyConfig, spec: str, cache: Path, examples: list[dict
 
         got = run_task(spec, task_dir, batch_size=cfg.eval.batch_size)
         res["acc"] = [got["per_example"][i]["acc"] for i in res["ids"]]
-    if target_answers is not None:
-        answers = greedy_answers(spec, examples, cfg.eval.max_new_tokens)
-        res["answers"] = answers
-        res["win"] = win_vs(cfg, examples, answers, target_answers)
+    if cfg.eval.win_rate:  # the target's own answers are cached too: they are the reference of every win rate
+        res["answers"] = greedy_answers(spec, examples, cfg.eval.max_new_tokens)
+        if target_answers is not None:
+            res["win"] = win_vs(cfg, examples, res["answers"], target_answers)
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(res))
     return res
@@ -323,25 +319,23 @@ def study(cfg: StudyConfig, log=print) -> dict:
     base = load_config(cfg.base, as_overrides(cfg.overrides))
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    walls = train_missing(cfg, log)
     heldout = heldout_path(cfg, base)
     examples = load_eval_examples(heldout, cfg.eval.max_examples)
     key = eval_key(cfg, heldout)
     task_dir = write_task(examples, out / "lm_eval_task", seed=cfg.eval.seed) if cfg.eval.lm_eval else None
-    target_answers = greedy_answers(base.model.student, examples, cfg.eval.max_new_tokens) \
-        if cfg.eval.win_rate else None
     target = evaluate_model(cfg, base.model.student, out / "target" / "study_eval.json", examples, key, task_dir,
                             None, log)
-    results = {}
-    for variant in cfg.variants:
-        results[variant] = {}
-        for seed in cfg.seeds:
+    # seed-major, each run evaluated as soon as it is trained: a study stopped part-way has every variant
+    # for its first seeds (`--seeds 0 1` then tabulates them without training anything)
+    results: dict = {variant: {} for variant in cfg.variants}
+    walls = {}
+    for seed in cfg.seeds:
+        for variant in cfg.variants:
+            train_run(cfg, variant, seed, log)
             d = run_dir(cfg, variant, seed)
             results[variant][seed] = evaluate_model(cfg, str(d / "final"), d / "study_eval.json", examples, key,
-                                                    task_dir, target_answers, log)
-    for variant in cfg.variants:
-        for seed in cfg.seeds:
-            f = run_dir(cfg, variant, seed) / "study_wall.json"
+                                                    task_dir, target.get("answers"), log)
+            f = d / "study_wall.json"
             if f.exists():
                 walls[f"{variant}/seed{seed}"] = json.loads(f.read_text())["seconds"]
     doc = tabulate(cfg, results, target, walls)
