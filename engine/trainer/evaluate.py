@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..config import MODES
-from ..models import load_model, load_tokenizer, output_logits, resolve_dtype, resolve_model
+from ..models import load_model, load_tokenizer, output_logits, resolve_dtype
 from ..store import TeacherManifest, read_json
 from ..text.chat import encode_example, predicted_bytes
 
@@ -272,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
 
         task = write_task(examples, Path(args.out or ".") / "lm_eval_task")
         for name, spec in named.items():
-            got = run_task(str(resolve_model(spec)), task, batch_size=args.batch_size)
+            got = run_task(spec, task, batch_size=args.batch_size)
             results[name].update(lm_eval_acc=got["acc"], lm_eval_acc_norm=got["acc_norm"])
         print(f"lm-eval task: {task} (lm_eval --model hf --include_path {task} --tasks {TASK} "
               "--apply_chat_template)")

@@ -81,13 +81,17 @@ def write_task(pairs: list[dict], out_dir: str | Path, *, seed: int = 0, task: s
 
 def run_task(model_dir: str | Path, task_dir: str | Path, *, task: str = TASK, batch_size: int = 8,
              device: str = "cpu", dtype: str = "float32", limit: int | None = None) -> dict:
-    """Run the task with lm-eval's `hf` model on an exported model folder (chat template applied, as the
-    model was trained). Returns {"acc", "acc_norm", "n", "per_example": {id: {"acc", "acc_norm"}}}."""
+    """Run the task with lm-eval's `hf` model on a model spec: an alias (resolved to its converted folder,
+    lm-eval would look it up on the hub) or an exported model folder (chat template applied, as the model
+    was trained). Returns {"acc", "acc_norm", "n", "per_example": {id: {"acc", "acc_norm"}}}."""
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError as exc:
         raise ImportError("the lm-eval task needs the lm-eval package: pip install lm-eval") from exc
+    from ..models import resolve_model
+
+    model_dir = resolve_model(model_dir)
     items = [json.loads(x) for x in (Path(task_dir) / "items.jsonl").read_text().splitlines()]
     res = lm_eval.simple_evaluate(
         model="hf", model_args=f"pretrained={model_dir},dtype={dtype}", tasks=[task], device=device,

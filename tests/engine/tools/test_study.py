@@ -119,3 +119,26 @@ def test_shipped_study_config_loads():
     assert Path(cfg.base).is_file() and cfg.baseline == "sft" and len(cfg.seeds) >= 3
     assert [c for c in S.train_command(cfg, "sft", 1) if c.startswith(("seed=", "schedule.kind="))] == \
         ["schedule.kind=sft", "seed=1"]
+
+
+def test_lm_eval_task_resolves_an_alias_to_its_local_folder(tmp_path, monkeypatch):
+    """lm-eval's `hf` model would look an alias ("gemma3-270m") up on the hub: run_task hands it the
+    converted folder (the study evaluates the untouched target by its alias)."""
+    import lm_eval
+
+    import profuser.engine.models as M
+
+    pairs = [{"example_id": str(i), "prompt": f"q{i}", "response": f"answer {i}"} for i in range(4)]
+    task = T.write_task(pairs, tmp_path / "task")
+    seen = {}
+    monkeypatch.setattr(M, "resolve_model", lambda spec: seen.setdefault("spec", spec) and tmp_path / "resolved")
+
+    def fake_evaluate(model, model_args, tasks, **kw):
+        seen["model_args"] = model_args
+        return {"samples": {T.TASK: [{"doc_id": i, "acc": 1.0, "acc_norm": 0.0} for i in range(4)]},
+                "results": {T.TASK: {"acc,none": 1.0, "acc_norm,none": 0.0}}}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake_evaluate)
+    got = T.run_task("gemma3-270m", task)
+    assert seen["spec"] == "gemma3-270m" and f"pretrained={tmp_path / 'resolved'}," in seen["model_args"]
+    assert got["n"] == 4 and got["acc"] == 1.0
