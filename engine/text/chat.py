@@ -105,20 +105,53 @@ def _gemma_markers(tok) -> bool:
     return has
 
 
-def _fallback_render(tok, prompt: str, response: str | None, system: str | None) -> str:
-    """Plain template for tokenizers without one. Returns the prefix when response is None.
+# The fallback templates for tokenizers without one, as Jinja: _fallback_render renders them for our own
+# encoding, and tools that render chats themselves (lm-eval's `--apply_chat_template`) get the same text
+# from `fallback_chat_template` (one copy of the layout). BOS / EOS are not written as text (some backends
+# do not parse special tokens in text): encode_example adds them as ids (see _fallback_specials).
+_GEMMA_FALLBACK = (
+    "{%- set sys = namespace(text=none) -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'system' -%}{%- set sys.text = m['content'] -%}"
+    "{%- elif m['role'] == 'user' -%}"
+    "{{ '<start_of_turn>user\n' }}{%- if sys.text is not none -%}{{ sys.text + '\n\n' }}{%- endif -%}"
+    "{{ m['content'] + '<end_of_turn>\n' }}"
+    "{%- else -%}{{ '<start_of_turn>model\n' + m['content'] + '<end_of_turn>\n' }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}")
+_PLAIN_FALLBACK = (
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'system' -%}{{ m['content'] + '\n\n' }}"
+    "{%- elif m['role'] == 'user' -%}{{ 'User: ' + m['content'] + '\n' }}"
+    "{%- else -%}{{ 'Assistant: ' + m['content'] }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'Assistant: ' }}{%- endif -%}")
 
-    With Gemma turn markers in the vocabulary, the Gemma layout; else "User:/Assistant:". BOS and EOS are
-    not written as text here (some backends do not parse special tokens in text): encode_example adds
-    them as ids (see _fallback_specials).
-    """
-    if _gemma_markers(tok):
-        user = prompt if system is None else f"{system}\n\n{prompt}"
-        out = f"<start_of_turn>user\n{user}<end_of_turn>\n<start_of_turn>model\n"
-        return out if response is None else out + response + "<end_of_turn>\n"
-    head = f"{system}\n\n" if system is not None else ""
-    out = f"{head}User: {prompt}\nAssistant: "
-    return out if response is None else out + response
+
+def fallback_chat_template(tok) -> str:
+    """The Jinja chat template used for a tokenizer without one: Gemma turn markers when the vocabulary has
+    them, else "User:/Assistant:"."""
+    return _GEMMA_FALLBACK if _gemma_markers(tok) else _PLAIN_FALLBACK
+
+
+def _jinja(template: str):
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = _JINJA.get(template)
+    if env is None:  # the environment transformers renders chat templates in
+        env = _JINJA[template] = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined).from_string(template)
+    return env
+
+
+_JINJA: dict = {}
+
+
+def _fallback_render(tok, prompt: str, response: str | None, system: str | None) -> str:
+    """The fallback template rendered (fallback_chat_template). Returns the prefix when response is None."""
+    return _jinja(fallback_chat_template(tok)).render(messages=_messages(prompt, response, system),
+                                                      add_generation_prompt=response is None)
 
 
 def _fallback_specials(tok) -> tuple[list[int], list[int]]:

@@ -18,6 +18,7 @@ the same pairs and seed give byte-identical files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -79,6 +80,22 @@ def write_task(pairs: list[dict], out_dir: str | Path, *, seed: int = 0, task: s
     return out
 
 
+def templated_tokenizer(model_dir: Path, out_root: Path) -> Path | None:
+    """None when the model's tokenizer has a chat template; else a copy of it carrying the fallback template
+    our training encoded with (text/chat.py: Gemma turn markers for the Gemma-3 GGUF, which ships none), so
+    that lm-eval's `apply_chat_template` renders the prompts the way the model was trained on them."""
+    from ..models import load_tokenizer
+    from ..text.chat import fallback_chat_template
+
+    tok = load_tokenizer(model_dir)
+    if getattr(tok, "chat_template", None):
+        return None
+    out = out_root / hashlib.sha256(str(Path(model_dir).resolve()).encode()).hexdigest()[:16]
+    tok.chat_template = fallback_chat_template(tok)
+    tok.save_pretrained(str(out))
+    return out
+
+
 def run_task(model_dir: str | Path, task_dir: str | Path, *, task: str = TASK, batch_size: int = 8,
              device: str = "cpu", dtype: str = "float32", limit: int | None = None) -> dict:
     """Run the task with lm-eval's `hf` model on a model spec: an alias (resolved to its converted folder,
@@ -92,9 +109,13 @@ def run_task(model_dir: str | Path, task_dir: str | Path, *, task: str = TASK, b
     from ..models import resolve_model
 
     model_dir = resolve_model(model_dir)
+    model_args = f"pretrained={model_dir},dtype={dtype}"
+    tok_dir = templated_tokenizer(model_dir, Path(task_dir) / "tokenizers")
+    if tok_dir is not None:
+        model_args += f",tokenizer={tok_dir}"
     items = [json.loads(x) for x in (Path(task_dir) / "items.jsonl").read_text().splitlines()]
     res = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={model_dir},dtype={dtype}", tasks=[task], device=device,
+        model="hf", model_args=model_args, tasks=[task], device=device,
         batch_size=batch_size, task_manager=TaskManager(include_path=str(task_dir)), log_samples=True,
         apply_chat_template=True, limit=limit)
     per = {}

@@ -132,6 +132,7 @@ def test_lm_eval_task_resolves_an_alias_to_its_local_folder(tmp_path, monkeypatc
     task = T.write_task(pairs, tmp_path / "task")
     seen = {}
     monkeypatch.setattr(M, "resolve_model", lambda spec: seen.setdefault("spec", spec) and tmp_path / "resolved")
+    monkeypatch.setattr(T, "templated_tokenizer", lambda model_dir, root: None)
 
     def fake_evaluate(model, model_args, tasks, **kw):
         seen["model_args"] = model_args
@@ -142,3 +143,24 @@ def test_lm_eval_task_resolves_an_alias_to_its_local_folder(tmp_path, monkeypatc
     got = T.run_task("gemma3-270m", task)
     assert seen["spec"] == "gemma3-270m" and f"pretrained={tmp_path / 'resolved'}," in seen["model_args"]
     assert got["n"] == 4 and got["acc"] == 1.0
+
+
+def test_lm_eval_gets_the_template_the_model_was_trained_with():
+    """The Gemma-3 GGUF ships no chat template: lm-eval gets a tokenizer copy carrying our fallback (Gemma
+    turn markers), rendering prompts exactly as text/chat.py encoded them in training; SmolLM2 keeps its own."""
+    import tempfile
+
+    from profuser.engine.models import load_tokenizer, resolve_tokenizer
+    from profuser.engine.text.chat import render_parts
+
+    with tempfile.TemporaryDirectory() as root:
+        assert T.templated_tokenizer(resolve_tokenizer("smollm2-135m-instruct"), Path(root)) is None
+        gemma = resolve_tokenizer("gemma3-270m")
+        out = T.templated_tokenizer(gemma, Path(root))
+        tok = load_tokenizer(out)
+        msgs = [{"role": "user", "content": "Define: cat"}]
+        prefix, suffix = render_parts(load_tokenizer(gemma), "Define: cat")
+        assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == prefix
+        assert prefix == "<start_of_turn>user\nDefine: cat<end_of_turn>\n<start_of_turn>model\n"
+        full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": "a pet"}], tokenize=False)
+        assert full == prefix + "a pet" + suffix
