@@ -160,11 +160,11 @@ def heldout_path(cfg: StudyConfig, base) -> Path:
 
 
 def eval_key(cfg: StudyConfig, heldout: Path) -> str:
-    doc = {"eval": asdict(cfg.eval), "heldout_sha256": hashlib.sha256(heldout.read_bytes()).hexdigest()}
+    doc = {"eval": asdict(cfg.eval), "answers": "left-padded batches", "heldout_sha256": hashlib.sha256(heldout.read_bytes()).hexdigest()}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def greedy_answers(spec: str, examples: list[dict], max_new_tokens: int) -> list[str]:
+def greedy_answers(spec: str, examples: list[dict], max_new_tokens: int, batch_size: int) -> list[str]:
     import torch
 
     from ..models import load_model, load_tokenizer
@@ -172,7 +172,7 @@ def greedy_answers(spec: str, examples: list[dict], max_new_tokens: int) -> list
 
     lm, tok = load_model(spec).eval(), load_tokenizer(spec)
     out = [s["generated"] for s in generate_samples(lm, tok, examples, max_new_tokens=max_new_tokens,
-                                                    device=torch.device("cpu"))]
+                                                    device=torch.device("cpu"), batch_size=batch_size)]
     del lm
     return out
 
@@ -220,7 +220,7 @@ def evaluate_model(cfg: StudyConfig, spec: str, cache: Path, examples: list[dict
         got = run_task(spec, task_dir, batch_size=cfg.eval.batch_size)
         res["acc"] = [got["per_example"][i]["acc"] for i in res["ids"]]
     if cfg.eval.win_rate:  # the target's own answers are cached too: they are the reference of every win rate
-        res["answers"] = greedy_answers(spec, examples, cfg.eval.max_new_tokens)
+        res["answers"] = greedy_answers(spec, examples, cfg.eval.max_new_tokens, cfg.eval.batch_size)
         if target_answers is not None:
             res["win"] = win_vs(cfg, examples, res["answers"], target_answers)
     cache.parent.mkdir(parents=True, exist_ok=True)

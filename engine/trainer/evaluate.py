@@ -128,18 +128,32 @@ def summarize(rows: list[tuple[float, int, int]]) -> dict:
             "bits_per_byte": per_byte / math.log(2), "n_examples": len(rows), "n_tokens": toks, "n_bytes": nbytes}
 
 
-def generate_samples(lm, tok, examples: list[dict], *, max_new_tokens: int, device: torch.device) -> list[dict]:
-    """Greedy continuations of the templated prompts (one at a time: no padding side effects)."""
+def generate_samples(lm, tok, examples: list[dict], *, max_new_tokens: int, device: torch.device,
+                     batch_size: int = 1) -> list[dict]:
+    """Greedy continuations of the templated prompts, `batch_size` prompts per generate call.
+
+    Batches are left-padded with the pad positions masked out, so each answer is the one-at-a-time answer
+    up to float rounding (a near-tie between two tokens may still flip); batch_size 1 pads nothing."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     samples = []
-    for e in examples:
-        enc = encode_example(tok, e["prompt"], "", system=e["system"])
-        prefix = torch.as_tensor(enc.input_ids[: int(enc.pred_pos[0]) + 1], dtype=torch.long)[None].to(device)
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start:start + batch_size]
+        prefixes = []
+        for e in batch:
+            enc = encode_example(tok, e["prompt"], "", system=e["system"])
+            prefixes.append(torch.as_tensor(enc.input_ids[: int(enc.pred_pos[0]) + 1], dtype=torch.long))
+        width = max(len(p) for p in prefixes)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for j, p in enumerate(prefixes):
+            ids[j, width - len(p):], mask[j, width - len(p):] = p, 1
         with torch.no_grad():
-            gen = lm.generate(input_ids=prefix, attention_mask=torch.ones_like(prefix), do_sample=False,
-                              max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id or tok.eos_token_id)
-        text = tok.decode(gen[0, prefix.shape[1]:], skip_special_tokens=True)
-        samples.append({"example_id": e["example_id"], "prompt": e["prompt"], "gold": e["response"],
-                        "generated": text.strip()})
+            gen = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                              max_new_tokens=max_new_tokens, pad_token_id=pad)
+        for j, e in enumerate(batch):
+            text = tok.decode(gen[j, width:], skip_special_tokens=True)
+            samples.append({"example_id": e["example_id"], "prompt": e["prompt"], "gold": e["response"],
+                            "generated": text.strip()})
     return samples
 
 
