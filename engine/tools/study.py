@@ -265,9 +265,17 @@ def tabulate(cfg: StudyConfig, results: dict, target: dict, walls: dict) -> dict
             vals = [metric_of(r, m) for r in runs]
             row[m] = {"mean": float(np.mean(vals)), "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
                       "n": len(vals), "per_seed": vals}
-            if variant != cfg.baseline:
-                row[m]["vs_baseline"] = paired(runs, base, m, cfg.bootstrap)
         table[variant] = row
+    for variant, row in table.items():
+        if variant in ("target", cfg.baseline):
+            continue
+        runs = [results[variant][s] for s in cfg.seeds]
+        for m in metrics:
+            d = row[m]["vs_baseline"] = paired(runs, base, m, cfg.bootstrap)
+            b = table[cfg.baseline][m]
+            # the example bootstrap says nothing about another seed: a difference counts only when the two
+            # means are further apart than their seed spreads together
+            d["beyond_seed_spread"] = bool(abs(row[m]["mean"] - b["mean"]) > row[m]["sd"] + b["sd"])
     return {"config": asdict(cfg), "metrics": metrics, "table": table, "n_examples": len(target["nll"]),
             "train_wall_s": walls}
 
@@ -282,9 +290,13 @@ def markdown(doc: dict, baseline: str) -> str:
         diffs = []
         for m in ms:
             d = row.get(m, {}).get("vs_baseline")
-            diffs.append(f"{d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d else "–")
+            mark = " *" if d and d.get("beyond_seed_spread") else ""
+            diffs.append(f"{d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]{mark}" if d else "–")
         label = "target (untouched)" if name == "target" else name
         lines.append(f"| {label} | " + " | ".join(cells + diffs) + " |")
+    lines.append(f"\nmean ± sd over seeds; differences to {baseline}: per example, same seed, averaged over seeds, "
+                 f"95% bootstrap interval over examples; * the two means differ by more than their seed "
+                 f"spreads together (sd + sd); without *, the difference is within the seed spread.")
     return "\n".join(lines) + "\n"
 
 

@@ -164,3 +164,24 @@ def test_lm_eval_gets_the_template_the_model_was_trained_with():
         assert prefix == "<start_of_turn>user\nDefine: cat<end_of_turn>\n<start_of_turn>model\n"
         full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": "a pet"}], tokenize=False)
         assert full == prefix + "a pet" + suffix
+
+
+def test_table_marks_only_differences_beyond_the_seed_spread():
+    """Seed means 1.00/1.10/1.20 for sft: a variant at 0.50 +- 0.01 differs beyond the spread, one at
+    1.05 +- 0.10 does not, whatever its per-example bootstrap interval says."""
+    log2 = np.log(2)
+
+    def res(bpb):  # 8 examples of 10 bytes each at `bpb` bits per byte
+        return {"nll": [bpb * 10 * log2] * 8, "bytes": [10] * 8}
+
+    cfg = S.StudyConfig(variants={"sft": {}, "far": {}, "near": {}}, seeds=[0, 1, 2], bootstrap=50,
+                        eval=S.StudyEval(lm_eval=False))
+    results = {"sft": {s: res(v) for s, v in zip(cfg.seeds, (1.0, 1.1, 1.2))},
+               "far": {s: res(v) for s, v in zip(cfg.seeds, (0.49, 0.50, 0.51))},
+               "near": {s: res(v) for s, v in zip(cfg.seeds, (0.95, 1.05, 1.15))}}
+    doc = S.tabulate(cfg, results, res(2.0), {})
+    far, near = (doc["table"][v]["bits_per_byte"]["vs_baseline"] for v in ("far", "near"))
+    assert far["beyond_seed_spread"] and not near["beyond_seed_spread"]
+    assert far["diff"] == pytest.approx(-0.6) and near["diff"] == pytest.approx(-0.05)
+    md = S.markdown(doc, "sft")
+    assert md.count("] *") == 1 and "within the seed spread" in md
