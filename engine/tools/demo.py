@@ -9,7 +9,7 @@ before the next stage loads another):
     teach     training mode: every source teacher-forced on the gold responses (top-k log-probs)
     generate  inference mode: every source answers the inference prompts (top-k log-probs captured)
     score     the scorers vote for the best generated response per prompt
-    train     progressive fusion (two_stage) of the SmolLM2 target, ZeRO-3 (python -m profuser.engine.train)
+    train     progressive fusion (two_stage) of the target (Gemma-3-270M), ZeRO-3 (python -m profuser.engine.train)
               (its report: target before, target after, every source, NLL per token and per byte, samples)
     baselines the same training run with each schedule of demo.baselines (sft: plain fine-tuning on the gold
               answers; train_only: FuseLLM), into <output_dir>-<kind>
@@ -108,7 +108,9 @@ def baseline_stages(cfg: TrainConfig, train_cmd: list[str]) -> list[tuple[str, l
     runs = [train_cmd + [f"schedule.kind={k}", f"output_dir={out}-{k}", "eval.data=null"] for k in kinds]
     models = [f"ProFuser ({cfg.schedule.kind}, the demo's run)={out / 'final'}"]
     models += [f"{BASELINE_NAMES.get(k, k)}={out}-{k}/final" for k in kinds]
-    models += [f"target before={cfg.model.student}"] + [f"source {s}={s}" for s in cfg.data.sources]
+    # the target is often a source too (student as candidate): evaluated once, as "target before"
+    models += [f"target before={cfg.model.student}"] + [f"source {s}={s}" for s in cfg.data.sources
+                                                        if s != cfg.model.student]
     table = _profuser("eval", "--data", str(_run_dir(cfg) / "heldout.jsonl"), "--max-examples", str(cfg.eval.max_examples),
                       "--max-length", str(cfg.data.max_length), "--out", str(_run_dir(cfg) / "table"),
                       *[a for m in models for a in ("--model", m)])
