@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..config import MODES
-from ..models import load_model, load_tokenizer, output_logits, resolve_dtype
+from ..models import load_model, load_tokenizer, output_logits, resolve_dtype, same_model
 from ..store import TeacherManifest, read_json
 from ..text.chat import encode_example, predicted_bytes
 
@@ -243,7 +243,8 @@ def final_report(cfg, student_dir: str | Path, out_dir: str | Path) -> Path:
     if cfg.eval.references:
         named["target (before)"] = cfg.model.student
         for s, spec in source_models(cfg.data.data_dir, cfg.data.sources).items():
-            named[f"source {s}"] = spec
+            if not same_model(spec, cfg.model.student):  # student as candidate: already "target (before)"
+                named[f"source {s}"] = spec
     results, samples = evaluate_specs(named, examples, max_length=cfg.data.max_length,
                                       batch_size=cfg.eval.batch_size, samples_of="student (after)",
                                       n_samples=cfg.eval.n_samples, max_new_tokens=cfg.eval.max_new_tokens)
