@@ -37,8 +37,8 @@ import argparse
 import hashlib
 import json
 import math
-import subprocess
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -160,7 +160,8 @@ def heldout_path(cfg: StudyConfig, base) -> Path:
 
 
 def eval_key(cfg: StudyConfig, heldout: Path) -> str:
-    doc = {"eval": asdict(cfg.eval), "answers": "left-padded batches", "heldout_sha256": hashlib.sha256(heldout.read_bytes()).hexdigest()}
+    doc = {"eval": asdict(cfg.eval), "answers": "left-padded batches",
+           "heldout_sha256": hashlib.sha256(heldout.read_bytes()).hexdigest()}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
