@@ -289,8 +289,8 @@ def run(args: argparse.Namespace) -> int:
         for name, spec in named.items():
             got = run_task(spec, task, batch_size=args.batch_size)
             results[name].update(lm_eval_acc=got["acc"], lm_eval_acc_norm=got["acc_norm"])
-        print(f"lm-eval task: {task} (lm_eval --model hf --include_path {task} --tasks {TASK} "
-              "--apply_chat_template)")
+            print(f"lm-eval task, {name} by hand: lm_eval --model hf --model_args {got['model_args']} "
+                  f"--include_path {task} --tasks {TASK} --apply_chat_template")
     print(markdown_table(results))
     if args.out:
         print(f"report: {write_report(args.out, results, samples, {'data': args.data, 'n_examples': len(examples)})}")

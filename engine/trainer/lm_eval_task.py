@@ -1,8 +1,9 @@
 """A knowledge task for lm-evaluation-harness built from held-out (prompt, response) pairs, and its runner.
 
-    profuser eval --lm-eval-task runs/demo/heldout.jsonl --model runs/demo/train/export     # build + run
-    lm_eval --model hf --model_args pretrained=runs/demo/train/export,dtype=float32 \\
-        --include_path runs/demo/lm_eval_task --tasks profuser_heldout_mc --apply_chat_template  # the same, by hand
+    profuser eval --data runs/demo/heldout.jsonl --model runs/demo/train/final --lm-eval     # build + run
+    lm_eval --model hf --model_args pretrained=runs/demo/train/final,dtype=float32 \\
+        --include_path lm_eval_task --tasks profuser_heldout_mc --apply_chat_template  # the same, by hand
+    (a model without a chat template also needs `,tokenizer=<copy>`: `profuser eval` prints the whole line)
 
 The task: each held-out prompt with four candidate answers, its own gold response and the gold responses of
 three other held-out prompts (distractors drawn with a fixed seed, never the gold itself, never a duplicate
@@ -100,7 +101,8 @@ def run_task(model_dir: str | Path, task_dir: str | Path, *, task: str = TASK, b
              device: str = "cpu", dtype: str = "float32", limit: int | None = None) -> dict:
     """Run the task with lm-eval's `hf` model on a model spec: an alias (resolved to its converted folder,
     lm-eval would look it up on the hub) or an exported model folder (chat template applied, as the model
-    was trained). Returns {"acc", "acc_norm", "n", "per_example": {id: {"acc", "acc_norm"}}}."""
+    was trained). Returns {"acc", "acc_norm", "n", "per_example": {id: {"acc", "acc_norm"}}, "model_args"}
+    (model_args: what `lm_eval --model_args` needs to run the same by hand)."""
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
@@ -122,4 +124,4 @@ def run_task(model_dir: str | Path, task_dir: str | Path, *, task: str = TASK, b
     for s in res["samples"][task]:
         per[items[int(s["doc_id"])]["id"]] = {"acc": float(s["acc"]), "acc_norm": float(s["acc_norm"])}
     out = {k: float(res["results"][task][f"{k},none"]) for k in ("acc", "acc_norm")}
-    return {**out, "n": len(per), "per_example": per}
+    return {**out, "n": len(per), "per_example": per, "model_args": model_args}

@@ -142,7 +142,7 @@ def test_lm_eval_task_resolves_an_alias_to_its_local_folder(tmp_path, monkeypatc
     monkeypatch.setattr(lm_eval, "simple_evaluate", fake_evaluate)
     got = T.run_task("gemma3-270m", task)
     assert seen["spec"] == "gemma3-270m" and f"pretrained={tmp_path / 'resolved'}," in seen["model_args"]
-    assert got["n"] == 4 and got["acc"] == 1.0
+    assert got["n"] == 4 and got["acc"] == 1.0 and got["model_args"] == seen["model_args"]
 
 
 def test_lm_eval_gets_the_template_the_model_was_trained_with():
