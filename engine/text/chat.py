@@ -134,18 +134,19 @@ def fallback_chat_template(tok) -> str:
     return _GEMMA_FALLBACK if _gemma_markers(tok) else _PLAIN_FALLBACK
 
 
+_COMPILED: dict = {}  # template text -> compiled template
+
+
 def _jinja(template: str):
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    """The template compiled once, in the environment transformers renders chat templates in."""
+    compiled = _COMPILED.get(template)
+    if compiled is None:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = _JINJA.get(template)
-    if env is None:  # the environment transformers renders chat templates in
-        env = _JINJA[template] = ImmutableSandboxedEnvironment(
+        compiled = _COMPILED[template] = ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined).from_string(template)
-    return env
-
-
-_JINJA: dict = {}
+    return compiled
 
 
 def _fallback_render(tok, prompt: str, response: str | None, system: str | None) -> str:
