@@ -225,6 +225,14 @@ def same_model(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return pa_.exists() and pb.exists() and pa_.resolve() == pb.resolve()
 
 
+def reference_models(student: str, sources: dict[str, str]) -> dict[str, str]:
+    """The models a student is compared against, {label: spec}: the untouched target and every source
+    {name: spec}. A source that is the target itself (student as candidate) is evaluated once, as the target."""
+    named = {"target (before)": student}
+    named.update({f"source {name}": spec for name, spec in sources.items() if not same_model(spec, student)})
+    return named
+
+
 _IDENTITY_FILES = ("config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from ..config import ConfigError, TrainConfig, load_config
-from ..models import same_model
+from ..models import reference_models
 from ..passes.prepare import shipped_corpus
 
 
@@ -109,9 +109,8 @@ def baseline_stages(cfg: TrainConfig, train_cmd: list[str]) -> list[tuple[str, l
     runs = [train_cmd + [f"schedule.kind={k}", f"output_dir={out}-{k}", "eval.data=null"] for k in kinds]
     models = [f"ProFuser ({cfg.schedule.kind}, the demo's run)={out / 'final'}"]
     models += [f"{BASELINE_NAMES.get(k, k)}={out}-{k}/final" for k in kinds]
-    # the target is often a source too (student as candidate): evaluated once, as "target before"
-    models += [f"target before={cfg.model.student}"] + [f"source {s}={s}" for s in cfg.data.sources
-                                                        if not same_model(s, cfg.model.student)]
+    models += [f"{label}={spec}" for label, spec in
+               reference_models(cfg.model.student, {s: s for s in cfg.data.sources}).items()]
     table = _profuser("eval", "--data", str(_run_dir(cfg) / "heldout.jsonl"), "--max-examples", str(cfg.eval.max_examples),
                       "--max-length", str(cfg.data.max_length), "--out", str(_run_dir(cfg) / "table"),
                       *[a for m in models for a in ("--model", m)])

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..config import MODES
-from ..models import load_model, load_tokenizer, output_logits, resolve_dtype, same_model
+from ..models import load_model, load_tokenizer, output_logits, reference_models, resolve_dtype
 from ..store import TeacherManifest, read_json
 from ..text.chat import encode_example, predicted_bytes
 
@@ -241,10 +241,7 @@ def final_report(cfg, student_dir: str | Path, out_dir: str | Path) -> Path:
     examples = load_eval_examples(cfg.eval.data, cfg.eval.max_examples)
     named = {"student (after)": str(student_dir)}
     if cfg.eval.references:
-        named["target (before)"] = cfg.model.student
-        for s, spec in source_models(cfg.data.data_dir, cfg.data.sources).items():
-            if not same_model(spec, cfg.model.student):  # student as candidate: already "target (before)"
-                named[f"source {s}"] = spec
+        named.update(reference_models(cfg.model.student, source_models(cfg.data.data_dir, cfg.data.sources)))
     results, samples = evaluate_specs(named, examples, max_length=cfg.data.max_length,
                                       batch_size=cfg.eval.batch_size, samples_of="student (after)",
                                       n_samples=cfg.eval.n_samples, max_new_tokens=cfg.eval.max_new_tokens)

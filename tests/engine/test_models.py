@@ -164,3 +164,14 @@ def test_training_step_sees_the_model_logits(model_type):
     logits = lm(ids).logits.float()
     ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
     torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_reference_models_evaluate_a_source_that_is_the_target_once(tmp_path, monkeypatch):
+    """Student as candidate: the target is also a source; the report and the demo table evaluate it once,
+    as the target, whichever spelling (alias, relative or absolute folder) names it."""
+    (tmp_path / "target").mkdir()
+    monkeypatch.chdir(tmp_path)
+    got = models.reference_models("target", {"t": str(tmp_path / "target"), "smollm2-135m-instruct": "smollm2-135m-instruct"})
+    assert got == {"target (before)": "target", "source smollm2-135m-instruct": "smollm2-135m-instruct"}
+    both = models.reference_models("gemma3-270m", {"gemma3-270m": "gemma3-270m", "other": str(tmp_path / "target")})
+    assert list(both) == ["target (before)", "source other"]

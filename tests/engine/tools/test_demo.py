@@ -32,7 +32,7 @@ def test_demo_pipeline_small(tmp_path):
     assert "| student (after) |" in p.stdout and (run / "train" / "final" / "model.safetensors").is_file()
     # the final table: the demo's run beside plain fine-tuning and FuseLLM, same held-out examples
     table = json.loads((run / "table" / "report.json").read_text())["results"]
-    assert {"plain fine-tuning (sft)", "FuseLLM (train_only)", "target before"} <= set(table)
+    assert {"plain fine-tuning (sft)", "FuseLLM (train_only)", "target (before)"} <= set(table)
     assert all(r["n_examples"] == 6 for r in table.values())
     assert "plain fine-tuning (sft)" in p.stdout
     # a second run skips every finished stage
