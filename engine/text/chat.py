@@ -106,10 +106,15 @@ def _gemma_markers(tok) -> bool:
 
 
 # The fallback templates for tokenizers without one, as Jinja: _fallback_render renders them for our own
-# encoding, and tools that render chats themselves (lm-eval's `--apply_chat_template`) get the same text
-# from `fallback_chat_template` (one copy of the layout). BOS / EOS are not written as text (some backends
-# do not parse special tokens in text): encode_example adds them as ids (see _fallback_specials).
+# encoding, and whatever renders chats itself gets the same text from `fallback_chat_template` (one copy of
+# the layout): lm-eval's `--apply_chat_template`, and a user's `apply_chat_template` on an export, which
+# carries the template (trainer/checkpoint.py). There BOS / EOS are the tokens' text, which tokenizers read
+# as the special tokens; our own encoding renders them empty and adds the ids (_fallback_specials), as some
+# backends do not parse special tokens in text. Both give the same ids (tests/engine/text/test_chat.py).
+_BOS = "{%- if bos_token is defined and bos_token -%}{{ bos_token }}{%- endif -%}"
+_EOS = "(eos_token if eos_token is defined and eos_token else '')"
 _GEMMA_FALLBACK = (
+    _BOS +  # Gemma's turn markers end the turn: no EOS (as _fallback_specials)
     "{%- set sys = namespace(text=none) -%}"
     "{%- for m in messages -%}"
     "{%- if m['role'] == 'system' -%}{%- set sys.text = m['content'] -%}"
@@ -120,10 +125,11 @@ _GEMMA_FALLBACK = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}")
 _PLAIN_FALLBACK = (
+    _BOS +
     "{%- for m in messages -%}"
     "{%- if m['role'] == 'system' -%}{{ m['content'] + '\n\n' }}"
     "{%- elif m['role'] == 'user' -%}{{ 'User: ' + m['content'] + '\n' }}"
-    "{%- else -%}{{ 'Assistant: ' + m['content'] }}{%- endif -%}"
+    "{%- else -%}{{ 'Assistant: ' + m['content'] + " + _EOS + " }}{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ 'Assistant: ' }}{%- endif -%}")
 
@@ -152,7 +158,8 @@ def _jinja(template: str):
 def _fallback_render(tok, prompt: str, response: str | None, system: str | None) -> str:
     """The fallback template rendered (fallback_chat_template). Returns the prefix when response is None."""
     return _jinja(fallback_chat_template(tok)).render(messages=_messages(prompt, response, system),
-                                                      add_generation_prompt=response is None)
+                                                      add_generation_prompt=response is None,
+                                                      bos_token="", eos_token="")  # ids: _fallback_specials
 
 
 def _fallback_specials(tok) -> tuple[list[int], list[int]]:

@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from ..store import canonical_checksum, file_sha256
+from ..text.chat import fallback_chat_template
 
 TAG_RE = re.compile(r"^step(\d{8})$")
 
@@ -281,6 +282,7 @@ def resume_point(paths: list[Path], *, rank: int, world_size: int, config_digest
 
 def export_student(lm, tok, checkpoint: Path, out: Path, *, stage: int, rank: int) -> Path:
     """Write the student as a transformers folder (safetensors + config + tokenizer), atomically (rank 0).
+    A tokenizer without a chat template gets the fallback one it was trained with (text/chat.py).
 
     ZeRO-3 parameters are partitioned, so the fp32 weights are consolidated from the checkpoint with
     DeepSpeed's zero_to_fp32 helpers; with stages 0-2 every rank holds the full module.
@@ -310,6 +312,8 @@ def export_student(lm, tok, checkpoint: Path, out: Path, *, stage: int, rank: in
             lm.save_pretrained(str(tmp))
             lm.config.use_cache = False
         tok.save_pretrained(str(tmp))
+        if not getattr(tok, "chat_template", None):  # e.g. the Gemma-3 GGUF: the layout it was trained with
+            (tmp / "chat_template.jinja").write_text(fallback_chat_template(tok), encoding="utf-8")
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     _barrier()

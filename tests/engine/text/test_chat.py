@@ -149,3 +149,38 @@ def test_predicted_bytes_is_the_one_byte_count():
     assert predicted_bytes(resp, cut.pred_offsets) == len(covered.encode()) < len(resp.encode())  # no end-of-turn
     assert predicted_bytes("", encode_example(tok, "Hi", "").pred_offsets) == 1  # only the end-of-turn
     assert predicted_bytes("x", []) == 0
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gemma3"])
+def test_exported_fallback_template_gives_the_training_ids(name, tmp_path):
+    """An export of a model without a chat template carries the fallback one it was trained with
+    (trainer/checkpoint.py). On it our encoder takes the template path, a user's `apply_chat_template` and
+    lm-eval render BOS / EOS as text: every way gives the ids training used without the template."""
+    from profuser.engine.loader.collate import StudentEncoder
+    from profuser.engine.models import load_tokenizer
+    from profuser.engine.text.chat import fallback_chat_template
+
+    tok = real_tokenizers.load(name)
+    assert not getattr(tok, "chat_template", None)
+    tok.save_pretrained(str(tmp_path))
+    (tmp_path / "chat_template.jinja").write_text(fallback_chat_template(tok), encoding="utf-8")
+    exported = load_tokenizer(tmp_path)
+    assert exported.chat_template == fallback_chat_template(tok)
+    cases = [(p, r, s) for p in ("hi", TEXTS[2]) for r in TEXTS[:5] for s in (None, "Be brief.")]
+    for p, r, s in cases:
+        a, b = encode_example(tok, p, r, system=s), encode_example(exported, p, r, system=s)
+        for field in ("input_ids", "pred_pos", "pred_ids", "pred_offsets"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=f"{field} {p!r} {r!r} {s!r}")
+        msgs = ([{"role": "system", "content": s}] if s else []) + [{"role": "user", "content": p}]
+        prompt = exported.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert prompt.startswith(tok.bos_token)  # the BOS as text, read as the BOS id
+        P = int(a.pred_pos[0]) + 1
+        assert exported(prompt, add_special_tokens=False)["input_ids"] == a.input_ids[:P].tolist()
+    ps, rs, ss = (list(x) for x in zip(*cases))
+    x, y = StudentEncoder(tok).encode_batch(ps, rs, ss), StudentEncoder(exported).encode_batch(ps, rs, ss)
+    for field in ("input_ids", "ids_off", "pred_pos", "pred_ids", "pred_offsets", "pred_off"):
+        np.testing.assert_array_equal(getattr(x, field), getattr(y, field))
+    if name == "gpt2":  # the plain layout ends the turn with EOS, as text for the tools, as the id for us
+        full = exported.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+                                            tokenize=False)
+        assert full.endswith("Assistant: yo" + tok.eos_token)

@@ -160,10 +160,14 @@ def test_lm_eval_gets_the_template_the_model_was_trained_with():
         tok = load_tokenizer(out)
         msgs = [{"role": "user", "content": "Define: cat"}]
         prefix, suffix = render_parts(load_tokenizer(gemma), "Define: cat")
-        assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == prefix
+        rendered = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert rendered == "<bos>" + prefix  # BOS as text: lm-eval then adds none of its own
         assert prefix == "<start_of_turn>user\nDefine: cat<end_of_turn>\n<start_of_turn>model\n"
+        # the ids lm-eval encodes (text with BOS, no special tokens added) are the ones without the BOS text
+        # and the tokenizer's own BOS (how the study's lm-eval figures were measured)
+        assert tok(rendered, add_special_tokens=False)["input_ids"] == tok(prefix)["input_ids"]
         full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": "a pet"}], tokenize=False)
-        assert full == prefix + "a pet" + suffix
+        assert full == "<bos>" + prefix + "a pet" + suffix
 
 
 def test_table_marks_only_differences_beyond_the_seed_spread():
