@@ -121,6 +121,18 @@ def test_shipped_study_config_loads():
         ["schedule.kind=sft", "seed=1"]
 
 
+@pytest.mark.parametrize("name", ["study.yaml", "study_search.yaml"])
+def test_every_shipped_study_variant_is_a_valid_run(name):
+    """Each variant's overrides on its base make a training config (a typo would fail hours into a study)."""
+    from profuser.engine.config import load_config
+
+    cfg = S.load_study(Path(__file__).resolve().parents[3] / "configs" / name)
+    for variant in cfg.variants:
+        cmd = S.train_command(cfg, variant, 0)
+        train = load_config(cmd[cmd.index("--config") + 1], cmd[cmd.index("--config") + 2:])
+        assert train.schedule.kind == cfg.variants[variant]["schedule.kind"], variant
+
+
 def test_lm_eval_task_resolves_an_alias_to_its_local_folder(tmp_path, monkeypatch):
     """lm-eval's `hf` model would look an alias ("gemma3-270m") up on the hub: run_task hands it the
     converted folder (the study evaluates the untouched target by its alias)."""
