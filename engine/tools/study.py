@@ -275,8 +275,9 @@ def tabulate(cfg: StudyConfig, results: dict, target: dict, walls: dict) -> dict
             d = row[m]["vs_baseline"] = paired(runs, base, m, cfg.bootstrap)
             b = table[cfg.baseline][m]
             # the example bootstrap says nothing about another seed: a difference counts only when the two
-            # means are further apart than their seed spreads together
-            d["beyond_seed_spread"] = bool(abs(row[m]["mean"] - b["mean"]) > row[m]["sd"] + b["sd"])
+            # means are further apart than their seed spreads together; one seed has no spread (None)
+            d["beyond_seed_spread"] = (bool(abs(row[m]["mean"] - b["mean"]) > row[m]["sd"] + b["sd"])
+                                       if len(cfg.seeds) > 1 else None)
     return {"config": asdict(cfg), "metrics": metrics, "table": table, "n_examples": len(target["nll"]),
             "train_wall_s": walls}
 
@@ -298,6 +299,8 @@ def markdown(doc: dict, baseline: str) -> str:
     lines.append(f"\nmean ± sd over seeds; differences to {baseline}: per example, same seed, averaged over seeds, "
                  f"95% bootstrap interval over examples; * the two means differ by more than their seed "
                  f"spreads together (sd + sd); without *, the difference is within the seed spread.")
+    if len(doc["config"]["seeds"]) == 1:
+        lines.append("One seed: no seed spread, so no difference is marked; rank nothing on it alone.")
     return "\n".join(lines) + "\n"
 
 

@@ -201,3 +201,9 @@ def test_table_marks_only_differences_beyond_the_seed_spread():
     assert far["diff"] == pytest.approx(-0.6) and near["diff"] == pytest.approx(-0.05)
     md = S.markdown(doc, "sft")
     assert md.count("] *") == 1 and "within the seed spread" in md
+    # one seed: no spread, nothing marked (a zero sd would mark every difference)
+    one = S.StudyConfig(variants=cfg.variants, seeds=[0], bootstrap=50, eval=S.StudyEval(lm_eval=False))
+    doc1 = S.tabulate(one, {v: {0: r[0]} for v, r in results.items()}, res(2.0), {})
+    assert doc1["table"]["far"]["bits_per_byte"]["vs_baseline"]["beyond_seed_spread"] is None
+    md1 = S.markdown(doc1, "sft")
+    assert "] *" not in md1 and "One seed" in md1
