@@ -3,7 +3,8 @@
     profuser eval --data runs/demo/heldout.jsonl --model runs/demo/train/final --lm-eval     # build + run
     lm_eval --model hf --model_args pretrained=runs/demo/train/final,dtype=float32 \\
         --include_path lm_eval_task --tasks profuser_heldout_mc --apply_chat_template  # the same, by hand
-    (a model without a chat template also needs `,tokenizer=<copy>`: `profuser eval` prints the whole line)
+    (a model without a chat template, e.g. the Gemma-3 GGUF alias, also needs `,tokenizer=<copy>`: `profuser
+    eval` prints the whole line; our exports carry the template they were trained with)
 
 The task: each held-out prompt with four candidate answers, its own gold response and the gold responses of
 three other held-out prompts (distractors drawn with a fixed seed, never the gold itself, never a duplicate
