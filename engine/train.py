@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from profuser.engine.config import MODES, TrainConfig, dump_yaml, load_config, resume_digest
-from profuser.engine.dist import DistInfo, setup_distributed, teardown_distributed
+from profuser.engine.dist import DistInfo, release_freed_memory, setup_distributed, teardown_distributed
 from profuser.engine.errors import report_errors
 from profuser.engine.loader.stream import (BatchStream, build_streams, check_max_length, check_stores,
                                            check_vocab_rows)
@@ -99,10 +99,12 @@ class Run:
         """Checkpoint `tag` (default: this step's, as `latest`); a named tag (a NaN checkpoint) is kept aside."""
         if tag is None:
             self.last_saved = self.step
-        return ckpt.save(self.engine, self.ckpt_dir, tag or ckpt.tag_for(self.step), state or self.trainer_state(),
+        path = ckpt.save(self.engine, self.ckpt_dir, tag or ckpt.tag_for(self.step), state or self.trainer_state(),
                          self.config_yaml, config_digest=resume_digest(self.cfg), rank=self.info.rank,
                          world_size=self.info.world_size, update_latest=tag is None,
                          keep_last=self.cfg.checkpoint.keep_last)
+        release_freed_memory()  # the serialization buffers (dist.py: host memory of a CPU process)
+        return path
 
     def close(self) -> None:
         if self.log is not None:
@@ -271,6 +273,7 @@ def finish(run: Run) -> None:
     if cfg.checkpoint.export:
         export_dir = ckpt.export_student(run.engine.module.lm, run.tok, final, run.out / "final", stage=run.stage,
                                          rank=run.info.rank)
+        release_freed_memory()
         run.summary["export"] = str(export_dir)
         if run.info.rank == 0 and cfg.eval.data:  # student after, target before, every source
             run.summary["report"] = str(final_report(cfg, export_dir, run.out / "report"))

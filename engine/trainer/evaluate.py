@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..config import MODES
+from ..dist import device_for, release_freed_memory
 from ..models import load_model, load_tokenizer, output_logits, reference_models, resolve_dtype
 from ..store import TeacherManifest, read_json
 from ..text.chat import encode_example, predicted_bytes
@@ -161,7 +162,7 @@ def evaluate_specs(named: dict[str, str], examples: list[dict], *, max_length: i
                    device: torch.device | None = None, samples_of: str | None = None, n_samples: int = 0,
                    max_new_tokens: int = 48) -> tuple[dict, list]:
     """Evaluate several models (each loaded, used, freed in turn). Returns ({name: summary}, samples)."""
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or device_for(0)
     dtype = resolve_dtype("auto", device)
     results, samples = {}, []
     for name, spec in named.items():
@@ -175,6 +176,7 @@ def evaluate_specs(named: dict[str, str], examples: list[dict], *, max_length: i
             samples = generate_samples(lm, tok, examples[:n_samples], max_new_tokens=max_new_tokens, device=device)
         del lm
         gc.collect()
+        release_freed_memory()  # the next model reuses nothing of this one (dist.py: host memory)
     return results, samples
 
 
