@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make test      create the venv, build + install profuser, run the test suite (CPU)"
-	@echo "make demo      the whole pipeline on the shipped corpus with real small models (25-45 min on 2 cores)"
+	@echo "make demo      the whole pipeline on the shipped corpus with real small models (~17 min on 2 cores)"
 	@echo "make bench     all benchmarks (results in bench/results/)"
 
 $(VENV)/.deps: requirements.txt requirements-models.txt

@@ -145,6 +145,10 @@ def measure_variant(variant: str, lm, batches: list[dict], vms: list, device: to
 
 def one(variant: str, args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        from profuser.engine.dist import keep_freed_memory
+
+        keep_freed_memory()  # a no-op under PROFUSER_MALLOC=system (set by main from --malloc)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     batches, vms = make_batches(args.warmup + args.steps, args.batch, args.length, 2, args.k, 49152)
@@ -159,6 +163,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--variants", default="fusellm,engine,engine-zero3")
+    ap.add_argument("--malloc", choices=["system", "keep"], default="system",
+                    help="CPU only, every variant alike: glibc's default allocator (the README's table) or "
+                         "freed buffers kept for reuse, as `profuser train` runs (engine/dist.py)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -167,9 +174,12 @@ def main() -> int:
     rows = []
     for variant in args.variants.split(","):
         argv = [__file__, "--one", variant, "--batch", str(args.batch), "--length", str(args.length),
-                "--k", str(args.k), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+                "--k", str(args.k), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                "--malloc", args.malloc]
+        # PROFUSER_MALLOC: every variant alike (the engine's own setup would otherwise apply "keep")
         env = dict(os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR=os.environ.get(
-            "DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu"), HF_HUB_OFFLINE="1")
+            "DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu"), HF_HUB_OFFLINE="1",
+            PROFUSER_MALLOC=args.malloc)
         p = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=3600)
         row = next((json.loads(x[4:]) for x in p.stdout.splitlines() if x.startswith("ROW ")), None)
         if row is None:
@@ -183,9 +193,10 @@ def main() -> int:
             r["mem_vs_fusellm"] = r["peak_mem_mb"] / base["peak_mem_mb"]
     meta = {"machine": harness.machine_name(), "student": "smollm2-135m-instruct (134.5M, V=49152)",
             "batch": args.batch, "length": args.length, "teachers": "2 (student vocab + Gemma-3 262k mapped)",
-            "k": args.k, "steps": args.steps, "warmup": args.warmup, "date": time.strftime("%Y-%m-%d %H:%M"),
-            "load_average_1m_at_end": os.getloadavg()[0]}
-    out = RESULTS / f"train_{harness.machine_slug()}_b{args.batch}_l{args.length}.json"
+            "k": args.k, "steps": args.steps, "warmup": args.warmup, "malloc": args.malloc,
+            "date": time.strftime("%Y-%m-%d %H:%M"), "load_average_1m_at_end": os.getloadavg()[0]}
+    tag = "" if args.malloc == "system" else f"_malloc-{args.malloc}"
+    out = RESULTS / f"train_{harness.machine_slug()}_b{args.batch}_l{args.length}{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"\n{meta['machine']}; B={args.batch}, L={args.length}, K={args.k}, {args.steps} timed steps\n")

@@ -18,9 +18,9 @@ CPU training step allocates and frees buffers of ~1 GB (the gradient of a 262k x
 optimizer's temporaries, a chunk of logits), so every step page-faulted gigabytes of fresh, zeroed pages: on
 the demo (Gemma-3-270M, 2 cores) half of a step's wall time was kernel time. Large buffers now come from the
 heap and freed memory is kept for reuse (what jemalloc / tcmalloc under LD_PRELOAD give, with glibc's own
-knobs): steps 2.2x faster, results bit-identical; the cost is a higher resident peak (free pages held between
-steps), bounded by `release_freed_memory` after the phases that allocate once (checkpoints, exports,
-evaluations). Measured in README "Performance on CPU"; tests/engine/test_dist.py. Off with
+knobs): demo steps 1.7-2.2x faster, results bit-identical; the cost is a higher resident peak (free pages
+held between steps), bounded by `release_freed_memory` after the phases that allocate once (checkpoints,
+exports, evaluations). Measured in README "Host memory on a CPU"; tests/engine/test_dist.py. Off with
 PROFUSER_MALLOC=system, and whenever the user set glibc's MALLOC_* variables or preloads another allocator.
 """
 
