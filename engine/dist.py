@@ -78,19 +78,23 @@ def device_for(local_rank: int, device: str = "auto"):
     """torch.device: "auto" = cuda:<local_rank> when CUDA is available, else cpu.
 
     The LOCAL rank picks the GPU: global rank 9 of a 2 x 8 job is local rank 1 of its node, cuda:1.
+    A CPU device turns on keep_freed_memory (module docstring: host memory).
     """
     import torch
 
     if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
+        out = torch.device(device)
+    elif torch.cuda.is_available():
         n = torch.cuda.device_count()
         if local_rank >= n:
             raise ValueError(f"local rank {local_rank} but this node has only {n} CUDA device(s): launch at "
                              f"most {n} processes per node")
-        return torch.device("cuda", local_rank)
-    keep_freed_memory()
-    return torch.device("cpu")
+        out = torch.device("cuda", local_rank)
+    else:
+        out = torch.device("cpu")
+    if out.type == "cpu":
+        keep_freed_memory()
+    return out
 
 
 # glibc mallopt(3) parameters
@@ -122,9 +126,6 @@ def release_freed_memory() -> None:
     """Hand the free pages of the heap back to the kernel (malloc_trim(0)) where keep_freed_memory holds
     them: after a phase that allocates once (a checkpoint, an export, a model evaluated and freed)."""
     if _malloc["libc"] is not None:
-        import gc
-
-        gc.collect()
         _malloc["libc"].malloc_trim(0)
 
 

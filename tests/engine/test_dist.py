@@ -54,9 +54,9 @@ def test_bad_ranks_are_named():
 # the malloc settings are process-wide and cannot be undone.
 
 PROBE = r"""
-import json, resource, torch
+import json, resource, sys, torch
 from profuser.engine import dist
-device = dist.device_for(0, "auto")  # the CPU here: applies keep_freed_memory
+device = dist.device_for(0, sys.argv[1])  # the CPU here ("auto" or "cpu"): applies keep_freed_memory
 n = 1 << 27  # 512 MiB of float32; a step-like pattern: two large buffers of different sizes, a small one
 
 def rss_mb():
@@ -80,19 +80,20 @@ glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
                                 torch.cuda.is_available(), reason="glibc on a CPU-only machine")
 
 
-def malloc_probe(**env) -> dict:
+def malloc_probe(device: str = "auto", **env) -> dict:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "PROFUSER_MALLOC"}
-    out = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", PROBE, device], env={**clean, **env}, capture_output=True,
+                         text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @glibc_only
-def test_cpu_device_keeps_freed_buffers_and_releases_them_on_request():
+@pytest.mark.parametrize("device", ["auto", "cpu"])
+def test_cpu_device_keeps_freed_buffers_and_releases_them_on_request(device):
     """Fewer page faults than glibc's default (which maps and zeroes every large buffer afresh: 1.33 faults
     per page of x per cycle here), at the cost of free pages held (heap fragmentation), which
     release_freed_memory hands back."""
-    kept, system = malloc_probe(), malloc_probe(PROFUSER_MALLOC="system")
+    kept, system = malloc_probe(device), malloc_probe(device, PROFUSER_MALLOC="system")
     assert kept["device"] == "cpu" and kept["applied"] is True and system["applied"] is False
     assert system["faults_per_page"] > 1.2, system  # the baseline the setting removes
     assert kept["faults_per_page"] < 0.6 * system["faults_per_page"], (kept, system)
