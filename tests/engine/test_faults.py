@@ -254,9 +254,13 @@ def store_bytes(root: Path, source="src", mode="train") -> dict:
 
 
 def pass_cmd(command: str, root: Path, model: str, *extra, name: str = "src") -> list[str]:
+    """A pass in a subprocess with THIS process' intra-op thread count: fp32 reductions (and so the stored
+    bytes) depend on the thread count, and the stores written here are compared byte for byte with stores
+    written in this process (conftest pins one thread per xdist worker; alone, torch picks the core count)."""
     gen = ["--max-new-tokens", "8", "--gen-batch-size", "2"] if command == "generate" else []
     return [sys.executable, "-m", "profuser.engine.cli", command, "--data-dir", str(root), "--source", model,
-            "--name", name, "--k", "4", "--no-progress", "--batch-tokens", "64", *gen, *extra]
+            "--name", name, "--k", "4", "--no-progress", "--batch-tokens", "64",
+            "--threads", str(torch.get_num_threads()), *gen, *extra]
 
 
 def teach_cmd(root: Path, model: str, *extra) -> list[str]:
