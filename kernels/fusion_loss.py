@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .params import BACKENDS, LOGPROB_TOL, MISSING_MASS_MODES, REDUCTIONS, FusionParams
+from .params import BACKENDS, LOGPROB_TOL, MISSING_MASS_MODES, REDUCTIONS, TOPK_MASS_TOL, FusionParams
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _INTS = (torch.int32, torch.int64)
@@ -178,6 +178,15 @@ def validate_inputs(hidden, weight, labels, teacher_ids, teacher_logprobs, teach
         t, i, k = _first_bad(bad)
         raise _err("teacher_logprobs", f"[{t}, {i}, {k}] = {float(teacher_logprobs[t, i, k]):.4g} is a positive "
                                        f"log-probability (> {LOGPROB_TOL}): corrupt or not log-probabilities")
+    # the top-k entries of one position are part of one distribution: their probabilities sum to at most 1
+    mass = torch.where(teacher_ids != -1, teacher_logprobs.float(), -torch.inf).logsumexp(-1)
+    bad = mass > TOPK_MASS_TOL
+    if bad.any():
+        t, i = _first_bad(bad)
+        raise _err("teacher_logprobs", f"[{t}, {i}, :] has probabilities summing to {float(mass[t, i].exp()):.4g} "
+                                       f"> 1 (log-sum-exp {float(mass[t, i]):.3g} > {TOPK_MASS_TOL}): not "
+                                       "log-probabilities of one distribution (max-shifted logits instead of "
+                                       "log_softmax?)")
     if teacher_weights is not None:
         bad = ~torch.isfinite(teacher_weights)
         if bad.any():

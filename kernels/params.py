@@ -36,6 +36,10 @@ BACKENDS = ("auto", "reference", "chunked", "triton")
 # The largest teacher log-probability accepted anywhere (the loss's validation, the teacher store's value
 # checks): 0 plus rounding (float16 rounds a tiny positive fp32 log_softmax to at most ~1e-7).
 LOGPROB_TOL = 1e-3
+# The most the top-k probabilities of one position may sum to above 1, in log space (log-sum-exp of the
+# filled slots <= TOPK_MASS_TOL): float16 storage moves each log-prob by at most half an ulp, which moves the
+# sum by < 1e-3 (bf16: < 4e-3); max-shifted logits instead of log_softmax sum to e.g. 1.3-30 and are refused.
+TOPK_MASS_TOL = 1e-2
 
 
 @dataclass(frozen=True)

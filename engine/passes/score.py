@@ -278,7 +278,7 @@ def mince_share(data_dir, sources: list[str], student: str | None = None) -> dic
         w = advantage_weights(example_metric(nll, n_tok, n_bytes, metric), np.ones(len(sources), bool), "minCE",
                               tie_priority(is_student))
         won = w[:, w.sum(0) > 0]
-        out[metric] = {s: float(won[i].mean()) if won.size else 0.0 for i, s in enumerate(sources)}
+        out[metric] = {s: float(won[i].mean(dtype=np.float64)) if won.size else 0.0 for i, s in enumerate(sources)}
     return out
 
 

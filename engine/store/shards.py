@@ -8,7 +8,8 @@ A row is invalid (TeacherShard.invalid, with a reason naming the row's problem) 
     n_bytes              == text.chat.predicted_bytes(response, offsets)
     ids                  token ids in [0, V_teacher), top-k ids in [-1, V_teacher)
     log-probs            finite and <= LOGPROB_TOL at non-empty top-k slots, descending (within the tolerance),
-                         the token's own log-prob finite, <= LOGPROB_TOL and <= its row's top-1
+                         the token's own log-prob finite, <= LOGPROB_TOL and <= its row's top-1; the top-k
+                         probabilities of a position sum to at most exp(TOPK_MASS_TOL) (~1.01)
     nll_sum              >= 0 and the sum of the stored token log-probs (within float16 rounding)
     NaN                  a row marked by teach/generate --nan-policy drop (nll_sum NaN)
 Structural problems (columns, list lengths, rows of another prepared set) fail the whole shard. Readers
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from profuser.kernels.params import LOGPROB_TOL
+from profuser.kernels.params import LOGPROB_TOL, TOPK_MASS_TOL
 
 from ..text.chat import predicted_bytes_rows
 from .files import StoreError, read_table, shard_name, verify_digest
@@ -219,6 +220,9 @@ class TeacherShard:
         if self.k > 1:
             both = filled[:, 1:] & filled[:, :-1]
             tokens(both & (np.diff(lp, axis=1) > LOGPROB_TOL), "top-k log-probabilities not descending")
+        with np.errstate(over="ignore", invalid="ignore"):
+            mass = np.where(filled & np.isfinite(lp), np.exp(np.minimum(lp, 80.0)), 0.0).sum(1)
+        tokens(mass > np.exp(TOPK_MASS_TOL), "top-k probabilities sum above 1 (not log_softmax values)")
         tlp = self.token_logprobs.astype(np.float32)
         tokens(~np.isfinite(tlp), "non-finite token log-probability")
         tokens(tlp > LOGPROB_TOL, "positive token log-probability")

@@ -79,6 +79,7 @@ def records(tok, examples: list[dict], responses: list[str], k: int, rng: np.ran
         R = enc.pred_ids.shape[0]
         scale = rng.uniform(0.3, 3.0)  # per (source, example): spreads the MinCE winners
         lp = -np.cumsum(rng.exponential(scale, (R, k)), axis=1)  # descending, all < 0
+        lp -= np.log(np.exp(lp).sum(1, keepdims=True) + 0.05)  # the top-k of one distribution: sum < 1
         ids = rng.integers(0, V, (R, k))
         top = rng.random(R) < true_top
         ids[top, 0] = enc.pred_ids[top]

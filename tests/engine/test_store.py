@@ -24,6 +24,7 @@ def make_records(rng, responses, ends_turn=True):
         offs.append(o)
         ids.append(rng.integers(0, 1000, R))
         lp = -np.cumsum(rng.exponential(1.0, (R, K)), axis=1)
+        lp -= np.log(np.exp(lp).sum(1, keepdims=True) + 0.1)  # the top-k of a distribution: sum < 1
         klp.append(lp)
         kid.append(rng.integers(0, 1000, (R, K)))
         lps.append(lp[:, 0] - rng.exponential(0.1, R))
@@ -132,6 +133,7 @@ INVALID = [
     ("n_bytes", 2, lambda n: 5, "n_bytes=5"),
     ("topk_logprobs", 1, lambda lp: [x + 5.0 for x in lp], "positive top-k log-probability"),
     ("topk_logprobs", 3, lambda lp: _set(lp, 1, 0.0), "not descending"),
+    ("topk_logprobs", 2, lambda lp: [-0.1] * len(lp), "top-k probabilities sum above 1"),  # logits - max logit
     ("topk_logprobs", 0, lambda lp: _set(lp, 0, float("nan")), "non-finite top-k"),
     ("topk_ids", 0, lambda ids: _set(ids, 2, 1000), "top-k id outside [-1, 1000)"),
     ("token_ids", 3, lambda ids: _set(ids, 0, -4), "token id outside"),

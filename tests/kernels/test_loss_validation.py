@@ -57,6 +57,11 @@ CASES = {
     "logprobs_positive": (dict(teacher_logprobs=_nan_at(g["teacher_logprobs"], (1, 3, 0), 0.01)),
                           "teacher_logprobs", "[1, 3, 0] = 0.01"),
     "logprobs_shifted": (dict(teacher_logprobs=g["teacher_logprobs"] + 5.0), "teacher_logprobs", "positive"),
+    # max-shifted logits (z - max z) instead of log_softmax: every value <= 0, the probabilities sum above 1
+    "logprobs_max_shifted": (dict(teacher_logprobs=g["teacher_logprobs"] - g["teacher_logprobs"].amax(-1, True)),
+                             "teacher_logprobs", "[0, 0, :] has probabilities summing to"),
+    "logprobs_max_shifted_tail": (dict(teacher_logprobs=g["teacher_logprobs"] - g["teacher_logprobs"].amax(-1, True),
+                                       missing_mass="tail_bucket"), "teacher_logprobs", "> 1"),
     "weights_overflow": (dict(teacher_weights=torch.full((2, 6), 3e38)), "teacher_weights", "overflow"),
     "weights_shape": (dict(teacher_weights=torch.rand(3, 6)), "teacher_weights", "T=2"),
     "weights_negative": (dict(teacher_weights=_nan_at(g["teacher_weights"], (1, 4), -0.5)), "teacher_weights",
