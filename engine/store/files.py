@@ -31,7 +31,15 @@ class StoreError(ValueError):
 
 
 class DiskFullError(StoreError, OSError):
-    """No space left on the device while writing; the message names the file. Nothing partial is kept."""
+    """No space left on the device while writing; the message names the file. Nothing partial is kept.
+    DiskFullError(errno.ENOSPC, message): str() is the message alone (the one line a user reads)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.errno, self.strerror = code, message
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 @dataclass(frozen=True)
@@ -91,8 +99,18 @@ def tmp_name(path: Path) -> Path:
 # writes
 
 
-def _disk_full(exc: BaseException) -> bool:
-    return getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc)
+def is_disk_full(exc: BaseException, folder: Path | None = None) -> bool:
+    """Whether `exc` is a write that failed for want of space. torch.save reports a full disk as a bare
+    RuntimeError from its zip writer ("unexpected pos ...", no errno): with `folder`, such an error counts
+    when the folder's filesystem has less than 64 MiB left."""
+    if getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc):
+        return True
+    if folder is None or not any(s in str(exc) for s in ("inline_container", "PytorchStreamWriter")):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < 64 * 2**20
+    except OSError:
+        return False
 
 
 def disk_full_error(path: Path, exc: BaseException) -> DiskFullError:
@@ -115,7 +133,7 @@ def _atomic(path: Path, write) -> None:
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, (OSError, pa.ArrowException)) and _disk_full(exc):
+        if isinstance(exc, (OSError, pa.ArrowException)) and is_disk_full(exc):
             raise disk_full_error(path, exc) from exc
         raise
 

@@ -22,7 +22,7 @@ import socket
 import time
 from pathlib import Path
 
-from .files import StoreError
+from .files import StoreError, disk_full_error, is_disk_full
 
 
 class StoreBusyError(StoreError):
@@ -47,6 +47,9 @@ class WriterLock:
         self.held = False
 
     def owner(self) -> dict | None:
+        if self.path.is_symlink():  # O_EXCL fails on it, reading it finds nothing: it would never be taken
+            raise StoreError(f"{self.path}: a symbolic link (to {os.readlink(self.path)}) stands where {self.what}'s "
+                             "lock file goes; profuser never writes one: delete it and run again")
         try:
             return json.loads(self.path.read_text())
         except FileNotFoundError:
@@ -59,8 +62,18 @@ class WriterLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            json.dump({**self.me, "since": time.strftime("%Y-%m-%dT%H:%M:%S")}, f)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise disk_full_error(self.path, exc) from exc
+            raise
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({**self.me, "since": time.strftime("%Y-%m-%dT%H:%M:%S")}, f)
+        except BaseException as exc:  # an empty lock left behind would block every later run
+            self.path.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and is_disk_full(exc):
+                raise disk_full_error(self.path, exc) from exc
+            raise
         return True
 
     def acquire(self) -> "WriterLock":

@@ -45,7 +45,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..store import canonical_checksum, file_sha256
+from ..store import DiskFullError, canonical_checksum, file_sha256
+from ..store.files import is_disk_full
 from ..text.chat import fallback_chat_template
 
 TAG_RE = re.compile(r"^step(\d{8})$")
@@ -65,6 +66,11 @@ INFO = "profuser_checkpoint.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written (disk full, ...); the message names the folder. Nothing partial is kept."""
+
+
+class CheckpointDiskFullError(DiskFullError, CheckpointError):
+    """The disk filled up during a checkpoint save (an OSError ENOSPC, or torch.save's bare "unexpected pos"
+    RuntimeError on a full filesystem); the message names the folder. Nothing partial is kept."""
 
 
 class ResumeError(RuntimeError):
@@ -155,15 +161,16 @@ def save(engine: Any, ckpt_dir: str | Path, tag: str, trainer_state: dict, confi
         torch.save(state, tmp / f"trainer_rank{rank:05d}.pt")
         if rank == 0:
             (tmp / "config.yaml").write_text(config_yaml)
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure: every rank must learn of it, nothing partial kept
         error = exc
     if not _all_ok(error is None):
+        full = error is not None and is_disk_full(error, ckpt_dir)  # before the cleanup frees the space
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        why = "no space left on device" if getattr(error, "errno", None) == errno.ENOSPC else \
+        why = "no space left on device" if full else \
             f"{type(error).__name__}: {error}" if error else "another rank failed to write its part"
-        raise CheckpointError(f"{tmp}: checkpoint not saved ({why}); nothing partial was kept, the previous "
-                              "checkpoint is intact")
+        msg = f"{tmp}: checkpoint not saved ({why}); nothing partial was kept, the previous checkpoint is intact"
+        raise (CheckpointDiskFullError(errno.ENOSPC, msg) if full else CheckpointError(msg)) from error
     _barrier()
     names = [p.name for p in tmp.iterdir() if p.is_file()]
     mine = {n: {"bytes": (tmp / n).stat().st_size, "sha256": file_sha256(tmp / n)}

@@ -237,6 +237,94 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path):
     record("disk full: checkpoint", "named error, previous kept")
 
 
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real filesystem with no space left: a 1 MiB tmpfs, filled (needs root; skipped elsewhere)."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        with open(mnt / "filler", "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+            except OSError:
+                pass
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+class TorchSavingEngine(FakeEngine):
+    """Writes its state with torch.save, as DeepSpeed does: on a full disk torch raises a bare RuntimeError
+    ("unexpected pos ..."), not an OSError."""
+
+    def save_checkpoint(self, root, tag, save_latest=False):
+        d = Path(root) / tag
+        d.mkdir(parents=True, exist_ok=True)
+        torch.save({"module": torch.zeros(1 << 20)}, d / "mp_rank_00_model_states.pt")
+
+
+def test_a_really_full_disk_during_a_checkpoint_is_disk_full_error_naming_the_folder(full_disk):
+    d = full_disk / "checkpoints"
+    d.mkdir()
+    with pytest.raises(store.DiskFullError) as e:
+        ckpt.save(TorchSavingEngine(), d, ckpt.tag_for(4), {"step": 4, "loaders": {}}, "x: 1\n",
+                  config_digest="digest", rank=0, world_size=1)
+    assert isinstance(e.value, ckpt.CheckpointError) and str(e.value).startswith(f"{d / 'tmp-step00000004'}: ")
+    assert "no space left on device" in str(e.value) and "unexpected pos" not in str(e.value)
+    assert not list(d.glob("tmp-*"))
+    record("disk full: torch.save in a checkpoint", "DiskFullError, tmp folder removed")
+
+
+def test_a_really_full_disk_while_creating_a_lock_names_it_and_leaves_no_lock(full_disk):
+    lock = full_disk / "part-00000.parquet.lock"
+    with pytest.raises(store.DiskFullError, match=f"^{lock}: no space left on device"):
+        store.WriterLock(lock, what="shard 0").acquire()
+    assert not lock.exists()  # an empty lock would block the re-run ("pid None on host None")
+    (full_disk / "filler").unlink()
+    with store.WriterLock(lock, what="shard 0"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    record("disk full: lock file", "named, no lock left")
+
+
+def test_a_full_disk_while_writing_a_lock_leaves_no_empty_lock(tmp_path, monkeypatch):
+    from profuser.engine.store import locks
+
+    lock = tmp_path / "part-00000.parquet.lock"
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(locks.json, "dump", full)
+    with pytest.raises(store.DiskFullError, match=f"^{lock}: no space left on device"):
+        store.WriterLock(lock, what="shard 0").acquire()
+    assert not lock.exists()
+    monkeypatch.undo()
+    with store.WriterLock(lock, what="shard 0"):
+        pass
+
+
+def test_a_dangling_symlink_as_a_lock_is_an_error_naming_it(tmp_path):
+    lock = tmp_path / "part-00000.parquet.lock"
+    lock.symlink_to(tmp_path / "gone")
+
+    def hung(*_):
+        raise TimeoutError("acquire looped")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        with pytest.raises(store.StoreError, match=f"^{lock}: a symbolic link"):
+            store.WriterLock(lock, what="shard 0", wait=True, poll_s=0.01).acquire()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    record("dangling symlink lock", "named error")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # teacher passes: full disks, two writers, kills
 
