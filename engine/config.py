@@ -407,6 +407,9 @@ def validate(cfg: TrainConfig, origins: dict | None = None) -> None:
         for x in (v if isinstance(v, list) else [v]):
             if not rng.ok(float(x)):
                 fail(key, f"must be in {rng}, got {x!r}" + (f" (in {v})" if isinstance(v, list) else ""))
+    problem = output_dir_problem(cfg.output_dir)
+    if problem:
+        fail("output_dir", f"{cfg.output_dir!r} {problem}")
     if not cfg.data.sources:
         fail("data.sources", "at least one source is needed")
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
@@ -414,6 +417,21 @@ def validate(cfg: TrainConfig, origins: dict | None = None) -> None:
     stage = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         fail("deepspeed.zero_optimization.stage", f"must be 0-3, got {stage!r}")
+
+
+def output_dir_problem(output_dir: str) -> str | None:
+    """Why `output_dir` can never be a run's folder (None: it can): empty, or a folder that holds other things
+    by nature (the current folder, its parent, the filesystem root, the home folder)."""
+    if not output_dir.strip():
+        return "is empty (an unset shell variable?): name a folder for this run"
+    p = Path(output_dir).expanduser().resolve()
+    here = Path.cwd().resolve()
+    special = {here: "the current folder", here.parent: "the parent of the current folder",
+               Path(p.anchor): "the filesystem root", Path.home().resolve(): "the home folder"}
+    if p in special:
+        return (f"is {special[p]} ({p}): a run writes config.yaml, checkpoints/ and final/ into its folder; name "
+                "a folder of its own")
+    return None
 
 
 RESUMABLE_CHANGES = ("output_dir", "checkpoint", "eval", "log", "demo", "optim.max_steps")

@@ -50,6 +50,7 @@ from profuser.engine.loader.stream import (BatchStream, build_streams, check_max
 from profuser.engine.models import load_tokenizer, resolve_dtype
 from profuser.engine.store import WriterLock
 from profuser.engine.trainer import checkpoint as ckpt
+from profuser.engine.trainer import output_dir
 from profuser.engine.trainer.deepspeed_setup import build_engine, deepspeed_config, full_shape, load_student
 from profuser.engine.trainer.evaluate import final_report, make_evaluator
 from profuser.engine.trainer.logging import MetricsLogger, peak_memory_mb
@@ -140,10 +141,10 @@ def setup(cfg: TrainConfig) -> Run:
     config_yaml = dump_yaml(cfg)
     lock = None
     if info.rank == 0:
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        out = output_dir.claim(cfg.output_dir)  # a new, empty or run-owned folder; never the user's files
         # two runs writing one output_dir would interleave checkpoints: the second one stops here, named
-        lock = WriterLock(Path(cfg.output_dir) / "train.lock", what=f"the training run in {cfg.output_dir}").acquire()
-        (Path(cfg.output_dir) / "config.yaml").write_text(config_yaml)
+        lock = WriterLock(out / "train.lock", what=f"the training run in {out}").acquire()
+        output_dir.write_owned(out, "config.yaml", config_yaml)
         print(f"[profuser train] resolved config (world size {info.world_size}, device {device}):\n{config_yaml}",
               file=sys.stderr, flush=True)
     print(f"[profuser train] rank {info.rank} of {info.world_size} (local rank {info.local_rank}) on {device}",

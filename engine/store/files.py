@@ -143,6 +143,12 @@ def canonical_checksum(obj: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """`text` into `path` through a temporary file, fsync and a rename: never half a file; a symlink at
+    `path` is replaced, never written through."""
+    _atomic(Path(path), lambda tmp: tmp.write_text(text))
+
+
 def write_json_atomic(path: Path, obj: dict) -> None:
     """The object plus its `checksum` key, atomically."""
     body = {**{k: v for k, v in obj.items() if k != "checksum"}, "checksum": canonical_checksum(obj)}
