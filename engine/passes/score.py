@@ -404,7 +404,7 @@ def score(cfg: ScoreConfig, *, scorers: list[Scorer] | None = None, log=print) -
     write_votes(cfg.data_dir, ids, [cfg.sources[w] for w in winner],
                 [dict(zip(cfg.sources, map(int, v))) for v in votes],
                 [{n: {s: float(m[i, j]) if valid[i, j] else None for j, s in enumerate(cfg.sources)}
-                  for n, m in table.items()} for i in range(N)])
+                  for n, m in table.items()} for i in range(N)], sources=cfg.sources)
     summary = {"n_examples": N, "scorers": list(table),
                "infer_win_share": {s: float((winner == i).mean()) for i, s in enumerate(cfg.sources)},
                "infer_excluded": n_excluded,

@@ -4,6 +4,7 @@
     teachers/<source>/<mode>/manifest.json TeacherManifest: source identity, tokenizer, k, completed shards
                                            {file, rows, tokens, bytes, sha256, counters}
     scores/votes.parquet                   example_id, winner, votes json, scores json
+    scores/votes.json                      its digest, and the identity of every store it voted on
 
 Schema 2 (this version) adds the digests, the manifests' own checksums, the source identity and the
 teacher rows' prompt fingerprints; schema-1 stores are still read (their value checks run, the checks that
@@ -178,6 +179,14 @@ class TeacherManifest:
         except ValueError:  # spec names no alias and no existing folder
             return False
 
+    def identity(self) -> dict:
+        """What makes this store this store: the model (fingerprint; its spec for messages), the tokenizer
+        and the content (every completed shard's sha256). Recorded by the vote and by checkpoints."""
+        shards = sorted((int(j), v.get("sha256")) for j, v in self.completed.items())
+        content = hashlib.sha256(json.dumps([self.source, self.mode, shards]).encode()).hexdigest()
+        return {"model": self.model, "model_fingerprint": self.model_fingerprint,
+                "tokenizer_hash": self.tokenizer_hash, "content": content}
+
     @property
     def tokens(self) -> int:
         return sum(int(v["tokens"]) for v in self.completed.values())
@@ -230,18 +239,45 @@ def require_stores(data_dir, sources: list[str], mode: str, *, what: str = "data
 # votes
 
 
-def write_votes(data_dir, example_ids: list[str], winners: list[str], votes: list[dict], scores: list[dict]) -> Path:
+# what of a store's identity must match between the vote and the store read for training (the model spec
+# may change legitimately: `profuser repoint` after a model folder moved)
+IDENTITY_KEYS = ("model_fingerprint", "tokenizer_hash", "content")
+
+
+def write_votes(data_dir, example_ids: list[str], winners: list[str], votes: list[dict], scores: list[dict],
+                sources: list[str] | None = None) -> Path:
     """scores/votes.parquet: example_id, winner (a source name), votes json {source: n}, scores json
-    {scorer: {source: score or null}}; its digest goes into scores/votes.json. Returns the path."""
+    {scorer: {source: score or null}}; its digest and the identity of every voted-on source's inference-mode
+    store (TeacherManifest.identity) go into scores/votes.json. Returns the path."""
     path = scores_dir(data_dir) / "votes.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
+    if sources is None:
+        sources = sorted(set(winners) | {s for v in votes for s in v})
+    identities = {s: TeacherManifest.load(data_dir, s, "infer").identity() for s in sources
+                  if TeacherManifest.path(data_dir, s, "infer").is_file()}
     info = write_table_atomic(pa.table({"example_id": list(example_ids), "winner": list(winners),
                                         "votes": [json.dumps(v) for v in votes],
                                         "scores": [json.dumps(s) for s in scores]}), path)
     write_json_atomic(path.with_suffix(".json"), {"schema_version": SCHEMA_VERSION, "file": path.name,
                                                   "rows": len(example_ids), "bytes": info.bytes,
-                                                  "sha256": info.sha256})
+                                                  "sha256": info.sha256, "stores": identities})
     return path
+
+
+def check_vote_identities(data_dir, meta: dict, index: Path, sources: list[str]) -> None:
+    """StoreError when a source's inference-mode store is not the one the vote scored (rebuilt, swapped or
+    replaced after `profuser score`): the winners would pick answers nobody voted for."""
+    for s in sources:
+        voted = (meta.get("stores") or {}).get(s)
+        if voted is None or not TeacherManifest.path(data_dir, s, "infer").is_file():
+            continue  # a vote written before identities were recorded; or no store (require_stores names it)
+        now = TeacherManifest.load(data_dir, s, "infer").identity()
+        changed = [k for k in IDENTITY_KEYS if voted.get(k) != now.get(k)]
+        if changed:
+            raise StoreError(f"{index}: the vote scored source {s!r}'s answers from another store than "
+                             f"{TeacherManifest.path(data_dir, s, 'infer')} holds now ({', '.join(changed)} differ: "
+                             f"voted {voted.get('model')!r}, now {now.get('model')!r}; rebuilt, swapped or replaced "
+                             "after `profuser score`): run `profuser score` again")
 
 
 def read_votes(data_dir, sources: list[str] | None = None) -> dict[str, str]:
@@ -262,6 +298,7 @@ def read_votes(data_dir, sources: list[str] | None = None) -> dict[str, str]:
     if meta and meta.get("rows") != len(ids):
         raise StoreError(f"{path}: {len(ids)} rows but {index} records {meta.get('rows')}")
     if sources is not None:
+        check_vote_identities(data_dir, meta, index, sources)
         for row, (eid, winner) in enumerate(zip(ids, winners)):
             if winner not in sources:
                 raise StoreError(f"{path}: row {row}: winner {winner!r} of example {eid!r} is not one of the "

@@ -289,6 +289,11 @@ class TeacherStore:
         self.prepared = prepared or PreparedManifest.load(data_dir)
         self.manifest_path = TeacherManifest.path(data_dir, source, mode)
         self.manifest = m = TeacherManifest.load(data_dir, source, mode)
+        if (m.source, m.mode) != (source, mode):  # folders swapped or copied: another source's answers
+            raise StoreError(f"{self.manifest_path}: holds the {m.mode}-mode store of source {m.source!r} "
+                             f"(model {m.model!r}), but sits in the folder of source {source!r}, mode {mode!r}: "
+                             "were teachers/<source>/<mode> folders swapped or copied? Move it back, or re-run "
+                             "the pass for this source")
         m.check(self.manifest_path, prepared=self.prepared, tokenizer_hash=tokenizer_hash, vocab_size=vocab_size)
         missing = [j for j in range(m.n_shards) if str(j) not in m.completed]
         if missing:

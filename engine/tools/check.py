@@ -6,7 +6,9 @@
 2. the stores of every mode the schedule uses: manifests (checksums, prepared fingerprints, completeness),
    every prepared and teacher shard (digest, page checksums, structure) and every teacher row's values
    (store/shards.py), with a count of invalid rows per store and the first reasons;
-3. data.max_length against the templated prompts (the student's tokenizer only).
+3. identities: each store's manifest names the source and mode of its folder, and the inference-mode vote
+   recorded the stores that are on disk now (store.check_vote_identities);
+4. data.max_length against the templated prompts (the student's tokenizer only).
 Exit 0 when training would start and read every row; 1 when it would fail (bad_row_policy=error and an
 invalid row, a missing or damaged shard, ...) or, with bad_row_policy=drop, when rows would be dropped
 (the report says how many), so scripts notice.
@@ -51,6 +53,9 @@ def check(cfg, out=print) -> int:
             for r in reasons:
                 out(f"      {r}")
             bad += invalid
+        if mode == "infer":  # the vote's winners must be read from the stores the vote scored
+            out(f"infer votes: {len(store.read_votes(root, cfg.data.sources))} examples, each source's store is "
+                "the one the vote scored")
     check_max_length(cfg, load_tokenizer(cfg.model.student), modes)
     if bad:
         action = "would stop training (bad_row_policy=error)" if cfg.data.bad_row_policy == "error" else \

@@ -20,9 +20,12 @@ The filesystem must be shared by all ranks (as DeepSpeed itself assumes by defau
 
 Resume verifies before DeepSpeed reads anything: the folder must carry profuser_checkpoint.json, its
 config digest must be this run's (config.resume_digest; checkpoint.allow_foreign=true overrides), its
-world size this run's, and every file its recorded size and sha256 (each rank hashes a share). A corrupt
-checkpoint is skipped with a warning and the previous one is used. DeepSpeed's own files are pickles that
-torch.load unpickles: like any pickle, they must come from a folder you trust (the README says so).
+world size this run's, every file its recorded size and sha256 (each rank hashes a share), and the folder
+must hold nothing else: DeepSpeed loads every file matching its name patterns, so a file the record does
+not list (a planted `zero_pp_rank_0_mp_rank_0-_model_states.pt`) is refused with ResumeError naming it. A
+corrupt checkpoint is skipped with a warning and the previous one is used. Every file is then unpickled
+with torch.load(weights_only=True): tensors, plain values and the few DeepSpeed classes its states hold
+(DEEPSPEED_STATE_CLASSES); anything else is refused, never run (allow_foreign=true trusts the folder).
 
 `export_student` turns a checkpoint into a standard transformers folder (ZeRO-3: zero_to_fp32).
 """
@@ -242,20 +245,59 @@ def intact(path: Path, files: dict | None, *, rank: int, world_size: int) -> str
     return None
 
 
-def load(engine: Any, path: str | Path, *, rank: int, allow_foreign: bool = False) -> dict:
-    """Restore engine (model, optimizer, lr scheduler) and return this rank's trainer state (RNG restored).
-    Call after `check` and `intact`. The trainer state loads with weights_only=True: a planted pickle is
-    refused, never run (an older checkpoint's numpy RNG state needs allow_foreign)."""
-    path = Path(path)
-    state_file = path / f"trainer_rank{rank:05d}.pt"
+def unlisted(path: Path, files: dict | None) -> list[str]:
+    """Entries of checkpoint folder `path` its record does not list (None: no record to compare with)."""
+    if files is None:
+        return []
+    return sorted(p.name for p in path.iterdir() if p.name not in files and p.name != INFO)
+
+
+# What DeepSpeed 0.19's ZeRO states pickle besides tensors and plain values (optimizer states: the loss
+# scaler, the ZeRO stage enum, stage 1-2's fragment addresses). Plain data classes: rebuilding them runs no code.
+DEEPSPEED_STATE_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                           "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                           "deepspeed.runtime.zero.config.ZeroStageEnum",
+                           "deepspeed.utils.tensor_fragment.fragment_address")
+
+
+def _safe_classes() -> list:
+    import importlib
+
+    out = []
+    for name in DEEPSPEED_STATE_CLASSES:
+        module, _, cls = name.rpartition(".")
+        try:
+            out.append(getattr(importlib.import_module(module), cls))
+        except (ImportError, AttributeError):  # another DeepSpeed version: that class cannot be in its files
+            pass
+    return out
+
+
+def torch_load_safe(path: Path, map_location=None, *, allow_foreign: bool = False):
+    """torch.load with weights_only=True (+ DEEPSPEED_STATE_CLASSES); ResumeError naming the file when it holds
+    anything else. allow_foreign: unpickle anything (a folder the user trusts)."""
     try:
-        state = torch.load(state_file, weights_only=True)
+        with torch.serialization.safe_globals(_safe_classes()):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         if not allow_foreign:
-            raise ResumeError(f"{state_file}: holds objects other than tensors and plain values (refused: loading it "
+            raise ResumeError(f"{path}: holds objects other than tensors and plain values (refused: loading it "
                               f"could run code): {str(exc).splitlines()[0]}") from None
-        state = torch.load(state_file, weights_only=False)
-    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
+        return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def load(engine: Any, path: str | Path, *, rank: int, allow_foreign: bool = False) -> dict:
+    """Restore engine (model, optimizer, lr scheduler) and return this rank's trainer state (RNG restored).
+    Call after `check` and `intact`. Every file loads through torch_load_safe: a planted pickle is refused,
+    never run (an older checkpoint's numpy RNG state needs allow_foreign)."""
+    path = Path(path)
+    state = torch_load_safe(path / f"trainer_rank{rank:05d}.pt", allow_foreign=allow_foreign)
+    ce = engine.checkpoint_engine  # DeepSpeed's own reader calls torch.load(weights_only=False)
+    ce.load = lambda f, map_location=None: torch_load_safe(Path(f), map_location, allow_foreign=allow_foreign)
+    try:
+        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
+    finally:
+        del ce.load  # the instance attribute: back to the class's method
     if load_path is None:
         raise ResumeError(f"DeepSpeed could not load checkpoint {path}")
     set_rng_state(state.pop("rng"))
@@ -275,6 +317,12 @@ def resume_point(paths: list[Path], *, rank: int, world_size: int, config_digest
             problem = f"{path / INFO} is missing or fails its checksum"
         else:
             check(path, info, world_size=world_size, config_digest=config_digest, allow_foreign=allow_foreign)
+            extra = unlisted(path, info.get("files"))
+            if extra:  # DeepSpeed would load a planted state file: never fall back silently, never load it
+                raise ResumeError(f"{path / extra[0]}: not listed in {INFO} (written after the checkpoint: "
+                                  f"{len(extra)} such entr{'y' if len(extra) == 1 else 'ies'}, {extra[:3]}); "
+                                  "DeepSpeed could load it, so the checkpoint is refused: remove what was added, "
+                                  "or start over with checkpoint.resume=never")
             problem = intact(path, info.get("files"), rank=rank, world_size=world_size)
         if problem is None:
             return path

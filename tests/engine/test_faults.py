@@ -36,6 +36,7 @@ import pytest
 import torch
 
 import helpers
+from helpers.checkpoints import FakeEngine, Planted, fake_checkpoints
 from profuser.engine import store
 from profuser.engine.loader import FusionDataConfig, FusionLoader
 from profuser.engine.text import align
@@ -149,29 +150,6 @@ def test_bit_flips_in_the_vocab_map_cache_are_repaired(stores, tmp_path):
 # checkpoints: verified before DeepSpeed reads them, a planted pickle is never run
 
 
-class FakeEngine:
-    """What ckpt.save needs of a DeepSpeed engine: files written into the tag folder."""
-
-    def __init__(self, fail: OSError | None = None):
-        self.fail = fail
-
-    def save_checkpoint(self, root, tag, save_latest=False):
-        d = Path(root) / tag
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "mp_rank_00_model_states.pt").write_bytes(os.urandom(4096))
-        if self.fail:
-            raise self.fail
-        (d / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(os.urandom(8192))
-
-
-def fake_checkpoints(root: Path, steps=(2, 4)) -> Path:
-    d = root / "checkpoints"
-    for step in steps:
-        ckpt.save(FakeEngine(), d, ckpt.tag_for(step), {"step": step, "loaders": {}, "world_size": 1}, "x: 1\n",
-                  config_digest="digest", rank=0, world_size=1, keep_last=3)
-    return d
-
-
 def test_bit_flips_in_checkpoints_fall_back_or_refuse(tmp_path):
     d = fake_checkpoints(tmp_path)
     assert ckpt.resume_point(ckpt.candidates(d), rank=0, world_size=1, config_digest="digest") == d / "step00000004"
@@ -205,16 +183,6 @@ def test_resume_refuses_another_config_and_a_foreign_folder(tmp_path):
     (d / "step00000002" / ckpt.INFO).unlink()
     with pytest.raises(ckpt.ResumeError, match="not written by profuser train"), pytest.warns(UserWarning):
         ckpt.resume_point(ckpt.candidates(d), rank=0, world_size=1, config_digest="digest")
-
-
-class Planted:
-    """Unpickling this runs code: it creates a marker file."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.marker),))
 
 
 def test_a_planted_pickle_is_refused_not_run(tmp_path):

@@ -86,3 +86,128 @@ def test_a_link_in_the_run_folder_is_replaced_not_written_through(tmp_path):
     od.write_owned(out, "config.yaml", "seed: 0\n")
     assert target.read_text() == USER_CONFIG and not (out / "config.yaml").is_symlink()
     assert (out / "config.yaml").read_text() == "seed: 0\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checkpoint folders: only what the record lists is loaded, and only as tensors and plain values
+
+# every name DeepSpeed 0.19's load_checkpoint globs or builds in a tag folder (model states of every
+# mp rank, ZeRO partitions fp32 / bf16, MoE experts old and new layout)
+DEEPSPEED_NAMES = ["zero_pp_rank_0_mp_rank_0-_model_states.pt", "mp_rank_01_model_states.pt",
+                   "zero_pp_rank_1_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                   "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "expert_0_mp_rank_00_model_states.pt",
+                   "layer_0_expert_0_mp_rank_00_model_states.pt"]
+
+
+@pytest.mark.parametrize("name", DEEPSPEED_NAMES)
+def test_a_pickle_planted_under_a_deepspeed_name_is_refused_not_run(tmp_path, name):
+    import torch
+    from helpers.checkpoints import Planted, fake_checkpoints
+
+    from profuser.engine.trainer import checkpoint as ckpt
+
+    d = fake_checkpoints(tmp_path)
+    marker, planted = tmp_path / "pwned", d / "step00000004" / name
+    listed = planted.exists()
+    torch.save({"module": Planted(str(marker))}, planted)
+    if listed:  # in place of a file the record lists: its sha256 differs, the older checkpoint is used
+        with pytest.warns(UserWarning, match=f"is damaged \\({planted} has .* bytes"):
+            got = ckpt.resume_point(ckpt.candidates(d), rank=0, world_size=1, config_digest="digest")
+        assert got == d / "step00000002"
+    else:
+        with pytest.raises(ckpt.ResumeError, match=f"{planted}: not listed in"):
+            ckpt.resume_point(ckpt.candidates(d), rank=0, world_size=1, config_digest="digest")
+    assert not marker.exists()
+    # and had it been listed (a record rewritten by whoever planted it), it is still never unpickled
+    with pytest.raises(ckpt.ResumeError, match=f"{name}: holds objects other than tensors"):
+        ckpt.torch_load_safe(d / "step00000004" / name)
+    assert not marker.exists()
+
+
+def test_deepspeed_state_classes_load_weights_only(tmp_path):
+    """The allow-list is what DeepSpeed's optimizer states hold: a real ZeRO-2 optimizer state loads."""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from profuser.engine.trainer import checkpoint as ckpt
+
+    f = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": {"zero_stage": ZeroStageEnum.gradients, "loss_scaler": LossScaler(1.0),
+                                         "base_optimizer_state": {"exp_avg": torch.ones(3)}}}, f)
+    got = ckpt.torch_load_safe(f)["optimizer_state_dict"]
+    assert got["zero_stage"] == ZeroStageEnum.gradients and torch.equal(got["base_optimizer_state"]["exp_avg"],
+                                                                         torch.ones(3))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# store identity: the folder, the vote
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from helpers import training_data
+
+    return training_data(tmp_path_factory.mktemp("trust"), n=16, shard_size=8)
+
+
+def copy_data(data, tmp_path) -> Path:
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(data["data"], root)
+    return root
+
+
+def infer_loader(root, sources=("self", "gpt2")):
+    from helpers import tokenizer
+
+    from profuser.engine.loader import FusionDataConfig, FusionLoader
+
+    cfg = FusionDataConfig(data_dir=str(root), sources=list(sources), student="x", mode="infer", k=4, batch_size=4,
+                           shuffle_buffer=1, max_length=None)
+    return FusionLoader(cfg, tokenizer("smollm2"))  # teacher tokenizers from the manifests, as training does
+
+
+def run_check(data, tmp_path, root) -> subprocess.CompletedProcess:
+    from helpers import overrides
+
+    return subprocess.run([sys.executable, "-m", "profuser.engine.cli", "check",
+                           *overrides(data, tmp_path / "out", **{"data.data_dir": str(root)})],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_swapped_source_folders_are_named_by_the_loader_and_by_check(data, tmp_path):
+    from profuser.engine import store
+
+    root = copy_data(data, tmp_path)
+    a, b = store.teacher_dir(root, "self", "infer"), store.teacher_dir(root, "gpt2", "infer")
+    a.rename(tmp_path / "swap")
+    b.rename(a)
+    (tmp_path / "swap").rename(b)
+    with pytest.raises(store.StoreError, match=f"{a / 'manifest.json'}: holds the infer-mode store of source 'gpt2'"):
+        infer_loader(root)
+    p = run_check(data, tmp_path, root)
+    assert p.returncode == 1 and "sits in the folder of source 'self'" in p.stderr.strip().splitlines()[-1], p.stderr
+
+
+def test_a_store_rebuilt_after_the_vote_is_named_by_the_loader_and_by_check(data, tmp_path):
+    from helpers import tokenizer
+
+    from profuser.engine import store
+    from profuser.engine.tools import synthetic as fx
+
+    root = copy_data(data, tmp_path)
+    infer_loader(root)  # as scored: fine
+    ex = fx.corpus(16, extra_every=0, system_every=5)
+    pm = store.PreparedManifest.load(root)
+    import shutil
+
+    shutil.rmtree(store.teacher_dir(root, "gpt2", "infer"))  # generated again, by another model
+    fx.write_teacher(root, "gpt2", "infer", tokenizer("gpt2"), data["data"] + "/other-model", ex, pm, k=4, seed=99,
+                     responses=[fx.infer_response("gpt2", e) + " again" for e in ex])
+    votes = store.scores_dir(root) / "votes.json"
+    with pytest.raises(store.StoreError, match=f"{votes}: the vote scored source 'gpt2'.*content differ"):
+        infer_loader(root)
+    p = run_check(data, tmp_path, root)
+    assert p.returncode == 1 and "run `profuser score` again" in p.stderr.strip().splitlines()[-1], p.stderr
