@@ -135,6 +135,8 @@ class CheckpointConfig:
     # resume from a checkpoint of another configuration, or one not written by profuser (its pickles could
     # run code: only for a folder you trust)
     allow_foreign: bool = False
+    # resume although the stores, the vote or a vocabulary map differ from those the checkpoint trained on
+    allow_changed_data: bool = False
     export: bool = True  # write the final student as a transformers folder (output_dir/final)
 
 

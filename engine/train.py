@@ -83,6 +83,7 @@ class Run:
     sigterm: bool = False
     summary: dict = field(default_factory=dict)
     lock: WriterLock | None = None  # rank 0: one training run per output_dir
+    inputs: dict = field(default_factory=dict)  # {part: digest} of the data (FusionLoader.input_digests)
 
     @property
     def out(self) -> Path:
@@ -103,7 +104,7 @@ class Run:
         path = ckpt.save(self.engine, self.ckpt_dir, tag or ckpt.tag_for(self.step), state or self.trainer_state(),
                          self.config_yaml, config_digest=resume_digest(self.cfg), rank=self.info.rank,
                          world_size=self.info.world_size, update_latest=tag is None,
-                         keep_last=self.cfg.checkpoint.keep_last)
+                         keep_last=self.cfg.checkpoint.keep_last, inputs=self.inputs)
         release_freed_memory()  # the serialization buffers (dist.py: host memory of a CPU process)
         return path
 
@@ -163,7 +164,8 @@ def setup(cfg: TrainConfig) -> Run:
     engine, _, stage = build_engine(cfg, lm, vocab_maps, dtype)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     run = Run(cfg=cfg, info=info, device=device, engine=engine, stage=stage, tok=tok, streams=streams,
-              pad_id=pad_id, config_yaml=config_yaml, lock=lock)
+              pad_id=pad_id, config_yaml=config_yaml, lock=lock,
+              inputs={k: v for s in streams.values() for k, v in s.loader.input_digests().items()})
     resume(run)
     run.log = MetricsLogger(run.out, rank=info.rank, total_steps=cfg.optim.max_steps, start_step=run.step,
                             tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
@@ -177,7 +179,8 @@ def resume(run: Run) -> None:
     c = run.cfg.checkpoint
     paths = ckpt.candidates(run.ckpt_dir) if c.resume == "auto" else [] if c.resume == "never" else [Path(c.resume)]
     path = ckpt.resume_point(paths, rank=run.info.rank, world_size=run.info.world_size,
-                             config_digest=resume_digest(run.cfg), allow_foreign=c.allow_foreign)
+                             config_digest=resume_digest(run.cfg), allow_foreign=c.allow_foreign,
+                             inputs=run.inputs, allow_changed_data=c.allow_changed_data)
     if path is None:
         return
     state = ckpt.load(run.engine, path, rank=run.info.rank, allow_foreign=c.allow_foreign)
@@ -288,6 +291,8 @@ def finish(run: Run) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML experiment file (see configs/demo.yaml)")
     p.add_argument("--resume", help="checkpoint folder to resume from (default: auto-resume from output_dir)")
+    p.add_argument("--allow-changed-data", action="store_true",
+                   help="resume although the stores, the vote or a vocabulary map changed since the checkpoint")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-5 schedule.kind=simul")
@@ -297,6 +302,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.resume:
         overrides.append(f"checkpoint.resume={args.resume}")
+    if args.allow_changed_data:
+        overrides.append("checkpoint.allow_changed_data=true")
     cfg = load_config(args.config, overrides)  # a bad value fails here, before anything starts
     try:
         summary = train(cfg)

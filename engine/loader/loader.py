@@ -35,6 +35,8 @@ its last one, so memory is bounded by the buffer span, not by the dataset.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -253,6 +255,23 @@ class FusionLoader:
                 maps.append(torch.from_numpy(np.ascontiguousarray(vm, dtype=np.int32)))
             self._vocab_maps = maps
         return self._vocab_maps
+
+    def input_digests(self) -> dict[str, str]:
+        """What this loader trains on, one short digest per part: the prepared set, each source's store
+        (TeacherManifest.identity), the vote (inference mode) and each vocabulary map. Checkpoints record them;
+        a resume against other data names the part that changed."""
+        def digest(obj) -> str:
+            return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+        mode = self.cfg.mode
+        out = {f"{mode}: prepared set": digest([self.prepared.fingerprint, self.prepared.shards])}
+        for name, m, vm in zip(self.source_names, self.manifests, self.vocab_maps):
+            out[f"{mode}: teachers/{name}/{mode}"] = digest(m.identity())
+            out[f"vocabulary map of {name}"] = "the student's" if vm is None else \
+                hashlib.sha256(vm.numpy().tobytes()).hexdigest()[:16]
+        if self._votes is not None:
+            out["infer: scores/votes"] = digest(sorted(self._votes.items()))
+        return out
 
     # ---- order and state ----------------------------------------------------------------------------
 

@@ -9,7 +9,8 @@ Layout (`<output_dir>/checkpoints/`):
                                 loaded with torch.load(weights_only=True): it can run no code
         config.yaml             the resolved config
         profuser_checkpoint.json  step, world size, the config's resume digest, every file's size and
-                                sha256 (with the JSON's own checksum)
+                                sha256, the digests of the data trained on (stores, vote, vocabulary maps:
+                                FusionLoader.input_digests), and the JSON's own checksum
     tmp-step00000060/           a save in progress (ignored; removed by the next save)
 
 Why a crash during a save never corrupts the previous checkpoint: every rank writes into `tmp-<tag>`,
@@ -20,7 +21,8 @@ The filesystem must be shared by all ranks (as DeepSpeed itself assumes by defau
 
 Resume verifies before DeepSpeed reads anything: the folder must carry profuser_checkpoint.json, its
 config digest must be this run's (config.resume_digest; checkpoint.allow_foreign=true overrides), its
-world size this run's, every file its recorded size and sha256 (each rank hashes a share), and the folder
+world size this run's, the data this run reads the data it trained on (else ResumeError naming the parts
+that changed; checkpoint.allow_changed_data=true goes on), every file its recorded size and sha256 (each rank hashes a share), and the folder
 must hold nothing else: DeepSpeed loads every file matching its name patterns, so a file the record does
 not list (a planted `zero_pp_rank_0_mp_rank_0-_model_states.pt`) is refused with ResumeError naming it. A
 corrupt checkpoint is skipped with a warning and the previous one is used. Every file is then unpickled
@@ -142,11 +144,13 @@ def _gather(obj, world: int) -> list:
 
 
 def save(engine: Any, ckpt_dir: str | Path, tag: str, trainer_state: dict, config_yaml: str, *, config_digest: str,
-         rank: int, world_size: int, update_latest: bool = True, keep_last: int = 0) -> Path:
+         rank: int, world_size: int, update_latest: bool = True, keep_last: int = 0,
+         inputs: dict | None = None) -> Path:
     """Write checkpoint `tag` from every rank (collective). Returns the final folder.
 
-    trainer_state: this rank's extra state (step, loader states, ...); RNG states are added here. A failure
-    on any rank (a full disk) removes the whole temporary folder and raises CheckpointError on every rank.
+    trainer_state: this rank's extra state (step, loader states, ...); RNG states are added here. inputs:
+    {part: digest} of the data trained on (FusionLoader.input_digests), checked on resume. A failure on any
+    rank (a full disk) removes the whole temporary folder and raises CheckpointError on every rank.
     """
     ckpt_dir = Path(ckpt_dir)
     tmp_tag, final = f"tmp-{tag}", ckpt_dir / tag
@@ -181,7 +185,7 @@ def save(engine: Any, ckpt_dir: str | Path, tag: str, trainer_state: dict, confi
     files = {k: v for part in _gather(mine, world_size) for k, v in part.items()}
     if rank == 0:
         info = {"step": int(trainer_state["step"]), "world_size": world_size, "config_digest": config_digest,
-                "files": files}
+                "files": files, "inputs": inputs or {}}
         info["checksum"] = canonical_checksum(info)
         (tmp / INFO).write_text(json.dumps(info, indent=1, sort_keys=True))
         if final.exists():  # re-saving the same step (e.g. SIGTERM right after a periodic save)
@@ -214,8 +218,17 @@ def read_info(path: Path) -> dict | None:
     return info if isinstance(info, dict) and info.get("checksum") == canonical_checksum(info) else None
 
 
-def check(path: Path, info: dict, *, world_size: int, config_digest: str, allow_foreign: bool = False) -> None:
+def check(path: Path, info: dict, *, world_size: int, config_digest: str, allow_foreign: bool = False,
+          inputs: dict | None = None, allow_changed_data: bool = False) -> None:
     """Raise ResumeError when this run may not resume from `path` (refusals are the same on every rank)."""
+    recorded = info.get("inputs")
+    if recorded and inputs is not None and not allow_changed_data:  # a checkpoint before records: nothing to compare
+        changed = sorted(k for k in set(recorded) | set(inputs) if recorded.get(k) != inputs.get(k))
+        if changed:
+            raise ResumeError(f"{path}: trained on other data than this run reads: {'; '.join(changed[:4])}"
+                              f"{' ...' if len(changed) > 4 else ''} changed since (a store rebuilt, re-scored or "
+                              "replaced under the same data_dir); continue anyway with --allow-changed-data "
+                              "(checkpoint.allow_changed_data=true), or start over with checkpoint.resume=never")
     if info["world_size"] != world_size:
         raise ResumeError(f"checkpoint {path} was written by {info['world_size']} rank(s) but this run has "
                           f"{world_size}: resume with the same world size (nodes x processes per node may differ), "
@@ -305,7 +318,8 @@ def load(engine: Any, path: str | Path, *, rank: int, allow_foreign: bool = Fals
 
 
 def resume_point(paths: list[Path], *, rank: int, world_size: int, config_digest: str,
-                 allow_foreign: bool = False) -> Path | None:
+                 allow_foreign: bool = False, inputs: dict | None = None,
+                 allow_changed_data: bool = False) -> Path | None:
     """The newest of `paths` this run may resume from and whose files are intact. A damaged one (a file or its
     own record fails its checksum) is skipped with a warning naming what failed, and the previous one is
     used; a refused one (another world size or configuration) raises ResumeError."""
@@ -316,7 +330,8 @@ def resume_point(paths: list[Path], *, rank: int, world_size: int, config_digest
         if info is None:
             problem = f"{path / INFO} is missing or fails its checksum"
         else:
-            check(path, info, world_size=world_size, config_digest=config_digest, allow_foreign=allow_foreign)
+            check(path, info, world_size=world_size, config_digest=config_digest, allow_foreign=allow_foreign,
+                  inputs=inputs, allow_changed_data=allow_changed_data)
             extra = unlisted(path, info.get("files"))
             if extra:  # DeepSpeed would load a planted state file: never fall back silently, never load it
                 raise ResumeError(f"{path / extra[0]}: not listed in {INFO} (written after the checkpoint: "

@@ -211,3 +211,43 @@ def test_a_store_rebuilt_after_the_vote_is_named_by_the_loader_and_by_check(data
         infer_loader(root)
     p = run_check(data, tmp_path, root)
     assert p.returncode == 1 and "run `profuser score` again" in p.stderr.strip().splitlines()[-1], p.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# resume inputs: a checkpoint continues only on the data it trained on
+
+
+def test_resume_against_a_rebuilt_store_names_what_changed(data, tmp_path):
+    import json
+    import shutil
+
+    from helpers import overrides, tokenizer
+
+    from profuser.engine import store
+    from profuser.engine.tools import synthetic as fx
+
+    root, out = copy_data(data, tmp_path), tmp_path / "run"
+
+    def train(steps, *extra):
+        cmd = [sys.executable, "-m", "profuser.engine.train", *extra,
+               *overrides(data, out, **{"data.data_dir": str(root), "optim.max_steps": steps, "checkpoint.every": 0,
+                                        "checkpoint.export": False})]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+
+    first = train(2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    info = json.loads((out / "checkpoints" / "step00000002" / "profuser_checkpoint.json").read_text())
+    assert {"train: teachers/gpt2/train", "infer: scores/votes", "vocabulary map of gpt2"} <= set(info["inputs"])
+    # the same data_dir, the gpt2 store taught again by another model
+    ex = fx.corpus(16, extra_every=0, system_every=5)
+    shutil.rmtree(store.teacher_dir(root, "gpt2", "train"))
+    other = shutil.copytree(Path(data["root"]) / "gpt2-tok", tmp_path / "another-model")
+    fx.write_teacher(root, "gpt2", "train", tokenizer("gpt2"), str(other), ex, store.PreparedManifest.load(root), k=4,
+                     seed=77)
+    refused = train(3)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and "trained on other data than this run reads: train: teachers/gpt2/train" \
+        in lines[-1] and "--allow-changed-data" in lines[-1], refused.stderr[-3000:]
+    resumed = train(3, "--allow-changed-data")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["start_step"] == 2
