@@ -34,6 +34,7 @@ import numpy as np
 from fidelity_texts import TEXTS
 from harness import machine_name
 
+from profuser.engine.models import pad_id
 from profuser.engine.text import align
 from profuser.engine.text.chat import encode_example
 from profuser.engine.text.tokenizers import load_known
@@ -95,7 +96,7 @@ def mass_kept(teacher_name: str, student_name: str, vmaps: dict[str, np.ndarray]
 
     teacher, student = load_known(teacher_name), load_known(student_name)
     model = models.load_model(MODELS[teacher_name])
-    pad = teacher.pad_token_id if teacher.pad_token_id is not None else 0
+    pad = pad_id(teacher)
     out: dict = {m: {} for m in vmaps}
     for kind, texts in TEXTS.items():
         kept = {m: 0.0 for m in vmaps}

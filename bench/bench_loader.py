@@ -49,6 +49,7 @@ import torch  # noqa: E402
 from harness import machine_name, machine_slug  # noqa: E402
 
 from profuser.engine import store  # noqa: E402
+from profuser.engine.models import pad_id  # noqa: E402
 from profuser.engine.loader.loader import FusionDataConfig, FusionLoader  # noqa: E402
 from profuser.engine.text.align import build_vocab_map  # noqa: E402
 from profuser.engine.text.tokenizers import load_known  # noqa: E402
@@ -193,7 +194,7 @@ def bench_fusellm(root, toks, args, workdir: Path, maps: list) -> dict:
         nonlocal tokens
         for s in range(0, min(len(ds), B * args.dense_batches), B):
             rows = ds[s:s + B]
-            batch = fusellm_collate(rows, T, V, pad_id=toks["smollm2"].pad_token_id)
+            batch = fusellm_collate(rows, T, V, pad_id=pad_id(toks["smollm2"]))
             tokens += int(sum(len(x) for x in rows["input_ids"]))
             del batch
     _, wall, cpu = timed(run)

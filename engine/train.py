@@ -47,7 +47,7 @@ from profuser.engine.dist import DistInfo, release_freed_memory, setup_distribut
 from profuser.engine.errors import report_errors
 from profuser.engine.loader.stream import (BatchStream, build_streams, check_max_length, check_stores,
                                            check_vocab_rows)
-from profuser.engine.models import load_tokenizer, resolve_dtype
+from profuser.engine.models import load_tokenizer, pad_id, resolve_dtype
 from profuser.engine.store import WriterLock
 from profuser.engine.trainer import checkpoint as ckpt
 from profuser.engine.trainer import output_dir
@@ -162,9 +162,8 @@ def setup(cfg: TrainConfig) -> Run:
     check_vocab_rows(loader, full_shape(lm.get_output_embeddings().weight)[0], cfg.model.student)
     vocab_maps = [vm.to(device) if vm is not None else None for vm in loader.vocab_maps]
     engine, _, stage = build_engine(cfg, lm, vocab_maps, dtype)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     run = Run(cfg=cfg, info=info, device=device, engine=engine, stage=stage, tok=tok, streams=streams,
-              pad_id=pad_id, config_yaml=config_yaml, lock=lock,
+              pad_id=pad_id(tok), config_yaml=config_yaml, lock=lock,
               inputs={k: v for s in streams.values() for k, v in s.loader.input_digests().items()})
     resume(run)
     run.log = MetricsLogger(run.out, rank=info.rank, total_steps=cfg.optim.max_steps, start_step=run.step,

@@ -49,7 +49,7 @@ import torch
 from .. import store
 from ..config import (ADVANTAGE_LEVELS, ADVANTAGES, ALIGN_METHODS, BAD_ROW_POLICIES, CE_METRICS, MODE_ID, MODES,
                       VOCAB_MAPS)
-from ..models import load_tokenizer
+from ..models import load_tokenizer, pad_id
 from ..text.align import align_mined, align_offsets_batch, build_vocab_map, token_strings, tokenizer_hash
 from . import collate as _collate
 from .advantage import example_metric, position_weights, tie_priority
@@ -351,11 +351,8 @@ class FusionLoader:
         self.epoch, self._consumed = epoch + 1, 0
 
     def _collate(self, items) -> dict:
-        pad = self.tokenizer.pad_token_id
-        if pad is None:
-            pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
         self.stats["examples"] += len(items)
-        return _collate.collate(items, n_teachers=len(self.source_names), k=self.k, pad_id=int(pad),
+        return _collate.collate(items, n_teachers=len(self.source_names), k=self.k, pad_id=pad_id(self.tokenizer),
                                 pad_to_multiple_of=self.cfg.pad_to_multiple_of)
 
     # ---- one shard ----------------------------------------------------------------------------------

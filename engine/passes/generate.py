@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ..models import pad_id
 from ..store import TeacherShard, prompt_fingerprint
 from ..text.chat import encode_example, predicted_bytes
 from . import vllm_engine
@@ -177,7 +178,7 @@ def generate_shard(model, tok, cfg: GenerateConfig, device, table: pa.Table, whe
         stop = int(enc.pred_ids[0])
     eos = tok.eos_token_id
     stop_ids = [stop] + ([int(eos)] if eos is not None and eos != stop else [])  # either ends the turn
-    pad = tok.pad_token_id if tok.pad_token_id is not None else stop
+    pad = pad_id(tok)
     n = len(prefixes)
     if isinstance(model, vllm_engine.VLLMSource):
         raw = vllm_engine.generate_rows(model, prefixes, stop_ids, cfg, shard) if n else []

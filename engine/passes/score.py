@@ -78,8 +78,7 @@ class RewardModelScorer(Scorer):
         self.tok = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForSequenceClassification.from_pretrained(path).eval().to(device)
         if self.model.config.pad_token_id is None:
-            self.model.config.pad_token_id = self.tok.pad_token_id if self.tok.pad_token_id is not None \
-                else self.tok.eos_token_id
+            self.model.config.pad_token_id = models.pad_id(self.tok)
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.convert_ids_to_tokens(self.model.config.pad_token_id)
         self.batch_size, self.max_length, self.device = batch_size, max_length, device
@@ -155,7 +154,7 @@ class JudgeLMScorer(Scorer):
             raise ValueError(f"{len(systems)} system prompts for {len(prompts)} prompts")
         encs = [encode_example(self.tok, p, r, system=s) for p, r, s in zip(prompts, responses, systems)]
         out = np.zeros(len(encs))
-        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        pad = models.pad_id(self.tok)
         for batch in length_batches([len(e.input_ids) for e in encs], self.batch_tokens, 64):
             _, _, tok_lp = forward_predicted(self.model, [encs[i] for i in batch], 1, self.device, pad)
             s = 0

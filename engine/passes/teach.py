@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from ..models import pad_id
 from ..store import TeacherShard, prompt_fingerprint
 from ..text.chat import encode_example, predicted_bytes
 from . import vllm_engine
@@ -32,7 +33,7 @@ from .shards import (PassConfig, Progress, add_common_arguments, check_nan, conf
 def _forward_batched(model, tok, encs: list, cfg: PassConfig, device, off: np.ndarray, prog: Progress):
     """The transformers engine: length-bucketed batches through shards.forward_predicted, rows put back in
     example order. Returns topk_ids int32 [N, k], topk_lp float32 [N, k], token_lp float32 [N]."""
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(tok)
     topk_ids = np.zeros((off[-1], cfg.k), np.int32)
     topk_lp = np.zeros((off[-1], cfg.k), np.float32)
     tok_lp = np.zeros(off[-1], np.float32)

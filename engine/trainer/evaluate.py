@@ -28,7 +28,7 @@ import torch
 
 from ..config import MODES
 from ..dist import device_for, release_freed_memory
-from ..models import load_model, load_tokenizer, output_logits, reference_models, resolve_dtype
+from ..models import load_model, load_tokenizer, output_logits, pad_id, reference_models, resolve_dtype
 from ..store import TeacherManifest, read_json
 from ..text.chat import encode_example, predicted_bytes
 
@@ -94,7 +94,7 @@ def nll_rows(lm, tok, examples: list[dict], *, max_length: int | None, batch_siz
     with the same examples (the forwards gather parameters collectively).
     """
     backbone = getattr(lm, lm.base_model_prefix)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_id(tok)
     out: list[tuple[float, int, int]] = []
     for s in range(0, len(examples), batch_size):
         chunk = examples[s:s + batch_size]
@@ -135,7 +135,7 @@ def generate_samples(lm, tok, examples: list[dict], *, max_new_tokens: int, devi
 
     Batches are left-padded with the pad positions masked out, so each answer is the one-at-a-time answer
     up to float rounding (a near-tie between two tokens may still flip); batch_size 1 pads nothing."""
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     samples = []
     for start in range(0, len(examples), batch_size):
         batch = examples[start:start + batch_size]

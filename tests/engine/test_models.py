@@ -71,7 +71,7 @@ def test_convert_once_is_locked_atomic_and_cleans_up(tmp_path):
     for t in threads:
         t.join()
     assert len(calls) == 1 and (final / "weights.bin").exists()
-    assert json.loads((final / models._MARKER).read_text()) == {"a": 1}
+    assert json.loads((final / models.MARKER).read_text()) == {"a": 1}
     assert [p.name for p in final.parent.iterdir() if ".tmp-" in p.name] == []
 
     def broken(out):
@@ -96,7 +96,7 @@ def test_convert_once_is_locked_atomic_and_cleans_up(tmp_path):
 def test_aliases_load_and_generate(alias, prompt, expect):
     need(alias)
     model, tok = models.load_model(alias), models.load_tokenizer(alias)
-    assert (models.resolve_model(alias) / models._MARKER).exists()
+    assert (models.resolve_model(alias) / models.MARKER).exists()
     ids = tok(prompt, return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=3, do_sample=False)
     assert tok.decode(out[0, ids["input_ids"].shape[1]:]).startswith(expect)
