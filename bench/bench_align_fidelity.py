@@ -92,7 +92,7 @@ def mass_kept(teacher_name: str, student_name: str, vmaps: dict[str, np.ndarray]
     import torch
 
     from profuser.engine import models
-    from profuser.engine.passes.shards import forward_predicted
+    from profuser.engine.passes.forward import forward_predicted
 
     teacher, student = load_known(teacher_name), load_known(student_name)
     model = models.load_model(MODELS[teacher_name])

@@ -36,7 +36,7 @@ from harness import machine_name
 from profuser.engine import models, store
 from profuser.engine.passes import prepare as P
 from profuser.engine.passes import generate, teach, vllm_engine
-from profuser.engine.passes.shards import PassConfig
+from profuser.engine.passes.options import PassConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

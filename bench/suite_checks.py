@@ -125,13 +125,13 @@ def run_checks(device: torch.device, dry: bool) -> list[dict]:
 
 def sync_check(device: torch.device) -> dict:
     """Host syncs of one engine micro-step on the device (the student's own forward excluded): the Python
-    entry points (engine/tools/syncs.py) and, on CUDA, torch's sync debug mode (C++ ops too)."""
+    entry points (engine/tools/sync_counter.py) and, on CUDA, torch's sync debug mode (C++ ops too)."""
     import warnings
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from profuser.engine.config import MODE_ID, LossConfig
-    from profuser.engine.tools.syncs import count_syncs, paused_forward
+    from profuser.engine.tools.sync_counter import count_syncs, paused_forward
     from profuser.engine.trainer.step import FusionStep, merge_modes
 
     torch.manual_seed(0)

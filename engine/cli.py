@@ -12,7 +12,7 @@
     profuser repoint   a store's source model moved: record where it is now
     profuser demo      the whole pipeline on the shipped corpus with real small models
 
-Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; modules
+Each subcommand lives in its own module exposing `add_arguments(parser)` and `run_command(args) -> int`; modules
 are imported lazily so `profuser --help` stays fast.
 """
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(f"profuser.engine.{args._module}")
-    return report_errors(f"profuser {args.command}", module.run, args, debug=args.debug)
+    return report_errors(f"profuser {args.command}", module.run_command, args, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ from profuser.engine.trainer import checkpoint as ckpt
 from profuser.engine.trainer import output_dir
 from profuser.engine.trainer.deepspeed_setup import build_engine, deepspeed_config, full_shape, load_student
 from profuser.engine.trainer.evaluate import final_report, make_evaluator
-from profuser.engine.trainer.logging import MetricsLogger, peak_memory_mb
+from profuser.engine.trainer.metrics_log import MetricsLogger, peak_memory_mb
 from profuser.engine.trainer.schedule import active_modes, fusion_weights, lr_factor, stage_of
 from profuser.engine.trainer.step import NonFiniteLossError, WindowResult, run_window
 
@@ -64,7 +64,7 @@ warnings.filterwarnings("ignore", message=r".*(reduce_scatter_tensor|all_gather_
 
 
 @dataclass
-class Run:
+class TrainingRun:
     """Everything `setup` builds; the loop advances `step`."""
 
     cfg: TrainConfig
@@ -136,7 +136,7 @@ def train(cfg: TrainConfig) -> dict:
     return run.summary
 
 
-def setup(cfg: TrainConfig) -> Run:
+def setup(cfg: TrainConfig) -> TrainingRun:
     info, device = setup_distributed()
     torch.manual_seed(cfg.seed + info.rank)
     config_yaml = dump_yaml(cfg)
@@ -162,7 +162,7 @@ def setup(cfg: TrainConfig) -> Run:
     check_vocab_rows(loader, full_shape(lm.get_output_embeddings().weight)[0], cfg.model.student)
     vocab_maps = [vm.to(device) if vm is not None else None for vm in loader.vocab_maps]
     engine, _, stage = build_engine(cfg, lm, vocab_maps, dtype)
-    run = Run(cfg=cfg, info=info, device=device, engine=engine, stage=stage, tok=tok, streams=streams,
+    run = TrainingRun(cfg=cfg, info=info, device=device, engine=engine, stage=stage, tok=tok, streams=streams,
               pad_id=pad_id(tok), config_yaml=config_yaml, lock=lock,
               inputs={k: v for s in streams.values() for k, v in s.loader.input_digests().items()})
     resume(run)
@@ -173,7 +173,7 @@ def setup(cfg: TrainConfig) -> Run:
     return run
 
 
-def resume(run: Run) -> None:
+def resume(run: TrainingRun) -> None:
     """Continue from checkpoint.resume: "auto" = the latest complete checkpoint in output_dir, if any."""
     c = run.cfg.checkpoint
     paths = ckpt.candidates(run.ckpt_dir) if c.resume == "auto" else [] if c.resume == "never" else [Path(c.resume)]
@@ -191,7 +191,7 @@ def resume(run: Run) -> None:
         print(f"[profuser train] resumed from {path} at step {run.step}", file=sys.stderr, flush=True)
 
 
-def loop(run: Run) -> int:
+def loop(run: TrainingRun) -> int:
     """Optimizer steps until max_steps (exit code 0) or SIGTERM (a checkpoint, exit code 143)."""
     cfg = run.cfg
     clock = {"t": time.time(), "tokens": 0}
@@ -212,7 +212,7 @@ def loop(run: Run) -> int:
     return 0
 
 
-def train_step(run: Run, weights: dict) -> WindowResult:
+def train_step(run: TrainingRun, weights: dict) -> WindowResult:
     """One optimizer step over a window of grad_accum micro-batches of every active mode."""
     step_modes = [m for m in run.streams if weights[m] > 0]
     window_loaders = {m: s.state_dict() for m, s in run.streams.items()}  # for a NaN checkpoint
@@ -232,7 +232,7 @@ def train_step(run: Run, weights: dict) -> WindowResult:
     return result
 
 
-def log_step(run: Run, result: WindowResult, weights: dict, clock: dict) -> None:
+def log_step(run: TrainingRun, result: WindowResult, weights: dict, clock: dict) -> None:
     """A metrics row every log.every steps (values global over ranks and the window)."""
     cfg, step = run.cfg, run.step
     clock["tokens"] += result.tokens
@@ -257,14 +257,14 @@ def log_step(run: Run, result: WindowResult, weights: dict, clock: dict) -> None
     run.summary["last"] = row
 
 
-def sigterm_on_any_rank(run: Run) -> bool:
+def sigterm_on_any_rank(run: TrainingRun) -> bool:
     """SIGTERM (preemption, scancel) on any rank stops every rank after the same step."""
     flag = torch.tensor([1.0 if run.sigterm else 0.0], device=run.device)  # on device: NCCL reduces CUDA only
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
 
 
-def finish(run: Run) -> None:
+def finish(run: TrainingRun) -> None:
     """Final checkpoint, eval of the engine's own (possibly partitioned) student, export and report."""
     cfg = run.cfg
     final = run.save() if run.last_saved != run.step else run.ckpt_dir / ckpt.tag_for(run.step)
@@ -297,7 +297,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-5 schedule.kind=simul")
 
 
-def run(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.resume:
         overrides.append(f"checkpoint.resume={args.resume}")
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="profuser train", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    return report_errors("profuser train", run, args, debug=args.debug)
+    return report_errors("profuser train", run_command, args, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..text import chat
-from ..text.content import encode_text, encode_texts, prefix_segments, special_tokens, template_ids
+from ..text.literal_text import encode_text, encode_texts, prefix_segments, special_tokens, template_ids
 
 log = logging.getLogger("profuser.loader")
 IGNORE_INDEX = -100
@@ -79,7 +79,7 @@ _PROBES = ("What is a cat?", "  padded \n\n prompt  ", "<b>&amp; {{ x }} {% raw 
 
 class _Plan:
     """prefix(prompt) = head + prompt + tail for one system prompt; ids = head_ids + ids(mid) + tail_ids, where
-    mid is the run of text around the prompt between two template special tokens (text/content.py)."""
+    mid is the run of text around the prompt between two template special tokens (text/literal_text.py)."""
 
     def __init__(self, tok, system):
         prefix, self.suffix = chat.render_parts(tok, _SENTINEL, system)

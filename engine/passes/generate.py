@@ -37,7 +37,9 @@ from ..models import pad_id
 from ..store import TeacherShard, prompt_fingerprint
 from ..text.chat import encode_example, predicted_bytes
 from . import vllm_engine
-from .shards import PassConfig, Progress, add_common_arguments, check_nan, config_from_args, run_pass
+from .driver import Progress, run_pass
+from .forward import check_nan
+from .options import PassConfig, add_common_arguments, config_from_args
 
 
 @dataclass
@@ -231,7 +233,7 @@ def add_arguments(p) -> None:
     p.add_argument("--gen-batch-size", type=int, default=16)
 
 
-def run(args) -> int:
+def run_command(args) -> int:
     generate(GenerateConfig(**config_from_args(args), max_new_tokens=args.max_new_tokens,
                             do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
                             top_k_sampling=args.top_k_sampling, seed=args.seed,

@@ -307,7 +307,7 @@ def add_arguments(p) -> None:
     p.add_argument("--wait", action="store_true", help="wait for another `prepare` of the same folder")
 
 
-def run(args) -> int:
+def run_command(args) -> int:
     cfg = PrepareConfig(inputs=list(args.inputs), data_dir=args.data_dir, prompt_field=args.prompt_field,
                         response_field=args.response_field, system_field=args.system_field,
                         messages_field=args.messages_field, id_field=args.id_field or None, split=args.split,

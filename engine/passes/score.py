@@ -54,7 +54,7 @@ from ..loader.advantage import advantage_weights, example_metric, tie_priority
 from ..store import (PreparedManifest, StoreError, TeacherManifest, TeacherStore, read_prepared_shard, read_table,
                      scores_dir, write_json_atomic, write_table_atomic, write_votes)
 from ..text.chat import encode_example
-from .shards import forward_predicted, length_batches
+from .forward import forward_predicted, length_batches
 
 
 class Scorer(ABC):
@@ -427,7 +427,7 @@ def add_arguments(p) -> None:
                    help="the target's model spec: the summary's MinCE share then breaks ties as training does")
 
 
-def run(args) -> int:
+def run_command(args) -> int:
     score(ScoreConfig(data_dir=args.data_dir, sources=list(args.sources), scorers=list(args.scorers),
                       device=args.device, student=args.student))
     return 0

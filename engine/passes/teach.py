@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 8 -m profuser.engine.cli teach --data-dir ... --source ...   # shards by rank
 
 For each source and each prepared example (prompt, gold response), the conversation is encoded with the
-source's own chat template (text.chat.encode_example) and run teacher-forced (shards.forward_predicted:
+source's own chat template (text.chat.encode_example) and run teacher-forced (forward.forward_predicted:
 top-k of the model's own log-softmax at every predicted position). Per row it stores
 
     topk ids (int32) and log-probs (fp16, descending), the predicted token's log-prob,
@@ -12,7 +12,7 @@ top-k of the model's own log-softmax at every predicted position). Per row it st
 
 MinCE compares nll_sum / n_bytes across sources (tokenizers of different granularity: per token is not
 comparable); nll_sum / n_tokens is kept for the per-token variant. The shard driver, the forward and the
-memory / batching / resumption rules are in passes/shards.py. With `--engine vllm` the top-k come from
+memory / batching rules are in passes/forward.py, resumption in passes/driver.py. With `--engine vllm` the top-k come from
 vLLM's prompt_logprobs (vllm_engine.teach_predicted) and everything else is this module's.
 """
 
@@ -26,12 +26,13 @@ from ..models import pad_id
 from ..store import TeacherShard, prompt_fingerprint
 from ..text.chat import encode_example, predicted_bytes
 from . import vllm_engine
-from .shards import (PassConfig, Progress, add_common_arguments, check_nan, config_from_args, forward_predicted,
-                     length_batches, run_pass)
+from .driver import Progress, run_pass
+from .forward import check_nan, forward_predicted, length_batches
+from .options import PassConfig, add_common_arguments, config_from_args
 
 
 def _forward_batched(model, tok, encs: list, cfg: PassConfig, device, off: np.ndarray, prog: Progress):
-    """The transformers engine: length-bucketed batches through shards.forward_predicted, rows put back in
+    """The transformers engine: length-bucketed batches through forward.forward_predicted, rows put back in
     example order. Returns topk_ids int32 [N, k], topk_lp float32 [N, k], token_lp float32 [N]."""
     pad = pad_id(tok)
     topk_ids = np.zeros((off[-1], cfg.k), np.int32)
@@ -90,6 +91,6 @@ def add_arguments(p) -> None:
     p.add_argument("--max-length", type=int, default=2048, help="cap on prompt + response tokens per example: the response is truncated to fit; an example whose templated prompt alone exceeds it is an error naming the row")
 
 
-def run(args) -> int:
+def run_command(args) -> int:
     teach(PassConfig(**config_from_args(args), max_length=args.max_length))
     return 0

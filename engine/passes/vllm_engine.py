@@ -243,7 +243,7 @@ def _topk_rows(flat, first: int, n: int, k: int):
 
 
 def teach_predicted(src: VLLMSource, encs: list):
-    """Teacher-forced top-k at the predicted positions of EncodedExamples, as shards.forward_predicted:
+    """Teacher-forced top-k at the predicted positions of EncodedExamples, as forward.forward_predicted:
     topk_ids int32 [N, k], topk_lp float32 [N, k], token_lp float32 [N] over N = sum R in example order."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt

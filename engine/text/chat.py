@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .content import encode_text, encode_texts, prefix_ids, template_ids
+from .literal_text import encode_text, encode_texts, prefix_ids, template_ids
 
 _SENTINEL = "\x00\x01PROFUSER_RESPONSE\x01\x00"
 
@@ -172,7 +172,7 @@ def _fallback_specials(tok) -> tuple[list[int], list[int]]:
 
 def templated_prompt_ids(tok, prompt: str, system: str | None = None) -> list[int]:
     """Ids of the templated prompt (without the fallback template's BOS): special-token text in the prompt
-    or system prompt stays text; control tokens come only from the template (text/content.py)."""
+    or system prompt stays text; control tokens come only from the template (text/literal_text.py)."""
     return prefix_ids(tok, prompt, system, lambda t, p, s: render_parts(t, p, s)[0])
 
 

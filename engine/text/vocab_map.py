@@ -158,7 +158,7 @@ def vocab_info(tok) -> VocabInfo:
 
 def _roles(tok) -> dict[str, int]:
     from .chat import _fallback_specials, render_parts
-    from .content import template_ids
+    from .literal_text import template_ids
 
     roles = {}
     for role in ("bos", "eos", "pad", "unk"):
@@ -229,7 +229,7 @@ def first_ids(tok, texts: list[str], right: list[str] | None = None) -> np.ndarr
     """int32 [len(texts)]: the id `tok` emits first for each text in running text, followed by right[i]
     (-1 for an empty encoding). Each text is encoded after the first context of CONTEXTS whose own tokens
     stay intact in front of it (a clean boundary), so word starts and continuations keep their meaning."""
-    from .content import encode_texts
+    from .literal_text import encode_texts
 
     out = np.full(len(texts), -1, np.int64)
     right = right or [""] * len(texts)

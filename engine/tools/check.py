@@ -72,5 +72,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="key=value overrides")
 
 
-def run(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace) -> int:
     return check(load_config(args.config, args.overrides), out=lambda s: print(s, file=sys.stdout, flush=True))

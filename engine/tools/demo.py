@@ -154,7 +154,7 @@ def _read_marker(marker: Path) -> dict | None:
     return obj if isinstance(obj, dict) else {}
 
 
-def run_command(cmd: list[str], env: dict) -> int:
+def run_stage(cmd: list[str], env: dict) -> int:
     return subprocess.run(cmd, env=env).returncode
 
 
@@ -182,7 +182,7 @@ def run_pipeline(cfg: TrainConfig, config_path: str | None, overrides: list[str]
         t0 = time.time()
         print(f"[demo] {name}: " + " ; ".join(" ".join(c[1:]) for c in cmds), flush=True)
         for cmd in cmds:
-            rc = run_command(cmd, env)
+            rc = run_stage(cmd, env)
             if rc:
                 raise SystemExit(f"[demo] stage {name} failed (exit {rc}): {' '.join(cmd)}")
         marker.write_text(json.dumps({"state": "done", "key": key, "cmds": [c[1:] for c in cmds]}))
@@ -222,7 +222,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="key=value overrides, as for `profuser train`")
 
 
-def run(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace) -> int:
     args.config = args.config or str(shipped_config())
     try:
         cfg0 = load_config(args.config, args.overrides)

@@ -91,7 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="PNG path (default: <run>/curves.png)")
 
 
-def run(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     out = Path(args.out) if args.out else (run_dir if run_dir.is_dir() else run_dir.parent) / "curves.png"
     print(plot(args.run, out))

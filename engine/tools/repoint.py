@@ -52,6 +52,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="accept a different model fingerprint (same tokenizer)")
 
 
-def run(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace) -> int:
     repoint(args.data_dir, args.source, args.model, force=args.force)
     return 0

@@ -369,7 +369,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", default=None)
 
 
-def run(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace) -> int:
     cfg = load_study(args.config)
     if args.variants:
         unknown = [v for v in args.variants if v not in cfg.variants]

@@ -272,7 +272,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "on every model; the task folder goes to <--out or .>/lm_eval_task")
 
 
-def run(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace) -> int:
     named = {}
     for m in args.model:
         name, _, spec = m.partition("=") if "=" in m else (m, "", m)

@@ -101,7 +101,7 @@ def test_choice_lists_have_one_home():
     from profuser.engine.loader import advantage
     from profuser.engine.loader.loader import FusionDataConfig
     from profuser.engine.models import resolve_dtype
-    from profuser.engine.passes.shards import PassConfig
+    from profuser.engine.passes.options import PassConfig
     from profuser.kernels import params
 
     assert advantage.ADVANTAGES is config.ADVANTAGES and advantage.CE_METRICS is config.CE_METRICS

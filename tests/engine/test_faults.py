@@ -342,7 +342,7 @@ def reference_store(reference_stores):
 
 def test_a_full_disk_during_teach_is_one_named_error_and_the_rerun_completes(tiny, reference_store, tmp_path,
                                                                              monkeypatch):
-    from profuser.engine.passes import shards, teach
+    from profuser.engine.passes import options, teach
     from profuser.engine.store import files
 
     helpers.make_prepared(tmp_path, shard_size=2)
@@ -355,7 +355,7 @@ def test_a_full_disk_during_teach_is_one_named_error_and_the_rerun_completes(tin
         return real(*a, **kw)
 
     monkeypatch.setattr(files.pq, "write_table", full_on_second)
-    cfg = shards.PassConfig(data_dir=str(tmp_path), sources=[tiny], names=["src"], k=4, progress=False, batch_tokens=64)
+    cfg = options.PassConfig(data_dir=str(tmp_path), sources=[tiny], names=["src"], k=4, progress=False, batch_tokens=64)
     with pytest.raises(store.DiskFullError, match=r"part-00001.parquet: no space left on device"):
         teach.teach(cfg)
     assert not list(store.teacher_dir(tmp_path, "src", "train").glob("*.tmp-*"))

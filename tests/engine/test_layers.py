@@ -136,4 +136,4 @@ def test_cli_commands_resolve():
 
     for name, (module, _) in cli.COMMANDS.items():
         mod = importlib.import_module(f"profuser.engine.{module}")
-        assert callable(mod.add_arguments) and callable(mod.run), name
+        assert callable(mod.add_arguments) and callable(mod.run_command), name

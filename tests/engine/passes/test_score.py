@@ -14,7 +14,7 @@ from profuser.engine import models, store
 from profuser.engine.passes import generate as G
 from profuser.engine.passes import score as S
 from profuser.engine.passes import teach
-from profuser.engine.passes.shards import PassConfig
+from profuser.engine.passes.options import PassConfig
 
 K = 4
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from profuser.engine import models, store
-from profuser.engine.passes import shards, teach
+from profuser.engine.passes import forward, options, teach
 from helpers import EXAMPLES, make_prepared, need
 from profuser.engine.text import chat
 
@@ -31,7 +31,7 @@ def tiny_smol(tmp_path_factory):
 
 
 def cfg_for(data_dir, spec, **kw):
-    return shards.PassConfig(data_dir=str(data_dir), sources=[spec], names=["src"], k=K, progress=False,
+    return options.PassConfig(data_dir=str(data_dir), sources=[spec], names=["src"], k=K, progress=False,
                              batch_tokens=kw.pop("batch_tokens", 96), **kw)
 
 
@@ -236,13 +236,13 @@ def test_nan_logprobs_error_or_marked(tmp_path, tiny_smol, monkeypatch):
 
 def test_length_batches_and_config_errors():
     lens = [5, 50, 7, 49, 6]
-    b = shards.length_batches(lens, batch_tokens=100, max_batch_size=2)
+    b = forward.length_batches(lens, batch_tokens=100, max_batch_size=2)
     assert sorted(i for x in b for i in x) == list(range(5))
     assert b[0] == [1, 3] and all(len(x) * max(lens[i] for i in x) <= 100 or len(x) == 1 for x in b)
     with pytest.raises(ValueError, match="nan_policy"):
-        shards.PassConfig(data_dir="x", sources=["a"], nan_policy="ignore")
+        options.PassConfig(data_dir="x", sources=["a"], nan_policy="ignore")
     with pytest.raises(ValueError, match="unique"):
-        shards.PassConfig(data_dir="x", sources=["a", "a"])
+        options.PassConfig(data_dir="x", sources=["a", "a"])
     with pytest.raises(ValueError, match="neither a known alias"):
         models.resolve_model("no-such-model-xyz")
 

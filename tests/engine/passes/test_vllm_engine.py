@@ -29,7 +29,7 @@ import pytest
 
 from profuser.engine import models, store
 from profuser.engine.passes import generate as G
-from profuser.engine.passes import shards, teach, vllm_engine
+from profuser.engine.passes import driver, options, teach, vllm_engine
 from helpers import make_prepared, need
 
 K = 8
@@ -80,7 +80,7 @@ def shard_tables(data_dir):
 
 
 def quiet():
-    return shards.Progress(0, "", False)
+    return driver.Progress(0, "", False)
 
 
 def assert_records_close(a, b):
@@ -102,7 +102,7 @@ def assert_records_close(a, b):
 @needs_vllm
 def test_teach_records_equal(prepared, vsrc, hf):
     model, tok = hf
-    cfg = shards.PassConfig(data_dir=str(prepared), sources=[SPEC], k=K, progress=False, max_length=256)
+    cfg = options.PassConfig(data_dir=str(prepared), sources=[SPEC], k=K, progress=False, max_length=256)
     for j, table in enumerate(shard_tables(prepared)):
         a, _ = teach.teach_shard(model, tok, cfg, model.device, table, f"shard {j}", quiet())
         b, _ = teach.teach_shard(vsrc, tok, cfg, model.device, table, f"shard {j}", quiet())
@@ -211,12 +211,12 @@ def test_unsupported_architecture_named(tmp_path):
 
 def test_options_rejected_with_named_errors(tmp_path):
     with pytest.raises(vllm_engine.UnsupportedByVLLMError, match="--threads"):
-        shards.PassConfig(data_dir=str(tmp_path), sources=[SPEC], engine="vllm", threads=1)
+        options.PassConfig(data_dir=str(tmp_path), sources=[SPEC], engine="vllm", threads=1)
     with pytest.raises(ValueError, match="need --engine vllm"):
-        shards.PassConfig(data_dir=str(tmp_path), sources=[SPEC],
+        options.PassConfig(data_dir=str(tmp_path), sources=[SPEC],
                           vllm=vllm_engine.VLLMOptions(tensor_parallel_size=2))
     with pytest.raises(ValueError, match="engine must be one of"):
-        shards.PassConfig(data_dir=str(tmp_path), sources=[SPEC], engine="sglang")
+        options.PassConfig(data_dir=str(tmp_path), sources=[SPEC], engine="sglang")
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         vllm_engine.VLLMOptions(tensor_parallel_size=0)
     assert vllm_engine.parse_vllm_args(["gpu_memory_utilization=0.85", "kv_cache_dtype=fp8", "max_num_seqs=64"]) \

@@ -15,7 +15,7 @@ from profuser.engine import models, store
 from profuser.engine.config import load_config
 from profuser.engine.loader import FusionDataConfig, FusionLoader
 from profuser.engine.passes import teach
-from profuser.engine.passes.shards import PassConfig
+from profuser.engine.passes.options import PassConfig
 from profuser.engine.tools.check import check
 from profuser.engine.tools.repoint import repoint
 

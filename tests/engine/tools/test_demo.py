@@ -57,7 +57,7 @@ def test_demo_stage_markers_rerun_on_changed_inputs(tmp_path, monkeypatch, capsy
 
     calls = []
     monkeypatch.setattr(demo, "_has_cuda", lambda: False)
-    monkeypatch.setattr(demo, "run_command", lambda cmd, env: calls.append(cmd) or 0)
+    monkeypatch.setattr(demo, "run_stage", lambda cmd, env: calls.append(cmd) or 0)
     names = ["prepare", "teach", "generate", "score", "train", "baselines", "baselines", "table"]
     every = ["prepare"] + names
 
@@ -96,10 +96,10 @@ def test_demo_stage_markers_rerun_on_changed_inputs(tmp_path, monkeypatch, capsy
     assert [s for s, _ in run(_demo_cfg(tmp_path, "demo.n_train=16", "demo.n_eval=4"))] == names[4:]
 
     # a stage that fails while overwriting keeps overwriting when re-run with the same inputs
-    monkeypatch.setattr(demo, "run_command", lambda cmd, env: calls.append(cmd) or int(stage_of(cmd) == "teach"))
+    monkeypatch.setattr(demo, "run_stage", lambda cmd, env: calls.append(cmd) or int(stage_of(cmd) == "teach"))
     with pytest.raises(SystemExit):
         run(_demo_cfg(tmp_path, "demo.n_train=20"))
-    monkeypatch.setattr(demo, "run_command", lambda cmd, env: calls.append(cmd) or 0)
+    monkeypatch.setattr(demo, "run_stage", lambda cmd, env: calls.append(cmd) or 0)
     resumed = run(_demo_cfg(tmp_path, "demo.n_train=20"))
     assert [s for s, _ in resumed] == names[1:] and resumed[0][1][-1] == "--overwrite"
 

@@ -1,7 +1,7 @@
 """The training step in one pass (issue #13, item 3): one fusion_loss call for both modes equals the two
 per-mode calls it replaced, and a micro-step reads nothing back from the device.
 
-Host syncs are counted on the CPU (engine/tools/syncs.py: every torch entry point that forces one on CUDA).
+Host syncs are counted on the CPU (engine/tools/sync_counter.py: every torch entry point that forces one on CUDA).
 The student's own forward is not ours: transformers' mask preparation reads the device once per
 forward (an all-ones or packed-sequence check), so the count pauses inside the backbone; everything else of
 the micro-step (row gathering, the loss, its backward, the statistics) must not read the device at all.
@@ -14,7 +14,7 @@ import torch
 
 from profuser.engine.config import MODE_ID, LossConfig
 from profuser.engine.trainer import step as step_mod
-from profuser.engine.tools.syncs import count_syncs, paused_forward
+from profuser.engine.tools.sync_counter import count_syncs, paused_forward
 from profuser.engine.trainer.step import FusionStep, merge_modes, run_window
 from profuser.kernels import fusion_loss
 

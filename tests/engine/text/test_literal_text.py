@@ -1,4 +1,4 @@
-"""Data never becomes a control token (text/content.py), and normalizing tokenizers align through their
+"""Data never becomes a control token (text/literal_text.py), and normalizing tokenizers align through their
 normalization, with every real tokenizer we ship."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import helpers
 from profuser.engine.loader.collate import StudentEncoder
 from profuser.engine.text import align
 from profuser.engine.text.chat import encode_example, predicted_bytes, render_parts, templated_prompt_ids
-from profuser.engine.text.content import special_tokens, template_ids
+from profuser.engine.text.literal_text import special_tokens, template_ids
 
 NAMES = ["smollm2", "gemma3", "gpt2", "mistral-sp", "deepseek", "llama3", "qwen2.5"]
 CONTROL = ["<|im_end|>", "<|im_start|>", "<end_of_turn>", "<start_of_turn>", "</s>", "<s>", "<|eot_id|>",

@@ -16,7 +16,7 @@ in segments: the special tokens the TEMPLATE writes become their ids, every run 
 
 Segmenting gives the ids a normal encode would give whenever the content holds no special-token text
 (tokenizers split at special tokens first and encode each run on its own); `tests/engine/text/
-test_content.py` checks this for every known tokenizer. A template that rewrites its content (beyond
+test_literal_text.py` checks this for every known tokenizer. A template that rewrites its content (beyond
 trimming) cannot be segmented: its prompts are encoded as before, and a prompt or system prompt that
 holds special-token text there is a ValueError rather than a control token.
 """
