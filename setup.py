@@ -121,7 +121,7 @@ def _ext_modules():
 
 pkgs = _packages()
 ENGINE = ["pyarrow>=14", "transformers>=5,<6", "tokenizers>=0.21", "safetensors>=0.4", "pyyaml>=6", "tqdm>=4.60",
-          "filelock>=3.12", "datasets>=3"]
+          "datasets>=3"]
 
 setup(
     name="profuser",

@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from ..fileio import WriterLock
 from .aliases import Alias
 
 MARKER = "profuser_source.json"  # written last inside a converted folder: its presence means "complete"
@@ -36,12 +37,10 @@ def convert_once(final: Path, build: Callable[[Path], None], source: Callable[[]
 
     The marker file is written inside tmp_dir before the rename, so `final` exists only when complete.
     """
-    from filelock import FileLock
-
     if (final / MARKER).is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(final) + ".lock"):
+    with WriterLock(Path(str(final) + ".lock"), what=f"the conversion into {final}", wait=True, poll_s=0.2):
         if (final / MARKER).is_file():  # another process finished while we waited
             return final
         if final.exists():  # a folder without the marker: an interrupted older conversion

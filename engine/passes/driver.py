@@ -6,7 +6,7 @@
     Progress      a tqdm bar over examples with tokens/s
 
 Distribution and resumption: rank r of W owns shards j % W == r (engine/dist.py); each finished shard is
-written atomically and recorded in the manifest under its lock (store/locks.py), so a killed run redoes
+written atomically and recorded in the manifest under its lock (fileio.WriterLock), so a killed run redoes
 at most the shard in progress, and two runs on the same shards never interleave.
 """
 
@@ -17,6 +17,7 @@ import sys
 import time
 import warnings
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -65,8 +66,6 @@ def open_store(cfg: PassConfig, name: str, spec: str, mode: str, tok_hash: str, 
 
     The manifest records the source canonically (an alias, or the absolute path of its folder) with the
     model's fingerprint, so the store means the same thing from any working directory."""
-    from filelock import FileLock
-
     folder = teacher_dir(cfg.data_dir, name, mode)
     folder.mkdir(parents=True, exist_ok=True)
     path = TeacherManifest.path(cfg.data_dir, name, mode)
@@ -75,7 +74,7 @@ def open_store(cfg: PassConfig, name: str, spec: str, mode: str, tok_hash: str, 
                             vocab_size=int(vocab_size), k=cfg.k, prepared_fingerprint=prepared.fingerprint,
                             shard_size=prepared.shard_size, n_shards=prepared.n_shards, generation=generation,
                             model_fingerprint=fingerprint)
-    with FileLock(str(path) + ".lock"):
+    with WriterLock(Path(str(path) + ".lock"), what=f"the manifest {path}", wait=True, poll_s=0.02):
         if path.exists():
             try:
                 old = TeacherManifest.load(cfg.data_dir, name, mode)
@@ -130,7 +129,7 @@ def run_shards(cfg: PassConfig, name: str, spec: str, mode: str, tok_hash: str, 
                after_shard: Callable[[int], None] | None = None) -> dict:
     """Run `compute(j, prepared_shard_j, where, progress) -> (records, counters)` over this rank's missing shards.
 
-    Each shard is computed under its writer lock (store/locks.py): a second writer of the same shard gets
+    Each shard is computed under its writer lock (fileio.WriterLock): a second writer of the same shard gets
     StoreBusyError (or waits with cfg.wait) and finds the shard complete once it gets the lock.
     Returns {"shards": done, "skipped": already complete, "tokens": n, "tok_s": rate, "bytes": on disk}.
     """

@@ -18,7 +18,7 @@ update) is re-checked and adopted rather than recomputed.
 
 Integrity (docs/store_format.md, "Integrity"). Parquet page checksums, a sha256 per file in its manifest
 (verified once per file and process), a checksum inside every JSON manifest, a prompt fingerprint per
-teacher row, and value checks of every teacher row (store/shards.py); one writer per shard (store/locks.py).
+teacher row, and value checks of every teacher row (store/shards.py); one writer per shard (fileio.WriterLock).
 
 Files: files.py (paths, atomic writes, checksums and digests), locks.py (writer locks), manifests.py
 (manifests, the prepared set, votes), shards.py (teacher shards: schema, validation, the one reader).
@@ -34,7 +34,8 @@ a page) gets well under 40 B/token; measured figures are in the README
 from .files import (DiskFullError, FileInfo, StoreError, WriteOptions, canonical_checksum, file_sha256, owned_shards, prepared_dir,
                     read_json, read_table, remove_stale_tmp, scores_dir, shard_name, teacher_dir, verify_digest,
                     write_json_atomic, write_table_atomic)
-from .locks import StoreBusyError, WriterLock
+from ..fileio import LockBusyError as StoreBusyError  # the store's name for it
+from ..fileio import WriterLock
 from .manifests import (DEFAULT_SHARD_SIZE, PREPARED_SCHEMA, SCHEMA_VERSION, PreparedManifest, TeacherManifest,
                         prompt_fingerprint, read_prepared_shard, read_votes, require_stores, update_manifest,
                         write_prepared_shard, write_votes)

@@ -5,18 +5,15 @@ Every file the stores write carries its own integrity check, verified on read:
                every read; plus the file's sha256 in its manifest, verified once per file and process
     JSON       a `checksum` key: sha256 of the canonical JSON of every other key (sort_keys, no spaces)
 
-A write goes to `<name>.tmp-<pid>`, is fsynced and `os.replace`d into place: a reader never sees half a
-file. A full disk (ENOSPC) removes the temporary file and raises DiskFullError naming the file; nothing
-that was complete before is touched, so the same command completes after space is freed.
+Every write goes through fileio.atomic_write (`<name>.tmp-<pid>`, fsync, `os.replace`): a reader never sees
+half a file. A full disk (ENOSPC) removes the temporary file and raises DiskFullError naming the file;
+nothing that was complete before is touched, so the same command completes after space is freed.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,22 +21,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import MODES
+from ..fileio import DiskFullError, atomic_write, write_text_atomic  # noqa: F401 - DiskFullError: the store's API
 
 
 class StoreError(ValueError):
     """Missing, corrupt or inconsistent store data; the message names the file (and row)."""
-
-
-class DiskFullError(StoreError, OSError):
-    """No space left on the device while writing; the message names the file. Nothing partial is kept.
-    DiskFullError(errno.ENOSPC, message): str() is the message alone (the one line a user reads)."""
-
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.errno, self.strerror = code, message
-
-    def __str__(self) -> str:
-        return self.strerror
 
 
 @dataclass(frozen=True)
@@ -91,51 +77,8 @@ def owned_shards(n_shards: int, rank: int, world_size: int) -> list[int]:
     return list(range(rank, n_shards, world_size))
 
 
-def tmp_name(path: Path) -> Path:
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
-
-
 # ---------------------------------------------------------------------------------------------------------
 # writes
-
-
-def is_disk_full(exc: BaseException, folder: Path | None = None) -> bool:
-    """Whether `exc` is a write that failed for want of space. torch.save reports a full disk as a bare
-    RuntimeError from its zip writer ("unexpected pos ...", no errno): with `folder`, such an error counts
-    when the folder's filesystem has less than 64 MiB left."""
-    if getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc):
-        return True
-    if folder is None or not any(s in str(exc) for s in ("inline_container", "PytorchStreamWriter")):
-        return False
-    try:
-        return shutil.disk_usage(folder).free < 64 * 2**20
-    except OSError:
-        return False
-
-
-def disk_full_error(path: Path, exc: BaseException) -> DiskFullError:
-    try:
-        free = f"{shutil.disk_usage(Path(path).parent).free / 2**20:.0f} MiB free"
-    except OSError:
-        free = "free space unknown"
-    return DiskFullError(errno.ENOSPC, f"{path}: no space left on device ({free}) while writing; nothing partial "
-                                       "was kept: free space and run the same command again (finished work is "
-                                       "kept)")
-
-
-def _atomic(path: Path, write) -> None:
-    """write(tmp) then fsync and rename to path; the tmp file never survives a failure."""
-    tmp = tmp_name(path)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, (OSError, pa.ArrowException)) and is_disk_full(exc):
-            raise disk_full_error(path, exc) from exc
-        raise
 
 
 def canonical_checksum(obj: dict) -> str:
@@ -143,16 +86,10 @@ def canonical_checksum(obj: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """`text` into `path` through a temporary file, fsync and a rename: never half a file; a symlink at
-    `path` is replaced, never written through."""
-    _atomic(Path(path), lambda tmp: tmp.write_text(text))
-
-
 def write_json_atomic(path: Path, obj: dict) -> None:
     """The object plus its `checksum` key, atomically."""
     body = {**{k: v for k, v in obj.items() if k != "checksum"}, "checksum": canonical_checksum(obj)}
-    _atomic(Path(path), lambda tmp: tmp.write_text(json.dumps(body, indent=1, sort_keys=True) + "\n"))
+    write_text_atomic(Path(path), json.dumps(body, indent=1, sort_keys=True) + "\n")
 
 
 def write_table_atomic(table: pa.Table, path: Path, opts: WriteOptions = WriteOptions()) -> FileInfo:
@@ -176,13 +113,13 @@ def write_table_atomic(table: pa.Table, path: Path, opts: WriteOptions = WriteOp
                        write_statistics=False, write_page_checksum=True)
         digest["sha256"] = file_sha256(tmp)
 
-    _atomic(path, write)
+    atomic_write(path, write)
     return FileInfo(bytes=path.stat().st_size, sha256=digest["sha256"])
 
 
 def remove_stale_tmp(folder: Path, names: list[str]) -> int:
     """Delete the tmp files of `names` left by killed writers. Call only while holding the lock of every name
-    (store/locks.py): a live writer's tmp file is then impossible. Returns the count."""
+    (fileio.WriterLock): a live writer's tmp file is then impossible. Returns the count."""
     n = 0
     for name in names:
         for p in Path(folder).glob(f"{name}.tmp-*"):

@@ -22,6 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from ..models import model_fingerprint, same_model
+from ..fileio import WriterLock
 from .files import (StoreError, prepared_dir, read_json, read_table, scores_dir, shard_name, teacher_dir,
                     verify_digest, write_json_atomic, write_table_atomic)
 
@@ -204,10 +205,8 @@ class TeacherManifest:
 def update_manifest(data_dir, source: str, mode: str, j: int, info: dict) -> TeacherManifest:
     """Record shard j as complete in the (shared) manifest: read-modify-write under a file lock (ranks of one
     run complete shards of the same store concurrently)."""
-    from filelock import FileLock
-
     path = TeacherManifest.path(data_dir, source, mode)
-    with FileLock(str(path) + ".lock"):
+    with WriterLock(Path(str(path) + ".lock"), what=f"the manifest {path}", wait=True, poll_s=0.02):
         m = TeacherManifest.load(data_dir, source, mode)
         m.completed[str(j)] = info
         m.save(data_dir)

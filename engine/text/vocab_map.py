@@ -47,17 +47,17 @@ temporary name and renamed, its sha256 beside it.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
-import os
 import re
-import tempfile
 import warnings
 import weakref
 from pathlib import Path
 
 import numpy as np
 
+from ..fileio import atomic_write, write_text_atomic
 from ..models import cache_root
 from ._align_py import as_ids
 
@@ -439,15 +439,13 @@ def build(teacher_tok, student_tok, *, method: str, teacher_size: int | None, st
         out[ti] = si
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".vmap-", suffix=".npy", dir=path.parent)
-        os.close(fd)
-        np.save(tmp, out)
+        buf = io.BytesIO()
+        np.save(buf, out)
+        data = buf.getvalue()
         meta = {"method": method, "teacher_size": V_t, "student_size": s_size, "mapped": int((out >= 0).sum()),
-                "sha256": hashlib.sha256(Path(tmp).read_bytes()).hexdigest()}
-        with open(path.with_suffix(".json.tmp"), "w") as f:
-            json.dump(meta, f)
-        os.replace(path.with_suffix(".json.tmp"), path.with_suffix(".json"))  # the digest first, then the map
-        os.replace(tmp, path)
+                "sha256": hashlib.sha256(data).hexdigest()}
+        write_text_atomic(path.with_suffix(".json"), json.dumps(meta))  # the digest first, then the map
+        atomic_write(path, lambda tmp: tmp.write_bytes(data))
     return out
 
 

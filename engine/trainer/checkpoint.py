@@ -15,7 +15,7 @@ Layout (`<output_dir>/checkpoints/`):
 
 Why a crash during a save never corrupts the previous checkpoint: every rank writes into `tmp-<tag>`,
 all ranks meet at a barrier, then rank 0 renames the folder to `<tag>` (an atomic rename on POSIX) and
-replaces `latest` through a temporary file + os.replace. A kill before the rename leaves only a tmp folder;
+replaces `latest` through fileio.write_text_atomic. A kill before the rename leaves only a tmp folder;
 a kill between the rename and the pointer update leaves `latest` on the previous complete checkpoint.
 The filesystem must be shared by all ranks (as DeepSpeed itself assumes by default).
 
@@ -50,8 +50,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..store import DiskFullError, canonical_checksum, file_sha256
-from ..store.files import is_disk_full
+from ..fileio import DiskFullError, is_disk_full, write_text_atomic
+from ..store import canonical_checksum, file_sha256
 from ..text.chat import fallback_chat_template
 
 TAG_RE = re.compile(r"^step(\d{8})$")
@@ -192,9 +192,7 @@ def save(engine: Any, ckpt_dir: str | Path, tag: str, trainer_state: dict, confi
             shutil.rmtree(final)
         os.replace(tmp, final)
         if update_latest:
-            pointer_tmp = ckpt_dir / "latest.tmp"
-            pointer_tmp.write_text(tag)
-            os.replace(pointer_tmp, ckpt_dir / "latest")
+            write_text_atomic(ckpt_dir / "latest", tag)
             _prune(ckpt_dir, keep_last, keep=tag)
     _barrier()
     return final

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from ..config import output_dir_problem
-from ..store.files import write_text_atomic
+from ..fileio import write_text_atomic
 
 MARKER = ".profuser-run"
 LEGACY_TRACES = ("metrics.jsonl", "checkpoints/latest")  # a pre-marker run folder has one of these

@@ -38,6 +38,7 @@ import torch
 import helpers
 from helpers.checkpoints import FakeEngine, Planted, fake_checkpoints
 from profuser.engine import store
+from profuser.engine.fileio import LockError
 from profuser.engine.loader import FusionDataConfig, FusionLoader
 from profuser.engine.text import align
 from profuser.engine.tools import synthetic as fx
@@ -259,14 +260,14 @@ def test_a_really_full_disk_while_creating_a_lock_names_it_and_leaves_no_lock(fu
 
 
 def test_a_full_disk_while_writing_a_lock_leaves_no_empty_lock(tmp_path, monkeypatch):
-    from profuser.engine.store import locks
+    from profuser.engine import fileio
 
     lock = tmp_path / "part-00000.parquet.lock"
 
     def full(*a, **kw):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(locks.json, "dump", full)
+    monkeypatch.setattr(fileio.json, "dump", full)
     with pytest.raises(store.DiskFullError, match=f"^{lock}: no space left on device"):
         store.WriterLock(lock, what="shard 0").acquire()
     assert not lock.exists()
@@ -285,7 +286,7 @@ def test_a_dangling_symlink_as_a_lock_is_an_error_naming_it(tmp_path):
     old = signal.signal(signal.SIGALRM, hung)
     signal.alarm(20)
     try:
-        with pytest.raises(store.StoreError, match=f"^{lock}: a symbolic link"):
+        with pytest.raises(LockError, match=f"^{lock}: a symbolic link"):
             store.WriterLock(lock, what="shard 0", wait=True, poll_s=0.01).acquire()
     finally:
         signal.alarm(0)
