@@ -38,7 +38,7 @@ from profuser.kernels.params import BACKENDS, MISSING_MASS_MODES
 # The choice lists of the whole engine, in one place (the loader, the passes and the CLI import them)
 
 MODES = ("infer", "train")  # the order of the schedule's weights (w_infer, w_train)
-MODE_ID = {"train": 0, "infer": 1}  # a batch's `mode` column
+MODE_ID = {m: i for i, m in enumerate(MODES)}  # a batch's `mode` column, a row of the step's mode statistics
 DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16",
           "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # name -> torch dtype name (aliases too)
 ADVANTAGES = ("minCE", "avgCE")

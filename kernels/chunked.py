@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .params import FusionParams, FusionStats, reduction_scale
+from .params import FusionParams, FusionStats, reduction_scale, softcap
 from .rowmath import RowTerms, grad_coefs, make_stats, row_loss, support_ids
 from .targets import SparseTarget
 
@@ -160,9 +160,7 @@ def _indexed_logits(h, weight, bias, ids, cap, cdt):
     z = torch.einsum("ch,csh->cs", h.to(cdt), weight[safe].to(cdt))
     if bias is not None:
         z = z + bias.to(cdt)[safe]
-    if cap is not None:
-        z = cap * torch.tanh(z / cap)
-    return z
+    return softcap(z, cap)
 
 
 def _support_in_row(sup: torch.Tensor) -> torch.Tensor:
@@ -249,8 +247,7 @@ def _chunk_fused(h, weight, bias, tg: SparseTarget, params, g, out: _Out, r0, r1
     sp_ids = torch.cat([tg.label.unsqueeze(1), tg.ids], dim=1)
     safe = sp_ids.clamp_min(0)
     z_sp = z.gather(1, safe).to(cdt)
-    if cap is not None:
-        z_sp = cap * torch.tanh(z_sp / cap)
+    z_sp = softcap(z_sp, cap)
     sup = support_ids(tg) if params.tail_bucket else None
     rs = rows_lse(z, cap, T, sup, argmax=out.argmax is not None)
     terms = row_loss(tg, rs.lse, rs.lse_t, z_sp[:, 0], z_sp[:, 1:], params, rs.lse_out)

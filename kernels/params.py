@@ -42,6 +42,13 @@ LOGPROB_TOL = 1e-3
 TOPK_MASS_TOL = 1e-2
 
 
+def softcap(z: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """The logit soft-cap, the one definition every torch path uses (reference, chunked, the engine's
+    LogitTransform): z -> cap * tanh(z / cap); None = no cap. Its chain-rule factor is 1 - (softcap(z)/cap)^2.
+    (The Triton kernels write it with a sigmoid: tl has no tanh that also runs in the interpreter.)"""
+    return z if cap is None else cap * torch.tanh(z / cap)
+
+
 @dataclass(frozen=True)
 class FusionParams:
     """Non-tensor options of the fusion loss (see fusion_loss for their meaning).

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from .params import FusionParams, FusionStats
+from .params import FusionParams, FusionStats, softcap
 
 
 def reference_fusion_loss(
@@ -54,8 +54,7 @@ def reference_fusion_loss(
     if bias is not None:
         z = z + bias
     z = z.to(cdt)
-    if params.softcap is not None:
-        z = params.softcap * torch.tanh(z / params.softcap)
+    z = softcap(z, params.softcap)
 
     valid = labels != params.ignore_index
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels))

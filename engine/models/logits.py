@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from profuser.kernels.params import softcap
+
 
 @dataclass(frozen=True)
 class LogitTransform:
@@ -42,9 +44,7 @@ class LogitTransform:
         """Raw lm_head outputs [..., V] -> the model's logits [..., V] (computed in z's dtype)."""
         if self.scale != 1.0:
             z = z * self.scale
-        if self.softcap:
-            z = torch.tanh(z / self.softcap) * self.softcap
-        return z
+        return softcap(z, self.softcap or None)
 
 
 def output_logits(model, h: torch.Tensor) -> torch.Tensor:

@@ -146,7 +146,7 @@ def test_logit_transform_reproduces_the_model_forward(model_type):
 @pytest.mark.parametrize("model_type", ["gemma2", "cohere", "granite", "hyperclovax"])
 def test_training_step_sees_the_model_logits(model_type):
     """lam=1 (CE only): the training step's fused loss equals CE on model(...).logits (scale on h, cap in the loss)."""
-    from profuser.engine.config import LossConfig
+    from profuser.engine.config import MODE_ID, LossConfig
     from profuser.engine.trainer.step import FusionStep
 
     lm = tiny_family(model_type)
@@ -158,9 +158,11 @@ def test_training_step_sees_the_model_logits(model_type):
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
              "teacher_ids": torch.full((1, 2, L, 1), -1, dtype=torch.int32),
              "teacher_logprobs": torch.full((1, 2, L, 1), float("-inf")), "teacher_weights": torch.zeros(1, 2, L),
-             "mode": torch.zeros(2, dtype=torch.long), "n_tokens": n}
+             "mode": torch.full((2,), MODE_ID["train"]), "n_tokens": n}
     step = FusionStep(lm, LossConfig(lam=1.0, backend="reference"), [None])
-    loss, _ = step(batch, torch.tensor([1.0 / n, 0.0]))  # MODE_ID: train 0
+    scale = torch.zeros(len(MODE_ID))
+    scale[MODE_ID["train"]] = 1.0 / n
+    loss, _ = step(batch, scale)
     logits = lm(ids).logits.float()
     ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
     torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-5, atol=1e-5)

@@ -18,6 +18,7 @@ from profuser.engine.tools import synthetic as fx
 
 from profuser.engine import store
 from profuser.engine.text import chat
+from profuser.engine.config import MODE_ID
 from profuser.engine.loader.loader import FusionDataConfig, FusionLoader
 
 SOURCES = ["smollm2", "gemma3", "gpt2"]
@@ -215,7 +216,7 @@ def test_infer_mode_uses_the_vote_winner(data, toks):
     seen = set()
     for batch, b, eid in iterate(ld):
         seen.add(eid)
-        assert batch["mode"][b] == 1
+        assert batch["mode"][b] == MODE_ID["infer"]
         win = SOURCES.index(winners[eid])
         e = by_id[eid]
         resp = rows[winners[eid]][eid]["response"]

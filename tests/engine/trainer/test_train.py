@@ -220,6 +220,7 @@ def test_store_and_vocab_errors(setup, tmp_path):
 
 
 def test_merge_modes_pads_and_concatenates():
+    from profuser.engine.config import MODE_ID
     from profuser.engine.trainer.step import merge_modes
 
     def b(mode, B, L):
@@ -228,11 +229,12 @@ def test_merge_modes_pads_and_concatenates():
                 "teacher_logprobs": torch.zeros(2, B, L, 3), "teacher_weights": torch.ones(2, B, L),
                 "mode": torch.full((B,), mode), "example_ids": [f"{mode}{i}" for i in range(B)], "n_tokens": B * L}
 
-    m = merge_modes([b(1, 2, 3), b(0, 1, 5)], pad_id=7)
+    infer, train = MODE_ID["infer"], MODE_ID["train"]
+    m = merge_modes([b(infer, 2, 3), b(train, 1, 5)], pad_id=7)
     assert m["input_ids"].shape == (3, 5) and m["teacher_ids"].shape == (2, 3, 5, 3)
     assert (m["input_ids"][:2, 3:] == 7).all() and (m["labels"][:2, 3:] == -100).all()
     assert (m["attention_mask"][:2, 3:] == 0).all() and (m["teacher_ids"][:, :2, 3:] == -1).all()
-    assert m["mode"].tolist() == [1, 1, 0] and m["n_tokens"] == 11 and m["example_ids"][2] == "00"
+    assert m["mode"].tolist() == [infer, infer, train] and m["n_tokens"] == 11 and m["example_ids"][2] == f"{train}0"
 
 
 def test_plot_renders_png_and_rejects_bad_rows(baseline, tmp_path):
