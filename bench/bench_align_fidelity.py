@@ -31,14 +31,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-from fidelity_texts import TEXTS
-from harness import machine_name
 
 from profuser.engine.models import pad_id
 from profuser.engine.text import align
 from profuser.engine.text.chat import encode_example
 from profuser.engine.text.tokenizers import load_known
 from profuser.engine.text.vocab_map import vocab_info
+
+from fidelity_texts import TEXTS
+from harness import machine_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "Please answer."
@@ -135,8 +136,9 @@ def main(argv=None) -> int:
             maps[(key, method)] = vm
             report["pairs"][key][method] = score_pair(teacher, student, vm)
             tot = report["pairs"][key][method]["total"]
-            print(f"{key:22s} {method:12s} covers {tot['covers']:5d} hit {tot['hit'] / max(tot['covers'], 1):.3f} "
-                  f"miss {tot['miss'] / max(tot['covers'], 1):.3f} dropped {tot['dropped'] / max(tot['covers'], 1):.3f} "
+            n = max(tot['covers'], 1)
+            print(f"{key:22s} {method:12s} covers {tot['covers']:5d} hit {tot['hit'] / n:.3f} "
+                  f"miss {tot['miss'] / n:.3f} dropped {tot['dropped'] / n:.3f} "
                   f"| shorter {tot['shorter']:4d} | bf dup {tot['bf_dup']}", flush=True)
     if not a.no_models:
         for t_name, s_name in (("gemma3", "smollm2"), ("smollm2", "gemma3")):
@@ -177,8 +179,8 @@ def plot(report: dict, path: Path) -> None:
 
 
 def tables(report: dict) -> str:
-    lines = ["| teacher -> student | map | covers: hit | miss | dropped | worst kind, >= 10 positions (hit) | shorter (static hit) "
-             "| bf dup |", "|---|---|---:|---:|---:|---|---:|---:|"]
+    lines = ["| teacher -> student | map | covers: hit | miss | dropped | worst kind, >= 10 positions (hit) "
+             "| shorter (static hit) | bf dup |", "|---|---|---:|---:|---:|---|---:|---:|"]
     for key, by_method in report["pairs"].items():
         for method, res in by_method.items():
             tot, kinds = res["total"], res["per_kind"]
@@ -186,7 +188,8 @@ def tables(report: dict) -> str:
             worst = min((k for k in kinds if kinds[k]["covers"] >= 10), default=next(iter(kinds)),
                         key=lambda k: kinds[k]["hit"] / max(kinds[k]["covers"], 1))
             w = kinds[worst]["hit"] / max(kinds[worst]["covers"], 1)
-            lines.append(f"| {key} | {method} | {tot['hit'] / n:.3f} | {tot['miss'] / n:.3f} | {tot['dropped'] / n:.3f} "
+            lines.append(f"| {key} | {method} | {tot['hit'] / n:.3f} | {tot['miss'] / n:.3f} "
+                         f"| {tot['dropped'] / n:.3f} "
                          f"| {worst} ({w:.3f}) | {tot['shorter']} ({tot['shorter_hit'] / max(tot['shorter'], 1):.2f}) "
                          f"| {tot['bf_dup']} |")
     if report["mass_kept"]:

@@ -41,19 +41,20 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+
 # pq.read_table imports pyarrow.dataset (and pandas) on first use: ~0.8 s once per process, kept out of the
 # first-epoch figure by importing it here
 import pyarrow.dataset  # noqa: E402,F401
 import torch  # noqa: E402
 
-from harness import machine_name, machine_slug  # noqa: E402
-
 from profuser.engine import store  # noqa: E402
-from profuser.engine.models import pad_id  # noqa: E402
 from profuser.engine.loader.loader import FusionDataConfig, FusionLoader  # noqa: E402
+from profuser.engine.models import pad_id  # noqa: E402
 from profuser.engine.text.align import build_vocab_map  # noqa: E402
 from profuser.engine.text.tokenizers import load_known  # noqa: E402
 from profuser.engine.tools import synthetic as fx  # noqa: E402
+
+from harness import machine_name, machine_slug  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -98,7 +99,7 @@ def bench_profuser(root, toks, args) -> dict:
     for _ in range(args.epochs):
         counts = {"tok": 0, "lab": 0}
 
-        def run():
+        def run(counts=counts):
             for b in ld:
                 counts["tok"] += int(b["attention_mask"].sum())
                 counts["lab"] += b["n_tokens"]

@@ -31,12 +31,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from harness import machine_name
-
 from profuser.engine import models, store
-from profuser.engine.passes import prepare as P
 from profuser.engine.passes import generate, teach, vllm_engine
+from profuser.engine.passes import prepare as P
 from profuser.engine.passes.options import PassConfig
+
+from harness import machine_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

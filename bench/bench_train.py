@@ -200,7 +200,8 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"\n{meta['machine']}; B={args.batch}, L={args.length}, K={args.k}, {args.steps} timed steps\n")
-    print("| variant | target tokens/s | s/step | peak memory above setup (MiB) | speed vs FuseLLM | memory vs FuseLLM |")
+    print("| variant | target tokens/s | s/step | peak memory above setup (MiB) | speed vs FuseLLM "
+          "| memory vs FuseLLM |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         if "tokens_per_s" in r:

@@ -52,7 +52,8 @@ TEXTS = {
     "markdown": [
         "## Summary\n\n- **Speed:** 2x faster than before\n- *Memory:* 40% less\n\n1. Install with `pip install x`\n"
         "2. Run `x --help`\n\n> Note: results may vary.",
-        "| name | value |\n|---|---:|\n| alpha | 0.1 |\n| beta | 2.5 |\n\nSee [the docs](https://example.com) for more.",
+        "| name | value |\n|---|---:|\n| alpha | 0.1 |\n| beta | 2.5 |\n\n"
+        "See [the docs](https://example.com) for more.",
         "Sure! Here's how:\n\n```python\nprint(\"hello\")\n```\n\nLet me know if you need anything else 🙂",
     ],
     "european": [

@@ -238,8 +238,8 @@ def table(report: dict) -> str:
                          f"{'-' if frac is None else f'{100 * frac:.0f}%'} | {r['peak_mem_mib']:.0f} | "
                          f"{'-' if vs is None else f'{vs:.2f}x'} | {r['loss']:.4f} |")
     if report.get("step"):
-        lines += ["", "| step variant | params (M) | target tokens/s | s/step | peak MiB above setup | speed vs FuseLLM "
-                  "| memory vs FuseLLM |", "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += ["", "| step variant | params (M) | target tokens/s | s/step | peak MiB above setup "
+                  "| speed vs FuseLLM | memory vs FuseLLM |", "|---|---:|---:|---:|---:|---:|---:|"]
         for r in report["step"]:
             if r["status"] != "ok":
                 lines.append(f"| {r['variant']} | {r['params_m']:.0f} | {r['status']}: {r.get('note', '')[:80]} |"

@@ -162,7 +162,8 @@ def sync_check(device: torch.device) -> dict:
                         "teacher_ids": torch.randint(0, V, (T, B, L, K), generator=g).to(torch.int32),
                         "teacher_logprobs": torch.log_softmax(torch.randn(T, B, L, K, generator=g), -1).half(),
                         "teacher_weights": torch.rand(T, B, L, generator=g),
-                        "mode": torch.full((B,), MODE_ID[mode]), "example_ids": [], "n_tokens": int((labels >= 0).sum())})
+                        "mode": torch.full((B,), MODE_ID[mode]), "example_ids": [],
+                        "n_tokens": int((labels >= 0).sum())})
     batch = merge_modes(batches, pad_id=0)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     out = {}

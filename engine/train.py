@@ -45,8 +45,7 @@ import torch.distributed as dist
 from profuser.engine.config import MODES, TrainConfig, dump_yaml, load_config, resume_digest
 from profuser.engine.dist import DistInfo, release_freed_memory, setup_distributed, teardown_distributed
 from profuser.engine.errors import report_errors
-from profuser.engine.loader.stream import (BatchStream, build_streams, check_max_length, check_stores,
-                                           check_vocab_rows)
+from profuser.engine.loader.stream import BatchStream, build_streams, check_max_length, check_stores, check_vocab_rows
 from profuser.engine.models import load_tokenizer, pad_id, resolve_dtype
 from profuser.engine.store import WriterLock
 from profuser.engine.trainer import checkpoint as ckpt

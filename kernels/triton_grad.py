@@ -33,9 +33,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (DENSE_FLAGS, INTERPRET, check_inputs, decorate, dense_dz_tile, helper, launch_kwargs,
-                            launching, logit_tile, softcap_arg)
-
+from .triton_common import (
+    DENSE_FLAGS,
+    INTERPRET,
+    check_inputs,
+    decorate,
+    dense_dz_tile,
+    helper,
+    launch_kwargs,
+    launching,
+    logit_tile,
+    softcap_arg,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # dense part

@@ -4,8 +4,8 @@ chosen ids.
 1. `lse_forward` (_lse_partial_kernel + a merge). The vocabulary is split into `splits` ranges so that the
    grid (row blocks x splits) fills the GPU: at N = 8,192 and 128-row blocks there are only 64 row blocks
    for 132 SMs. Each program runs the online log-sum-exp over its range,
-       m' = max(m, max_v z),  l' = l exp(m - m') + sum_v exp(z - m'),
-   and writes its partial (m, l) per row; with a temperature also l_T = sum exp(z/T - m/T) (max z/T = m/T);
+       m' = max(m, max_v z),  l_sum' = l_sum exp(m - m') + sum_v exp(z - m'),
+   and writes its partial (m, l_sum) per row; with a temperature also l_T = sum exp(z/T - m/T) (max z/T = m/T);
    with the tail bucket also l_out, the same sum over the columns outside the row's support (so
    log(1 - q(S)) = log sum_out - lse never subtracts); with stats a running argmax in which only a strictly
    larger tile maximum replaces the best (ties keep the first index, as torch.argmax). The merge over
@@ -23,9 +23,23 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (AUTOTUNE, DENSE_FLAGS, FLAGS, INTERPRET, check_inputs, decorate, in_support, kernel_config,
-                            launch_kwargs, launching, logit_tile, num_sms, pow2_between, softcap_arg,
-                            softcap_tile)
+from .triton_common import (
+    AUTOTUNE,
+    DENSE_FLAGS,
+    FLAGS,
+    INTERPRET,
+    check_inputs,
+    decorate,
+    in_support,
+    kernel_config,
+    launch_kwargs,
+    launching,
+    logit_tile,
+    num_sms,
+    pow2_between,
+    softcap_arg,
+    softcap_tile,
+)
 
 
 def _lse_partial_kernel(H_ptr, W_ptr, Bias_ptr, Sup_ptr, PM_ptr, PL_ptr, PLT_ptr, PLO_ptr, PBest_ptr, PIdx_ptr,
@@ -39,7 +53,7 @@ def _lse_partial_kernel(H_ptr, W_ptr, Bias_ptr, Sup_ptr, PM_ptr, PL_ptr, PLT_ptr
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    l = tl.zeros((BLOCK_N,), tl.float32)
+    l_sum = tl.zeros((BLOCK_N,), tl.float32)
     l_t = tl.zeros((BLOCK_N,), tl.float32)
     l_out = tl.zeros((BLOCK_N,), tl.float32)
     best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
@@ -60,7 +74,7 @@ def _lse_partial_kernel(H_ptr, W_ptr, Bias_ptr, Sup_ptr, PM_ptr, PL_ptr, PLT_ptr
         m_new = tl.maximum(m, tile_max)
         scale = tl.exp(m - m_new)
         e = tl.exp(z - m_new[:, None])
-        l = l * scale + tl.sum(e, axis=1)
+        l_sum = l_sum * scale + tl.sum(e, axis=1)
         if HAS_TEMP:
             l_t = l_t * tl.exp((m - m_new) * inv_t) + tl.sum(tl.exp((z - m_new[:, None]) * inv_t), axis=1)
         if TAIL:
@@ -69,7 +83,7 @@ def _lse_partial_kernel(H_ptr, W_ptr, Bias_ptr, Sup_ptr, PM_ptr, PL_ptr, PLT_ptr
         m = m_new
     at = offs_n.to(tl.int64) * n_splits + split
     tl.store(PM_ptr + at, m, mask=mask_n)
-    tl.store(PL_ptr + at, l, mask=mask_n)
+    tl.store(PL_ptr + at, l_sum, mask=mask_n)
     if HAS_TEMP:
         tl.store(PLT_ptr + at, l_t, mask=mask_n)
     if TAIL:

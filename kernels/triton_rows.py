@@ -5,7 +5,7 @@ inputs, the GEMM's own rounding, as F.linear), and these two kernels replace its
 buffer with 2 (the roofline in docs/kernels.md: 12 bytes of traffic per logit instead of 38):
 
 1. `_rows_lse_kernel` (one program per row, loop over V): z = softcap(z_raw); online
-       m' = max(m, max z), l' = l e^(m - m') + sum e^(z - m')      -> lse = m + log l
+       m' = max(m, max z), l_sum' = l_sum e^(m - m') + sum e^(z - m')      -> lse = m + log l_sum
    and, in the same read, l_T for z / T (temperature), l_out over the columns outside the row's support
    (tail bucket: n_sup compares per block, never 1 - q(S)), and the first index of the maximum (stats).
 2. `_rows_dz_kernel` (same grid): overwrites the chunk in place with the dense part of dLoss/dz_raw,
@@ -31,7 +31,7 @@ def _rows_lse_kernel(Z_ptr, Sup_ptr, LSE_ptr, LSET_ptr, LSEO_ptr, Arg_ptr, V, n_
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     m = tl.full((BLOCK,), float("-inf"), tl.float32)  # per-lane running max / sums, reduced at the end
-    l = tl.zeros((BLOCK,), tl.float32)
+    l_sum = tl.zeros((BLOCK,), tl.float32)
     l_t = tl.zeros((BLOCK,), tl.float32)
     l_out = tl.zeros((BLOCK,), tl.float32)
     best = tl.full((BLOCK,), float("-inf"), tl.float32)
@@ -50,7 +50,7 @@ def _rows_lse_kernel(Z_ptr, Sup_ptr, LSE_ptr, LSET_ptr, LSEO_ptr, Arg_ptr, V, n_
         safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane that saw only padding stays at 0 sums
         scale = tl.exp(m - safe)
         e = tl.exp(z - safe)
-        l = l * scale + e
+        l_sum = l_sum * scale + e
         if HAS_TEMP:
             l_t = l_t * tl.exp((m - safe) * inv_t) + tl.exp((z - safe) * inv_t)
         if TAIL:
@@ -61,7 +61,7 @@ def _rows_lse_kernel(Z_ptr, Sup_ptr, LSE_ptr, LSET_ptr, LSEO_ptr, Arg_ptr, V, n_
         m = m_new
     big = tl.max(m, axis=0)
     w = tl.exp(m - big)
-    tl.store(LSE_ptr + row, big + tl.log(tl.sum(l * w, axis=0)))
+    tl.store(LSE_ptr + row, big + tl.log(tl.sum(l_sum * w, axis=0)))
     if HAS_TEMP:
         tl.store(LSET_ptr + row, big * inv_t + tl.log(tl.sum(l_t * tl.exp((m - big) * inv_t), axis=0)))
     if TAIL:

@@ -4,8 +4,8 @@ Two jobs, both on flat numpy arrays so the loader never loops over tokens in Pyt
 
 1. `StudentEncoder.encode_batch`: the student's tokenization of many (prompt, response) pairs at once.
    It gives exactly what `text.chat.encode_example` gives for each pair (tests/engine/loader/
-   test_student_encoder.py checks it on real text, truncation included) at a fraction of the cost. On short instruction data the
-   chat template, not the response, dominates, so:
+   test_student_encoder.py checks it on real text, truncation included) at a fraction of the cost. On short
+   instruction data the chat template, not the response, dominates, so:
      - all responses go through one fast-tokenizer batch call (with offsets);
      - a *template plan* per distinct system prompt: the template is rendered once with a sentinel
        prompt, giving prefix = head + prompt + tail. The head up to its last special token and the tail

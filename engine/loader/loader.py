@@ -47,8 +47,16 @@ import pyarrow as pa
 import torch
 
 from .. import store
-from ..config import (ADVANTAGE_LEVELS, ADVANTAGES, ALIGN_METHODS, BAD_ROW_POLICIES, CE_METRICS, MODE_ID, MODES,
-                      VOCAB_MAPS)
+from ..config import (
+    ADVANTAGE_LEVELS,
+    ADVANTAGES,
+    ALIGN_METHODS,
+    BAD_ROW_POLICIES,
+    CE_METRICS,
+    MODE_ID,
+    MODES,
+    VOCAB_MAPS,
+)
 from ..models import load_tokenizer, pad_id
 from ..text.align import align_mined, align_offsets_batch, build_vocab_map, token_strings, tokenizer_hash
 from . import collate as _collate

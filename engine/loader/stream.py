@@ -52,7 +52,8 @@ class BatchStream:
             batch = next(self._it, None)
             if batch is None:
                 raise RuntimeError(
-                    f"rank {self.rank}: the {self.mode}-mode store in {self.loader.cfg.data_dir} yields no batch for this rank "
+                    f"rank {self.rank}: the {self.mode}-mode store in {self.loader.cfg.data_dir} yields no batch for "
+                    "this rank "
                     f"({self.loader.n_shards} shards, {self.loader.world_size} ranks; every example was dropped, "
                     f"or data.max_length is shorter than every templated prompt)") from None
             return batch
@@ -75,8 +76,8 @@ def build_streams(cfg: TrainConfig, tok, modes: list[str], rank: int, world_size
             data_dir=str(data_dir_of(cfg, mode)[1]), sources=list(d.sources), student=cfg.model.student, mode=mode,
             k=d.k, max_length=d.max_length, batch_size=d.micro_batch_size, advantage=d.advantage,
             advantage_level=d.advantage_level, ce_metric=d.ce_metric, student_as_candidate=d.student_as_candidate,
-            shuffle_buffer=d.shuffle_buffer, seed=cfg.seed, align_method=d.align_method, bad_row_policy=d.bad_row_policy,
-            vocab_map_method=d.vocab_map)
+            shuffle_buffer=d.shuffle_buffer, seed=cfg.seed, align_method=d.align_method,
+            bad_row_policy=d.bad_row_policy, vocab_map_method=d.vocab_map)
         streams[mode] = BatchStream(FusionLoader(dcfg, tok, rank=rank, world_size=world_size), mode, rank)
     return streams
 

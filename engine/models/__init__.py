@@ -17,8 +17,15 @@ from .aliases import ALIASES, ENV_CACHE, Alias, cache_root
 from .gguf import MARKER, convert_once
 from .loading import load_model, load_tokenizer, pad_id, resolve_dtype
 from .logits import LogitTransform, output_logits
-from .resolve import (canonical_spec, model_fingerprint, model_name, reference_models, resolve_model,
-                      resolve_tokenizer, same_model)
+from .resolve import (
+                      canonical_spec,
+                      model_fingerprint,
+                      model_name,
+                      reference_models,
+                      resolve_model,
+                      resolve_tokenizer,
+                      same_model,
+)
 from .tiny import tiny_model_dir
 
 __all__ = ["ALIASES", "ENV_CACHE", "Alias", "LogitTransform", "MARKER", "cache_root", "canonical_spec", "convert_once",

@@ -25,9 +25,22 @@ import pyarrow as pa
 
 from .. import dist as _dist
 from .. import models
-from ..store import (PreparedManifest, StoreError, TeacherManifest, TeacherShard, WriterLock, file_sha256,
-                     owned_shards, read_prepared_shard, read_teacher_shard, remove_stale_tmp, shard_name, teacher_dir,
-                     update_manifest, write_table_atomic)
+from ..store import (
+    PreparedManifest,
+    StoreError,
+    TeacherManifest,
+    TeacherShard,
+    WriterLock,
+    file_sha256,
+    owned_shards,
+    read_prepared_shard,
+    read_teacher_shard,
+    remove_stale_tmp,
+    shard_name,
+    teacher_dir,
+    update_manifest,
+    write_table_atomic,
+)
 from . import vllm_engine
 from .forward import load_source
 from .options import PassConfig
@@ -169,7 +182,7 @@ def run_shards(cfg: PassConfig, name: str, spec: str, mode: str, tok_hash: str, 
     stats["input_tok_s"] = stats["input_tokens"] / max(time.perf_counter() - prog.t0, 1e-9)
     if stats["nan_rows"]:
         warnings.warn(f"{name} ({mode}): {stats['nan_rows']} rows had NaN log-probabilities; stored with "
-                      f"nll_sum = NaN so readers skip them")
+                      f"nll_sum = NaN so readers skip them", stacklevel=2)
     return stats
 
 
@@ -184,9 +197,11 @@ def run_pass(cfg: PassConfig, mode: str, shard_fn: Callable, *, generation: dict
     out = {}
     for spec, name in zip(cfg.sources, cfg.source_names):
         model, tok, device, thash, vocab = load_source(spec, cfg, di.local_rank, max_model_len)
-        stats = run_shards(cfg, name, spec, mode, thash, vocab,
-                           lambda j, t, w, p, model=model, tok=tok: shard_fn(model, tok, device, j, t, w, p),
-                           generation=generation, after_shard=after_shard)
+        def compute(j, t, w, p, model=model, tok=tok, device=device):
+            return shard_fn(model, tok, device, j, t, w, p)
+
+        stats = run_shards(cfg, name, spec, mode, thash, vocab, compute, generation=generation,
+                           after_shard=after_shard)
         out[name] = stats
         inputs = f" ({stats['input_tokens']} input tokens, {stats['input_tok_s']:.0f} tok/s)" \
             if stats["input_tokens"] else ""

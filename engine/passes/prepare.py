@@ -31,8 +31,15 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from ..store import (DEFAULT_SHARD_SIZE, PREPARED_SCHEMA, PreparedManifest, StoreError, WriterLock, prepared_dir,
-                     write_prepared_shard)
+from ..store import (
+    DEFAULT_SHARD_SIZE,
+    PREPARED_SCHEMA,
+    PreparedManifest,
+    StoreError,
+    WriterLock,
+    prepared_dir,
+    write_prepared_shard,
+)
 
 
 def shipped_corpus() -> Path:

@@ -51,8 +51,18 @@ import torch
 from .. import models
 from ..config import CE_METRICS
 from ..loader.advantage import advantage_weights, example_metric, tie_priority
-from ..store import (PreparedManifest, StoreError, TeacherManifest, TeacherStore, read_prepared_shard, read_table,
-                     scores_dir, write_json_atomic, write_table_atomic, write_votes)
+from ..store import (
+    PreparedManifest,
+    StoreError,
+    TeacherManifest,
+    TeacherStore,
+    read_prepared_shard,
+    read_table,
+    scores_dir,
+    write_json_atomic,
+    write_table_atomic,
+    write_votes,
+)
 from ..text.chat import encode_example
 from .forward import forward_predicted, length_batches
 
@@ -307,7 +317,7 @@ def load_generated(data_dir, sources: list[str]) -> tuple[pa.Table, list[list[st
         shards = [st.shard(j, prep) for j, prep in enumerate(preps)]
         responses.append([r for sh in shards for r in sh.responses.to_pylist()])
         valid.append(np.concatenate([~sh.invalid for sh in shards]))
-        for j, sh in enumerate(shards):
+        for sh in shards:
             for i in sorted(sh.problems or {})[:3]:
                 warnings.warn(f"{sh.path}: row {i}: {sh.problem(i)}: excluded from the vote", stacklevel=2)
     prep = pa.concat_tables(preps)

@@ -11,13 +11,13 @@ top-k of the model's own log-softmax at every predicted position). Per row it st
     nll_sum = -sum_r lp_r[token_r],   n_bytes = text.chat.predicted_bytes (+1 for end-of-turn)
 
 MinCE compares nll_sum / n_bytes across sources (tokenizers of different granularity: per token is not
-comparable); nll_sum / n_tokens is kept for the per-token variant. The shard driver, the forward and the
-memory / batching rules are in passes/forward.py, resumption in passes/driver.py. With `--engine vllm` the top-k come from
+comparable); nll_sum / n_tokens is kept for the per-token variant. The forward and its memory / batching
+rules are in passes/forward.py, the shard driver and resumption in passes/driver.py. With `--engine vllm` the
+top-k come from
 vLLM's prompt_logprobs (vllm_engine.teach_predicted) and everything else is this module's.
 """
 
 from __future__ import annotations
-
 
 import numpy as np
 import pyarrow as pa
@@ -88,7 +88,9 @@ def teach(cfg: PassConfig, *, after_shard=None) -> dict:
 
 def add_arguments(p) -> None:
     add_common_arguments(p)
-    p.add_argument("--max-length", type=int, default=2048, help="cap on prompt + response tokens per example: the response is truncated to fit; an example whose templated prompt alone exceeds it is an error naming the row")
+    p.add_argument("--max-length", type=int, default=2048,
+                   help="cap on prompt + response tokens per example: the response is truncated to fit; an example "
+                        "whose templated prompt alone exceeds it is an error naming the row")
 
 
 def run_command(args) -> int:

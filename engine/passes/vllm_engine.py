@@ -221,7 +221,7 @@ def load(spec: str, dtype, device_type: str, local_rank: int, k: int, opts: VLLM
     with _engine_environment(device_type, local_rank, opts.tensor_parallel_size):
         llm = vllm.LLM(**kwargs)
     text = AutoConfig.from_pretrained(path)
-    vocab = int(getattr(getattr(text, "text_config", None) or text, "vocab_size"))
+    vocab = int((getattr(text, "text_config", None) or text).vocab_size)
     return VLLMSource(llm=llm, vocab_size=vocab, k=k)
 
 

@@ -31,18 +31,46 @@ a page) gets well under 40 B/token; measured figures are in the README
 (section "Teacher passes and the store").
 """
 
-from .files import (DiskFullError, FileInfo, StoreError, WriteOptions, canonical_checksum, file_sha256, owned_shards, prepared_dir,
-                    read_json, read_table, remove_stale_tmp, scores_dir, shard_name, teacher_dir, verify_digest,
-                    write_json_atomic, write_table_atomic)
 from ..fileio import LockBusyError as StoreBusyError  # the store's name for it
 from ..fileio import WriterLock
-from .manifests import (DEFAULT_SHARD_SIZE, PREPARED_SCHEMA, SCHEMA_VERSION, PreparedManifest, TeacherManifest,
-                        prompt_fingerprint, read_prepared_shard, read_votes, require_stores, update_manifest,
-                        write_prepared_shard, write_votes)
+from .files import (
+                    DiskFullError,
+                    FileInfo,
+                    StoreError,
+                    WriteOptions,
+                    canonical_checksum,
+                    file_sha256,
+                    owned_shards,
+                    prepared_dir,
+                    read_json,
+                    read_table,
+                    remove_stale_tmp,
+                    scores_dir,
+                    shard_name,
+                    teacher_dir,
+                    verify_digest,
+                    write_json_atomic,
+                    write_table_atomic,
+)
+from .manifests import (
+                    DEFAULT_SHARD_SIZE,
+                    PREPARED_SCHEMA,
+                    SCHEMA_VERSION,
+                    PreparedManifest,
+                    TeacherManifest,
+                    prompt_fingerprint,
+                    read_prepared_shard,
+                    read_votes,
+                    require_stores,
+                    update_manifest,
+                    write_prepared_shard,
+                    write_votes,
+)
 from .shards import LOGPROB_TOL, TEACHER_SCHEMA, TeacherShard, TeacherStore, read_teacher_shard
 
-__all__ = ["canonical_checksum", "DEFAULT_SHARD_SIZE", "DiskFullError", "FileInfo", "LOGPROB_TOL", "PREPARED_SCHEMA", "PreparedManifest",
-           "SCHEMA_VERSION", "StoreBusyError", "StoreError", "TEACHER_SCHEMA", "TeacherManifest", "TeacherShard",
+__all__ = ["canonical_checksum", "DEFAULT_SHARD_SIZE", "DiskFullError", "FileInfo", "LOGPROB_TOL", "PREPARED_SCHEMA",
+           "PreparedManifest", "SCHEMA_VERSION", "StoreBusyError", "StoreError", "TEACHER_SCHEMA", "TeacherManifest",
+           "TeacherShard",
            "TeacherStore", "WriteOptions", "WriterLock", "file_sha256", "owned_shards", "prepared_dir",
            "prompt_fingerprint", "read_json", "read_prepared_shard", "read_table", "read_teacher_shard",
            "read_votes", "remove_stale_tmp", "require_stores", "scores_dir", "shard_name", "teacher_dir",

@@ -21,10 +21,20 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ..models import model_fingerprint, same_model
 from ..fileio import WriterLock
-from .files import (StoreError, prepared_dir, read_json, read_table, scores_dir, shard_name, teacher_dir,
-                    verify_digest, write_json_atomic, write_table_atomic)
+from ..models import model_fingerprint, same_model
+from .files import (
+    StoreError,
+    prepared_dir,
+    read_json,
+    read_table,
+    scores_dir,
+    shard_name,
+    teacher_dir,
+    verify_digest,
+    write_json_atomic,
+    write_table_atomic,
+)
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)

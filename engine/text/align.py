@@ -173,7 +173,8 @@ def build_vocab_map(teacher_tok, student_tok, *, method: str = "projection", tea
     """Teacher id -> student id, int32 [max(len(teacher_tok), teacher_size)], -1 = none (see vocab_map.py).
 
     method: "projection" (the default) or "exact", optionally followed by "+mined" and/or "+stats";
-    counts = coalign_counts(...) for stats. cache_dir=None -> $PROFUSER_CACHE/vocab_maps; cache_dir=False disables the cache.
+    counts = coalign_counts(...) for stats. cache_dir=None -> $PROFUSER_CACHE/vocab_maps; cache_dir=False
+    disables the cache.
     """
     impl = _ExtVocab if _impl(use_ext) is not None else _PyVocab
     return _vm.build(teacher_tok, student_tok, method=method, teacher_size=teacher_size,

@@ -61,7 +61,6 @@ from ..fileio import atomic_write, write_text_atomic
 from ..models import cache_root
 from ._align_py import as_ids
 
-
 # in every cache key: a map built by older rules is never reused (2: tie rules and projection)
 MAP_VERSION = 2
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")

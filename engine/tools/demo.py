@@ -111,7 +111,8 @@ def baseline_stages(cfg: TrainConfig, train_cmd: list[str]) -> list[tuple[str, l
     models += [f"{BASELINE_NAMES.get(k, k)}={out}-{k}/final" for k in kinds]
     models += [f"{label}={spec}" for label, spec in
                reference_models(cfg.model.student, {s: s for s in cfg.data.sources}).items()]
-    table = _profuser("eval", "--data", str(_run_dir(cfg) / "heldout.jsonl"), "--max-examples", str(cfg.eval.max_examples),
+    table = _profuser("eval", "--data", str(_run_dir(cfg) / "heldout.jsonl"),
+                      "--max-examples", str(cfg.eval.max_examples),
                       "--max-length", str(cfg.data.max_length), "--out", str(_run_dir(cfg) / "table"),
                       *[a for m in models for a in ("--model", m)])
     return [("baselines", runs), ("table", [table])]

@@ -21,6 +21,7 @@ from .. import models, store
 from ..passes.prepare import shipped_corpus
 from ..text import chat
 from ..text.align import tokenizer_hash
+
 EXTRA = [
     "Tokyo (東京) is the capital of Japan; Kyōto was the old one.",
     "Café au lait costs €3.50 — or 12345 yen at 9:30 a.m.",

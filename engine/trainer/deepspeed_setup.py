@@ -64,7 +64,8 @@ def load_student(cfg: TrainConfig, dtype: torch.dtype, ds_config: dict):
         from transformers.integrations import HfDeepSpeedConfig
 
         zero3 = HfDeepSpeedConfig(ds_config)  # must stay alive while the model loads
-    lm = load_model(cfg.model.student, dtype=dtype, attn_implementation=resolve_attention(cfg.model.attn_implementation))
+    lm = load_model(cfg.model.student, dtype=dtype,
+                    attn_implementation=resolve_attention(cfg.model.attn_implementation))
     del zero3
     lm.config.use_cache = False
     if cfg.model.activation_checkpointing:

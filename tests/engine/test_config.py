@@ -122,5 +122,5 @@ def test_choice_lists_have_one_home():
         load_config(None, ["model.dtype=float64"])
     assert config.MODES == ("infer", "train") and set(config.MODE_ID) == set(config.MODES)
     # the vocabulary map the loader builds: projection by default, the config's choice passed through
-    assert config.DataConfig().vocab_map == FusionDataConfig(data_dir="x", sources=["a"], student="s").vocab_map_method \
-        == config.VOCAB_MAPS[0] == "projection"
+    loader_default = FusionDataConfig(data_dir="x", sources=["a"], student="s").vocab_map_method
+    assert config.DataConfig().vocab_map == loader_default == config.VOCAB_MAPS[0] == "projection"

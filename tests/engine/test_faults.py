@@ -180,7 +180,8 @@ def test_resume_refuses_another_config_and_a_foreign_folder(tmp_path):
     assert ckpt.resume_point(ckpt.candidates(d), rank=0, world_size=1, config_digest="other", allow_foreign=True)
     (d / "step00000004" / ckpt.INFO).unlink()
     with pytest.warns(UserWarning, match="profuser_checkpoint.json is missing"):  # the older one is fine
-        assert ckpt.resume_point(ckpt.candidates(d), rank=0, world_size=1, config_digest="digest").name == "step00000002"
+        got = ckpt.resume_point(ckpt.candidates(d), rank=0, world_size=1, config_digest="digest")
+        assert got.name == "step00000002"
     (d / "step00000002" / ckpt.INFO).unlink()
     with pytest.raises(ckpt.ResumeError, match="not written by profuser train"), pytest.warns(UserWarning):
         ckpt.resume_point(ckpt.candidates(d), rank=0, world_size=1, config_digest="digest")
@@ -356,7 +357,8 @@ def test_a_full_disk_during_teach_is_one_named_error_and_the_rerun_completes(tin
         return real(*a, **kw)
 
     monkeypatch.setattr(files.pq, "write_table", full_on_second)
-    cfg = options.PassConfig(data_dir=str(tmp_path), sources=[tiny], names=["src"], k=4, progress=False, batch_tokens=64)
+    cfg = options.PassConfig(data_dir=str(tmp_path), sources=[tiny], names=["src"], k=4, progress=False,
+                             batch_tokens=64)
     with pytest.raises(store.DiskFullError, match=r"part-00001.parquet: no space left on device"):
         teach.teach(cfg)
     assert not list(store.teacher_dir(tmp_path, "src", "train").glob("*.tmp-*"))
@@ -498,5 +500,6 @@ def test_bad_config_values_fail_fast_naming_the_key(override, key, tmp_path, bar
     elapsed = time.time() - t0
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and f"override {key}: must be in" in lines[0], p.stderr
-    assert elapsed < bare_torch_import_s + 5.0, f"{override}: {elapsed:.1f} s (import torch: {bare_torch_import_s:.1f} s)"
+    assert elapsed < bare_torch_import_s + 5.0, \
+        f"{override}: {elapsed:.1f} s (import torch: {bare_torch_import_s:.1f} s)"
     record("bad config value", "named within 5 s of a bare torch import")

@@ -102,8 +102,8 @@ DEEPSPEED_NAMES = ["zero_pp_rank_0_mp_rank_0-_model_states.pt", "mp_rank_01_mode
 @pytest.mark.parametrize("name", DEEPSPEED_NAMES)
 def test_a_pickle_planted_under_a_deepspeed_name_is_refused_not_run(tmp_path, name):
     import torch
-    from helpers.checkpoints import Planted, fake_checkpoints
 
+    from helpers.checkpoints import Planted, fake_checkpoints
     from profuser.engine.trainer import checkpoint as ckpt
 
     d = fake_checkpoints(tmp_path)
@@ -161,7 +161,6 @@ def copy_data(data, tmp_path) -> Path:
 
 def infer_loader(root, sources=("self", "gpt2")):
     from helpers import tokenizer
-
     from profuser.engine.loader import FusionDataConfig, FusionLoader
 
     cfg = FusionDataConfig(data_dir=str(root), sources=list(sources), student="x", mode="infer", k=4, batch_size=4,
@@ -193,7 +192,6 @@ def test_swapped_source_folders_are_named_by_the_loader_and_by_check(data, tmp_p
 
 def test_a_store_rebuilt_after_the_vote_is_named_by_the_loader_and_by_check(data, tmp_path):
     from helpers import tokenizer
-
     from profuser.engine import store
     from profuser.engine.tools import synthetic as fx
 
@@ -222,7 +220,6 @@ def test_resume_against_a_rebuilt_store_names_what_changed(data, tmp_path):
     import shutil
 
     from helpers import overrides, tokenizer
-
     from profuser.engine import store
     from profuser.engine.tools import synthetic as fx
 

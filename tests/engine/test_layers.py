@@ -25,8 +25,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 ENGINE = REPO / "engine"
-RANK = {"config": 0, "dist": 0, "errors": 0, "fileio": 0, "models": 1, "text": 2, "store": 3, "loader": 4, "passes": 5, "trainer": 5,
-        "tools": 6, "train": 7, "cli": 8}
+RANK = {"config": 0, "dist": 0, "errors": 0, "fileio": 0, "models": 1, "text": 2, "store": 3, "loader": 4, "passes": 5,
+        "trainer": 5, "tools": 6, "train": 7, "cli": 8}
 
 
 def module_name(path: Path) -> str:

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from profuser.engine import models
-
 from helpers import need
+from profuser.engine import models
 
 
 def test_tiny_model_dir_real_tokenizer_and_seeded(tmp_path):
@@ -173,7 +172,8 @@ def test_reference_models_evaluate_a_source_that_is_the_target_once(tmp_path, mo
     as the target, whichever spelling (alias, relative or absolute folder) names it."""
     (tmp_path / "target").mkdir()
     monkeypatch.chdir(tmp_path)
-    got = models.reference_models("target", {"t": str(tmp_path / "target"), "smollm2-135m-instruct": "smollm2-135m-instruct"})
+    got = models.reference_models("target", {"t": str(tmp_path / "target"),
+                                             "smollm2-135m-instruct": "smollm2-135m-instruct"})
     assert got == {"target (before)": "target", "source smollm2-135m-instruct": "smollm2-135m-instruct"}
     both = models.reference_models("gemma3-270m", {"gemma3-270m": "gemma3-270m", "other": str(tmp_path / "target")})
     assert list(both) == ["target (before)", "source other"]

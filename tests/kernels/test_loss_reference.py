@@ -11,7 +11,6 @@ from profuser.kernels.fusion_loss import make_params
 from profuser.kernels.targets import build_sparse_target
 
 
-
 def _tiny():
     """One valid row over V=5, two teachers (ids in student space), hand-checkable numbers."""
     z = torch.tensor([[1.0, -0.5, 2.0, 0.0, 0.3]], dtype=torch.float64)

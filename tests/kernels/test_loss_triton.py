@@ -26,6 +26,7 @@ from profuser.kernels.triton_fusion import TritonConfig, triton_fusion_loss
 from profuser.kernels.triton_grad import fused_grad, sparse_grad
 from profuser.kernels.triton_lse import indexed_logits, lse_forward
 
+
 @pytest.fixture(autouse=True)
 def _cpu_tests_need_the_interpreter(request):
     """With PROFUSER_TEST_REAL_TRITON=1 (a GPU run) the CPU-tensor tests cannot launch: skip them there."""
@@ -234,7 +235,8 @@ def _coefs(N, V, S, seed, tail):
 
 @pytest.mark.parametrize("softcap,temperature,has_bias,tail,deterministic",
                          [(None, 1.0, False, False, False), (5.0, 2.0, True, False, False),
-                          (None, 0.7, True, False, True), (4.0, 1.0, True, True, False), (None, 1.0, False, True, True)])
+                          (None, 0.7, True, False, True), (4.0, 1.0, True, True, False),
+                          (None, 1.0, False, True, True)])
 def test_fused_grad_matches_autograd(softcap, temperature, has_bias, tail, deterministic):
     N, H, V, S = 41, 40, 301, 7
     h, w = torch.randn(N, H), torch.randn(V, H) * 0.3

@@ -13,13 +13,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-import helpers as rt
-from profuser.engine.tools import synthetic as fx
 
+import helpers as rt
 from profuser.engine import store
-from profuser.engine.text import chat
 from profuser.engine.config import MODE_ID
 from profuser.engine.loader.loader import FusionDataConfig, FusionLoader
+from profuser.engine.text import chat
+from profuser.engine.tools import synthetic as fx
 
 SOURCES = ["smollm2", "gemma3", "gpt2"]
 MODELS = {"smollm2": "smollm2-135m-instruct", "gemma3": "gemma3-270m", "gpt2": "gpt2-local"}

@@ -7,12 +7,12 @@ import re
 
 import pyarrow as pa
 import pytest
-import helpers as rt
-from profuser.engine.tools import synthetic as fx
 
+import helpers as rt
 from profuser.engine import store
-from profuser.engine.text import chat
 from profuser.engine.loader.loader import DataError, FusionDataConfig, FusionLoader
+from profuser.engine.text import chat
+from profuser.engine.tools import synthetic as fx
 
 N, SHARD = 12, 4
 

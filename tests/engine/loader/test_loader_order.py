@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import helpers as rt
-from profuser.engine.tools import synthetic as fx
 import torch
 
+import helpers as rt
 from profuser.engine.loader.loader import FusionDataConfig, FusionLoader, buffer_shuffle
+from profuser.engine.tools import synthetic as fx
 
 SOURCES = ["smollm2", "gpt2"]
 N, SHARD = 45, 8  # 6 shards, the last one partial

@@ -1,16 +1,15 @@
-"""collate.StudentEncoder.encode_batch (the loader's batched student encoding) == chat.encode_example, example by example."""
+"""collate.StudentEncoder.encode_batch (the loader's batched student encoding) == chat.encode_example, example by
+example."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
+
 import helpers as rt
-from profuser.engine.tools import synthetic as fx
-
-from profuser.engine.text import chat
 from profuser.engine.loader.collate import StudentEncoder
-
+from profuser.engine.text import chat
+from profuser.engine.tools import synthetic as fx
 
 # Gemma-3's template (its GGUF tokenizer ships none): it trims the content, a case the sentinel must survive
 GEMMA_TEMPLATE = (

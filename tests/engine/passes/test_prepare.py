@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from profuser.engine.passes import prepare as P
 from profuser.engine import store
+from profuser.engine.passes import prepare as P
 
 REPO = Path(__file__).resolve().parents[3]
 ROWS = [

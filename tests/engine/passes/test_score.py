@@ -52,7 +52,8 @@ def check_against_forward(spec, rows, examples):
             prefix = enc.input_ids[: enc.pred_pos[0] + 1].astype(np.int64)
             R = row["n_tokens"]
             ids = np.concatenate([prefix, np.array(row["token_ids"], np.int64)])
-            lp = torch.log_softmax(model(torch.from_numpy(ids[None])).logits[0].float(), -1)[len(prefix) - 1:len(ids) - 1]
+            logits = model(torch.from_numpy(ids[None])).logits[0].float()
+            lp = torch.log_softmax(logits, -1)[len(prefix) - 1:len(ids) - 1]
             v, _ = lp.topk(K, -1)
             stored_ids = np.array(row["topk_ids"]).reshape(R, K)
             stored_lp = np.array(row["topk_logprobs"], np.float32).reshape(R, K)
@@ -245,9 +246,8 @@ class PrefersA(S.Scorer):
 
 def test_nan_rows_never_win_and_the_loader_accepts_the_votes(tmp_path):
     import helpers as rt
-    from profuser.engine.tools import synthetic as fx
-
     from profuser.engine.loader.loader import FusionDataConfig, FusionLoader
+    from profuser.engine.tools import synthetic as fx
 
     tok = rt.load("smollm2")
     ex = fx.corpus(10, system_every=4)  # systems on rows 3 (NaN in a) and 7

@@ -6,15 +6,14 @@ chat templates, offsets and vocabulary sizes are the real ones; one slow test us
 
 from __future__ import annotations
 
-
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 
+from helpers import EXAMPLES, make_prepared, need
 from profuser.engine import models, store
 from profuser.engine.passes import forward, options, teach
-from helpers import EXAMPLES, make_prepared, need
 from profuser.engine.text import chat
 
 K = 5
@@ -51,8 +50,9 @@ def reference_rows(spec, examples, k=K):
             logits = model(torch.from_numpy(enc.input_ids[None].astype(np.int64))).logits[0]
             lp = torch.log_softmax(logits.float(), -1)[torch.from_numpy(enc.pred_pos.astype(np.int64))]
             v, i = lp.topk(k, -1)
+            tok_lp = lp.gather(1, torch.from_numpy(enc.pred_ids[:, None].astype(np.int64)))[:, 0]
             out.append(dict(tok=tok, enc=enc, lp=lp.numpy(), topk_ids=i.numpy(), topk_lp=v.numpy(),
-                            tok_lp=lp.gather(1, torch.from_numpy(enc.pred_ids[:, None].astype(np.int64)))[:, 0].numpy()))
+                            tok_lp=tok_lp.numpy()))
     return out
 
 

@@ -27,10 +27,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from profuser.engine import models, store
-from profuser.engine.passes import generate as G
-from profuser.engine.passes import driver, options, teach, vllm_engine
 from helpers import make_prepared, need
+from profuser.engine import models, store
+from profuser.engine.passes import driver, options, teach, vllm_engine
+from profuser.engine.passes import generate as G
 
 K = 8
 TOL = 3e-3  # see the module docstring

@@ -4,9 +4,8 @@ implementation (the message is compared across both, not only matched)."""
 import numpy as np
 import pytest
 
-from profuser.engine.text import align
-
 import helpers
+from profuser.engine.text import align
 
 OK = np.array([[0, 1], [1, 2]], np.int32)
 
@@ -17,7 +16,8 @@ def _offsets(arg, ext):
 
 CASES = {
     # name: (call(ext), message regex)
-    "offsets None": (lambda e: _offsets(None, e), r"^sequence 4: student offsets must be an integer array \[n, 2\], got None$"),
+    "offsets None": (lambda e: _offsets(None, e),
+                     r"^sequence 4: student offsets must be an integer array \[n, 2\], got None$"),
     "offsets str": (lambda e: _offsets("0,1", e), r"student offsets must be an integer array \[n, 2\], got str$"),
     "offsets float": (lambda e: _offsets(OK.astype(np.float64), e), r"student offsets must be integers, got float64$"),
     "offsets bool": (lambda e: _offsets(OK.astype(bool), e), r"student offsets must be integers, got bool$"),
@@ -27,7 +27,8 @@ CASES = {
                           r"must fit in int32 \(texts under 2\^31 characters\), got 2147483648$"),
     "offsets uint32 past 2^31": (lambda e: _offsets(np.array([[0, 2**31 + 5]], np.uint32), e),
                                  r"must fit in int32 .*got 2147483653$"),
-    "offsets negative": (lambda e: _offsets(np.array([[-1, 2]]), e), r"student offsets row 0 is not a span: \[-1, 2\]$"),
+    "offsets negative": (lambda e: _offsets(np.array([[-1, 2]]), e),
+                         r"student offsets row 0 is not a span: \[-1, 2\]$"),
     "offsets empty": (lambda e: _offsets(np.zeros((0, 2), np.int64), e), r"student offsets are empty$"),
     "teacher offsets float": (lambda e: align.align_offsets(OK, [[0.0, 1.0]], use_ext=e),
                               r"^sequence 0: teacher offsets must be integers, got float64$"),
@@ -43,7 +44,8 @@ CASES = {
                         r"^sequence 3: teacher token 1 is not a str \(int\)$"),
     "mined lone surrogate": (lambda e: align.align_mined(["ok", "a\ud800"], ["a"], use_ext=e),
                              r"student token 1 holds a lone surrogate \('a\\ud800'\): not valid Unicode$"),
-    "mined empty": (lambda e: align.align_mined([], ["a"], seq_index=3, use_ext=e), r"^sequence 3: student tokens are empty$"),
+    "mined empty": (lambda e: align.align_mined([], ["a"], seq_index=3, use_ext=e),
+                    r"^sequence 3: student tokens are empty$"),
     "mined band": (lambda e: align.align_mined(["a"], ["a"], band=-1, use_ext=e),
                    r"^band must be a non-negative int or None, got -1$"),
     "mined band float": (lambda e: align.align_mined(["a"], ["a"], band=2.5, use_ext=e),
@@ -110,7 +112,8 @@ def test_build_vocab_map_not_a_tokenizer(smol):
 def test_coalign_counts_bad_arguments():
     with pytest.raises(ValueError, match=r"^sequence 0: teacher ids must be integers, got float64$"):
         align.coalign_counts([np.array([1.5])], [np.array([1])], [np.array([0])])
-    with pytest.raises(ValueError, match=r"^alignments must be a list of int arrays \(one per sequence\), got NoneType$"):
+    with pytest.raises(ValueError,
+                       match=r"^alignments must be a list of int arrays \(one per sequence\), got NoneType$"):
         align.coalign_counts([np.array([1])], [np.array([1])], None)
     with pytest.raises(ValueError, match=r"^lists differ in length"):
         align.coalign_counts([np.array([1])], [], [])

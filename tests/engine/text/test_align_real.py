@@ -8,10 +8,9 @@ C++ and Python give identical results.
 import numpy as np
 import pytest
 
+import helpers as real_tokenizers
 from profuser.engine.text import align
 from profuser.engine.text.chat import encode_example
-
-import helpers as real_tokenizers
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. 東京は日本の首都です。 中文测试：你好，世界！\n\n"

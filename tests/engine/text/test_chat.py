@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 
-from profuser.engine.text.chat import canonical_offsets, encode_example, tokenize_with_offsets
-
 import helpers as real_tokenizers
+from profuser.engine.text.chat import canonical_offsets, encode_example, tokenize_with_offsets
 
 TEXTS = [
     "The capital of France is Paris.",

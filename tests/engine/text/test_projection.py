@@ -5,11 +5,10 @@ target on real text."""
 
 import pytest
 
+import helpers
 from profuser.engine.text import align
 from profuser.engine.text.chat import encode_example
 from profuser.engine.text.vocab_map import vocab_info
-
-import helpers
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,10 @@ import editdistance
 import numpy as np
 import pytest
 
+import helpers as real_tokenizers
 from profuser.engine.text import align
 from profuser.engine.text.chat import encode_example
 from profuser.engine.text.vocab_map import coalign_counts, vocab_info
-
-import helpers as real_tokenizers
 
 
 @pytest.fixture(params=[False, True], ids=["python", "cpp"])

@@ -64,7 +64,8 @@ def test_demo_stage_markers_rerun_on_changed_inputs(tmp_path, monkeypatch, capsy
     def stage_of(cmd):
         if "profuser.engine.train" in cmd:
             return "baselines" if any(c.startswith("schedule.kind=") for c in cmd) else "train"
-        return {"eval": "table"}.get(cmd[cmd.index("profuser.engine.cli") + 1], cmd[cmd.index("profuser.engine.cli") + 1])
+        sub = cmd[cmd.index("profuser.engine.cli") + 1]
+        return {"eval": "table"}.get(sub, sub)
 
     def run(cfg, **kw):
         calls.clear()

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import yaml
 
+from helpers import overrides, training_data
 from profuser.engine.config import ConfigError
 from profuser.engine.tools import study as S
 from profuser.engine.trainer import lm_eval_task as T
-from helpers import overrides, training_data
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import helpers
 from profuser.engine.models import load_model, load_tokenizer, tiny_model_dir
 from profuser.engine.text.chat import fallback_chat_template
 from profuser.engine.trainer.checkpoint import export_student
-
-import helpers
 
 
 def test_export_carries_the_chat_template_it_was_trained_with(tmp_path):

@@ -4,8 +4,7 @@ import math
 
 import pytest
 
-from profuser.engine.config import OptimConfig, ScheduleConfig
-from profuser.engine.config import TrainConfig
+from profuser.engine.config import OptimConfig, ScheduleConfig, TrainConfig
 from profuser.engine.trainer.schedule import effective_lam, fusion_weights, lr_factor, stage_of
 
 

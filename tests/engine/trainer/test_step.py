@@ -12,13 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import fusion_batch, fusion_vocab_maps
 from profuser.engine.config import MODE_ID, LossConfig
-from profuser.engine.trainer import step as step_mod
 from profuser.engine.tools.sync_counter import count_syncs, paused_forward
+from profuser.engine.trainer import step as step_mod
 from profuser.engine.trainer.step import FusionStep, merge_modes, run_window
 from profuser.kernels import fusion_loss
-
-from helpers import fusion_batch, fusion_vocab_maps
 
 V, V_T, T, K = 61, 80, 2, 4
 
@@ -69,7 +68,8 @@ def test_one_call_equals_two_calls(backend, missing_mass):
         sel = b["labels"].reshape(-1) != -100
         ids = b["teacher_ids"].reshape(T, B * L, K)[:, sel]
         loss_m = fusion_loss(hidden.reshape(B * L, H)[sel], lm2.lm_head.weight, b["labels"].reshape(-1)[sel], ids,
-                             b["teacher_logprobs"].reshape(T, B * L, K)[:, sel], b["teacher_weights"].reshape(T, -1)[:, sel],
+                             b["teacher_logprobs"].reshape(T, B * L, K)[:, sel],
+                             b["teacher_weights"].reshape(T, -1)[:, sel],
                              vocab_maps=vocab_maps(), lam=0.6, missing_mass=missing_mass, num_items=counts[m],
                              backend=backend)
         total = total + weights[m] * loss_m

@@ -321,7 +321,7 @@ def test_sft_trains_on_gold_only_with_train_only_batches(setup, tmp_path):
     run_inproc(setup, tmp_path / "sft", **common, **{"schedule.kind": "sft"})
     run_inproc(setup, tmp_path / "fuse", **common, **{"schedule.kind": "train_only"})
     sft, fuse = losses(tmp_path / "sft"), losses(tmp_path / "fuse")
-    for step, row in sft.items():
+    for row in sft.values():
         assert row["loss"] == pytest.approx(row["ce_train"], rel=1e-6) and "ce_infer" not in row
     assert sft[1]["ce_train"] == pytest.approx(fuse[1]["ce_train"], rel=1e-6)
     assert fuse[1]["loss"] != pytest.approx(fuse[1]["ce_train"], rel=1e-3)  # the fusion run has its KD term

@@ -1,6 +1,7 @@
 """ZeRO-3 with 2 CPU ranks (gloo, deepspeed launcher) gives the gradients of a single process without DeepSpeed.
 
-The same file is the worker: `deepspeed --num_gpus 2 tests/engine/trainer/test_train_distributed.py --out F` builds a tiny
+The same file is the worker: `deepspeed --num_gpus 2 tests/engine/trainer/test_train_distributed.py --out F` builds a
+tiny
 tied-embedding Llama, wraps it with the engine's FusionStep under ZeRO-3 and runs the engine's own
 `run_window` for a few optimizer steps (SGD, no clipping: a wrong loss normalization would change the
 update, which AdamW's scale invariance would hide). Each rank takes its share of a fixed list of
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from helpers import fusion_batch, fusion_vocab_maps
 
 WORLD, ACCUM, STEPS, T, K, V, V_T = 2, 2, 3, 2, 4, 384, 500
