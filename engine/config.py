@@ -305,13 +305,33 @@ def load_deepspeed_json(path: str, base: Path | None = None) -> dict:
         raise ConfigError(f"deepspeed: {p} is not valid JSON: {e}") from None
 
 
+def shipped_configs() -> dict[str, Path]:
+    """{name: path} of the experiment files installed with the package (profuser.configs: demo, study, ...)."""
+    from importlib.resources import files
+
+    folder = Path(str(files("profuser.configs")))
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def config_path(spec: str | Path) -> Path:
+    """A config file: a path, or the name of a shipped one (`--config demo` from an installed package, no
+    checkout needed). ConfigError naming both when it is neither."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    if str(spec) in shipped:
+        return shipped[str(spec)]
+    raise ConfigError(f"config file {spec} does not exist, and no shipped config is named {str(spec)!r} "
+                      f"(shipped: {', '.join(shipped)})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Defaults <- YAML file <- `key=value` overrides. Raises ConfigError naming the bad key."""
+    """Defaults <- YAML file (a path or a shipped config's name) <- `key=value` overrides. Raises ConfigError
+    naming the bad key."""
     cfg, origins = TrainConfig(), {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+        path = config_path(path)
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

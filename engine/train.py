@@ -9,16 +9,18 @@ Launch (any of; no launcher-specific code, no sys.path edits):
     profuser train --config configs/demo.yaml schedule.kind=simul
 
 The recipe, top to bottom (one optimizer step = `optim.grad_accum` micro-steps per rank):
-    setup         process group, stores checked (seconds, before any model loads), student loaded
-                  (partitioned under ZeRO-3), loaders, DeepSpeed engine, resume from the latest checkpoint
+    setup         process group, the run's output folder claimed (trainer/output_dir.py), stores checked
+                  (seconds, before any model loads), student loaded (partitioned under ZeRO-3), loaders,
+                  DeepSpeed engine, resume from the latest checkpoint (its data digests checked)
     train_step    w1, w2 = schedule(step): inference- / training-mode weights (a mode with w = 0 is not
-                  loaded this step); fetch the window's micro-batches; trainer.step.run_window:
-                      L_m = fusion_loss(h[rows of mode m], lm_head.weight, ..., num_items=N_m)  each mode
-                      normalized by its GLOBAL token count over the window and all ranks
-                      loss = sum_m w_m L_m;  engine.backward(loss * world_size);  engine.step()
+                  loaded this step); fetch the window's micro-batches; trainer.step.run_window: per
+                  micro-step ONE fusion_loss call over the rows of both modes, each row weighted by
+                  w_m * world_size / N_m (N_m: the mode's GLOBAL token count over the window and all ranks):
+                      loss = sum_m w_m L_m;  engine.backward(loss);  engine.step()
     log_step      metrics.jsonl / TensorBoard / progress bar (rank 0), periodic eval
     checkpoints   every `checkpoint.every` steps, at the end and on SIGTERM (trainer/checkpoint.py); a run
-                  resumes exactly from `<output_dir>/checkpoints/latest` (checkpoint.resume=auto); a
+                  resumes from `<output_dir>/checkpoints/latest` (checkpoint.resume=auto; README
+                  "Reliability" says what is identical); a
                   non-finite loss stops the run with the step and the batch's example ids after saving
                   the state before that step
     finish        final eval, export as a transformers folder, report (student, target, every source)

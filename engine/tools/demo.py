@@ -37,16 +37,14 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import ConfigError, TrainConfig, load_config
+from ..config import ConfigError, TrainConfig, config_path, load_config
 from ..models import reference_models
 from ..passes.prepare import shipped_corpus
 
 
 def shipped_config() -> Path:
     """configs/demo.yaml, installed with the package as profuser.configs (the embedded default)."""
-    from importlib.resources import files
-
-    return Path(str(files("profuser.configs") / "demo.yaml"))
+    return config_path("demo")
 
 
 def _run_dir(cfg: TrainConfig) -> Path:

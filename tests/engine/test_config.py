@@ -1,6 +1,7 @@
 """Config: defaults <- YAML <- key=value overrides; unknown keys and wrong types name the key."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -124,3 +125,15 @@ def test_choice_lists_have_one_home():
     # the vocabulary map the loader builds: projection by default, the config's choice passed through
     loader_default = FusionDataConfig(data_dir="x", sources=["a"], student="s").vocab_map_method
     assert config.DataConfig().vocab_map == loader_default == config.VOCAB_MAPS[0] == "projection"
+
+
+def test_a_shipped_config_loads_by_name_from_any_folder(tmp_path, monkeypatch):
+    from profuser.engine import config
+
+    monkeypatch.chdir(tmp_path)  # no checkout here: `--config demo` is the installed profuser.configs/demo.yaml
+    assert {"demo", "study"} <= set(config.shipped_configs())
+    cfg = config.load_config("demo", ["optim.max_steps=3"])
+    repo_demo = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+    assert cfg.optim.max_steps == 3 and cfg.model.student == config.load_config(repo_demo).model.student
+    with pytest.raises(config.ConfigError, match=r"config file nope does not exist, and no shipped config is named"):
+        config.load_config("nope")
