@@ -11,9 +11,12 @@
     profuser check     a config and its stores checked, without loading a model
     profuser repoint   a store's source model moved: record where it is now
     profuser demo      the whole pipeline on the shipped corpus with real small models
+    profuser config    show the resolved training config of a command (`profuser config show train ...`)
 
-Each subcommand lives in its own module exposing `add_arguments(parser)` and `run_command(args) -> int`; modules
-are imported lazily so `profuser --help` stays fast.
+Each subcommand lives in its own module exposing `add_arguments(parser)` and `run_command(args) -> int`;
+only the invoked subcommand's module is imported (`profuser --help` stays fast). `--debug` (the traceback
+of an error) and `--version` work before or after the subcommand. A module that needs an extra the
+installation lacks (a loss-library-only install has no pyarrow) is one line naming the extra to install.
 """
 
 from __future__ import annotations
@@ -37,32 +40,94 @@ COMMANDS = {
     "check": ("tools.check", "check a config and its stores (checksums, every row's values) without training"),
     "repoint": ("tools.repoint", "tell a store where its source model folder lives now"),
     "demo": ("tools.demo", "run the whole pipeline on the embedded default"),
+    "config": ("tools.show_config", "show the resolved training config: `profuser config show train --config demo`"),
 }
 
+# the installation extra that brings each third-party module a subcommand may need (setup.py extras_require)
+EXTRA_OF = {"pyarrow": "engine", "transformers": "engine", "tokenizers": "engine", "safetensors": "engine",
+            "yaml": "engine", "tqdm": "engine", "datasets": "engine", "deepspeed": "train", "accelerate": "train",
+            "tensorboard": "train", "matplotlib": "train", "gguf": "train", "sentencepiece": "train",
+            "lm_eval": "eval", "vllm": "vllm"}
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="profuser", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
+
+class MissingExtraError(ImportError):
+    """A subcommand needs an optional dependency this installation lacks; the message names the extra."""
+
+
+def version() -> str:
+    from profuser import __version__
+
+    return __version__
+
+
+def import_command(name: str):
+    """The module of subcommand `name`; MissingExtraError naming the extra when a dependency is absent."""
+    try:
+        return importlib.import_module(f"profuser.engine.{COMMANDS[name][0]}")
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").split(".")[0]
+        if top not in EXTRA_OF:
+            raise
+        raise MissingExtraError(f"needs the module {top!r}, which this installation lacks: "
+                                f"pip install 'profuser[{EXTRA_OF[top]}]'") from None
+
+
+def description(module) -> str:
+    """A subcommand's description: the first paragraph of its module's docstring."""
+    return (module.__doc__ or "").strip().split("\n\n")[0]
+
+
+def add_common_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="print the full traceback of an error (also PROFUSER_DEBUG=1)")
+    p.add_argument("--version", action="version", version=f"profuser {version()}")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after every option; descriptions and epilogs (the key lists) kept as written."""
+
+
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    """The parser; only `command`'s arguments are added (its module imported), the others list their help."""
+    parser = argparse.ArgumentParser(prog="profuser", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="`profuser COMMAND --help` lists a command's options with their defaults.")
+    add_common_flags(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_)
+    for name, (_, help_) in COMMANDS.items():
+        if name != command:
+            sub.add_parser(name, help=help_)
+            continue
+        module = import_command(name)
+        p = sub.add_parser(name, help=help_, description=description(module),
+                           formatter_class=HelpFormatter)
+        module.add_arguments(p)
+        if not any("--debug" in a.option_strings for a in p._actions):
+            add_common_flags(p)
+        elif not any("--version" in a.option_strings for a in p._actions):
+            p.add_argument("--version", action="version", version=f"profuser {version()}")
         p.set_defaults(_module=module)
-        # arguments are added only for the command actually invoked (lazy import)
-        if len(sys.argv) > 1 and sys.argv[1] == name:
-            importlib.import_module(f"profuser.engine.{module}").add_arguments(p)
     return parser
 
 
+def _reraise(exc: BaseException):
+    raise exc
+
+
 def main(argv: list[str] | None = None) -> int:
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    parser = build_parser()
-    args = parser.parse_args()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if a in COMMANDS), None)  # the first bare word that names a subcommand
+    debug = "--debug" in argv
+    try:
+        parser = build_parser(command)
+    except MissingExtraError as exc:
+        return report_errors(f"profuser {command}", _reraise, exc, debug=debug)
+    args = parser.parse_args(argv)
     if not getattr(args, "_module", None):
         parser.print_help()
         return 2
-    module = importlib.import_module(f"profuser.engine.{args._module}")
-    return report_errors(f"profuser {args.command}", module.run_command, args, debug=args.debug)
+    args.debug = debug  # before or after the subcommand (argparse would let the subparser's default win)
+    return report_errors(f"profuser {args.command}", args._module.run_command, args, debug=debug)
 
 
 if __name__ == "__main__":

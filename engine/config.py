@@ -77,15 +77,15 @@ class DataConfig:
     # inference-mode store when it lives in its own folder (e.g. generated for a subset of the prompts);
     # None: the same data_dir as training mode
     infer_data_dir: str | None = None
-    sources: list[str] = field(default_factory=lambda: ["smollm2-135m-instruct", "gemma3-270m"])
+    sources: list[str] = field(default_factory=lambda: ["smollm2-135m-instruct", "gemma3-270m"])  # store names
     k: int = 10  # top-k entries per teacher and token used by the loss
-    max_length: int = 128
+    max_length: int = 128  # prompt + response tokens per example (the response is truncated to fit)
     micro_batch_size: int = 4  # examples per rank and micro-step, per mode
     advantage: str = "minCE"  # minCE | avgCE
     advantage_level: str = "example"  # example | token
     ce_metric: str = "per_byte"  # per_byte | per_token (MinCE across tokenizers)
-    student_as_candidate: bool = True
-    shuffle_buffer: int = 256
+    student_as_candidate: bool = True  # a source that is the student itself may win MinCE
+    shuffle_buffer: int = 256  # examples shuffled together (0: store order)
     align_method: str = "offsets"  # offsets | mined
     # projection: a teacher token -> the student token emitted first for its text | exact | exact+mined
     vocab_map: str = "projection"
@@ -98,7 +98,7 @@ class DataConfig:
 @dataclass
 class LossConfig:
     lam: float = 0.9  # L = lam * CE + (1 - lam) * KL(teacher mixture || student)
-    temperature: float = 1.0
+    temperature: float = 1.0  # KD temperature on both the student and the fused teacher
     softcap: float | None = None  # None: the student's final_logit_softcapping, if its config has one
     missing_mass: str = "renormalize"  # renormalize | tail_bucket
     backend: str = "auto"  # auto | triton | chunked | reference
@@ -110,20 +110,20 @@ class ScheduleConfig:
     switch_fraction: float = 0.5  # two_stage / reverse: fraction of steps spent in stage 1
     ramp_fraction: float = 1.0  # linear: width of the ramp (fraction of steps), centred on switch_fraction
     stage1: list[float] = field(default_factory=lambda: [1.0, 0.0])  # (w_infer, w_train)
-    stage2: list[float] = field(default_factory=lambda: [0.1, 1.0])
+    stage2: list[float] = field(default_factory=lambda: [0.1, 1.0])  # (w_infer, w_train) after the switch
 
 
 @dataclass
 class OptimConfig:
     max_steps: int = 40  # optimizer steps
     grad_accum: int = 1  # micro-steps per optimizer step
-    lr: float = 2e-5
+    lr: float = 2e-5  # peak learning rate (AdamW)
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear warmup from 0 to lr
     decay: str = "cosine"  # cosine | linear | constant
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
+    weight_decay: float = 0.0  # AdamW weight decay (not on norms and biases)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    eps: float = 1e-8  # AdamW eps
     grad_clip: float = 1.0  # 0 disables clipping
 
 
@@ -143,18 +143,18 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     data: str | None = None  # held-out JSONL / Parquet (prompt, response[, system]); None disables eval
-    max_examples: int = 64
+    max_examples: int = 64  # held-out examples evaluated
     every: int = 0  # periodic student eval every N optimizer steps (0: only at the end)
-    batch_size: int = 8
+    batch_size: int = 8  # evaluation batch size
     references: bool = True  # final report also evaluates the untouched target and every source
     n_samples: int = 3  # generated samples in the final report
-    max_new_tokens: int = 48
+    max_new_tokens: int = 48  # generated sample length in the report
 
 
 @dataclass
 class LogConfig:
     every: int = 1  # log a metrics row every N optimizer steps
-    tensorboard: bool = True
+    tensorboard: bool = True  # TensorBoard event files in output_dir/tensorboard
     progress: bool = True  # tqdm bar on rank 0
 
 
@@ -166,7 +166,7 @@ class DemoConfig:
     n_train: int = 320  # training-mode examples (teacher-forced on the gold response)
     n_infer: int = 96  # inference-mode prompts (each source generates)
     n_eval: int = 48  # held-out examples for the before/after table
-    max_new_tokens: int = 48
+    max_new_tokens: int = 48  # generated answer length of the inference-mode pass
     # `profuser score` scorers that vote: embedding similarity to the gold response, and every source as a
     # judge LM (a judge favours its own answers: one judge per source cancels that out)
     scorers: list[str] = field(default_factory=lambda: ["similarity", "judge:smollm2-135m-instruct",
@@ -178,8 +178,8 @@ class DemoConfig:
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/demo/train"
-    seed: int = 0
+    output_dir: str = "runs/demo/train"  # the run's own folder: config, metrics, checkpoints/, final/, report/
+    seed: int = 0  # model init, data order, dropout (each rank adds its rank)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -470,6 +470,50 @@ def resume_digest(cfg: TrainConfig) -> str:
         else:
             d.pop(sec, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def field_comments(cls) -> dict[str, str]:
+    """{field: the comment on its line, or on the comment lines just above it} of a dataclass, read from its
+    source: the comments beside the defaults above are the documentation of every key."""
+    import inspect
+
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    out, above = {}, []
+    for line in lines[1:]:
+        s = line.strip()
+        if s.startswith("#"):
+            above.append(s.lstrip("# "))
+            continue
+        name = s.split(":", 1)[0].strip()
+        if ":" in s and name.isidentifier() and not s.startswith(("def ", "class ", "@", '"""')):
+            tail = line.split("#", 1)[1].strip() if "  # " in line else ""
+            out[name] = " ".join([*above, tail]).strip()
+        above = []
+    return out
+
+
+def config_keys(cls=None, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, comment) of every leaf of a config dataclass (TrainConfig by default)."""
+    cls = cls or TrainConfig
+    obj, docs, out = cls(), field_comments(cls), []
+    for f in dataclasses.fields(cls):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out += config_keys(type(value), f"{prefix}{f.name}.")
+        else:
+            out.append((f"{prefix}{f.name}", value, docs.get(f.name, "")))
+    return out
+
+
+def keys_help(cls=None) -> str:
+    """Every key with its default and comment, for a command's --help."""
+    rows = [f"  {key} = {json.dumps(default, default=str)}" + (f"  # {doc}" if doc else "")
+            for key, default, doc in config_keys(cls)]
+    return "configuration keys (set in the --config YAML or as key=value overrides; default shown):\n" + \
+        "\n".join(rows)
 
 
 def to_dict(cfg: TrainConfig) -> dict:

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from profuser.engine.config import MODES, TrainConfig, dump_yaml, load_config, resume_digest
+from profuser.engine.config import MODES, TrainConfig, dump_yaml, keys_help, load_config, resume_digest
 from profuser.engine.dist import DistInfo, release_freed_memory, setup_distributed, teardown_distributed
 from profuser.engine.errors import report_errors
 from profuser.engine.loader.stream import BatchStream, build_streams, check_max_length, check_stores, check_vocab_rows
@@ -289,7 +289,8 @@ def finish(run: TrainingRun) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML experiment file (see configs/demo.yaml)")
+    p.epilog = keys_help()
+    p.add_argument("--config", help="YAML experiment file, or a shipped config's name (demo, study, ...)")
     p.add_argument("--resume", help="checkpoint folder to resume from (default: auto-resume from output_dir)")
     p.add_argument("--allow-changed-data", action="store_true",
                    help="resume although the stores, the vote or a vocabulary map changed since the checkpoint")
@@ -315,7 +316,8 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="profuser train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="profuser train", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
     return report_errors("profuser train", run_command, args, debug=args.debug)

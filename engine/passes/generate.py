@@ -224,13 +224,13 @@ def generate(cfg: GenerateConfig, *, after_shard=None) -> dict:
 
 def add_arguments(p) -> None:
     add_common_arguments(p)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="cap on each generated response (tokens)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --do-sample)")
     p.add_argument("--top-k-sampling", type=int, default=0, help="top-k filter when sampling (0 = off)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--gen-batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (per request: seed, shard, row)")
+    p.add_argument("--gen-batch-size", type=int, default=16, help="prompts generated together")
 
 
 def run_command(args) -> int:

@@ -79,20 +79,22 @@ class PassConfig:
 
 
 def add_common_arguments(p) -> None:
-    p.add_argument("--data-dir", required=True)
+    p.add_argument("--data-dir", required=True, help="the store folder (holds prepared/ from `profuser prepare`)")
     p.add_argument("--source", dest="sources", nargs="+", required=True,
                    help=f"model specs: aliases ({', '.join(models.ALIASES)}) or local HF folders")
     p.add_argument("--name", dest="names", nargs="+", default=None, help="store name per source")
-    p.add_argument("--k", type=int, default=8)
-    p.add_argument("--batch-tokens", type=int, default=8192)
-    p.add_argument("--max-batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--k", type=int, default=8, help="top-k entries stored per teacher and token")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward (B * L_max)")
+    p.add_argument("--max-batch-size", type=int, default=64, help="examples per forward at most")
+    p.add_argument("--device", default="auto", help="auto (this rank's GPU, else cpu) | cpu | cuda | cuda:N")
     p.add_argument("--dtype", choices=list(DTYPES), default="auto", help="auto = bf16 on GPU, fp32 on CPU")
-    p.add_argument("--nan-policy", choices=NAN_POLICIES, default="error")
+    p.add_argument("--nan-policy", choices=NAN_POLICIES, default="error",
+                   help="NaN log-probs from a model: error naming the row, or drop (store the row marked)")
     p.add_argument("--overwrite", action="store_true", help="replace a store built for another model / set")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--compression-level", type=int, default=WriteOptions.compression_level)
+    p.add_argument("--compression-level", type=int, default=WriteOptions.compression_level,
+                   help="zstd level of the stored shards")
     p.add_argument("--wait", action="store_true", help="wait for another writer of the same shards instead of failing")
     p.add_argument("--engine", choices=TEACHER_ENGINES, default="hf",
                    help="hf: transformers (default); vllm: vLLM (same store; needs vllm, see `make vllm-env`)")

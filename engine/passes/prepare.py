@@ -299,16 +299,19 @@ def add_arguments(p) -> None:
     d = PrepareConfig()
     p.add_argument("--input", dest="inputs", nargs="+", default=d.inputs,
                    help="JSONL / Parquet files or datasets folders (default: the shipped WordNet corpus)")
-    p.add_argument("--data-dir", default=d.data_dir)
-    p.add_argument("--prompt-field", default=d.prompt_field)
-    p.add_argument("--response-field", default=d.response_field)
-    p.add_argument("--system-field", default=d.system_field)
-    p.add_argument("--messages-field", default=d.messages_field)
+    p.add_argument("--data-dir", default=d.data_dir, help="the store folder to write prepared/ into")
+    p.add_argument("--prompt-field", default=d.prompt_field, help="input column of the prompt")
+    p.add_argument("--response-field", default=d.response_field, help="input column of the gold response")
+    p.add_argument("--system-field", default=d.system_field, help="input column of the system prompt")
+    p.add_argument("--messages-field", default=d.messages_field,
+                   help="input column of chat messages (instead of prompt / response)")
     p.add_argument("--id-field", default=d.id_field, help="field holding a stable id ('' = hash the content)")
     p.add_argument("--split", default=None, help="split of a DatasetDict folder")
-    p.add_argument("--on-bad-row", choices=("error", "skip"), default=d.on_bad_row)
-    p.add_argument("--multi-turn", choices=("last", "error"), default=d.multi_turn)
-    p.add_argument("--shard-size", type=int, default=d.shard_size)
+    p.add_argument("--on-bad-row", choices=("error", "skip"), default=d.on_bad_row,
+                   help="an invalid input row: error naming file and row, or skip and count")
+    p.add_argument("--multi-turn", choices=("last", "error"), default=d.multi_turn,
+                   help="a multi-turn conversation: keep its last exchange, or error")
+    p.add_argument("--shard-size", type=int, default=d.shard_size, help="examples per prepared shard")
     p.add_argument("--limit", type=int, default=None, help="keep only the first N examples")
     p.add_argument("--overwrite", action="store_true", help="replace a different prepared set in --data-dir")
     p.add_argument("--wait", action="store_true", help="wait for another `prepare` of the same folder")

@@ -428,11 +428,11 @@ def score(cfg: ScoreConfig, *, scorers: list[Scorer] | None = None, log=print) -
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--data-dir", required=True)
+    p.add_argument("--data-dir", required=True, help="the store folder (with inference-mode stores)")
     p.add_argument("--sources", nargs="+", required=True, help="source names (folders under teachers/)")
     p.add_argument("--scorer", dest="scorers", nargs="+", default=["similarity"],
                    help="rm:<path> | similarity[:<dir>] | judge:<model spec> (several vote)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="device of the scorer models")
     p.add_argument("--student", default=None,
                    help="the target's model spec: the summary's MinCE share then breaks ties as training does")
 

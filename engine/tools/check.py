@@ -20,7 +20,7 @@ import argparse
 import sys
 
 from .. import store
-from ..config import load_config
+from ..config import keys_help, load_config
 from ..loader.stream import check_max_length, check_stores, data_dir_of
 from ..models import load_tokenizer
 from ..trainer.schedule import active_modes
@@ -68,7 +68,8 @@ def check(cfg, out=print) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML experiment file (as for `profuser train`)")
+    p.epilog = keys_help()
+    p.add_argument("--config", help="YAML experiment file or a shipped config's name (as for `profuser train`)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
 
 

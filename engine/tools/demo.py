@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import ConfigError, TrainConfig, config_path, load_config
+from ..config import ConfigError, TrainConfig, config_path, keys_help, load_config
 from ..models import reference_models
 from ..passes.prepare import shipped_corpus
 
@@ -215,7 +215,8 @@ def scale_overrides(cfg: TrainConfig, scale: float) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="experiment YAML (default: the shipped configs/demo.yaml)")
+    p.epilog = keys_help()
+    p.add_argument("--config", default=None, help="experiment YAML or a shipped config's name (default: demo)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply example counts and steps (e.g. 4)")
     p.add_argument("--force", action="store_true", help="re-run every stage even if it finished before")
     p.add_argument("overrides", nargs="*", help="key=value overrides, as for `profuser train`")

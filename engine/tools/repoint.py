@@ -46,7 +46,7 @@ def repoint(data_dir, source: str, model: str, *, force: bool = False, log=print
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", required=True)
+    p.add_argument("--data-dir", required=True, help="the store folder whose manifests name the moved model")
     p.add_argument("--source", required=True, help="the source's store name (folder under teachers/)")
     p.add_argument("--model", required=True, help="where the source's model folder is now (or its alias)")
     p.add_argument("--force", action="store_true", help="accept a different model fingerprint (same tokenizer)")

@@ -366,7 +366,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="study YAML (see configs/study.yaml)")
     p.add_argument("--variants", nargs="+", default=None, help="a subset of the config's variants")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="a subset (or another list) of seeds")
-    p.add_argument("--output-dir", default=None)
+    p.add_argument("--output-dir", default=None, help="the study folder (default: the study config's output_dir)")
 
 
 def run_command(args: argparse.Namespace) -> int:

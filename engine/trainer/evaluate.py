@@ -261,11 +261,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="held-out JSONL / Parquet / prepared folder (prompt, response)")
     p.add_argument("--model", action="append", required=True,
                    help="NAME=SPEC or SPEC (alias or local HF folder); repeat for several models")
-    p.add_argument("--max-examples", type=int, default=64)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-examples", type=int, default=64, help="held-out examples evaluated")
+    p.add_argument("--max-length", type=int, default=512, help="prompt + response tokens per example")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per forward")
     p.add_argument("--samples", type=int, default=0, help="greedy samples of the first model")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=48, help="generated sample length")
     p.add_argument("--out", help="folder for report.md / report.json")
     p.add_argument("--lm-eval", action="store_true",
                    help="also run the lm-eval multiple-choice task built from --data (trainer/lm_eval_task.py) "

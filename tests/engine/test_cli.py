@@ -1,0 +1,76 @@
+"""The `profuser` command line explains itself: --debug and --version anywhere, a description for every
+subcommand, help (with its default) for every option, every training key listed, the resolved config shown,
+and a missing extra named in one line."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from profuser.engine import cli
+
+
+def profuser(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "profuser.engine.cli", *args], capture_output=True, text=True,
+                          timeout=120, **kw)
+
+
+@pytest.mark.parametrize("name", list(cli.COMMANDS))
+def test_every_subcommand_has_a_description_and_every_option_help(name):
+    module = cli.import_command(name)
+    assert len(cli.description(module)) > 20, name
+    p = argparse.ArgumentParser()
+    module.add_arguments(p)
+    bare = [a.option_strings or a.dest for a in p._actions if not a.help and a.option_strings != ["-h", "--help"]]
+    assert not bare, f"profuser {name}: options without help: {bare}"
+
+
+def test_debug_and_version_before_or_after_the_subcommand(tmp_path):
+    # `profuser --debug teach ...` was "unrecognized arguments": the subcommand's options were never added
+    before = profuser("--debug", "teach", "--data-dir", str(tmp_path / "none"), "--source", "x")
+    after = profuser("teach", "--data-dir", str(tmp_path / "none"), "--source", "x", "--debug")
+    for p in (before, after):
+        assert p.returncode != 0 and "unrecognized arguments" not in p.stderr and "Traceback" in p.stderr, p.stderr
+    plain = profuser("teach", "--data-dir", str(tmp_path / "none"), "--source", "x")
+    assert "Traceback" not in plain.stderr and plain.stderr.strip().startswith("profuser teach: error:"), plain.stderr
+    for args in (["--version"], ["teach", "--version"], ["train", "--version"]):
+        p = profuser(*args)
+        assert p.returncode == 0 and p.stdout.strip() == f"profuser {cli.version()}", (args, p.stdout, p.stderr)
+
+
+def test_help_shows_defaults_and_every_training_key():
+    teach = profuser("teach", "--help").stdout
+    assert "top-k entries stored per teacher and token (default: 8)" in " ".join(teach.split())
+    train = " ".join(profuser("train", "--help").stdout.split())
+    from profuser.engine.config import config_keys
+
+    keys = config_keys()
+    assert len(keys) > 50 and all(f"{key} = " in train for key, _, _ in keys)
+    assert all(doc for _, _, doc in keys), "a training key without its comment in engine/config.py"
+    assert "optim.lr = 2e-05 # peak learning rate (AdamW)" in train
+
+
+def test_config_show_prints_the_resolved_config(tmp_path):
+    import yaml
+
+    p = profuser("config", "show", "--config", "demo", "optim.lr=1e-4", cwd=tmp_path)  # no checkout: shipped
+    assert p.returncode == 0, p.stderr
+    cfg = yaml.safe_load(p.stdout)
+    assert cfg["optim"]["lr"] == 1e-4 and cfg["model"]["student"] == "gemma3-270m"
+    bad = profuser("config", "show", "optim.lr=-1")
+    assert bad.returncode == 2 and bad.stderr.strip() == \
+        "profuser config: error: override optim.lr: must be in (0, inf), got -1.0"
+
+
+def test_a_missing_extra_is_one_line_naming_it():
+    # a loss-library-only install has no pyarrow: the subcommand names the extra instead of a traceback
+    code = ("import sys; sys.modules['pyarrow'] = None\n"
+            "from profuser.engine import cli\n"
+            "sys.exit(cli.main(['teach', '--data-dir', 'd', '--source', 'x']))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.strip() == (
+        "profuser teach: error: needs the module 'pyarrow', which this installation lacks: "
+        "pip install 'profuser[engine]'"), p.stderr
