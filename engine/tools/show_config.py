@@ -20,6 +20,7 @@ ACTIONS = ("show", "keys")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # everything after the action is read by `words_parser` (argparse cannot take positionals on both sides
     # of an option, as in `show --config demo optim.lr=3e-5`)
+    p.add_argument("--config", help="YAML experiment file or a shipped config's name (demo, study, ...)")
     p.add_argument("action", choices=ACTIONS,
                    help="show: the resolved configuration as YAML; keys: every key, its default and its meaning")
     p.add_argument("rest", nargs=argparse.REMAINDER, metavar="[--config FILE|NAME] [key=value ...]",
@@ -38,5 +39,5 @@ def run_command(args: argparse.Namespace) -> int:
         print(keys_help())
         return 0
     ns = words_parser().parse_intermixed_args(args.rest)
-    sys.stdout.write(dump_yaml(load_config(ns.config, ns.overrides)))
+    sys.stdout.write(dump_yaml(load_config(ns.config or args.config, ns.overrides)))
     return 0
