@@ -33,26 +33,27 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ..config_cli import add_config_arguments, config_from_args
 from ..models import pad_id
 from ..store import TeacherShard, prompt_fingerprint
 from ..text.chat import encode_example, predicted_bytes
 from . import vllm_engine
 from .driver import Progress, run_pass
 from .forward import check_nan
-from .options import PassConfig, add_common_arguments, config_from_args
+from .options import PASS_FLAGS, PassConfig
 
 
 @dataclass
 class GenerateConfig(PassConfig):
     """PassConfig plus the decoding settings (greedy unless do_sample)."""
 
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k_sampling: int = 0
-    seed: int = 0
-    gen_batch_size: int = 16
+    max_new_tokens: int = 256  # cap on each generated response (tokens)
+    do_sample: bool = False  # sample instead of greedy decoding
+    temperature: float = 1.0  # sampling temperature (with do_sample)
+    top_p: float = 1.0  # nucleus sampling mass (with do_sample)
+    top_k_sampling: int = 0  # top-k filter when sampling (0 = off)
+    seed: int = 0  # sampling seed (per request: seed, shard, row)
+    gen_batch_size: int = 16  # prompts generated together
 
     def __post_init__(self):
         super().__post_init__()
@@ -223,19 +224,9 @@ def generate(cfg: GenerateConfig, *, after_shard=None) -> dict:
 
 
 def add_arguments(p) -> None:
-    add_common_arguments(p)
-    p.add_argument("--max-new-tokens", type=int, default=256, help="cap on each generated response (tokens)")
-    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --do-sample)")
-    p.add_argument("--top-k-sampling", type=int, default=0, help="top-k filter when sampling (0 = off)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (per request: seed, shard, row)")
-    p.add_argument("--gen-batch-size", type=int, default=16, help="prompts generated together")
+    add_config_arguments(p, GenerateConfig, flags=PASS_FLAGS)
 
 
 def run_command(args) -> int:
-    generate(GenerateConfig(**config_from_args(args), max_new_tokens=args.max_new_tokens,
-                            do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
-                            top_k_sampling=args.top_k_sampling, seed=args.seed,
-                            gen_batch_size=args.gen_batch_size))
+    generate(config_from_args(GenerateConfig, args))
     return 0

@@ -22,13 +22,14 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from ..config_cli import add_config_arguments, config_from_args
 from ..models import pad_id
 from ..store import TeacherShard, prompt_fingerprint
 from ..text.chat import encode_example, predicted_bytes
 from . import vllm_engine
 from .driver import Progress, run_pass
 from .forward import check_nan, forward_predicted, length_batches
-from .options import PassConfig, add_common_arguments, config_from_args
+from .options import PASS_FLAGS, PassConfig
 
 
 def _forward_batched(model, tok, encs: list, cfg: PassConfig, device, off: np.ndarray, prog: Progress):
@@ -87,12 +88,9 @@ def teach(cfg: PassConfig, *, after_shard=None) -> dict:
 
 
 def add_arguments(p) -> None:
-    add_common_arguments(p)
-    p.add_argument("--max-length", type=int, default=2048,
-                   help="cap on prompt + response tokens per example: the response is truncated to fit; an example "
-                        "whose templated prompt alone exceeds it is an error naming the row")
+    add_config_arguments(p, PassConfig, flags=PASS_FLAGS)
 
 
 def run_command(args) -> int:
-    teach(PassConfig(**config_from_args(args), max_length=args.max_length))
+    teach(config_from_args(PassConfig, args))
     return 0

@@ -69,10 +69,10 @@ class VLLMOptions:
     """How the engine is built. extra: any other vllm.LLM keyword (gpu_memory_utilization, max_num_seqs,
     kv_cache_dtype, ...) as given by --vllm-arg key=value."""
 
-    tensor_parallel_size: int = 1
-    max_model_len: int | None = None
+    tensor_parallel_size: int = 1  # vLLM: GPUs per engine
+    max_model_len: int | None = None  # vLLM: context length of the engine (default: the pass's need)
     enforce_eager: bool | None = None  # None: True on CPU (no compile step for a short pass), vLLM's default on GPU
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # any other vllm.LLM keyword
 
     def __post_init__(self):
         if self.tensor_parallel_size < 1:

@@ -32,10 +32,10 @@ class StoreError(ValueError):
 class WriteOptions:
     """Parquet writer settings (store/__init__.py explains the defaults)."""
 
-    compression: str = "zstd"
-    compression_level: int = 9
-    byte_stream_split: bool = True
-    row_group_size: int = 256
+    compression: str = "zstd"  # Parquet codec of the stored shards
+    compression_level: int = 9  # its level
+    byte_stream_split: bool = True  # float / int32 columns byte-stream-split (they compress better)
+    row_group_size: int = 256  # rows per Parquet row group
 
 
 @dataclass(frozen=True)

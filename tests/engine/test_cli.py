@@ -43,7 +43,7 @@ def test_debug_and_version_before_or_after_the_subcommand(tmp_path):
 
 def test_help_shows_defaults_and_every_training_key():
     teach = profuser("teach", "--help").stdout
-    assert "top-k entries stored per teacher and token (default: 8)" in " ".join(teach.split())
+    assert "top-k entries stored per teacher and token (default: 8; key: k)" in " ".join(teach.split())
     train = " ".join(profuser("train", "--help").stdout.split())
     from profuser.engine.config import config_keys
 

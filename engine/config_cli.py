@@ -1,0 +1,182 @@
+"""One config mechanism for every command: a command's options are its dataclass.
+
+    add_config_arguments(parser, Cls, flags={...})   --config FILE, one --flag per field, key=value overrides
+    config_from_args(Cls, args) -> Cls               defaults <- YAML <- flags <- key=value, every value checked
+
+The same resolution and the same checks as training's (config.load_config): values are type-checked against
+the field's annotation (config._check_value), an unknown key or a bad value is a ConfigError naming the key
+and where it came from (the YAML file, `--flag` or `override`), YAML and overrides use the same spelling.
+Flags are generated from the fields: `--field-name` (nested dataclasses: `--section.field-name`), their help
+from the comment beside the field (config.field_comments) and their default from the dataclass, so no
+default is written twice. A command keeps its established flag names through `flags` (Flag: another name,
+nargs, a `--no-x` switch for a True default, a parser for KEY=VALUE lists). A dict field is YAML / override
+only. The command's dataclass then checks what types cannot express (its __post_init__).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import yaml
+
+from .config import ConfigError, _check_value, config_path, field_comments
+
+DEST = "cfg__"  # argparse dest prefix of a generated flag: cfg__<key with dots as __>
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How one field appears on the command line (default: `--field-name`, one value)."""
+
+    name: str | None = None  # the flag, e.g. "--source" for `sources`
+    nargs: str | None = None  # "+" for a list given as several words
+    negate: str | None = None  # a bool whose default is True: the switch that sets False ("--no-progress")
+    parse: Callable[[list[str]], Any] | None = None  # repeatable KEY=VALUE words -> the value (action append)
+    help: str | None = None  # when the field's own comment is not the right text for the flag
+
+
+def leaves(cls, prefix: str = "") -> list[tuple[str, Any, Any, str]]:
+    """(dotted key, annotation, default or MISSING, comment) of every leaf field of a config dataclass."""
+    hints, docs, out = typing.get_type_hints(cls), field_comments(cls), []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += leaves(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            out.append((f"{prefix}{f.name}", hints[f.name], default, docs.get(f.name, "")))
+    return out
+
+
+def _is_list(tp) -> bool:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return typing.get_origin(tp) is list or tp is list or any(typing.get_origin(a) is list or a is list for a in args)
+
+
+def _scalar(text: str):
+    """A flag's word read as a YAML scalar, as key=value overrides are (`3` int, `null` None, `1e-4` float)."""
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def add_config_arguments(p: argparse.ArgumentParser, cls, *, flags: dict[str, Flag] | None = None) -> None:
+    """--config, one flag per leaf field of `cls`, and positional key=value overrides."""
+    flags = flags or {}
+    p.add_argument("--config", help="YAML file of this command's options (the keys below), or a shipped "
+                                    "config's name")
+    for key, tp, default, doc in leaves(cls):
+        fl = flags.get(key, Flag())
+        if (typing.get_origin(tp) is dict or tp is dict) and fl.parse is None:
+            continue
+        name = fl.name or "--" + key.replace("_", "-")
+        shown = "required" if default is dataclasses.MISSING else f"default: {default!r}"
+        text = f"{fl.help or doc or key} ({shown}; key: {key})"
+        dest = DEST + key.replace(".", "__")
+        if tp is bool or fl.negate:
+            if fl.negate or default is True:  # a switch that turns a default-on option off
+                off = fl.negate or "--no-" + key.replace("_", "-")
+                p.add_argument(off, dest=dest, action="store_false", default=argparse.SUPPRESS,
+                               help=f"{fl.help or doc or key}: off (default: on; key: {key})")
+            else:
+                p.add_argument(name, dest=dest, action="store_true", default=argparse.SUPPRESS, help=text)
+        elif fl.parse is not None:
+            p.add_argument(name, dest=dest, action="append", default=argparse.SUPPRESS, metavar="KEY=VALUE",
+                           help=text + "; repeatable")
+        else:
+            nargs = fl.nargs or ("+" if _is_list(tp) else None)
+            p.add_argument(name, dest=dest, nargs=nargs, default=argparse.SUPPRESS,
+                           metavar=key.rsplit(".", 1)[-1].upper(), help=text)
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides of any key above, after the flags (YAML scalars: 3, 1e-4, null, [a, b])")
+    p.set_defaults(**{DEST + "flags": flags})
+
+
+def _put(tree: dict, key: str, value, origins: dict, where: str) -> None:
+    *path, last = key.split(".")
+    for part in path:
+        tree = tree.setdefault(part, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{where}{key}: {part} is not a section")
+    tree[last] = value
+    origins[key] = where
+
+
+def _origins(tree: dict, where: str, origins: dict, prefix: str = "") -> None:
+    """origins[dotted key] = where, for every key of a YAML mapping (sections and their keys)."""
+    for k, v in tree.items():
+        origins[f"{prefix}{k}"] = where
+        if isinstance(v, dict):
+            _origins(v, where, origins, f"{prefix}{k}.")
+
+
+def build(cls, values: dict, origins: dict, prefix: str = ""):
+    """cls(**values) with every value checked against its field's annotation; ConfigError naming the key."""
+    hints, kwargs = typing.get_type_hints(cls), {}
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    for k in values:
+        if k not in names:
+            where = origins.get(f"{prefix}{k}", "")
+            raise ConfigError(f"{where}{prefix}{k}: unknown key (known: {', '.join(sorted(names))})")
+    for name, f in names.items():
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(hints[name]):
+            sub = values.get(name, {})
+            if not isinstance(sub, dict):
+                raise ConfigError(f"{origins.get(key, '')}{key}: expected a mapping, got {sub!r}")
+            kwargs[name] = build(hints[name], sub, origins, f"{key}.")
+        elif name in values:
+            kwargs[name] = _check_value(values[name], hints[name], key, origins.get(key, ""))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{key}: required (its --flag, `{key}:` in --config, or {key}=...)")
+    return cls(**kwargs)
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    """The command's config: defaults <- --config YAML <- flags <- key=value overrides (later wins)."""
+    tree: dict = {}
+    origins: dict = {}
+    if getattr(args, "config", None):
+        path = config_path(args.config)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys, got {type(raw).__name__}")
+        tree, where = raw, f"{path}: "
+        _origins(tree, where, origins)
+    flags: dict = getattr(args, DEST + "flags", {})
+    known = {key for key, *_ in leaves(cls)} | {f.name for f in dataclasses.fields(cls)}
+    overrides: list[str] = []
+    for dest, value in vars(args).items():
+        if not dest.startswith(DEST) or dest == DEST + "flags":
+            continue
+        key = dest[len(DEST):].replace("__", ".")
+        fl = flags.get(key, Flag())
+        if fl.parse is not None:
+            value = fl.parse(value)
+        elif isinstance(value, list):
+            # `--source a b k=4`: a list flag swallows the key=value words after it; they are overrides
+            while value and isinstance(value[-1], str) and value[-1].split("=", 1)[0] in known and "=" in value[-1]:
+                overrides.insert(0, value.pop())
+            value = [_scalar(v) if isinstance(v, str) else v for v in value]
+        elif isinstance(value, str):
+            value = _scalar(value)
+        _put(tree, key, value, origins, f"{fl.name or '--' + key.replace('_', '-')} sets ")
+    for item in overrides + list(getattr(args, "overrides", None) or []):
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, text = item.split("=", 1)
+        _put(tree, key.strip(), _scalar(text), origins, "override ")
+    try:
+        return build(cls, tree, origins)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(str(exc)) from None
