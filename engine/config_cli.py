@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import yaml
@@ -80,7 +81,8 @@ def add_config_arguments(p: argparse.ArgumentParser, cls, *, flags: dict[str, Fl
         dest = DEST + key.replace(".", "__")
         if tp is bool or fl.negate:
             if fl.negate or default is True:  # a switch that turns a default-on option off
-                off = fl.negate or "--no-" + key.replace("_", "-")
+                *section, last = key.split(".")
+                off = fl.negate or "--" + ".".join([*section, "no-" + last]).replace("_", "-")
                 p.add_argument(off, dest=dest, action="store_false", default=argparse.SUPPRESS,
                                help=f"{fl.help or doc or key}: off (default: on; key: {key})")
             else:
@@ -137,20 +139,28 @@ def build(cls, values: dict, origins: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
+def read_yaml(spec: str | Path, origins: dict) -> dict:
+    """A config file (a path or a shipped config's name) as a mapping; origins of its keys recorded."""
+    path = config_path(spec)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys, got {type(raw).__name__}")
+    _origins(raw, f"{path}: ", origins)
+    return raw
+
+
+def load(cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()):
+    """Defaults <- the YAML file <- key=value overrides, as `config_from_args` without a command line."""
+    return config_from_args(cls, argparse.Namespace(config=path, overrides=list(overrides)))
+
+
 def config_from_args(cls, args: argparse.Namespace):
     """The command's config: defaults <- --config YAML <- flags <- key=value overrides (later wins)."""
-    tree: dict = {}
     origins: dict = {}
-    if getattr(args, "config", None):
-        path = config_path(args.config)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of keys, got {type(raw).__name__}")
-        tree, where = raw, f"{path}: "
-        _origins(tree, where, origins)
+    tree: dict = read_yaml(args.config, origins) if getattr(args, "config", None) else {}
     flags: dict = getattr(args, DEST + "flags", {})
     known = {key for key, *_ in leaves(cls)} | {f.name for f in dataclasses.fields(cls)}
     overrides: list[str] = []

@@ -31,6 +31,7 @@ from typing import Iterator
 
 import pyarrow as pa
 
+from ..config_cli import Flag, add_config_arguments, config_from_args
 from ..store import (
     DEFAULT_SHARD_SIZE,
     PREPARED_SCHEMA,
@@ -53,22 +54,24 @@ def shipped_corpus() -> Path:
 class PrepareConfig:
     """Options of `prepare` (field names are those of the input records)."""
 
-    inputs: list = field(default_factory=lambda: [str(shipped_corpus())])
-    data_dir: str = "runs/default"
-    prompt_field: str = "prompt"
-    response_field: str = "response"
-    system_field: str = "system"
-    messages_field: str = "messages"
-    id_field: str | None = "id"
-    split: str | None = None
-    on_bad_row: str = "error"      # "error" | "skip"
-    multi_turn: str = "last"       # "last" (keep the final exchange) | "error"
-    shard_size: int = DEFAULT_SHARD_SIZE
-    limit: int | None = None
-    overwrite: bool = False
+    # JSONL / Parquet files or datasets folders (default: the shipped WordNet corpus)
+    inputs: list[str] = field(default_factory=lambda: [str(shipped_corpus())])
+    data_dir: str = "runs/default"  # the store folder to write prepared/ into
+    prompt_field: str = "prompt"  # input column of the prompt
+    response_field: str = "response"  # input column of the gold response
+    system_field: str = "system"  # input column of the system prompt
+    messages_field: str = "messages"  # input column of chat messages (instead of prompt / response)
+    id_field: str | None = "id"  # field holding a stable id (null or '': hash the content)
+    split: str | None = None  # split of a DatasetDict folder
+    on_bad_row: str = "error"  # an invalid input row: error naming file and row, or skip and count
+    multi_turn: str = "last"  # a multi-turn conversation: keep its last exchange (last), or error
+    shard_size: int = DEFAULT_SHARD_SIZE  # examples per prepared shard
+    limit: int | None = None  # keep only the first N examples
+    overwrite: bool = False  # replace a different prepared set in data_dir
     wait: bool = False  # another `prepare` of the same folder is running: wait for it instead of failing
 
     def __post_init__(self):
+        self.id_field = self.id_field or None
         if self.on_bad_row not in ("error", "skip"):
             raise ValueError(f"on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
         if self.multi_turn not in ("last", "error"):
@@ -296,32 +299,9 @@ def prepare(cfg: PrepareConfig, *, log=print) -> PreparedManifest:
 
 
 def add_arguments(p) -> None:
-    d = PrepareConfig()
-    p.add_argument("--input", dest="inputs", nargs="+", default=d.inputs,
-                   help="JSONL / Parquet files or datasets folders (default: the shipped WordNet corpus)")
-    p.add_argument("--data-dir", default=d.data_dir, help="the store folder to write prepared/ into")
-    p.add_argument("--prompt-field", default=d.prompt_field, help="input column of the prompt")
-    p.add_argument("--response-field", default=d.response_field, help="input column of the gold response")
-    p.add_argument("--system-field", default=d.system_field, help="input column of the system prompt")
-    p.add_argument("--messages-field", default=d.messages_field,
-                   help="input column of chat messages (instead of prompt / response)")
-    p.add_argument("--id-field", default=d.id_field, help="field holding a stable id ('' = hash the content)")
-    p.add_argument("--split", default=None, help="split of a DatasetDict folder")
-    p.add_argument("--on-bad-row", choices=("error", "skip"), default=d.on_bad_row,
-                   help="an invalid input row: error naming file and row, or skip and count")
-    p.add_argument("--multi-turn", choices=("last", "error"), default=d.multi_turn,
-                   help="a multi-turn conversation: keep its last exchange, or error")
-    p.add_argument("--shard-size", type=int, default=d.shard_size, help="examples per prepared shard")
-    p.add_argument("--limit", type=int, default=None, help="keep only the first N examples")
-    p.add_argument("--overwrite", action="store_true", help="replace a different prepared set in --data-dir")
-    p.add_argument("--wait", action="store_true", help="wait for another `prepare` of the same folder")
+    add_config_arguments(p, PrepareConfig, flags={"inputs": Flag("--input", nargs="+")})
 
 
 def run_command(args) -> int:
-    cfg = PrepareConfig(inputs=list(args.inputs), data_dir=args.data_dir, prompt_field=args.prompt_field,
-                        response_field=args.response_field, system_field=args.system_field,
-                        messages_field=args.messages_field, id_field=args.id_field or None, split=args.split,
-                        on_bad_row=args.on_bad_row, multi_turn=args.multi_turn, shard_size=args.shard_size,
-                        limit=args.limit, overwrite=args.overwrite, wait=args.wait)
-    prepare(cfg)
+    prepare(config_from_args(PrepareConfig, args))
     return 0

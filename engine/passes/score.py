@@ -49,7 +49,8 @@ import pyarrow as pa
 import torch
 
 from .. import models
-from ..config import CE_METRICS
+from ..config import CE_METRICS, ConfigError
+from ..config_cli import Flag, add_config_arguments, config_from_args
 from ..loader.advantage import advantage_weights, example_metric, tie_priority
 from ..store import (
     PreparedManifest,
@@ -298,10 +299,11 @@ def mince_share(data_dir, sources: list[str], student: str | None = None) -> dic
 
 @dataclass
 class ScoreConfig:
-    data_dir: str
-    sources: list = field(default_factory=list)
-    scorers: list = field(default_factory=lambda: ["similarity"])
-    device: str = "cpu"
+    data_dir: str  # the store folder (with inference-mode stores)
+    sources: list[str] = field(default_factory=list)  # source names (folders under teachers/)
+    # rm:<path> | similarity[:<dir>] | judge:<model spec> (several vote)
+    scorers: list[str] = field(default_factory=lambda: ["similarity"])
+    device: str = "cpu"  # device of the scorer models
     student: str | None = None  # the target's model spec: its own source wins MinCE ties in the summary
 
 
@@ -428,18 +430,14 @@ def score(cfg: ScoreConfig, *, scorers: list[Scorer] | None = None, log=print) -
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--data-dir", required=True, help="the store folder (with inference-mode stores)")
-    p.add_argument("--sources", nargs="+", required=True, help="source names (folders under teachers/)")
-    p.add_argument("--scorer", dest="scorers", nargs="+", default=["similarity"],
-                   help="rm:<path> | similarity[:<dir>] | judge:<model spec> (several vote)")
-    p.add_argument("--device", default="cpu", help="device of the scorer models")
-    p.add_argument("--student", default=None,
-                   help="the target's model spec: the summary's MinCE share then breaks ties as training does")
+    add_config_arguments(p, ScoreConfig, flags={"sources": Flag(nargs="+"), "scorers": Flag("--scorer", nargs="+")})
 
 
 def run_command(args) -> int:
-    score(ScoreConfig(data_dir=args.data_dir, sources=list(args.sources), scorers=list(args.scorers),
-                      device=args.device, student=args.student))
+    cfg = config_from_args(ScoreConfig, args)
+    if not cfg.sources:
+        raise ConfigError("sources: at least one (--sources NAME ...)")
+    score(cfg)
     return 0
 
 

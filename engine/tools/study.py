@@ -41,13 +41,13 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from ..config import ConfigError, load_config
+from ..config import ConfigError, config_path, load_config
+from ..config_cli import add_config_arguments, config_from_args, load
 
 METRICS = {"bits_per_byte": "bits/byte (lower is better)", "acc": "lm-eval acc", "win": "win rate vs target"}
 
@@ -55,29 +55,29 @@ METRICS = {"bits_per_byte": "bits/byte (lower is better)", "acc": "lm-eval acc",
 @dataclass
 class StudyEval:
     data: str | None = None  # held-out JSONL; None: heldout.jsonl beside the base's data_dir (as the demo writes)
-    max_examples: int | None = None
-    max_length: int | None = 512
-    batch_size: int = 8
-    lm_eval: bool = True
-    win_rate: bool = False
-    scorers: list = field(default_factory=lambda: ["similarity"])
-    max_new_tokens: int = 48
+    max_examples: int | None = None  # held-out examples evaluated (None: all)
+    max_length: int | None = 512  # prompt + response tokens per example
+    batch_size: int = 8  # examples per forward
+    lm_eval: bool = True  # the lm-eval multiple-choice task built from the held-out pairs
+    win_rate: bool = False  # greedy answers voted against the target's (slow on a CPU)
+    scorers: list[str] = field(default_factory=lambda: ["similarity"])  # the win-rate vote's scorers
+    max_new_tokens: int = 48  # greedy answer length (win rate)
     seed: int = 0  # distractor draw of the lm-eval task
 
 
 @dataclass
 class StudyConfig:
-    base: str | None = None
-    output_dir: str = "runs/study"
-    overrides: dict = field(default_factory=dict)
-    variants: dict = field(default_factory=dict)
-    seeds: list = field(default_factory=lambda: [0, 1, 2])
-    baseline: str = "sft"
-    bootstrap: int = 2000
+    base: str | None = None  # the training config every variant starts from (relative to the study file)
+    output_dir: str = "runs/study"  # runs/<variant>/seed<s>/, the evaluations and study.{md,json,png}
+    overrides: dict = field(default_factory=dict)  # key: value applied to the base for every variant
+    variants: dict = field(default_factory=dict)  # name: {key: value} overrides of one variant
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # every variant trains with each
+    baseline: str = "sft"  # the variant every other one is compared with
+    bootstrap: int = 2000  # bootstrap resamples of the paired intervals
     # a finished run (its export written) keeps only the export: a checkpoint holds the weights AND the
     # optimizer state (~3 GB for Gemma-3-270M in fp32), 18 runs of which would not fit most disks
     keep_checkpoints: bool = False
-    eval: StudyEval = field(default_factory=StudyEval)
+    eval: StudyEval = field(default_factory=StudyEval)  # how every model is evaluated
 
     def __post_init__(self):
         if not self.variants:
@@ -86,29 +86,22 @@ class StudyConfig:
             raise ConfigError(f"study: baseline {self.baseline!r} is not one of the variants {list(self.variants)}")
         if not self.seeds:
             raise ConfigError("study: `seeds` is empty")
+        for name, ov in self.variants.items():
+            if not isinstance(ov, (dict, type(None))):
+                raise ConfigError(f"study: variants.{name} must be a mapping of key: value overrides")
 
 
-def load_study(path: str | Path) -> StudyConfig:
-    """The study file; ConfigError naming the file and key for an unknown key or a bad value."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"study config {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
-    known = {f.name for f in fields(StudyConfig)}
-    for key in raw:
-        if key not in known:
-            raise ConfigError(f"{path}: unknown key {key!r} (expected one of {sorted(known)})")
-    ev = raw.pop("eval", None) or {}
-    known_ev = {f.name for f in fields(StudyEval)}
-    for key in ev:
-        if key not in known_ev:
-            raise ConfigError(f"{path}: unknown key 'eval.{key}' (expected one of {sorted(known_ev)})")
-    if raw.get("base"):
-        raw["base"] = str((path.parent / raw["base"]).resolve()) if not Path(raw["base"]).is_absolute() else raw["base"]
-    for name, ov in (raw.get("variants") or {}).items():
-        if not isinstance(ov, dict):
-            raise ConfigError(f"{path}: variants.{name} must be a mapping of key: value overrides")
-    return StudyConfig(**raw, eval=StudyEval(**ev))
+def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> StudyConfig:
+    """The study file (a path or a shipped config's name) through the one config mechanism
+    (config_cli.load): ConfigError naming the file and key for an unknown key or a bad value. `base`
+    is resolved relative to the study file."""
+    return with_base_resolved(load(StudyConfig, path, overrides), path)
+
+
+def with_base_resolved(cfg: StudyConfig, path: str | Path | None) -> StudyConfig:
+    if cfg.base and path and not Path(cfg.base).is_absolute():
+        cfg.base = str((config_path(path).parent / cfg.base).resolve())
+    return cfg
 
 
 def as_overrides(ov) -> list[str]:
@@ -363,23 +356,18 @@ def study(cfg: StudyConfig, log=print) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="study YAML (see configs/study.yaml)")
-    p.add_argument("--variants", nargs="+", default=None, help="a subset of the config's variants")
-    p.add_argument("--seeds", nargs="+", type=int, default=None, help="a subset (or another list) of seeds")
-    p.add_argument("--output-dir", default=None, help="the study folder (default: the study config's output_dir)")
+    add_config_arguments(p, StudyConfig)  # --config configs/study.yaml (or `study`), --seeds 0, key=value ...
+    p.add_argument("--variants", dest="only_variants", nargs="+", default=None,
+                   help="run a subset of the config's variants (the baseline is always kept)")
 
 
 def run_command(args: argparse.Namespace) -> int:
-    cfg = load_study(args.config)
-    if args.variants:
-        unknown = [v for v in args.variants if v not in cfg.variants]
+    cfg = with_base_resolved(config_from_args(StudyConfig, args), args.config)
+    if args.only_variants:
+        unknown = [v for v in args.only_variants if v not in cfg.variants]
         if unknown:
             raise ConfigError(f"--variants: {unknown} not in {list(cfg.variants)}")
-        keep = set(args.variants) | {cfg.baseline}
+        keep = set(args.only_variants) | {cfg.baseline}
         cfg.variants = {k: v for k, v in cfg.variants.items() if k in keep}
-    if args.seeds:
-        cfg.seeds = list(args.seeds)
-    if args.output_dir:
-        cfg.output_dir = args.output_dir
     study(cfg)
     return 0

@@ -83,11 +83,11 @@ def test_study_trains_evaluates_tabulates_and_resumes(data, tmp_path):
 
 
 def test_study_config_errors_named(data, tmp_path):
-    with pytest.raises(ConfigError, match="unknown key 'varients'"):
+    with pytest.raises(ConfigError, match="varients: unknown key"):
         S.load_study(study_file(data, tmp_path / "a", varients={}))
     with pytest.raises(ConfigError, match="baseline 'sft' is not one of the variants"):
         S.load_study(study_file(data, tmp_path / "b", variants={"two_stage": {"schedule.kind": "two_stage"}}))
-    with pytest.raises(ConfigError, match="unknown key 'eval.lm_evl'"):
+    with pytest.raises(ConfigError, match="eval.lm_evl: unknown key"):
         S.load_study(study_file(data, tmp_path / "c", eval={"lm_evl": True}))
     with pytest.raises(ConfigError, match="does not exist"):
         S.load_study(tmp_path / "nope.yaml")
