@@ -44,6 +44,8 @@ V_GEMMA, LAM = 262144, 0.9
 
 def make_batches(n: int, B: int, L: int, T: int, K: int, V: int, seed: int = 0) -> tuple[list[dict], list]:
     """n loader-format batches (docs/contracts.md section 4) and the vocab maps, seeded."""
+    from profuser.engine.config import MODE_ID
+
     g = torch.Generator().manual_seed(seed)
     vm = torch.randint(0, V, (V_GEMMA,), generator=g, dtype=torch.int32)
     vm[torch.rand(V_GEMMA, generator=g) < 0.3] = -1  # unmapped teacher ids
@@ -57,7 +59,8 @@ def make_batches(n: int, B: int, L: int, T: int, K: int, V: int, seed: int = 0) 
         tlp = torch.log_softmax(torch.randn(T, B, L, K + 4, generator=g) * 2, -1)[..., :K].sort(-1, True).values
         batches.append({"input_ids": ids, "attention_mask": torch.ones(B, L, dtype=torch.long), "labels": labels,
                         "teacher_ids": tids.to(torch.int32), "teacher_logprobs": tlp.to(torch.float16),
-                        "teacher_weights": torch.rand(T, B, L, generator=g), "mode": torch.zeros(B, dtype=torch.long),
+                        "teacher_weights": torch.rand(T, B, L, generator=g),
+                        "mode": torch.full((B,), MODE_ID["train"]),  # run_window trains them as training mode
                         "example_ids": [f"b{i}-{b}" for b in range(B)], "n_tokens": int((labels != -100).sum())})
     return batches, [None, vm][:T]
 
@@ -112,7 +115,8 @@ def measure_variant(variant: str, lm, batches: list[dict], vms: list, device: to
         engine, _, _ = build_engine(cfg, lm, [v.to(device) if v is not None else None for v in vms], dtype)
 
         def step(b):
-            run_window(engine, [[b]], ["train"], {"infer": 0.0, "train": 1.0}, pad_id=pad_id, device=device)
+            return run_window(engine, [[b]], ["train"], {"infer": 0.0, "train": 1.0}, pad_id=pad_id,
+                              device=device).loss
     else:
         engine = None
         opt = torch.optim.AdamW(lm.parameters(), lr=1e-5)
@@ -125,8 +129,11 @@ def measure_variant(variant: str, lm, batches: list[dict], vms: list, device: to
             torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-    for b in batches[:warmup]:
-        step(b)
+            return loss.detach()
+    for b in batches[:warmup]:  # a variant that trains on nothing (a zero loss) would time nothing real
+        if not float(step(b)) > 0:
+            raise RuntimeError(f"bench_train: {variant}: a warmup step's loss is not positive (the batches' rows "
+                               "are not weighted: their `mode` is not the one trained?)")
     mem = harness.PeakMemory(device)
     tokens, t0 = 0, time.perf_counter()
     for b in batches[warmup:]:

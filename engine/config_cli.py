@@ -33,7 +33,7 @@ DEST = "cfg__"  # argparse dest prefix of a generated flag: cfg__<key with dots 
 class Flag:
     """How one field appears on the command line (default: `--field-name`, one value)."""
 
-    name: str | None = None  # the flag, e.g. "--source" for `sources`
+    name: str | None = None  # the flag, e.g. "--source" for `sources`; a bare word: a leading positional
     nargs: str | None = None  # "+" for a list given as several words
     negate: str | None = None  # a bool whose default is True: the switch that sets False ("--no-progress")
     parse: Callable[[list[str]], Any] | None = None  # repeatable KEY=VALUE words -> the value (action append)
@@ -90,6 +90,8 @@ def add_config_arguments(p: argparse.ArgumentParser, cls, *, flags: dict[str, Fl
         elif fl.parse is not None:
             p.add_argument(name, dest=dest, action="append", default=argparse.SUPPRESS, metavar="KEY=VALUE",
                            help=text + "; repeatable")
+        elif not name.startswith("-"):  # `profuser plot RUN_DIR`: before the key=value overrides
+            p.add_argument(dest, nargs="?", default=argparse.SUPPRESS, metavar=name, help=text)
         else:
             nargs = fl.nargs or ("+" if _is_list(tp) else None)
             p.add_argument(name, dest=dest, nargs=nargs, default=argparse.SUPPRESS,

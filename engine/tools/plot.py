@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
+
+from ..config_cli import Flag, add_config_arguments, config_from_args
 
 
 def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
@@ -86,13 +89,21 @@ def plot(metrics: str | Path, out: str | Path) -> Path:
     return out
 
 
+@dataclass
+class PlotConfig:
+    """Options of `profuser plot`."""
+
+    run: str  # run folder (output_dir) or its metrics.jsonl
+    out: str | None = None  # PNG path (default: <run>/curves.png)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="run folder (output_dir) or its metrics.jsonl")
-    p.add_argument("--out", help="PNG path (default: <run>/curves.png)")
+    add_config_arguments(p, PlotConfig, flags={"run": Flag("RUN")})
 
 
 def run_command(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run)
-    out = Path(args.out) if args.out else (run_dir if run_dir.is_dir() else run_dir.parent) / "curves.png"
-    print(plot(args.run, out))
+    cfg = config_from_args(PlotConfig, args)
+    run_dir = Path(cfg.run)
+    out = Path(cfg.out) if cfg.out else (run_dir if run_dir.is_dir() else run_dir.parent) / "curves.png"
+    print(plot(cfg.run, out))
     return 0

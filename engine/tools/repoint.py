@@ -13,9 +13,11 @@ re-saved copy of the same weights, say), never another tokenizer.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 from .. import store
 from ..config import MODES
+from ..config_cli import add_config_arguments, config_from_args
 from ..models import canonical_spec, load_tokenizer, model_fingerprint
 from ..text.align import tokenizer_hash
 
@@ -45,13 +47,21 @@ def repoint(data_dir, source: str, model: str, *, force: bool = False, log=print
     return done
 
 
+@dataclass
+class RepointConfig:
+    """Options of `profuser repoint`."""
+
+    data_dir: str  # the store folder whose manifests name the moved model
+    source: str  # the source's store name (folder under teachers/)
+    model: str  # where the source's model folder is now (or its alias)
+    force: bool = False  # accept a different model fingerprint (same tokenizer)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", required=True, help="the store folder whose manifests name the moved model")
-    p.add_argument("--source", required=True, help="the source's store name (folder under teachers/)")
-    p.add_argument("--model", required=True, help="where the source's model folder is now (or its alias)")
-    p.add_argument("--force", action="store_true", help="accept a different model fingerprint (same tokenizer)")
+    add_config_arguments(p, RepointConfig)
 
 
 def run_command(args: argparse.Namespace) -> int:
-    repoint(args.data_dir, args.source, args.model, force=args.force)
+    cfg = config_from_args(RepointConfig, args)
+    repoint(cfg.data_dir, cfg.source, cfg.model, force=cfg.force)
     return 0

@@ -22,11 +22,13 @@ import gc
 import json
 import math
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..config import MODES
+from ..config import MODES, ConfigError
+from ..config_cli import Flag, add_config_arguments, config_from_args
 from ..dist import device_for, release_freed_memory
 from ..models import load_model, load_tokenizer, output_logits, pad_id, reference_models, resolve_dtype
 from ..store import TeacherManifest, read_json
@@ -257,24 +259,33 @@ def final_report(cfg, student_dir: str | Path, out_dir: str | Path) -> Path:
 # command line: profuser eval --data heldout.jsonl --model student=runs/x/final --model smollm2-135m-instruct
 
 
+@dataclass
+class EvalCommandConfig:
+    """Options of `profuser eval`."""
+
+    data: str  # held-out JSONL / Parquet / prepared folder (prompt, response)
+    models: list[str] = field(default_factory=list)  # NAME=SPEC or SPEC (alias or local HF folder), repeatable
+    max_examples: int = 64  # held-out examples evaluated
+    max_length: int = 512  # prompt + response tokens per example
+    batch_size: int = 8  # examples per forward
+    samples: int = 0  # greedy samples of the first model
+    max_new_tokens: int = 48  # generated sample length
+    out: str | None = None  # folder for report.md / report.json
+    # also run the lm-eval multiple-choice task built from `data` (trainer/lm_eval_task.py) on every model; the
+    # task folder goes to <out or .>/lm_eval_task
+    lm_eval: bool = False
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="held-out JSONL / Parquet / prepared folder (prompt, response)")
-    p.add_argument("--model", action="append", required=True,
-                   help="NAME=SPEC or SPEC (alias or local HF folder); repeat for several models")
-    p.add_argument("--max-examples", type=int, default=64, help="held-out examples evaluated")
-    p.add_argument("--max-length", type=int, default=512, help="prompt + response tokens per example")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per forward")
-    p.add_argument("--samples", type=int, default=0, help="greedy samples of the first model")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="generated sample length")
-    p.add_argument("--out", help="folder for report.md / report.json")
-    p.add_argument("--lm-eval", action="store_true",
-                   help="also run the lm-eval multiple-choice task built from --data (trainer/lm_eval_task.py) "
-                        "on every model; the task folder goes to <--out or .>/lm_eval_task")
+    add_config_arguments(p, EvalCommandConfig, flags={"models": Flag("--model", parse=list)})
 
 
 def run_command(args: argparse.Namespace) -> int:
+    args = config_from_args(EvalCommandConfig, args)
+    if not args.models:
+        raise ConfigError("models: at least one (--model NAME=SPEC)")
     named = {}
-    for m in args.model:
+    for m in args.models:
         name, _, spec = m.partition("=") if "=" in m else (m, "", m)
         named[name] = spec
     examples = load_eval_examples(args.data, args.max_examples)

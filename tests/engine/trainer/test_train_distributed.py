@@ -48,8 +48,11 @@ def make_batch(g, mode: int, B: int, L: int, tag: str) -> dict:
 
 def make_problem():
     """micro[step][global micro index] = {"infer": batch, "train": batch} (infer L=9, train L=12)."""
+    from profuser.engine.config import MODE_ID
+
     g = torch.Generator().manual_seed(2)
-    return [[{"infer": make_batch(g, 1, 2, 9, f"i{s}{m}"), "train": make_batch(g, 0, 3, 12, f"t{s}{m}")}
+    infer, train = MODE_ID["infer"], MODE_ID["train"]
+    return [[{"infer": make_batch(g, infer, 2, 9, f"i{s}{m}"), "train": make_batch(g, train, 3, 12, f"t{s}{m}")}
              for m in range(WORLD * ACCUM)] for s in range(STEPS)]
 
 
