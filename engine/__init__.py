@@ -2,10 +2,12 @@
 
 Layers (imports point down only; tests/engine/test_layers.py checks it):
     cli.py, train.py      the `profuser` command line; the training recipe
-    tools/                demo, plot
+    tools/                demo, study, check, repoint, plot, config show, synthetic stores
     passes/ trainer/      teacher passes that build the stores; the training step, schedule, checkpoints, eval
     loader/               the streaming loader: stores + alignment -> padded fusion batches
-    store.py              the prepared set and teacher stores on disk
+    store/                the prepared set and teacher stores on disk
     text/                 chat encoding, token and vocabulary alignment, known tokenizers
-    config.py models.py dist.py   typed configs and choice lists; model/tokenizer/dtype/logit rules; ranks
+    models/ config_cli.py model / tokenizer / dtype / logit rules; every command's options from its dataclass
+    config.py dist.py errors.py fileio.py   typed configs and choice lists; ranks; one-line errors; atomic
+                          writes, full-disk errors and the one lock
 """
