@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,11 +67,14 @@ def _scalar(text: str):
         return text
 
 
-def add_config_arguments(p: argparse.ArgumentParser, cls, *, flags: dict[str, Flag] | None = None) -> None:
-    """--config, one flag per leaf field of `cls`, and positional key=value overrides."""
+def add_config_arguments(p: argparse.ArgumentParser, cls, *, flags: dict[str, Flag] | None = None,
+                         config_and_overrides: bool = True) -> None:
+    """--config, one flag per leaf field of `cls`, and positional key=value overrides (config_and_overrides:
+    False when the command adds its own --config and overrides, as training does)."""
     flags = flags or {}
-    p.add_argument("--config", help="YAML file of this command's options (the keys below), or a shipped "
-                                    "config's name")
+    if config_and_overrides:
+        p.add_argument("--config", help="YAML file of this command's options (the keys below), or a shipped "
+                                        "config's name")
     for key, tp, default, doc in leaves(cls):
         fl = flags.get(key, Flag())
         if (typing.get_origin(tp) is dict or tp is dict) and fl.parse is None:
@@ -96,9 +100,30 @@ def add_config_arguments(p: argparse.ArgumentParser, cls, *, flags: dict[str, Fl
             nargs = fl.nargs or ("+" if _is_list(tp) else None)
             p.add_argument(name, dest=dest, nargs=nargs, default=argparse.SUPPRESS,
                            metavar=key.rsplit(".", 1)[-1].upper(), help=text)
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="overrides of any key above, after the flags (YAML scalars: 3, 1e-4, null, [a, b])")
+    if config_and_overrides:
+        p.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="overrides of any key above, after the flags (YAML scalars: 3, 1e-4, null, [a, b])")
     p.set_defaults(**{DEST + "flags": flags})
+
+
+def flag_overrides(args: argparse.Namespace) -> list[str]:
+    """The generated flags given on the command line as key=value overrides (JSON values, which YAML reads
+    back exactly): how training's config.load_config takes them, before the positional overrides."""
+    flags: dict = getattr(args, DEST + "flags", {})
+    out = []
+    for dest, value in vars(args).items():
+        if not dest.startswith(DEST) or dest == DEST + "flags":
+            continue
+        key = dest[len(DEST):].replace("__", ".")
+        fl = flags.get(key, Flag())
+        if fl.parse is not None:
+            value = fl.parse(value)
+        elif isinstance(value, list):
+            value = [_scalar(v) if isinstance(v, str) else v for v in value]
+        elif isinstance(value, str):
+            value = _scalar(value)
+        out.append(f"{key}={json.dumps(value)}")
+    return out
 
 
 def _put(tree: dict, key: str, value, origins: dict, where: str) -> None:

@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from profuser.engine.config import MODES, TrainConfig, dump_yaml, keys_help, load_config, resume_digest
+from profuser.engine.config_cli import add_config_arguments, flag_overrides
 from profuser.engine.dist import DistInfo, release_freed_memory, setup_distributed, teardown_distributed
 from profuser.engine.errors import report_errors
 from profuser.engine.loader.stream import BatchStream, build_streams, check_max_length, check_stores, check_vocab_rows
@@ -291,6 +292,7 @@ def finish(run: TrainingRun) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = keys_help()
     p.add_argument("--config", help="YAML experiment file, or a shipped config's name (demo, study, ...)")
+    add_config_arguments(p, TrainConfig, config_and_overrides=False)  # --optim.lr 3e-5 == optim.lr=3e-5
     p.add_argument("--resume", help="checkpoint folder to resume from (default: auto-resume from output_dir)")
     p.add_argument("--allow-changed-data", action="store_true",
                    help="resume although the stores, the vote or a vocabulary map changed since the checkpoint")
@@ -300,7 +302,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
+    overrides = flag_overrides(args) + list(args.overrides)
     if args.resume:
         overrides.append(f"checkpoint.resume={args.resume}")
     if args.allow_changed_data:

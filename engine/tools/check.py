@@ -20,7 +20,8 @@ import argparse
 import sys
 
 from .. import store
-from ..config import keys_help, load_config
+from ..config import TrainConfig, keys_help, load_config
+from ..config_cli import add_config_arguments, flag_overrides
 from ..loader.stream import check_max_length, check_stores, data_dir_of
 from ..models import load_tokenizer
 from ..trainer.schedule import active_modes
@@ -71,7 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = keys_help()
     p.add_argument("--config", help="YAML experiment file or a shipped config's name (as for `profuser train`)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
+    add_config_arguments(p, TrainConfig, config_and_overrides=False)
 
 
 def run_command(args: argparse.Namespace) -> int:
-    return check(load_config(args.config, args.overrides), out=lambda s: print(s, file=sys.stdout, flush=True))
+    cfg = load_config(args.config, flag_overrides(args) + list(args.overrides))
+    return check(cfg, out=lambda s: print(s, file=sys.stdout, flush=True))

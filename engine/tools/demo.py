@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from ..config import ConfigError, TrainConfig, config_path, keys_help, load_config
+from ..config_cli import add_config_arguments, flag_overrides
 from ..models import reference_models
 from ..passes.prepare import shipped_corpus
 
@@ -220,15 +221,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=float, default=1.0, help="multiply example counts and steps (e.g. 4)")
     p.add_argument("--force", action="store_true", help="re-run every stage even if it finished before")
     p.add_argument("overrides", nargs="*", help="key=value overrides, as for `profuser train`")
+    add_config_arguments(p, TrainConfig, config_and_overrides=False)
 
 
 def run_command(args: argparse.Namespace) -> int:
     args.config = args.config or str(shipped_config())
+    given = flag_overrides(args) + list(args.overrides)
     try:
-        cfg0 = load_config(args.config, args.overrides)
+        cfg0 = load_config(args.config, given)
         # the held-out file is written by the split stage next to the stores
         heldout = f"eval.data={Path(cfg0.data.data_dir).parent / 'heldout.jsonl'}"
-        overrides = list(args.overrides) + scale_overrides(cfg0, args.scale) + [heldout]
+        overrides = given + scale_overrides(cfg0, args.scale) + [heldout]
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
         print(f"profuser demo: config error: {e}", file=sys.stderr)

@@ -74,3 +74,18 @@ def test_a_missing_extra_is_one_line_naming_it():
     assert p.returncode == 1 and p.stderr.strip() == (
         "profuser teach: error: needs the module 'pyarrow', which this installation lacks: "
         "pip install 'profuser[engine]'"), p.stderr
+
+
+def test_training_flags_are_its_keys_as_overrides():
+    from profuser.engine import train
+    from profuser.engine.config import load_config
+    from profuser.engine.config_cli import flag_overrides
+
+    p = argparse.ArgumentParser()
+    train.add_arguments(p)
+    args = p.parse_args(["--config", "demo", "--optim.lr", "3e-5", "--data.sources", "a", "b",
+                         "--data.no-student-as-candidate", "seed=4"])
+    by_flags = load_config(args.config, flag_overrides(args) + args.overrides)
+    by_keys = load_config("demo", ["optim.lr=3e-5", "data.sources=[a, b]", "data.student_as_candidate=false",
+                                   "seed=4"])
+    assert by_flags == by_keys and by_flags.optim.lr == 3e-5 and by_flags.seed == 4
