@@ -8,6 +8,6 @@ Layers (imports point down only; tests/engine/test_layers.py checks it):
     store/                the prepared set and teacher stores on disk
     text/                 chat encoding, token and vocabulary alignment, known tokenizers
     models/ config_cli.py model / tokenizer / dtype / logit rules; every command's options from its dataclass
-    config.py dist.py errors.py fileio.py   typed configs and choice lists; ranks; one-line errors; atomic
-                          writes, full-disk errors and the one lock
+    commands.py config.py dist.py errors.py fileio.py   the subcommand table; typed configs and choice lists;
+                          ranks; one-line errors; atomic writes, full-disk errors and the one lock
 """

@@ -103,7 +103,18 @@ def add_config_arguments(p: argparse.ArgumentParser, cls, *, flags: dict[str, Fl
     if config_and_overrides:
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="overrides of any key above, after the flags (YAML scalars: 3, 1e-4, null, [a, b])")
-    p.set_defaults(**{DEST + "flags": flags})
+    p.set_defaults(**{DEST + "flags": flags, DEST + "class": cls})
+
+
+def resolved(args: argparse.Namespace):
+    """The config a parsed command line resolves to (`profuser config show CMD ...`): training's through
+    config.load_config, every other command's through config_from_args."""
+    from .config import TrainConfig, load_config
+
+    cls = getattr(args, DEST + "class", None)
+    if cls is TrainConfig:
+        return load_config(getattr(args, "config", None), flag_overrides(args) + list(args.overrides))
+    return config_from_args(cls, args)
 
 
 def flag_overrides(args: argparse.Namespace) -> list[str]:
@@ -112,7 +123,7 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
     flags: dict = getattr(args, DEST + "flags", {})
     out = []
     for dest, value in vars(args).items():
-        if not dest.startswith(DEST) or dest == DEST + "flags":
+        if not dest.startswith(DEST) or dest in (DEST + "flags", DEST + "class"):
             continue
         key = dest[len(DEST):].replace("__", ".")
         fl = flags.get(key, Flag())
@@ -192,7 +203,7 @@ def config_from_args(cls, args: argparse.Namespace):
     known = {key for key, *_ in leaves(cls)} | {f.name for f in dataclasses.fields(cls)}
     overrides: list[str] = []
     for dest, value in vars(args).items():
-        if not dest.startswith(DEST) or dest == DEST + "flags":
+        if not dest.startswith(DEST) or dest in (DEST + "flags", DEST + "class"):
             continue
         key = dest[len(DEST):].replace("__", ".")
         fl = flags.get(key, Flag())

@@ -1,18 +1,24 @@
-"""`profuser config show`: the training configuration a command would run with, resolved and printed.
+"""`profuser config show`: the configuration a command would run with, resolved and printed as YAML.
 
-    profuser config show --config demo optim.lr=3e-5     # defaults <- the YAML <- overrides, as YAML
-    profuser config keys                                  # every key with its default and what it means
+    profuser config show --config demo optim.lr=3e-5           # training (train, check, demo): the default
+    profuser config show teach --data-dir d --source a --k 4   # any command, with that command's own options
+    profuser config keys                                        # every training key, its default and meaning
 
-The same resolution as `profuser train`, `check` and `demo` (config.load_config): a bad key or value is the
-same one-line error, before anything runs.
+The same resolution as the command itself (config_cli.resolved: training's config.load_config, every other
+command's config_cli.config_from_args): a bad key or value is the same one-line error, before anything runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
+import yaml
+
+from ..commands import COMMANDS, import_command
 from ..config import dump_yaml, keys_help, load_config
+from ..config_cli import resolved
 
 ACTIONS = ("show", "keys")
 
@@ -38,6 +44,13 @@ def run_command(args: argparse.Namespace) -> int:
     if args.action == "keys":
         print(keys_help())
         return 0
-    ns = words_parser().parse_intermixed_args(args.rest)
+    rest = list(args.rest)
+    if rest and rest[0] in COMMANDS and rest[0] != "config":  # another command's options, parsed by its parser
+        p = argparse.ArgumentParser(prog=f"profuser {rest[0]}")
+        import_command(rest[0]).add_arguments(p)
+        cfg = resolved(p.parse_args(rest[1:]))
+        sys.stdout.write(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, default_flow_style=None))
+        return 0
+    ns = words_parser().parse_intermixed_args(rest)
     sys.stdout.write(dump_yaml(load_config(ns.config or args.config, ns.overrides)))
     return 0

@@ -89,3 +89,15 @@ def test_training_flags_are_its_keys_as_overrides():
     by_keys = load_config("demo", ["optim.lr=3e-5", "data.sources=[a, b]", "data.student_as_candidate=false",
                                    "seed=4"])
     assert by_flags == by_keys and by_flags.optim.lr == 3e-5 and by_flags.seed == 4
+
+
+def test_config_show_resolves_any_command():
+    import yaml
+
+    p = profuser("config", "show", "teach", "--data-dir", "d", "--source", "a", "b", "--k", "4", "batch_tokens=64")
+    assert p.returncode == 0, p.stderr
+    cfg = yaml.safe_load(p.stdout)
+    assert (cfg["data_dir"], cfg["sources"], cfg["k"], cfg["batch_tokens"]) == ("d", ["a", "b"], 4, 64)
+    assert cfg["write"]["compression_level"] == 9  # nested sections resolved too
+    bad = profuser("config", "show", "generate", "--data-dir", "d", "--source", "a", "max_new_tokens=0")
+    assert bad.returncode == 2 and bad.stderr.strip() == "profuser config: error: max_new_tokens must be >= 1, got 0"

@@ -10,8 +10,8 @@ Layers of profuser.engine (a module may import its own unit and units of a lower
     3  store/                      the stores on disk
     2  text/                       chat encoding, alignment, known tokenizers
     1  models/, config_cli.py      model / tokenizer / dtype / logit-transform rules; every command's options
-    0  config.py, dist.py, errors.py, fileio.py  typed configs and choice lists; ranks and devices; one-line
-                                   errors; atomic writes, full-disk errors, the one lock
+    0  commands.py, config.py,     the subcommand table; typed configs and choice lists; ranks and devices;
+       dist.py, errors.py, fileio.py  one-line errors; atomic writes, full-disk errors, the one lock
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 ENGINE = REPO / "engine"
-RANK = {"config": 0, "dist": 0, "errors": 0, "fileio": 0, "config_cli": 1, "models": 1, "text": 2, "store": 3,
-        "loader": 4, "passes": 5, "trainer": 5, "tools": 6, "train": 7, "cli": 8}
+RANK = {"commands": 0, "config": 0, "dist": 0, "errors": 0, "fileio": 0, "config_cli": 1, "models": 1, "text": 2,
+        "store": 3, "loader": 4, "passes": 5, "trainer": 5, "tools": 6, "train": 7, "cli": 8}
 
 
 def module_name(path: Path) -> str:
