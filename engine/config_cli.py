@@ -117,11 +117,13 @@ def resolved(args: argparse.Namespace):
     return config_from_args(cls, args)
 
 
-def flag_overrides(args: argparse.Namespace) -> list[str]:
-    """The generated flags given on the command line as key=value overrides (JSON values, which YAML reads
-    back exactly): how training's config.load_config takes them, before the positional overrides."""
+def given_flags(args: argparse.Namespace) -> tuple[list[tuple[str, Any, str]], list[str]]:
+    """([(key, value, flag)] of the generated flags given on the command line, values read as YAML scalars,
+    and the key=value words a list flag swallowed: `--source a b k=4` gives sources [a, b] and k=4)."""
     flags: dict = getattr(args, DEST + "flags", {})
-    out = []
+    cls = getattr(args, DEST + "class", None)
+    known = ({key for key, *_ in leaves(cls)} | {f.name for f in dataclasses.fields(cls)}) if cls else set()
+    items, swallowed = [], []
     for dest, value in vars(args).items():
         if not dest.startswith(DEST) or dest in (DEST + "flags", DEST + "class"):
             continue
@@ -130,11 +132,20 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
         if fl.parse is not None:
             value = fl.parse(value)
         elif isinstance(value, list):
+            while value and isinstance(value[-1], str) and "=" in value[-1] and value[-1].split("=", 1)[0] in known:
+                swallowed.insert(0, value.pop())
             value = [_scalar(v) if isinstance(v, str) else v for v in value]
         elif isinstance(value, str):
             value = _scalar(value)
-        out.append(f"{key}={json.dumps(value)}")
-    return out
+        items.append((key, value, fl.name or "--" + key.replace("_", "-")))
+    return items, swallowed
+
+
+def flag_overrides(args: argparse.Namespace) -> list[str]:
+    """The generated flags given on the command line as key=value overrides (JSON values, which YAML reads
+    back exactly): how training's config.load_config takes them, before the positional overrides."""
+    items, swallowed = given_flags(args)
+    return [f"{key}={json.dumps(value)}" for key, value, _ in items] + swallowed
 
 
 def _put(tree: dict, key: str, value, origins: dict, where: str) -> None:
@@ -199,24 +210,9 @@ def config_from_args(cls, args: argparse.Namespace):
     """The command's config: defaults <- --config YAML <- flags <- key=value overrides (later wins)."""
     origins: dict = {}
     tree: dict = read_yaml(args.config, origins) if getattr(args, "config", None) else {}
-    flags: dict = getattr(args, DEST + "flags", {})
-    known = {key for key, *_ in leaves(cls)} | {f.name for f in dataclasses.fields(cls)}
-    overrides: list[str] = []
-    for dest, value in vars(args).items():
-        if not dest.startswith(DEST) or dest in (DEST + "flags", DEST + "class"):
-            continue
-        key = dest[len(DEST):].replace("__", ".")
-        fl = flags.get(key, Flag())
-        if fl.parse is not None:
-            value = fl.parse(value)
-        elif isinstance(value, list):
-            # `--source a b k=4`: a list flag swallows the key=value words after it; they are overrides
-            while value and isinstance(value[-1], str) and value[-1].split("=", 1)[0] in known and "=" in value[-1]:
-                overrides.insert(0, value.pop())
-            value = [_scalar(v) if isinstance(v, str) else v for v in value]
-        elif isinstance(value, str):
-            value = _scalar(value)
-        _put(tree, key, value, origins, f"{fl.name or '--' + key.replace('_', '-')} sets ")
+    items, overrides = given_flags(args)
+    for key, value, flag in items:
+        _put(tree, key, value, origins, f"{flag} sets ")
     for item in overrides + list(getattr(args, "overrides", None) or []):
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
