@@ -495,27 +495,6 @@ def field_comments(cls) -> dict[str, str]:
     return out
 
 
-def config_keys(cls=None, prefix: str = "") -> list[tuple[str, Any, str]]:
-    """(dotted key, default, comment) of every leaf of a config dataclass (TrainConfig by default)."""
-    cls = cls or TrainConfig
-    obj, docs, out = cls(), field_comments(cls), []
-    for f in dataclasses.fields(cls):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            out += config_keys(type(value), f"{prefix}{f.name}.")
-        else:
-            out.append((f"{prefix}{f.name}", value, docs.get(f.name, "")))
-    return out
-
-
-def keys_help(cls=None) -> str:
-    """Every key with its default and comment, for a command's --help."""
-    rows = [f"  {key} = {json.dumps(default, default=str)}" + (f"  # {doc}" if doc else "")
-            for key, default, doc in config_keys(cls)]
-    return "configuration keys (set in the --config YAML or as key=value overrides; default shown):\n" + \
-        "\n".join(rows)
-
-
 def to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
 

@@ -54,6 +54,17 @@ def leaves(cls, prefix: str = "") -> list[tuple[str, Any, Any, str]]:
     return out
 
 
+def keys_help(cls=None) -> str:
+    """Every key of a config dataclass (TrainConfig by default) with its default and comment, for --help and
+    `profuser config keys` (the same walk as the generated flags: `leaves`)."""
+    from .config import TrainConfig
+
+    rows = [f"  {key} = {json.dumps(default, default=str)}" + (f"  # {doc}" if doc else "")
+            for key, _, default, doc in leaves(cls or TrainConfig)]
+    return "configuration keys (set in the --config YAML or as key=value overrides; default shown):\n" + \
+        "\n".join(rows)
+
+
 def _is_list(tp) -> bool:
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     return typing.get_origin(tp) is list or tp is list or any(typing.get_origin(a) is list or a is list for a in args)

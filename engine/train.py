@@ -44,8 +44,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from profuser.engine.config import MODES, TrainConfig, dump_yaml, keys_help, load_config, resume_digest
-from profuser.engine.config_cli import add_config_arguments, flag_overrides
+from profuser.engine.config import MODES, TrainConfig, dump_yaml, load_config, resume_digest
+from profuser.engine.config_cli import add_config_arguments, flag_overrides, keys_help
 from profuser.engine.dist import DistInfo, release_freed_memory, setup_distributed, teardown_distributed
 from profuser.engine.errors import report_errors
 from profuser.engine.loader.stream import BatchStream, build_streams, check_max_length, check_stores, check_vocab_rows

@@ -20,8 +20,8 @@ import argparse
 import sys
 
 from .. import store
-from ..config import TrainConfig, keys_help, load_config
-from ..config_cli import add_config_arguments, flag_overrides
+from ..config import TrainConfig, load_config
+from ..config_cli import add_config_arguments, flag_overrides, keys_help
 from ..loader.stream import check_max_length, check_stores, data_dir_of
 from ..models import load_tokenizer
 from ..trainer.schedule import active_modes

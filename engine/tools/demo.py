@@ -37,8 +37,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import ConfigError, TrainConfig, config_path, keys_help, load_config
-from ..config_cli import add_config_arguments, flag_overrides
+from ..config import ConfigError, TrainConfig, config_path, load_config
+from ..config_cli import add_config_arguments, flag_overrides, keys_help
 from ..models import reference_models
 from ..passes.prepare import shipped_corpus
 

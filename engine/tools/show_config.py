@@ -17,8 +17,8 @@ import sys
 import yaml
 
 from ..commands import COMMANDS, import_command
-from ..config import dump_yaml, keys_help, load_config
-from ..config_cli import resolved
+from ..config import dump_yaml, load_config
+from ..config_cli import keys_help, resolved
 
 ACTIONS = ("show", "keys")
 

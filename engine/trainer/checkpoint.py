@@ -21,12 +21,12 @@ The filesystem must be shared by all ranks (as DeepSpeed itself assumes by defau
 
 Resume verifies before DeepSpeed reads anything: the folder must carry profuser_checkpoint.json, its
 config digest must be this run's (config.resume_digest; checkpoint.allow_foreign=true overrides), its
-world size this run's, the data this run reads the data it trained on (else ResumeError naming the parts
+world size this run's, the data this run reads must be the data it trained on (else a ResumeError naming the parts
 that changed; checkpoint.allow_changed_data=true goes on), every file its recorded size and sha256 (each
 rank hashes a share), and the folder must hold nothing else: DeepSpeed loads every file matching its name
 patterns, so a file the record does not list (a planted `zero_pp_rank_0_mp_rank_0-_model_states.pt`) is
-refused with ResumeError naming it. A
-corrupt checkpoint is skipped with a warning and the previous one is used. Every file is then unpickled
+refused with a ResumeError naming it. A corrupt checkpoint is skipped with a warning and the previous one
+is used. Every file is then unpickled
 with torch.load(weights_only=True): tensors, plain values and the few DeepSpeed classes its states hold
 (DEEPSPEED_STATE_CLASSES); anything else is refused, never run (allow_foreign=true trusts the folder).
 

@@ -45,9 +45,10 @@ def test_help_shows_defaults_and_every_training_key():
     teach = profuser("teach", "--help").stdout
     assert "top-k entries stored per teacher and token (default: 8; key: k)" in " ".join(teach.split())
     train = " ".join(profuser("train", "--help").stdout.split())
-    from profuser.engine.config import config_keys
+    from profuser.engine.config import TrainConfig
+    from profuser.engine.config_cli import leaves
 
-    keys = config_keys()
+    keys = [(key, default, doc) for key, _, default, doc in leaves(TrainConfig)]
     assert len(keys) > 50 and all(f"{key} = " in train for key, _, _ in keys)
     assert all(doc for _, _, doc in keys), "a training key without its comment in engine/config.py"
     assert "optim.lr = 2e-05 # peak learning rate (AdamW)" in train
