@@ -48,7 +48,8 @@ import pyarrow.dataset  # noqa: E402,F401
 import torch  # noqa: E402
 
 from profuser.engine import store  # noqa: E402
-from profuser.engine.loader.loader import FusionDataConfig, FusionLoader  # noqa: E402
+from profuser.engine.config import DataConfig  # noqa: E402
+from profuser.engine.loader.loader import FusionLoader  # noqa: E402
 from profuser.engine.models import pad_id  # noqa: E402
 from profuser.engine.text.align import build_vocab_map  # noqa: E402
 from profuser.engine.text.tokenizers import load_known  # noqa: E402
@@ -86,10 +87,9 @@ def disk_bytes_per_token(root: Path) -> dict:
 
 
 def make_loader(root, toks, args, shuffle=True):
-    cfg = FusionDataConfig(data_dir=str(root), sources=list(SOURCES), student=SOURCES["smollm2"], k=args.k,
-                           batch_size=args.batch_size, max_length=args.max_length,
-                           shuffle_buffer=1024 if shuffle else 1)
-    return FusionLoader(cfg, toks["smollm2"],
+    cfg = DataConfig(data_dir=str(root), sources=list(SOURCES), k=args.k, micro_batch_size=args.batch_size,
+                     max_length=args.max_length, shuffle_buffer=1024 if shuffle else 1)
+    return FusionLoader(cfg, toks["smollm2"], student=SOURCES["smollm2"],
                         teacher_tokenizers={n: toks[n] for n in SOURCES if n != "smollm2"})
 
 

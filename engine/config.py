@@ -1,9 +1,11 @@
 """Typed training configuration: dataclass defaults, one YAML file per experiment, key=value overrides.
 
-Resolution order (later wins):
+Resolution order (later wins), the same for every command (`merge` + `build` below; config_cli generates
+each command's flags and hands them here):
     1. the dataclass defaults below,
     2. the YAML file given with `--config` (nested sections mirror the dataclasses),
-    3. `key=value` overrides on the command line, dotted for nesting: `optim.lr=3e-5 schedule.kind=simul`.
+    3. the generated flags (`--optim.lr 3e-5`),
+    4. `key=value` overrides on the command line, dotted for nesting: `optim.lr=3e-5 schedule.kind=simul`.
 
 Values from YAML and overrides are checked against the field's annotation (int, float, bool, str,
 Optional, list, dict); an unknown key or a wrong type raises `ConfigError` naming the full dotted key and,
@@ -73,14 +75,18 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    """The data section of training and the streaming loader's options (loader.FusionLoader takes it)."""
+
     data_dir: str = "runs/demo/data"  # holds prepared/, teachers/<source>/<mode>/, scores/
     # inference-mode store when it lives in its own folder (e.g. generated for a subset of the prompts);
     # None: the same data_dir as training mode
     infer_data_dir: str | None = None
     sources: list[str] = field(default_factory=lambda: ["smollm2-135m-instruct", "gemma3-270m"])  # store names
-    k: int = 10  # top-k entries per teacher and token used by the loss
+    k: int | None = 10  # top-k entries per teacher and token used by the loss (None: the smallest stored k)
     max_length: int = 128  # prompt + response tokens per example (the response is truncated to fit)
     micro_batch_size: int = 4  # examples per rank and micro-step, per mode
+    pad_to_multiple_of: int = 8  # a batch's length is rounded up to a multiple of this
+    drop_last: bool = False  # drop the last incomplete batch of an epoch
     advantage: str = "minCE"  # minCE | avgCE
     advantage_level: str = "example"  # example | token
     ce_metric: str = "per_byte"  # per_byte | per_token (MinCE across tokenizers)
@@ -93,6 +99,12 @@ class DataConfig:
     bad_row_policy: str = "error"
     # hf | vllm: the engine `profuser demo` runs teach / generate with (both write the same store)
     teacher_engine: str = "hf"
+
+    def store_dir(self, mode: str) -> tuple[str, Path]:
+        """(config key, folder) of the stores of `mode`: infer_data_dir for inference mode when set."""
+        if mode == "infer" and self.infer_data_dir:
+            return "data.infer_data_dir", Path(self.infer_data_dir)
+        return "data.data_dir", Path(self.data_dir)
 
 
 @dataclass
@@ -252,45 +264,96 @@ def _tname(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _apply(obj: Any, updates: dict, prefix: str, where: str, origins: dict | None = None) -> None:
-    """Merge a nested mapping into dataclass `obj` in place, checking keys and types; origins[key] = where."""
-    if not isinstance(updates, dict):
-        raise ConfigError(f"{where}{prefix.rstrip('.') or 'config'}: expected a mapping, got {updates!r}")
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
-    for k, v in updates.items():
+def _put(tree: dict, key: str, value: Any, origins: dict, where: str) -> None:
+    """tree[a][b][c] = value for key "a.b.c" (missing levels created); origins of the key and its sections."""
+    *path, last = key.split(".")
+    for i, part in enumerate(path):
+        tree = tree.setdefault(part, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{where}{key}: {'.'.join(path[: i + 1])} is not a section")
+        origins.setdefault(".".join(path[: i + 1]), where)
+    tree[last] = value
+    origins[key] = where
+
+
+def _origins(tree: dict, where: str, origins: dict, prefix: str = "") -> None:
+    """origins[dotted key] = where, for every key of a YAML mapping (sections and their keys)."""
+    for k, v in tree.items():
+        origins[f"{prefix}{k}"] = where
+        if isinstance(v, dict):
+            _origins(v, where, origins, f"{prefix}{k}.")
+
+
+def build(cls, values: dict, origins: dict, prefix: str = ""):
+    """cls(**values) with every key known and every value checked against its field's annotation (nested
+    sections recursively, a dict field taken as it is); ConfigError naming the key and where it came from."""
+    hints, kwargs = typing.get_type_hints(cls), {}
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    if not isinstance(values, dict):
+        key = prefix.rstrip(".") or "config"
+        raise ConfigError(f"{origins.get(key, '')}{key}: expected a mapping, got {values!r}")
+    for k in values:
         key = f"{prefix}{k}"
         if key in RENAMED:
-            raise ConfigError(f"{where}{key}: renamed to {RENAMED[key]}")
+            raise ConfigError(f"{origins.get(key, '')}{key}: renamed to {RENAMED[key]}")
         if k not in names:
-            raise ConfigError(f"{where}{key}: unknown key (known: {', '.join(sorted(names))})")
-        cur = getattr(obj, k)
-        if dataclasses.is_dataclass(cur):
-            _apply(cur, v, f"{key}.", where, origins)
-        else:
-            setattr(obj, k, _check_value(v, hints[k], key, where))
-            if origins is not None:
-                origins[key] = where
+            raise ConfigError(f"{origins.get(key, '')}{key}: unknown key (known: {', '.join(sorted(names))})")
+    for name, f in names.items():
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = build(hints[name], values.get(name, {}), origins, f"{key}.")
+        elif name in values:
+            kwargs[name] = _check_value(values[name], hints[name], key, origins.get(key, ""))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{key}: required (its --flag, `{key}:` in --config, or {key}=...)")
+    return cls(**kwargs)
 
 
-def _set_dotted(cfg: TrainConfig, dotted: str, value: Any, origins: dict) -> None:
-    """Set one dotted key; inside the free-form `deepspeed` dict, missing levels are created."""
-    parts = dotted.split(".")
-    obj: Any = cfg
-    for i, p in enumerate(parts[:-1]):
-        if isinstance(obj, dict):
-            obj = obj.setdefault(p, {})
-            continue
-        if p == "deepspeed" and isinstance(getattr(obj, p, None), str):
-            obj.deepspeed = load_deepspeed_json(obj.deepspeed)
-        if not hasattr(obj, p) or not (dataclasses.is_dataclass(getattr(obj, p)) or p == "deepspeed"):
-            raise ConfigError(f"override {dotted}: unknown key {'.'.join(parts[: i + 1])!r}")
-        obj = getattr(obj, p)
-    if isinstance(obj, dict):
-        obj[parts[-1]] = value
-    else:
-        prefix = ".".join(parts[:-1])
-        _apply(obj, {parts[-1]: value}, f"{prefix}." if prefix else "", "override ", origins)
+def read_yaml(spec: str | Path, origins: dict) -> dict:
+    """A config file (a path or a shipped config's name) as a mapping; origins of its keys recorded."""
+    path = config_path(spec)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys, got {type(raw).__name__}")
+    _origins(raw, f"{path}: ", origins)
+    return raw
+
+
+def yaml_scalar(text: str) -> Any:
+    """A command-line word read as YAML reads a value: `3` int, `null` None, `[1, 2]` list, `1e-4` float."""
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`key=value` -> (key, value read as a YAML scalar)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value")
+    key, text = item.split("=", 1)
+    return key.strip(), yaml_scalar(text)
+
+
+def merge(path: str | Path | None, flags: list[tuple[str, Any, str]] = (), overrides: list[str] = (),
+          prepare=None) -> tuple[dict, dict]:
+    """The one resolution of every command's config, as a tree of keys: the YAML file (a path or a shipped
+    config's name) <- (key, value, flag) of the given flags <- `key=value` overrides; later wins. Returns
+    (tree, origins: {dotted key: where its value came from}). `prepare(tree, base)`, when given, runs on the
+    file's tree before the flags and overrides land (training loads the `deepspeed` JSON there)."""
+    origins: dict = {}
+    tree = read_yaml(path, origins) if path else {}
+    if prepare is not None:
+        prepare(tree, config_path(path).parent if path else None)
+    for key, value, flag in flags:
+        _put(tree, key, value, origins, f"{flag} sets ")
+    for item in overrides:
+        key, value = parse_override(item)
+        _put(tree, key, value, origins, "override ")
+    return tree, origins
 
 
 def load_deepspeed_json(path: str, base: Path | None = None) -> dict:
@@ -326,29 +389,21 @@ def config_path(spec: str | Path) -> Path:
                       f"(shipped: {', '.join(shipped)})")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Defaults <- YAML file (a path or a shipped config's name) <- `key=value` overrides. Raises ConfigError
-    naming the bad key."""
-    cfg, origins = TrainConfig(), {}
-    if path is not None:
-        path = config_path(path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        _apply(cfg, raw, "", f"{path}: ", origins)
-        if isinstance(cfg.deepspeed, str):
-            cfg.deepspeed = load_deepspeed_json(cfg.deepspeed, path.parent)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value")
-        key, text = item.split("=", 1)
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
-            value = text
-        _set_dotted(cfg, key.strip(), value, origins)
-    if isinstance(cfg.deepspeed, str):
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                flags: list[tuple[str, Any, str]] = ()) -> TrainConfig:
+    """Defaults <- YAML file (a path or a shipped config's name) <- generated flags <- `key=value` overrides,
+    through `merge` as every command; then the range checks. Raises ConfigError naming the bad key."""
+    def deepspeed_json(tree: dict, base: Path | None) -> None:
+        # the free-form DeepSpeed dict: a JSON path is read before dotted overrides edit it, and an override
+        # such as deepspeed.zero_optimization.stage=2 edits the default dict rather than replacing it
+        if isinstance(tree.get("deepspeed"), str):
+            tree["deepspeed"] = load_deepspeed_json(tree["deepspeed"], base)
+        if "deepspeed" not in tree and any(i.startswith("deepspeed.") for i in [*overrides, *(k for k, *_ in flags)]):
+            tree["deepspeed"] = TrainConfig().deepspeed
+
+    tree, origins = merge(path, flags, list(overrides), prepare=deepspeed_json)
+    cfg = build(TrainConfig, tree, origins)
+    if isinstance(cfg.deepspeed, str):  # `deepspeed=path.json` on the command line
         cfg.deepspeed = load_deepspeed_json(cfg.deepspeed)
     validate(cfg, origins)
     return cfg
@@ -395,6 +450,7 @@ _RANGES = {  # every numeric option; list options apply the range to each entry
     "optim.lr": _POS, "optim.eps": _POS, "optim.betas": _Range(0, 1, hi_open=True),
     "optim.weight_decay": _NONNEG, "optim.grad_clip": _NONNEG, "optim.min_lr_ratio": _UNIT,
     "data.micro_batch_size": _Range(1), "data.k": _Range(1), "data.max_length": _Range(2),
+    "data.pad_to_multiple_of": _Range(1),
     "data.shuffle_buffer": _NONNEG, "loss.lam": _UNIT, "loss.temperature": _POS, "loss.softcap": _POS,
     "schedule.switch_fraction": _UNIT, "schedule.ramp_fraction": _UNIT, "schedule.stage1": _NONNEG,
     "schedule.stage2": _NONNEG, "checkpoint.every": _NONNEG, "checkpoint.keep_last": _NONNEG,
@@ -406,9 +462,9 @@ _RANGES = {  # every numeric option; list options apply the range to each entry
 _LENGTHS = {"optim.betas": 2, "schedule.stage1": 2, "schedule.stage2": 2}
 
 
-def validate(cfg: TrainConfig, origins: dict | None = None) -> None:
-    """Every value check that types cannot express, before anything else runs; each error names the key and
-    where the value came from (the YAML file, or `override`)."""
+def check_section(cfg: Any, section: str, origins: dict | None = None) -> None:
+    """The choice and range checks of one section (`cfg` is that section's dataclass, e.g. a DataConfig that
+    the loader was handed directly); ConfigError naming `section.key` and where its value came from."""
     origins = origins or {}
 
     def fail(key, msg):
@@ -416,12 +472,11 @@ def validate(cfg: TrainConfig, origins: dict | None = None) -> None:
 
     for key, choices in _CHOICES.items():
         sec, name = key.split(".")
-        v = getattr(getattr(cfg, sec), name)
-        if v not in choices:
-            fail(key, f"{v!r} is not one of {', '.join(choices)}")
+        if sec == section and getattr(cfg, name) not in choices:
+            fail(key, f"{getattr(cfg, name)!r} is not one of {', '.join(choices)}")
     for key, rng in _RANGES.items():
         sec, name = key.split(".")
-        v = getattr(getattr(cfg, sec), name)
+        v = getattr(cfg, name) if sec == section else None
         if v is None:
             continue
         if key in _LENGTHS and len(v) != _LENGTHS[key]:
@@ -429,11 +484,27 @@ def validate(cfg: TrainConfig, origins: dict | None = None) -> None:
         for x in (v if isinstance(v, list) else [v]):
             if not rng.ok(float(x)):
                 fail(key, f"must be in {rng}, got {x!r}" + (f" (in {v})" if isinstance(v, list) else ""))
+    if section == "data":
+        if isinstance(cfg.sources, str) or not cfg.sources:
+            fail("data.sources", f"at least one source name is needed (a list), got {cfg.sources!r}")
+        if len(set(cfg.sources)) != len(cfg.sources):
+            fail("data.sources", f"has duplicates: {cfg.sources}")
+
+
+def validate(cfg: TrainConfig, origins: dict | None = None) -> None:
+    """Every value check that types cannot express, before anything else runs; each error names the key and
+    where the value came from (the YAML file, a flag or `override`)."""
+    origins = origins or {}
+
+    def fail(key, msg):
+        raise ConfigError(f"{origins.get(key, '')}{key}: {msg}")
+
+    for f in dataclasses.fields(cfg):
+        if dataclasses.is_dataclass(getattr(cfg, f.name)):
+            check_section(getattr(cfg, f.name), f.name, origins)
     problem = output_dir_problem(cfg.output_dir)
     if problem:
         fail("output_dir", f"{cfg.output_dir!r} {problem}")
-    if not cfg.data.sources:
-        fail("data.sources", "at least one source is needed")
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
         fail("checkpoint.resume", f"{cfg.checkpoint.resume} does not exist (use auto, never or a path)")
     stage = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)
@@ -504,6 +575,4 @@ def dump_yaml(cfg: TrainConfig) -> str:
 
 
 def from_dict(d: dict) -> TrainConfig:
-    cfg = TrainConfig()
-    _apply(cfg, d, "", "")
-    return cfg
+    return build(TrainConfig, d, {})

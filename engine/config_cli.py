@@ -4,7 +4,7 @@
     config_from_args(Cls, args) -> Cls               defaults <- YAML <- flags <- key=value, every value checked
 
 The same resolution and the same checks as training's (config.load_config): values are type-checked against
-the field's annotation (config._check_value), an unknown key or a bad value is a ConfigError naming the key
+the field's annotation (config.build), an unknown key or a bad value is a ConfigError naming the key
 and where it came from (the YAML file, `--flag` or `override`), YAML and overrides use the same spelling.
 Flags are generated from the fields: `--field-name` (nested dataclasses: `--section.field-name`), their help
 from the comment beside the field (config.field_comments) and their default from the dataclass, so no
@@ -23,9 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
-from .config import ConfigError, _check_value, config_path, field_comments
+from .config import ConfigError, build, field_comments, merge, yaml_scalar
 
 DEST = "cfg__"  # argparse dest prefix of a generated flag: cfg__<key with dots as __>
 
@@ -68,14 +66,6 @@ def keys_help(cls=None) -> str:
 def _is_list(tp) -> bool:
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     return typing.get_origin(tp) is list or tp is list or any(typing.get_origin(a) is list or a is list for a in args)
-
-
-def _scalar(text: str):
-    """A flag's word read as a YAML scalar, as key=value overrides are (`3` int, `null` None, `1e-4` float)."""
-    try:
-        return yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        return text
 
 
 def add_config_arguments(p: argparse.ArgumentParser, cls, *, flags: dict[str, Flag] | None = None,
@@ -124,7 +114,8 @@ def resolved(args: argparse.Namespace):
 
     cls = getattr(args, DEST + "class", None)
     if cls is TrainConfig:
-        return load_config(getattr(args, "config", None), flag_overrides(args) + list(args.overrides))
+        items, swallowed = given_flags(args)
+        return load_config(getattr(args, "config", None), swallowed + list(args.overrides), flags=items)
     return config_from_args(cls, args)
 
 
@@ -145,9 +136,9 @@ def given_flags(args: argparse.Namespace) -> tuple[list[tuple[str, Any, str]], l
         elif isinstance(value, list):
             while value and isinstance(value[-1], str) and "=" in value[-1] and value[-1].split("=", 1)[0] in known:
                 swallowed.insert(0, value.pop())
-            value = [_scalar(v) if isinstance(v, str) else v for v in value]
+            value = [yaml_scalar(v) if isinstance(v, str) else v for v in value]
         elif isinstance(value, str):
-            value = _scalar(value)
+            value = yaml_scalar(value)
         items.append((key, value, fl.name or "--" + key.replace("_", "-")))
     return items, swallowed
 
@@ -159,76 +150,17 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
     return [f"{key}={json.dumps(value)}" for key, value, _ in items] + swallowed
 
 
-def _put(tree: dict, key: str, value, origins: dict, where: str) -> None:
-    *path, last = key.split(".")
-    for part in path:
-        tree = tree.setdefault(part, {})
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{where}{key}: {part} is not a section")
-    tree[last] = value
-    origins[key] = where
-
-
-def _origins(tree: dict, where: str, origins: dict, prefix: str = "") -> None:
-    """origins[dotted key] = where, for every key of a YAML mapping (sections and their keys)."""
-    for k, v in tree.items():
-        origins[f"{prefix}{k}"] = where
-        if isinstance(v, dict):
-            _origins(v, where, origins, f"{prefix}{k}.")
-
-
-def build(cls, values: dict, origins: dict, prefix: str = ""):
-    """cls(**values) with every value checked against its field's annotation; ConfigError naming the key."""
-    hints, kwargs = typing.get_type_hints(cls), {}
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    for k in values:
-        if k not in names:
-            where = origins.get(f"{prefix}{k}", "")
-            raise ConfigError(f"{where}{prefix}{k}: unknown key (known: {', '.join(sorted(names))})")
-    for name, f in names.items():
-        key = f"{prefix}{name}"
-        if dataclasses.is_dataclass(hints[name]):
-            sub = values.get(name, {})
-            if not isinstance(sub, dict):
-                raise ConfigError(f"{origins.get(key, '')}{key}: expected a mapping, got {sub!r}")
-            kwargs[name] = build(hints[name], sub, origins, f"{key}.")
-        elif name in values:
-            kwargs[name] = _check_value(values[name], hints[name], key, origins.get(key, ""))
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{key}: required (its --flag, `{key}:` in --config, or {key}=...)")
-    return cls(**kwargs)
-
-
-def read_yaml(spec: str | Path, origins: dict) -> dict:
-    """A config file (a path or a shipped config's name) as a mapping; origins of its keys recorded."""
-    path = config_path(spec)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys, got {type(raw).__name__}")
-    _origins(raw, f"{path}: ", origins)
-    return raw
-
-
 def load(cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()):
     """Defaults <- the YAML file <- key=value overrides, as `config_from_args` without a command line."""
     return config_from_args(cls, argparse.Namespace(config=path, overrides=list(overrides)))
 
 
 def config_from_args(cls, args: argparse.Namespace):
-    """The command's config: defaults <- --config YAML <- flags <- key=value overrides (later wins)."""
-    origins: dict = {}
-    tree: dict = read_yaml(args.config, origins) if getattr(args, "config", None) else {}
-    items, overrides = given_flags(args)
-    for key, value, flag in items:
-        _put(tree, key, value, origins, f"{flag} sets ")
-    for item in overrides + list(getattr(args, "overrides", None) or []):
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value")
-        key, text = item.split("=", 1)
-        _put(tree, key.strip(), _scalar(text), origins, "override ")
+    """The command's config: defaults <- --config YAML <- flags <- key=value overrides (later wins), through
+    config.merge and config.build, as training's config (config.load_config)."""
+    items, swallowed = given_flags(args)
+    overrides = swallowed + list(getattr(args, "overrides", None) or [])
+    tree, origins = merge(getattr(args, "config", None), items, overrides)
     try:
         return build(cls, tree, origins)
     except (TypeError, ValueError) as exc:

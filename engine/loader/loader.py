@@ -39,7 +39,6 @@ import hashlib
 import json
 import math
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,90 +46,13 @@ import pyarrow as pa
 import torch
 
 from .. import store
-from ..config import (
-    ADVANTAGE_LEVELS,
-    ADVANTAGES,
-    ALIGN_METHODS,
-    BAD_ROW_POLICIES,
-    CE_METRICS,
-    MODE_ID,
-    MODES,
-    VOCAB_MAPS,
-)
+from ..config import MODE_ID, MODES, DataConfig, check_section
 from ..models import load_tokenizer, pad_id
 from ..text.align import align_mined, align_offsets_batch, build_vocab_map, token_strings, tokenizer_hash
 from . import collate as _collate
 from .advantage import example_metric, position_weights, tie_priority
 
 DataError = store.StoreError  # bad or inconsistent input data; the message names the file (and row)
-
-
-@dataclass
-class FusionDataConfig:
-    """Options of the streaming loader (docs/contracts.md section 4).
-
-    data_dir: holds prepared/, teachers/<source>/<mode>/ and scores/.
-    sources: the T source names (folders under teachers/), in the order of the teacher axis.
-    student: the student's model spec; a source whose manifest model equals it and whose tokenizer hash
-        equals the student tokenizer's is "the student itself" (see student_as_candidate).
-    mode: "train" (gold responses, every source teaches) | "infer" (the vote winner's response, only the
-        winner teaches).
-    k: top-k entries per teacher in the batch (<= every store's k; the first k of the descending top-k);
-        None = the smallest stored k.
-    max_length: student sequence length cap (the response is truncated, never the prompt).
-    advantage / advantage_level / ce_metric: see loader/advantage.py.
-    student_as_candidate: the student's own source may win MinCE / get AvgCE weight (FuseLLM's ref model).
-    shuffle_buffer: rows in the shuffle buffer; <= 1 = no shuffling at all (shards in order).
-    align_method: "offsets" (exact character offsets) | "mined" (edit-distance alignment of token strings).
-    bad_row_policy: what an invalid teacher row does (store/shards.py lists the checks: NaN, positive or
-        unordered log-probs, ids outside the vocabulary, an edited prompt, ...): "error" raises naming the
-        file, row and example id; "drop" skips the example, counts it (stats["dropped_bad"]) and warns.
-    source_models: optional {source: model spec}; the manifest's model must equal it and its tokenizer
-        must hash to the manifest's tokenizer_hash.
-    vocab_map_method: `method` of align.build_vocab_map for loader.vocab_maps (cached on disk).
-    pad_to_multiple_of: batch length L is rounded up to it.
-    drop_last: drop the last incomplete batch of an epoch.
-    """
-
-    data_dir: str
-    sources: list[str]
-    student: str
-    mode: str = "train"
-    k: int | None = None
-    max_length: int | None = 2048
-    batch_size: int = 8
-    advantage: str = "minCE"
-    advantage_level: str = "example"
-    ce_metric: str = "per_byte"
-    student_as_candidate: bool = True
-    shuffle_buffer: int = 1024
-    seed: int = 0
-    align_method: str = "offsets"
-    bad_row_policy: str = "error"
-    source_models: dict[str, str] | None = None
-    vocab_map_method: str = "projection"
-    pad_to_multiple_of: int = 8
-    drop_last: bool = False
-
-    def __post_init__(self):
-        for name, allowed in (("mode", MODES), ("advantage", ADVANTAGES), ("advantage_level", ADVANTAGE_LEVELS),
-                              ("ce_metric", CE_METRICS), ("align_method", ALIGN_METHODS),
-                              ("bad_row_policy", BAD_ROW_POLICIES), ("vocab_map_method", VOCAB_MAPS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"FusionDataConfig.{name} must be one of {allowed}, "
-                                 f"got {getattr(self, name)!r}")
-        if isinstance(self.sources, str) or not self.sources:
-            raise ValueError(f"FusionDataConfig.sources must be a non-empty list of names, "
-                             f"got {self.sources!r}")
-        if len(set(self.sources)) != len(self.sources):
-            raise ValueError(f"FusionDataConfig.sources has duplicates: {self.sources}")
-        for name in ("batch_size", "pad_to_multiple_of"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"FusionDataConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.k is not None and self.k < 1:
-            raise ValueError(f"FusionDataConfig.k must be >= 1 or None, got {self.k}")
-        if self.max_length is not None and self.max_length < 2:
-            raise ValueError(f"FusionDataConfig.max_length must be >= 2 or None, got {self.max_length}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -167,23 +89,37 @@ class FusionLoader:
     """Iterate padded fusion batches (docs/contracts.md section 4) from a prepared set and teacher stores.
 
     Args:
-        cfg: FusionDataConfig.
+        cfg: config.DataConfig, the `data` section of training (data_dir / infer_data_dir, sources, k,
+            max_length, micro_batch_size, advantage, ce_metric, shuffle_buffer, vocab_map, bad_row_policy, ...);
+            its choices and ranges are checked here too (config.check_section).
         tokenizer: the student's tokenizer (fast, with its chat template).
+        student: the student's model spec; a source whose manifest model equals it and whose tokenizer hash
+            equals the student tokenizer's is "the student itself" (see data.student_as_candidate).
+        mode: "train" (gold responses, every source teaches) | "infer" (the vote winner's response, only the
+            winner teaches); the stores are read from cfg.store_dir(mode).
+        seed: the epoch order's seed (training's top-level `seed`).
         rank, world_size: this process's data-parallel rank and the number of ranks.
         teacher_tokenizers: optional {source: tokenizer}; otherwise loaded from the manifest's model with
             profuser.engine.models.load_tokenizer when needed (vocab maps, "mined" alignment). Either way a
             tokenizer whose hash differs from the manifest's tokenizer_hash is an error.
+        source_models: optional {source: model spec}; the manifest's model must equal it and its tokenizer
+            must hash to the manifest's tokenizer_hash.
     Attributes:
         source_names: list[str] [T]; k: K; vocab_maps: list[torch.IntTensor [V_t] | None] [T];
         is_student [T] / candidates [T]: bool arrays; stats: counters (examples, dropped_bad, dropped_long).
     """
 
-    def __init__(self, cfg: FusionDataConfig, tokenizer, rank: int = 0, world_size: int = 1, *,
-                 teacher_tokenizers: dict | None = None):
+    def __init__(self, cfg: DataConfig, tokenizer, *, student: str, mode: str = "train", seed: int = 0,
+                 rank: int = 0, world_size: int = 1, teacher_tokenizers: dict | None = None,
+                 source_models: dict[str, str] | None = None):
+        check_section(cfg, "data")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
         self.cfg, self.tokenizer, self.rank, self.world_size = cfg, tokenizer, int(rank), int(world_size)
-        root = Path(cfg.data_dir)
+        self.student, self.mode, self.seed, self.source_models = student, mode, int(seed), dict(source_models or {})
+        root = self.root = cfg.store_dir(mode)[1]
         self.prepared = store.PreparedManifest.load(root)
         self.n_shards, self.shard_size = self.prepared.n_shards, self.prepared.shard_size
         self._rows = np.array([self.prepared.shard_rows(j) for j in range(self.n_shards)], dtype=np.int64)
@@ -194,27 +130,26 @@ class FusionLoader:
         self.k = int(cfg.k) if cfg.k is not None else min(stored_k)
         for st, kt in zip(self.stores, stored_k):
             if self.k > kt:
-                raise DataError(f"{st.manifest_path}: stores k={kt} but FusionDataConfig.k={self.k}")
+                raise DataError(f"{st.manifest_path}: stores k={kt} but data.k={self.k}")
 
         self._student_hash = tokenizer_hash(tokenizer)
-        self.is_student = np.array([m.tokenizer_hash == self._student_hash and m.is_model(cfg.student)
+        self.is_student = np.array([m.tokenizer_hash == self._student_hash and m.is_model(student)
                                     for m in self.manifests], dtype=bool)
         self.candidates = ~self.is_student | bool(cfg.student_as_candidate)
         if not self.candidates.any():
             raise ValueError(f"no candidate teacher: every source in {self.source_names} is the student "
-                             f"{cfg.student!r} and student_as_candidate is False")
+                             f"{student!r} and data.student_as_candidate is False")
         self.priority = tie_priority(self.is_student)
         self._teacher_toks = {}
-        for what, names in (("teacher_tokenizers", teacher_tokenizers), ("FusionDataConfig.source_models",
-                                                                         cfg.source_models)):
+        for what, names in (("teacher_tokenizers", teacher_tokenizers), ("source_models", self.source_models)):
             unknown = sorted(set(names or {}) - set(self.source_names))
             if unknown:
                 raise ValueError(f"{what} names {unknown}, which are not in sources {self.source_names}")
         for name, tok in (teacher_tokenizers or {}).items():
             self._set_teacher_tok(self.source_names.index(name), tok)
-        for name in cfg.source_models or {}:  # a configured model: check its tokenizer against the store now
+        for name in self.source_models:  # a configured model: check its tokenizer against the store now
             self.teacher_tokenizer(self.source_names.index(name))
-        self._votes = self._read_votes(root) if cfg.mode == "infer" else None
+        self._votes = self._read_votes(root) if mode == "infer" else None
         self._vocab_maps = None
         self._encoder = _collate.StudentEncoder(tokenizer)
         self._order_cache = None
@@ -225,10 +160,10 @@ class FusionLoader:
     # ---- manifests, votes, tokenizers ---------------------------------------------------------------
 
     def _open_store(self, name: str) -> store.TeacherStore:
-        st = store.TeacherStore(self.cfg.data_dir, name, self.cfg.mode, prepared=self.prepared)
-        configured = (self.cfg.source_models or {}).get(name)
+        st = store.TeacherStore(self.root, name, self.mode, prepared=self.prepared)
+        configured = self.source_models.get(name)
         if configured is not None and not st.manifest.is_model(configured):
-            raise DataError(f"{st.manifest_path}: model is {st.manifest.model!r} but FusionDataConfig.source_models "
+            raise DataError(f"{st.manifest_path}: model is {st.manifest.model!r} but source_models "
                             f"names {configured!r} (another model)")
         return st
 
@@ -240,7 +175,7 @@ class FusionLoader:
         """Source t's tokenizer (loaded from its configured or manifest model, hash-checked)."""
         if t not in self._teacher_toks:
             name = self.source_names[t]
-            spec = (self.cfg.source_models or {}).get(name, self.manifests[t].model)
+            spec = self.source_models.get(name, self.manifests[t].model)
             self._set_teacher_tok(t, load_tokenizer(spec))
         return self._teacher_toks[t]
 
@@ -259,7 +194,7 @@ class FusionLoader:
                     maps.append(None)
                     continue
                 vm = build_vocab_map(self.teacher_tokenizer(t), self.tokenizer,
-                                     method=self.cfg.vocab_map_method, teacher_size=int(m.vocab_size))
+                                     method=self.cfg.vocab_map, teacher_size=int(m.vocab_size))
                 maps.append(torch.from_numpy(np.ascontiguousarray(vm, dtype=np.int32)))
             self._vocab_maps = maps
         return self._vocab_maps
@@ -271,7 +206,7 @@ class FusionLoader:
         def digest(obj) -> str:
             return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-        mode = self.cfg.mode
+        mode = self.mode
         out = {f"{mode}: prepared set": digest([self.prepared.fingerprint, self.prepared.shards])}
         for name, m, vm in zip(self.source_names, self.manifests, self.vocab_maps):
             out[f"{mode}: teachers/{name}/{mode}"] = digest(m.identity())
@@ -299,7 +234,7 @@ class FusionLoader:
         if self.n_shards % self.world_size == 0:
             shards = shards[shards % self.world_size == self.rank]
         shuffle = self.cfg.shuffle_buffer > 1
-        rng = np.random.default_rng([abs(int(self.cfg.seed)), int(epoch)])
+        rng = np.random.default_rng([abs(int(self.seed)), int(epoch)])
         if shuffle:
             shards = rng.permutation(shards)
         parts = [np.stack([np.full(r.shape, j), r], 1) for j in shards for r in [self._rank_rows(int(j))]]
@@ -311,15 +246,15 @@ class FusionLoader:
     def __len__(self) -> int:
         """Batches per epoch on this rank (an upper bound when rows are dropped)."""
         n = len(self.epoch_order(0))
-        return n // self.cfg.batch_size if self.cfg.drop_last else math.ceil(n / self.cfg.batch_size)
+        return n // self.cfg.micro_batch_size if self.cfg.drop_last else math.ceil(n / self.cfg.micro_batch_size)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self._consumed, "seed": self.cfg.seed,
+        return {"epoch": self.epoch, "consumed": self._consumed, "seed": self.seed,
                 "rank": self.rank, "world_size": self.world_size, "fingerprint": self.prepared.fingerprint,
                 "stats": dict(self.stats)}
 
     def load_state_dict(self, sd: dict) -> None:
-        for key, mine in (("seed", self.cfg.seed), ("world_size", self.world_size), ("rank", self.rank),
+        for key, mine in (("seed", self.seed), ("world_size", self.world_size), ("rank", self.rank),
                           ("fingerprint", self.prepared.fingerprint)):
             if key in sd and sd[key] != mine:
                 raise ValueError(f"loader state has {key}={sd[key]!r} but this loader has {mine!r}: "
@@ -335,7 +270,7 @@ class FusionLoader:
         last = dict(zip(rev_shards.tolist(), (len(order) - 1 - rev_first).tolist()))  # shard -> last position
         cache: dict[int, _collate.ProcessedShard] = {}
         batch, pos = [], self._consumed
-        B = self.cfg.batch_size
+        B = self.cfg.micro_batch_size
         while pos < len(order):
             j, row = int(order[pos, 0]), int(order[pos, 1])
             sh = cache.get(j)
@@ -367,9 +302,9 @@ class FusionLoader:
 
     def _process(self, j: int) -> _collate.ProcessedShard:
         cfg, T, K = self.cfg, len(self.source_names), self.k
-        infer = cfg.mode == "infer"
-        prep_path = store.prepared_dir(cfg.data_dir) / store.shard_name(j)
-        prep = store.read_prepared_shard(cfg.data_dir, j, self.prepared)
+        infer = self.mode == "infer"
+        prep_path = store.prepared_dir(self.root) / store.shard_name(j)
+        prep = store.read_prepared_shard(self.root, j, self.prepared)
         n = int(self._rows[j])
         pids = prep["example_id"].combine_chunks()
         recs = [st.shard(j, prep, validated=self._validated) for st in self.stores]
@@ -380,7 +315,7 @@ class FusionLoader:
             winners = np.array([self._votes.get(e, -1) for e in eids], dtype=np.int64)
             if (winners < 0).any():
                 e = eids[int(np.nonzero(winners < 0)[0][0])]
-                votes = store.scores_dir(cfg.data_dir) / "votes.parquet"
+                votes = store.scores_dir(self.root) / "votes.parquet"
                 raise DataError(f"{votes}: no vote for example {e!r}")
             use = np.arange(T)[:, None] == winners[None]                 # [T, n_sel] records in use
         else:
@@ -423,7 +358,7 @@ class FusionLoader:
         if not ok.all():
             self.stats["dropped_long"] += int((~ok).sum())
             warnings.warn(f"shard {j}: dropped {int((~ok).sum())} example(s) whose templated prompt exceeds "
-                          f"max_length={cfg.max_length}; {self.stats['dropped_long']} so far", stacklevel=3)
+                          f"data.max_length={cfg.max_length}; {self.stats['dropped_long']} so far", stacklevel=3)
 
         G = self._align(enc, recs, sel, use)                             # [T, S] global teacher token, -1
         S = G.shape[1]
@@ -439,7 +374,7 @@ class FusionLoader:
         row_index = np.full(n, -1, np.int64)
         row_index[sel[ok]] = np.nonzero(ok)[0]
         return _collate.ProcessedShard(enc=enc, teacher_ids=tids, teacher_logprobs=tlps, teacher_weights=tw,
-                                       row_index=row_index, example_ids=eids, mode=MODE_ID[cfg.mode])
+                                       row_index=row_index, example_ids=eids, mode=MODE_ID[self.mode])
 
     def _align(self, enc, recs, sel, use) -> np.ndarray:
         """[T, S] int64: global token index (into the teacher's flat arrays) aligned to each student

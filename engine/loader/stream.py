@@ -11,26 +11,18 @@ part in data. A mode's store lives in data.data_dir, or data.infer_data_dir for 
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 
 from .. import store
 from ..config import TrainConfig
-from .loader import FusionDataConfig, FusionLoader
-
-
-def data_dir_of(cfg: TrainConfig, mode: str) -> tuple[str, Path]:
-    """(config key, folder) of the store of `mode`."""
-    if mode == "infer" and cfg.data.infer_data_dir:
-        return "data.infer_data_dir", Path(cfg.data.infer_data_dir)
-    return "data.data_dir", Path(cfg.data.data_dir)
+from .loader import FusionLoader
 
 
 def check_stores(cfg: TrainConfig, modes: list[str]) -> None:
     """Every store the run reads exists and matches its prepared set (seconds, before any model loads)."""
     for mode in modes:
-        key, root = data_dir_of(cfg, mode)
+        key, root = cfg.data.store_dir(mode)
         store.require_stores(root, cfg.data.sources, mode, what=key)
 
 
@@ -52,7 +44,7 @@ class BatchStream:
             batch = next(self._it, None)
             if batch is None:
                 raise RuntimeError(
-                    f"rank {self.rank}: the {self.mode}-mode store in {self.loader.cfg.data_dir} yields no batch for "
+                    f"rank {self.rank}: the {self.mode}-mode store in {self.loader.root} yields no batch for "
                     "this rank "
                     f"({self.loader.n_shards} shards, {self.loader.world_size} ranks; every example was dropped, "
                     f"or data.max_length is shorter than every templated prompt)") from None
@@ -69,16 +61,11 @@ class BatchStream:
 
 def build_streams(cfg: TrainConfig, tok, modes: list[str], rank: int, world_size: int) -> dict[str, BatchStream]:
     """One BatchStream per mode in `modes`, each over its own FusionLoader."""
-    d = cfg.data
     streams = {}
     for mode in modes:
-        dcfg = FusionDataConfig(
-            data_dir=str(data_dir_of(cfg, mode)[1]), sources=list(d.sources), student=cfg.model.student, mode=mode,
-            k=d.k, max_length=d.max_length, batch_size=d.micro_batch_size, advantage=d.advantage,
-            advantage_level=d.advantage_level, ce_metric=d.ce_metric, student_as_candidate=d.student_as_candidate,
-            shuffle_buffer=d.shuffle_buffer, seed=cfg.seed, align_method=d.align_method,
-            bad_row_policy=d.bad_row_policy, vocab_map_method=d.vocab_map)
-        streams[mode] = BatchStream(FusionLoader(dcfg, tok, rank=rank, world_size=world_size), mode, rank)
+        loader = FusionLoader(cfg.data, tok, student=cfg.model.student, mode=mode, seed=cfg.seed, rank=rank,
+                              world_size=world_size)
+        streams[mode] = BatchStream(loader, mode, rank)
     return streams
 
 
@@ -100,7 +87,7 @@ def check_max_length(cfg: TrainConfig, tok, modes: list[str], sample: int = 512)
 
     L = cfg.data.max_length
     for mode in modes:
-        key, root = data_dir_of(cfg, mode)
+        key, root = cfg.data.store_dir(mode)
         pm = store.PreparedManifest.load(root)
         rows = store.read_prepared_shard(root, 0, pm).slice(0, sample)
         enc = StudentEncoder(tok).encode_batch(rows["prompt"].to_pylist(), [""] * rows.num_rows,

@@ -22,7 +22,7 @@ import sys
 from .. import store
 from ..config import TrainConfig, load_config
 from ..config_cli import add_config_arguments, flag_overrides, keys_help
-from ..loader.stream import check_max_length, check_stores, data_dir_of
+from ..loader.stream import check_max_length, check_stores
 from ..models import load_tokenizer
 from ..trainer.schedule import active_modes
 
@@ -47,7 +47,7 @@ def check(cfg, out=print) -> int:
     check_stores(cfg, modes)
     bad = 0
     for mode in modes:
-        key, root = data_dir_of(cfg, mode)
+        key, root = cfg.data.store_dir(mode)
         for source in cfg.data.sources:
             rows, invalid, reasons = check_store(root, source, mode)
             out(f"{mode:5s} {source}: {rows} rows, {invalid} invalid ({root})")

@@ -102,3 +102,40 @@ def test_config_show_resolves_any_command():
     assert cfg["write"]["compression_level"] == 9  # nested sections resolved too
     bad = profuser("config", "show", "generate", "--data-dir", "d", "--source", "a", "max_new_tokens=0")
     assert bad.returncode == 2 and bad.stderr.strip() == "profuser config: error: max_new_tokens must be >= 1, got 0"
+
+
+def test_one_resolution_path_for_training_and_every_other_command(tmp_path):
+    """Training (config.load_config) and a pass (config_cli.config_from_args) resolve through the same
+    config.merge + config.build: the same messages for the same mistakes, flags named as the origin."""
+    from profuser.engine import train
+    from profuser.engine.config import ConfigError, load_config
+    from profuser.engine.config_cli import load, resolved
+    from profuser.engine.passes import teach
+    from profuser.engine.passes.options import PassConfig
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data_dir: d\nsources: [a]\nwrite: {no_such_key: 1}\n")
+    with pytest.raises(ConfigError, match=rf"^{bad}: write.no_such_key: unknown key \(known: "):
+        load(PassConfig, bad)
+    bad.write_text("data: {no_such_key: 1}\n")
+    with pytest.raises(ConfigError, match=rf"^{bad}: data.no_such_key: unknown key \(known: "):
+        load_config(bad)
+    bad.write_text("data: {nan_policy: drop}\n")  # a renamed key is an error that names the new one
+    with pytest.raises(ConfigError, match=rf"^{bad}: data.nan_policy: renamed to data.bad_row_policy"):
+        load_config(bad)
+    for add, argv, msg in ((train.add_arguments, ["--optim.lr", "-1"], r"^--optim.lr sets optim.lr: must be in "),
+                           (teach.add_arguments, ["--data-dir", "d", "--source", "a", "--k", "x"],
+                            r"^--k sets k: expected an int, got str 'x'")):
+        p = argparse.ArgumentParser()
+        add(p)
+        with pytest.raises(ConfigError, match=msg):
+            resolved(p.parse_args(argv))
+    # the free-form deepspeed dict: a dotted override edits the default (or the YAML's JSON file), never
+    # replaces it
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 1}')
+    ds = tmp_path / "ds.yaml"
+    ds.write_text("deepspeed: ds.json\n")
+    cfg = load_config(ds, ["deepspeed.zero_optimization.stage=1"])
+    assert cfg.deepspeed == {"zero_optimization": {"stage": 1}, "gradient_accumulation_steps": 1}
+    assert load_config(None, ["deepspeed.zero_optimization.offload_param={device: cpu}"]).deepspeed == \
+        {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}

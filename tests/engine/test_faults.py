@@ -39,7 +39,6 @@ import helpers
 from helpers.checkpoints import FakeEngine, Planted, fake_checkpoints
 from profuser.engine import store
 from profuser.engine.fileio import LockError
-from profuser.engine.loader import FusionDataConfig, FusionLoader
 from profuser.engine.text import align
 from profuser.engine.tools import synthetic as fx
 from profuser.engine.trainer import checkpoint as ckpt
@@ -87,9 +86,9 @@ def read_everything(root, toks) -> list:
     """What training would see: every batch of both modes, their vocab maps."""
     out = []
     for mode in ("train", "infer"):
-        cfg = FusionDataConfig(data_dir=str(root), sources=["smollm2", "gpt2"], student="smollm2-model",
-                               mode=mode, k=4, batch_size=4, shuffle_buffer=1, max_length=None)
-        ld = FusionLoader(cfg, toks["smollm2"], teacher_tokenizers={"gpt2": toks["gpt2"]})
+        ld = helpers.fusion_loader(root, toks["smollm2"], sources=["smollm2", "gpt2"], student="smollm2-model",
+                              mode=mode, k=4, micro_batch_size=4, shuffle_buffer=1,
+                              teacher_tokenizers={"gpt2": toks["gpt2"]})
         out += [b for b in ld]
     return out
 

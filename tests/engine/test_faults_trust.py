@@ -160,12 +160,11 @@ def copy_data(data, tmp_path) -> Path:
 
 
 def infer_loader(root, sources=("self", "gpt2")):
-    from helpers import tokenizer
-    from profuser.engine.loader import FusionDataConfig, FusionLoader
+    from helpers import fusion_loader, tokenizer
 
-    cfg = FusionDataConfig(data_dir=str(root), sources=list(sources), student="x", mode="infer", k=4, batch_size=4,
-                           shuffle_buffer=1, max_length=None)
-    return FusionLoader(cfg, tokenizer("smollm2"))  # teacher tokenizers from the manifests, as training does
+    # teacher tokenizers from the manifests, as training does
+    return fusion_loader(root, tokenizer("smollm2"), sources=sources, student="x", mode="infer", k=4,
+                         micro_batch_size=4, shuffle_buffer=1)
 
 
 def run_check(data, tmp_path, root) -> subprocess.CompletedProcess:

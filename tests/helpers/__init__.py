@@ -7,6 +7,8 @@
     store fixtures         profuser.engine.tools.synthetic (re-exported as `synthetic`)
     training_data(root)    a tiny student with the real SmolLM2 tokenizer and both-mode stores of two sources
                            (itself, GPT-2's vocabulary); overrides(data, out, **kv) the matching train overrides
+    fusion_loader(root, tok, sources=..., student=..., **data)  a FusionLoader over a DataConfig whose k is
+                           the stores' and whose max_length does not truncate, unless given
     fusion_vocab_maps, fusion_batch  loader-format batches of random tokens for FusionStep / run_window
 """
 
@@ -93,6 +95,19 @@ def overrides(data: dict, out, **extra) -> list[str]:
           "eval.data": "null", "checkpoint.every": 2}
     kv.update(extra)
     return [f"{k}={v}" for k, v in kv.items()]
+
+
+def fusion_loader(root, tok, *, sources, student: str, mode: str = "train", seed: int = 0, rank: int = 0,
+                  world_size: int = 1, teacher_tokenizers: dict | None = None, source_models: dict | None = None,
+                  **data):
+    """FusionLoader(DataConfig(data_dir=root, sources=sources, **data), tok, ...); `data` are DataConfig keys."""
+    from profuser.engine.config import DataConfig
+    from profuser.engine.loader import FusionLoader
+
+    data = {"k": None, "max_length": 4096, **data}
+    return FusionLoader(DataConfig(data_dir=str(root), sources=list(sources), **data), tok, student=student,
+                        mode=mode, seed=seed, rank=rank, world_size=world_size,
+                        teacher_tokenizers=teacher_tokenizers, source_models=source_models)
 
 
 def fusion_vocab_maps(V: int, V_T: int, seed: int = 1) -> list:

@@ -17,7 +17,6 @@ import torch
 import helpers as rt
 from profuser.engine import store
 from profuser.engine.config import MODE_ID
-from profuser.engine.loader.loader import FusionDataConfig, FusionLoader
 from profuser.engine.text import chat
 from profuser.engine.tools import synthetic as fx
 
@@ -60,8 +59,8 @@ def store_rows(root, mode):
 
 
 def loader(root, toks, **kw):
-    cfg = FusionDataConfig(data_dir=str(root), sources=SOURCES, student=STUDENT, **kw)
-    return FusionLoader(cfg, toks["smollm2"], teacher_tokenizers={s: toks[s] for s in SOURCES[1:]})
+    return rt.fusion_loader(root, toks["smollm2"], sources=SOURCES, student=STUDENT,
+                            teacher_tokenizers={s: toks[s] for s in SOURCES[1:]}, **kw)
 
 
 def brute_force_align(student_off, teacher_off) -> list[int]:
@@ -95,7 +94,7 @@ def test_alignment_matches_brute_force(data, toks):
     root, ex, _ = data
     by_id = {e["example_id"]: e for e in ex}
     rows = store_rows(root, "train")
-    ld = loader(root, toks, batch_size=5, max_length=64)  # 64 truncates some responses
+    ld = loader(root, toks, micro_batch_size=5, max_length=64)  # 64 truncates some responses
     seen, aligned, total = set(), 0, 0
     for batch, b, eid in iterate(ld):
         seen.add(eid)
@@ -149,7 +148,7 @@ def expected_metric(rec, ce_metric):
 def test_example_weights(data, toks, advantage, ce_metric, student_cand):
     root, _, _ = data
     rows = store_rows(root, "train")
-    ld = loader(root, toks, batch_size=6, advantage=advantage, ce_metric=ce_metric,
+    ld = loader(root, toks, micro_batch_size=6, advantage=advantage, ce_metric=ce_metric,
                 student_as_candidate=student_cand)
     assert ld.is_student.tolist() == [True, False, False]
     wins = set()
@@ -176,7 +175,7 @@ def test_example_weights(data, toks, advantage, ce_metric, student_cand):
 def test_token_weights(data, toks, advantage):
     root, _, _ = data
     rows = store_rows(root, "train")
-    ld = loader(root, toks, batch_size=6, advantage=advantage, advantage_level="token",
+    ld = loader(root, toks, micro_batch_size=6, advantage=advantage, advantage_level="token",
                 student_as_candidate=False)
     checked = 0
     for batch, b, eid in iterate(ld):
@@ -212,7 +211,7 @@ def test_infer_mode_uses_the_vote_winner(data, toks):
     root, ex, winners = data
     by_id = {e["example_id"]: e for e in ex}
     rows = store_rows(root, "infer")
-    ld = loader(root, toks, mode="infer", batch_size=4, student_as_candidate=False)
+    ld = loader(root, toks, mode="infer", micro_batch_size=4, student_as_candidate=False)
     seen = set()
     for batch, b, eid in iterate(ld):
         seen.add(eid)
@@ -240,7 +239,7 @@ def test_same_tokenizer_source_aligns_every_position(data, toks, align_method):
     """The student's own source (same tokenizer, same gold text) aligns 1:1 at every predicted token."""
     root, _, _ = data
     rows = store_rows(root, "train")
-    ld = loader(root, toks, batch_size=6, align_method=align_method)
+    ld = loader(root, toks, micro_batch_size=6, align_method=align_method)
     for batch, b, eid in iterate(ld):
         rec = rows["smollm2"][eid]
         pos = np.nonzero(batch["labels"][b].numpy() != -100)[0]
@@ -264,7 +263,7 @@ def test_vocab_maps(data, toks):
     from profuser.engine.text.align import build_vocab_map
 
     root, _, _ = data
-    ld = loader(root, toks, vocab_map_method="exact")
+    ld = loader(root, toks, vocab_map="exact")
     maps = ld.vocab_maps
     assert maps[0] is None  # SmolLM2 source: the student's own vocabulary
     for t in (1, 2):
@@ -284,4 +283,4 @@ def test_training_streams_use_the_configured_vocab_map(data, toks):
     base = [f"data.data_dir={root}", f"data.sources=[{', '.join(SOURCES)}]", f"model.student={STUDENT}", "data.k=8"]
     for extra, want in (([], "projection"), (["data.vocab_map=exact+mined"], "exact+mined")):
         streams = build_streams(load_config(None, base + extra), toks["smollm2"], ["train", "infer"], 0, 1)
-        assert {m: s.loader.cfg.vocab_map_method for m, s in streams.items()} == {"train": want, "infer": want}
+        assert {m: s.loader.cfg.vocab_map for m, s in streams.items()} == {"train": want, "infer": want}

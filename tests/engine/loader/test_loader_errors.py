@@ -10,7 +10,8 @@ import pytest
 
 import helpers as rt
 from profuser.engine import store
-from profuser.engine.loader.loader import DataError, FusionDataConfig, FusionLoader
+from profuser.engine.config import ConfigError
+from profuser.engine.loader.loader import DataError
 from profuser.engine.text import chat
 from profuser.engine.tools import synthetic as fx
 
@@ -43,10 +44,9 @@ def build(root, toks, *, mutate=None, mode="train", fingerprint="fp-test"):
 
 
 def make(root, toks, mode="train", teacher_tok=None, **kw):
-    kw.setdefault("batch_size", 4)
-    cfg = FusionDataConfig(data_dir=str(root), sources=["smollm2", "gpt2"], student="smollm2-135m-instruct",
-                           mode=mode, **kw)
-    return FusionLoader(cfg, toks["smollm2"], teacher_tokenizers={"gpt2": teacher_tok or toks["gpt2"]})
+    kw.setdefault("micro_batch_size", 4)
+    return rt.fusion_loader(root, toks["smollm2"], sources=["smollm2", "gpt2"], student="smollm2-135m-instruct",
+                            mode=mode, teacher_tokenizers={"gpt2": teacher_tok or toks["gpt2"]}, **kw)
 
 
 def shard_path(root, j, source="gpt2", mode="train"):
@@ -163,18 +163,20 @@ def test_offsets_or_response_not_matching_the_text(tmp_path, toks):
 
 def test_bad_config_values(tmp_path, toks):
     build(tmp_path, toks)
-    for field, value in (("mode", "both"), ("advantage", "maxCE"), ("advantage_level", "doc"),
-                         ("ce_metric", "per_char"), ("align_method", "dtw"), ("bad_row_policy", "ignore")):
-        with pytest.raises(ValueError, match=f"FusionDataConfig.{field}"):
+    with pytest.raises(ValueError, match="mode must be one of"):
+        make(tmp_path, toks, mode="both")
+    for field, value in (("advantage", "maxCE"), ("advantage_level", "doc"), ("ce_metric", "per_char"),
+                         ("align_method", "dtw"), ("bad_row_policy", "ignore"), ("vocab_map", "nearest"),
+                         ("micro_batch_size", 0), ("pad_to_multiple_of", 0), ("k", 0), ("max_length", 1)):
+        with pytest.raises(ConfigError, match=f"^data.{field}: "):  # the key as training's config names it
             make(tmp_path, toks, **{field: value})
-    with pytest.raises(ValueError, match="FusionDataConfig.batch_size"):
-        make(tmp_path, toks, batch_size=0)
-    with pytest.raises(DataError, match=r"smollm2/train/manifest.json: stores k=8 but FusionDataConfig.k=9"):
+    with pytest.raises(ConfigError, match=r"^data.sources: has duplicates"):
+        rt.fusion_loader(tmp_path, toks["smollm2"], sources=["gpt2", "gpt2"], student="smollm2-135m-instruct")
+    with pytest.raises(DataError, match=r"smollm2/train/manifest.json: stores k=8 but data.k=9"):
         make(tmp_path, toks, k=9)
-    cfg = FusionDataConfig(data_dir=str(tmp_path), sources=["smollm2"], student="smollm2-135m-instruct",
-                           student_as_candidate=False)
     with pytest.raises(ValueError, match="no candidate teacher"):
-        FusionLoader(cfg, toks["smollm2"])
+        rt.fusion_loader(tmp_path, toks["smollm2"], sources=["smollm2"], student="smollm2-135m-instruct",
+                         student_as_candidate=False)
 
 
 def test_prompt_longer_than_max_length_is_dropped_and_counted(tmp_path, toks):
@@ -190,7 +192,7 @@ def test_prompt_longer_than_max_length_is_dropped_and_counted(tmp_path, toks):
             pass
     assert 0 < len(ok) < N
     ld = make(tmp_path, toks, max_length=40, pad_to_multiple_of=1)
-    with pytest.warns(UserWarning, match="exceeds max_length=40"):
+    with pytest.warns(UserWarning, match="exceeds data.max_length=40"):
         batches = list(ld)
     assert sorted(e for b in batches for e in b["example_ids"]) == sorted(ok)
     assert ld.stats["dropped_long"] == N - len(ok)

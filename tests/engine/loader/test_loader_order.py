@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import helpers as rt
-from profuser.engine.loader.loader import FusionDataConfig, FusionLoader, buffer_shuffle
+from profuser.engine.loader.loader import buffer_shuffle
 from profuser.engine.tools import synthetic as fx
 
 SOURCES = ["smollm2", "gpt2"]
@@ -30,11 +30,10 @@ def data(tmp_path_factory, toks):
 
 
 def make(root, toks, rank=0, world=1, **kw):
-    kw.setdefault("batch_size", 4)
+    kw.setdefault("micro_batch_size", 4)
     kw.setdefault("shuffle_buffer", 10)
-    cfg = FusionDataConfig(data_dir=str(root), sources=SOURCES, student="smollm2-135m-instruct", **kw)
-    return FusionLoader(cfg, toks["smollm2"], rank=rank, world_size=world,
-                        teacher_tokenizers={"gpt2": toks["gpt2"]})
+    return rt.fusion_loader(root, toks["smollm2"], sources=SOURCES, student="smollm2-135m-instruct", rank=rank,
+                            world_size=world, teacher_tokenizers={"gpt2": toks["gpt2"]}, **kw)
 
 
 def same(a: dict, b: dict) -> bool:
@@ -120,10 +119,10 @@ def test_ranks_cover_every_example_exactly_once(data, toks, world):
 
 def test_drop_last_and_padding(data, toks):
     root, _ = data
-    full = list(make(root, toks, batch_size=7, pad_to_multiple_of=16))
+    full = list(make(root, toks, micro_batch_size=7, pad_to_multiple_of=16))
     assert [len(b["example_ids"]) for b in full] == [7] * 6 + [3]
     assert all(b["input_ids"].shape[1] % 16 == 0 for b in full)
-    dropped = list(make(root, toks, batch_size=7, drop_last=True))
+    dropped = list(make(root, toks, micro_batch_size=7, drop_last=True))
     assert [len(b["example_ids"]) for b in dropped] == [7] * 6
 
 
@@ -148,5 +147,5 @@ def test_smaller_k_takes_the_first_entries(data, toks):
 
 def test_buffer_and_batch_larger_than_the_data(data, toks):
     root, all_ids = data
-    got = list(make(root, toks, shuffle_buffer=10_000, batch_size=1000))
+    got = list(make(root, toks, shuffle_buffer=10_000, micro_batch_size=1000))
     assert len(got) == 1 and sorted(got[0]["example_ids"]) == sorted(all_ids)

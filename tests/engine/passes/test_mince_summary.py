@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 import helpers
-from profuser.engine.loader.loader import FusionDataConfig, FusionLoader
 from profuser.engine.passes import score as S
 from profuser.engine.tools import synthetic as fx
 
@@ -28,10 +27,10 @@ def data(tmp_path_factory):
 
 
 def loader_shares(root, tok, metric: str) -> dict:
-    cfg = FusionDataConfig(data_dir=str(root), sources=SOURCES, student=STUDENT, k=4, ce_metric=metric,
-                           shuffle_buffer=1, batch_size=5, max_length=None)
+    ld = helpers.fusion_loader(root, tok, sources=SOURCES, student=STUDENT, k=4, ce_metric=metric, shuffle_buffer=1,
+                          micro_batch_size=5)
     wins = np.zeros(len(SOURCES))
-    for batch in FusionLoader(cfg, tok):
+    for batch in ld:
         w = batch["teacher_weights"].sum(2).numpy()  # [T, B]: one-hot per example (over its aligned tokens)
         wins += np.bincount(w.argmax(0)[w.sum(0) > 0], minlength=len(SOURCES))
     return dict(zip(SOURCES, (wins / wins.sum()).tolist()))

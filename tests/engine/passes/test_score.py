@@ -246,7 +246,6 @@ class PrefersA(S.Scorer):
 
 def test_nan_rows_never_win_and_the_loader_accepts_the_votes(tmp_path):
     import helpers as rt
-    from profuser.engine.loader.loader import FusionDataConfig, FusionLoader
     from profuser.engine.tools import synthetic as fx
 
     tok = rt.load("smollm2")
@@ -284,9 +283,8 @@ def test_nan_rows_never_win_and_the_loader_accepts_the_votes(tmp_path):
     assert sc.seen[0] == ([e["prompt"] for e in keep], [e["system"] for e in keep])
     assert sc.seen[1][1] == [e["system"] for e in ex] and any(s for s in sc.seen[1][1])
     # inference mode with bad_row_policy="error": no winner is a NaN row, so nothing raises or is dropped
-    cfg = FusionDataConfig(data_dir=str(tmp_path), sources=["a", "b"], student="smollm2-135m-instruct",
-                           mode="infer", batch_size=4, bad_row_policy="error")
-    ld = FusionLoader(cfg, tok, teacher_tokenizers={"a": tok, "b": tok})
+    ld = rt.fusion_loader(tmp_path, tok, sources=["a", "b"], student="smollm2-135m-instruct", mode="infer",
+                          micro_batch_size=4, bad_row_policy="error", teacher_tokenizers={"a": tok, "b": tok})
     assert sorted(e for batch in ld for e in batch["example_ids"]) == sorted(e["example_id"] for e in ex)
     assert ld.stats["dropped_bad"] == 0
     # a NaN row in every source: no possible winner, an error naming the example

@@ -10,10 +10,9 @@ import sys
 
 import pytest
 
-from helpers import make_prepared, need, overrides, training_data
+from helpers import fusion_loader, make_prepared, need, overrides, training_data
 from profuser.engine import models, store
 from profuser.engine.config import load_config
-from profuser.engine.loader import FusionDataConfig, FusionLoader
 from profuser.engine.passes import teach
 from profuser.engine.passes.options import PassConfig
 from profuser.engine.tools.check import check
@@ -75,10 +74,9 @@ def test_a_store_records_its_source_canonically_and_follows_a_moved_model(tiny, 
     m = store.TeacherManifest.load(data, "self", "train")
     assert m.model == str((work / "model").resolve()) and m.model_fingerprint.startswith("sha256:")
     monkeypatch.chdir(tmp_path)  # read from another folder: still the student's own source
-    cfg = FusionDataConfig(data_dir=str(data), sources=["self"], student=str(work / "model"),
-                           student_as_candidate=False)
     with pytest.raises(ValueError, match="no candidate teacher"):
-        FusionLoader(cfg, models.load_tokenizer(work / "model"))
+        fusion_loader(data, models.load_tokenizer(work / "model"), sources=["self"], student=str(work / "model"),
+                         student_as_candidate=False)
     # the model folder moves (a copy elsewhere: same fingerprint); repoint records where it is now
     moved = tmp_path / "elsewhere" / "model"
     shutil.move(str(work / "model"), moved)
