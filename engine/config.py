@@ -47,6 +47,7 @@ ADVANTAGES = ("minCE", "avgCE")
 ADVANTAGE_LEVELS = ("example", "token")
 CE_METRICS = ("per_byte", "per_token")
 ALIGN_METHODS = ("offsets", "mined")
+SPAN_RULES = ("chain", "first_piece")  # a student token spanning several teacher tokens (loader/spans.py)
 # teacher-vocabulary -> student-vocabulary maps (text/vocab_map.py); "+stats" needs corpus counts: API only
 VOCAB_MAPS = ("projection", "exact", "exact+mined", "projection+mined")
 TEACHER_ENGINES = ("hf", "vllm")  # teach / generate: transformers (default) or vLLM (passes/vllm_engine.py)
@@ -93,6 +94,10 @@ class DataConfig:
     student_as_candidate: bool = True  # a source that is the student itself may win MinCE
     shuffle_buffer: int = 256  # examples shuffled together (0: store order)
     align_method: str = "offsets"  # offsets | mined
+    # chain: where the student's token spans several teacher tokens, it gets the teacher's chain-rule
+    # probability of that string and no candidate lands on a byte-fallback piece the student does not emit |
+    # first_piece: the top-k at the first teacher token, projected (before issue #24)
+    span_rule: str = "chain"
     # projection: a teacher token -> the student token emitted first for its text | exact | exact+mined
     vocab_map: str = "projection"
     # error | drop: an invalid teacher row (NaN, impossible log-probs or ids, an edited prompt, ...)
@@ -415,6 +420,7 @@ _CHOICES = {
     "data.advantage_level": ADVANTAGE_LEVELS,
     "data.ce_metric": CE_METRICS,
     "data.align_method": ALIGN_METHODS,
+    "data.span_rule": SPAN_RULES,
     "data.vocab_map": VOCAB_MAPS,
     "data.bad_row_policy": BAD_ROW_POLICIES,
     "data.teacher_engine": TEACHER_ENGINES,

@@ -5,7 +5,7 @@
     loader = FusionLoader(DataConfig(data_dir=..., sources=[...]), tokenizer, student=..., mode="train")
 
 loader.py (FusionLoader), collate.py (student encoding, padding), advantage.py (MinCE / AvgCE weights),
-stream.py (the training recipe's endless per-mode streams).
+spans.py (chain-rule targets at spanning positions), stream.py (the training recipe's endless per-mode streams).
 """
 
 from .loader import DataError, FusionLoader

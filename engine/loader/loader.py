@@ -49,7 +49,9 @@ from .. import store
 from ..config import MODE_ID, MODES, DataConfig, check_section
 from ..models import load_tokenizer, pad_id
 from ..text.align import align_mined, align_offsets_batch, build_vocab_map, token_strings, tokenizer_hash
+from ..text.vocab_map import vocab_info as _vocab_info
 from . import collate as _collate
+from . import spans
 from .advantage import example_metric, position_weights, tie_priority
 
 DataError = store.StoreError  # bad or inconsistent input data; the message names the file (and row)
@@ -150,7 +152,7 @@ class FusionLoader:
         for name in self.source_models:  # a configured model: check its tokenizer against the store now
             self.teacher_tokenizer(self.source_names.index(name))
         self._votes = self._read_votes(root) if mode == "infer" else None
-        self._vocab_maps = None
+        self._vocab_maps = self._extended = None
         self._encoder = _collate.StudentEncoder(tokenizer)
         self._order_cache = None
         self._validated: dict = {}  # (path, mtime_ns, size, gold) -> invalid rows found by the store validator
@@ -185,7 +187,7 @@ class FusionLoader:
         return {eid: index[w] for eid, w in store.read_votes(root, self.source_names).items()}
 
     @property
-    def vocab_maps(self) -> list:
+    def base_vocab_maps(self) -> list:
         """[T] torch.int32 [V_t] teacher id -> student id (-1 = none); None = the student's vocabulary."""
         if self._vocab_maps is None:
             maps = []
@@ -199,6 +201,19 @@ class FusionLoader:
             self._vocab_maps = maps
         return self._vocab_maps
 
+    @property
+    def vocab_maps(self) -> list:
+        """What the loss maps teacher ids with: base_vocab_maps, and under span_rule "chain" each extended by an
+        identity block [V_t + V_s] (entry V_t + s = s: the chain-rule targets, loader/spans.py)."""
+        if self.cfg.span_rule != "chain":
+            return self.base_vocab_maps
+        if self._extended is None:
+            size = _vocab_info(self.tokenizer).size
+            self._student_fallback = np.asarray(_vocab_info(self.tokenizer).byte_fallback, bool)
+            self._extended = [None if vm is None else torch.from_numpy(spans.extend_map(vm.numpy(), size))
+                              for vm in self.base_vocab_maps]
+        return self._extended
+
     def input_digests(self) -> dict[str, str]:
         """What this loader trains on, one short digest per part: the prepared set, each source's store
         (TeacherManifest.identity), the vote (inference mode) and each vocabulary map. Checkpoints record them;
@@ -208,7 +223,7 @@ class FusionLoader:
 
         mode = self.mode
         out = {f"{mode}: prepared set": digest([self.prepared.fingerprint, self.prepared.shards])}
-        for name, m, vm in zip(self.source_names, self.manifests, self.vocab_maps):
+        for name, m, vm in zip(self.source_names, self.manifests, self.base_vocab_maps):
             out[f"{mode}: teachers/{name}/{mode}"] = digest(m.identity())
             out[f"vocabulary map of {name}"] = "the student's" if vm is None else \
                 hashlib.sha256(vm.numpy().tobytes()).hexdigest()[:16]
@@ -364,13 +379,17 @@ class FusionLoader:
         S = G.shape[1]
         tids = np.full((T, S, K), -1, np.int32)
         tlps = np.full((T, S, K), -np.inf, np.float16)
+        own_lp = np.full((T, S), np.nan)                                  # the teacher's log-prob of its token
         for t, rec in enumerate(recs):
             hit = np.nonzero(G[t] >= 0)[0]
             if hit.size:
                 g = G[t, hit]
                 tids[t, hit] = rec.topk_ids[g, :K]
                 tlps[t, hit] = rec.topk_logprobs[g, :K]
-        tw = self._weights(enc, recs, sel, G, winners)
+                own_lp[t, hit] = rec.token_logprobs[g]
+            if cfg.span_rule == "chain":
+                self._chain(t, tids[t], tlps[t], own_lp[t], G[t], enc, rec)
+        tw = self._weights(enc, recs, sel, G, own_lp, winners)
         row_index = np.full(n, -1, np.int64)
         row_index[sel[ok]] = np.nonzero(ok)[0]
         return _collate.ProcessedShard(enc=enc, teacher_ids=tids, teacher_logprobs=tlps, teacher_weights=tw,
@@ -414,7 +433,18 @@ class FusionLoader:
                 G[t, po[i]:po[i + 1]] = np.where(r >= 0, r + a, -1)
         return G
 
-    def _weights(self, enc, recs, sel, G, winners) -> np.ndarray:
+    def _chain(self, t: int, tids, tlps, own_lp, G, enc, rec) -> None:
+        """span_rule "chain" for teacher t (loader/spans.py): chain-rule targets at spanning positions, then
+        the byte-fallback guard; tids / tlps [S, K] and own_lp [S] edited in place."""
+        base = None if self.base_vocab_maps[t] is None else len(self.base_vocab_maps[t])
+        maps = self.vocab_maps  # builds the extended maps and the student's byte-fallback table once
+        spans.chain_targets(tids, tlps, own_lp, G=G, student_span=enc.pred_offsets, student_ids=enc.pred_ids,
+                            rec=rec, chain_base=base, stats=self.stats)
+        if base is not None:
+            spans.drop_fallback_targets(tids, tlps, vm=maps[t].numpy(), fallback=self._student_fallback,
+                                        student_ids=enc.pred_ids, stats=self.stats)
+
+    def _weights(self, enc, recs, sel, G, own_lp, winners) -> np.ndarray:
         """[T, S] float32 teacher weights at every student predicted token (0 where not aligned)."""
         cfg = self.cfg
         ex_of = np.repeat(np.arange(len(sel)), np.diff(enc.pred_off))
@@ -424,10 +454,7 @@ class FusionLoader:
                 return np.stack([getattr(r, name)[sel] for r in recs])
 
             metric = example_metric(col("nll_sum"), col("n_tokens"), col("n_bytes"), cfg.ce_metric)
-        elif winners is None:
-            token_nll = np.full(G.shape, np.inf)
-            for t, rec in enumerate(recs):
-                hit = G[t] >= 0
-                token_nll[t, hit] = -rec.token_logprobs[G[t, hit]].astype(np.float64)
+        elif winners is None:  # the chain rule's log-prob of the student's token at spanning positions
+            token_nll = np.where(G >= 0, -own_lp, np.inf)
         return position_weights(G >= 0, ex_of, self.candidates, cfg.advantage, self.priority, metric=metric,
                                 token_nll=token_nll, winners=winners)

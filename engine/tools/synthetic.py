@@ -104,8 +104,11 @@ def records(tok, examples: list[dict], responses: list[str], k: int, rng: np.ran
 
 def write_teacher(data_dir, source: str, mode: str, tok, model: str, examples: list[dict],
                   pm: store.PreparedManifest, *, k: int = 8, seed: int = 0,
-                  responses: list[str] | None = None, mutate=None) -> store.TeacherManifest:
-    """Write every shard of one (source, mode) store. mutate(j, table) -> table lets tests corrupt data."""
+                  responses: list[str] | None = None, mutate=None, true_top: float = 0.7,
+                  edit=None) -> store.TeacherManifest:
+    """Write every shard of one (source, mode) store. mutate(j, table) -> table lets tests corrupt data;
+    edit(shard: TeacherShard) edits the records in place before they are written (e.g. chosen candidates);
+    true_top: share of positions whose first top-k slot is the realised token."""
     d = store.teacher_dir(data_dir, source, mode)
     d.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -119,7 +122,9 @@ def write_teacher(data_dir, source: str, mode: str, tok, model: str, examples: l
                               shard_size=pm.shard_size, n_shards=pm.n_shards, model_fingerprint=fingerprint)
     for j in range(pm.n_shards):
         a, z = j * pm.shard_size, min((j + 1) * pm.shard_size, len(examples))
-        rb = records(tok, examples[a:z], responses[a:z], k, rng)
+        rb = records(tok, examples[a:z], responses[a:z], k, rng, true_top=true_top)
+        if edit is not None:
+            edit(rb)
         table = rb.to_table()
         if mutate is not None:
             table = mutate(j, table)

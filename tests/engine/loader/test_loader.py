@@ -90,12 +90,32 @@ def iterate(ld):
             yield batch, b, eid
 
 
-def test_alignment_matches_brute_force(data, toks):
+def chain_rule(topk_ids, topk_lps, rec, r, s_off, student_id, base):
+    """issue #24's rule, literally, at a student token with span s_off aligned to teacher token r: when r ends
+    before the student's token, the slot of r's realised token gets the sum of the own log-probs of r..b (b:
+    the teacher token ending exactly at the student's end, the next one starting at or after it) and the id
+    base + student id; with no such b that slot is emptied. Other slots are untouched."""
+    toff = np.asarray(rec["pred_offsets"]).reshape(-1, 2).tolist()
+    ids, lps = list(topk_ids), list(topk_lps)
+    if toff[r][1] >= s_off[1] or rec["token_ids"][r] not in ids:
+        return ids, lps, False
+    j = ids.index(rec["token_ids"][r])
+    b = next((q for q in range(r, len(toff)) if toff[q][1] >= s_off[1]), None)
+    if b is not None and toff[b][1] == s_off[1] and (b + 1 == len(toff) or toff[b + 1][0] >= s_off[1]):
+        ids[j] = base + student_id
+        lps[j] = sum(float(np.float16(x)) for x in rec["token_logprobs"][r:b + 1])
+    else:
+        ids[j], lps[j] = -1, -math.inf
+    return ids, lps, True
+
+
+@pytest.mark.parametrize("span_rule", ["first_piece", "chain"])
+def test_alignment_matches_brute_force(data, toks, span_rule):
     root, ex, _ = data
     by_id = {e["example_id"]: e for e in ex}
     rows = store_rows(root, "train")
-    ld = loader(root, toks, micro_batch_size=5, max_length=64)  # 64 truncates some responses
-    seen, aligned, total = set(), 0, 0
+    ld = loader(root, toks, micro_batch_size=5, max_length=64, span_rule=span_rule)  # 64 truncates some
+    seen, aligned, total, spanning = set(), 0, 0, 0
     for batch, b, eid in iterate(ld):
         seen.add(eid)
         e = by_id[eid]
@@ -117,17 +137,24 @@ def test_alignment_matches_brute_force(data, toks):
                 assert all(r in (s, -1) for s, r in enumerate(ref))
                 ref = list(range(len(ref)))
             K = 8
-            for r_s, p in zip(ref, enc.pred_pos.tolist()):
+            for r_s, p, s_off, sid in zip(ref, enc.pred_pos.tolist(), enc.pred_offsets.tolist(),
+                                          enc.pred_ids.tolist()):
                 got = batch["teacher_ids"][t, b, p].tolist()
                 total += 1
                 if r_s < 0:
                     assert got == [-1] * K
                     assert batch["teacher_weights"][t, b, p] == 0
-                else:
-                    aligned += 1
-                    assert got == rec["topk_ids"][r_s * K:(r_s + 1) * K]
-                    lp = batch["teacher_logprobs"][t, b, p].float().tolist()
-                    assert lp == pytest.approx(rec["topk_logprobs"][r_s * K:(r_s + 1) * K], abs=1e-3)
+                    continue
+                aligned += 1
+                want_ids = rec["topk_ids"][r_s * K:(r_s + 1) * K]
+                want_lps = rec["topk_logprobs"][r_s * K:(r_s + 1) * K]
+                if span_rule == "chain" and src != "smollm2":
+                    want_ids, want_lps, span = chain_rule(want_ids, want_lps, rec, r_s, s_off, sid,
+                                                          len(toks[src]))
+                    spanning += span
+                assert got == want_ids
+                lp = batch["teacher_logprobs"][t, b, p].float().tolist()
+                assert lp == pytest.approx(want_lps, rel=1e-3, abs=2e-3)  # a chain sum rounded to float16
         # nothing outside the labelled positions
         off = np.ones(batch["input_ids"].shape[1], bool)
         off[pos] = False
@@ -135,6 +162,9 @@ def test_alignment_matches_brute_force(data, toks):
         assert (batch["teacher_weights"][:, b, off] == 0).all()
     assert seen == set(by_id)
     assert 0.5 < aligned / total < 1.0  # real cross-tokenizer text: most but not all positions align
+    if span_rule == "chain":  # the texts have spanning positions, and the loader counted what it did there
+        assert spanning > 0 and ld.stats["span_chain"] + ld.stats["span_straddle"] > 0
+        assert len(ld.vocab_maps[1]) == len(toks["gemma3"]) + len(toks["smollm2"])
 
 
 def expected_metric(rec, ce_metric):
@@ -163,7 +193,7 @@ def test_example_weights(data, toks, advantage, ce_metric, student_cand):
             z = sum(math.exp(-m[t]) for t in cands)
             want = {t: (math.exp(-m[t]) / z if t in cands else 0.0) for t in range(3)}
         for t in range(3):
-            hit = batch["teacher_ids"][t, b, :, 0] >= 0
+            hit = (batch["teacher_ids"][t, b] >= 0).any(-1)  # aligned (span_rule=chain may empty one slot)
             w = batch["teacher_weights"][t, b]
             assert w[hit].numpy() == pytest.approx(np.full(int(hit.sum()), want[t]), rel=1e-5, abs=1e-7)
             assert (w[~hit] == 0).all()
@@ -176,7 +206,7 @@ def test_token_weights(data, toks, advantage):
     root, _, _ = data
     rows = store_rows(root, "train")
     ld = loader(root, toks, micro_batch_size=6, advantage=advantage, advantage_level="token",
-                student_as_candidate=False)
+                student_as_candidate=False, span_rule="first_piece")  # rows found by their stored top-k
     checked = 0
     for batch, b, eid in iterate(ld):
         pos = np.nonzero(batch["labels"][b].numpy() != -100)[0]
@@ -269,9 +299,15 @@ def test_vocab_maps(data, toks):
     for t in (1, 2):
         tok = toks[SOURCES[t]]
         want = build_vocab_map(tok, toks["smollm2"], method="exact", cache_dir=False)
-        assert maps[t].dtype == torch.int32 and maps[t].shape[0] >= len(tok)
-        assert maps[t].numpy().tolist() == want.tolist()
-    assert ld.vocab_maps is maps  # built once
+        base = ld.base_vocab_maps[t]
+        assert base.dtype == torch.int32 and base.shape[0] >= len(tok)
+        assert base.numpy().tolist() == want.tolist()
+        # what the loss gets under span_rule=chain: the map, then an identity block for chain-rule targets
+        V_s = len(toks["smollm2"])
+        assert maps[t].dtype == torch.int32 and maps[t].shape[0] == len(base) + V_s
+        assert maps[t][:len(base)].equal(base) and maps[t][len(base):].equal(torch.arange(V_s, dtype=torch.int32))
+    assert ld.vocab_maps is maps and ld.base_vocab_maps is ld.base_vocab_maps  # built once
+    assert loader(root, toks, vocab_map="exact", span_rule="first_piece").vocab_maps[1].equal(ld.base_vocab_maps[1])
 
 
 def test_training_streams_use_the_configured_vocab_map(data, toks):

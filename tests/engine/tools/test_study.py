@@ -121,7 +121,7 @@ def test_shipped_study_config_loads():
         ["schedule.kind=sft", "seed=1"]
 
 
-@pytest.mark.parametrize("name", ["study.yaml", "study_search.yaml"])
+@pytest.mark.parametrize("name", ["study.yaml", "study_search.yaml", "study_span_rule.yaml"])
 def test_every_shipped_study_variant_is_a_valid_run(name):
     """Each variant's overrides on its base make a training config (a typo would fail hours into a study)."""
     from profuser.engine.config import load_config
@@ -131,6 +131,7 @@ def test_every_shipped_study_variant_is_a_valid_run(name):
         cmd = S.train_command(cfg, variant, 0)
         train = load_config(cmd[cmd.index("--config") + 1], cmd[cmd.index("--config") + 2:])
         assert train.schedule.kind == cfg.variants[variant]["schedule.kind"], variant
+        assert train.data.span_rule == cfg.variants[variant].get("data.span_rule", "chain"), variant
 
 
 def test_lm_eval_task_resolves_an_alias_to_its_local_folder(tmp_path, monkeypatch):
