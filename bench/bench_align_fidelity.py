@@ -17,7 +17,13 @@ SentencePiece byte-fallback piece whose bytes the student also has as a regular 
 
 Real distributions: SmolLM2-135M-Instruct and Gemma-3-270M teacher-forced on the same texts (top-10
 log-probs at every predicted position); at the aligned positions, the share of the teacher's top-10 mass
-whose ids the map keeps (maps somewhere), per kind, both directions.
+whose ids the map keeps (maps somewhere), per kind, both directions. By probability (bench/fidelity_probability.py):
+the same two models through teach, the loader (span_rule first_piece and chain) and the kernels' target, the
+realised token's target probability against the teacher's own probability of its string.
+
+Byte canonicalisation: every map compares the bytes a piece stands for (`Ġthe` == `▁the`, `<0x0A>` == "\n");
+"raw overlap" counts pieces whose raw strings are equal, "byte overlap" those whose bytes are, and the map
+"exact-raw" (raw strings, no canonicalisation) is scored beside "exact" to show what it changes.
 
     python bench/bench_align_fidelity.py [--methods exact+mined projection] [--no-models]
 Writes bench/results/align_fidelity.json (+ .png: hit per pair and kind) and prints the tables.
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +45,7 @@ from profuser.engine.text.chat import encode_example
 from profuser.engine.text.tokenizers import load_known
 from profuser.engine.text.vocab_map import vocab_info
 
+import fidelity_probability
 from fidelity_texts import TEXTS
 from harness import machine_name
 
@@ -64,6 +72,23 @@ def aligned_positions(teacher, student, text: str):
         covers = t_end > s_end or (t_end == s_end and t_len >= s_len)
         out.append((t_id, s_id, "covers" if covers else "shorter"))
     return out
+
+
+def raw_exact_map(teacher, student) -> np.ndarray:
+    """Teacher id -> student id with the identical raw piece string (no byte canonicalisation), -1 else."""
+    s_index = {p: i for i, p in enumerate(student.convert_ids_to_tokens(list(range(len(student)))))}
+    return np.array([s_index.get(p, -1) for p in teacher.convert_ids_to_tokens(list(range(len(teacher))))],
+                    np.int64)
+
+
+def overlap(teacher, student) -> dict:
+    """Vocabulary overlap: equal raw piece strings vs equal bytes (the canonical form every map compares)."""
+    raw_t = set(teacher.convert_ids_to_tokens(list(range(len(teacher)))))
+    raw_s = set(student.convert_ids_to_tokens(list(range(len(student)))))
+    tb, sb = vocab_info(teacher), vocab_info(student)
+    byt_t = {b for b, sp in zip(tb.bytes, tb.special) if b and not sp}
+    byt_s = {b for b, sp in zip(sb.bytes, sb.special) if b and not sp}
+    return {"raw": len(raw_t & raw_s), "bytes": len(byt_t & byt_s)}
 
 
 def score_pair(teacher, student, vmap: np.ndarray) -> dict:
@@ -123,12 +148,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(RESULTS / "align_fidelity.json"))
     a = ap.parse_args(argv)
     report: dict = {"bench": "align_fidelity", "machine": machine_name(), "kinds": list(TEXTS),
-                    "n_texts": sum(len(v) for v in TEXTS.values()), "pairs": {}, "mass_kept": {}, "build_s": {}}
+                    "n_texts": sum(len(v) for v in TEXTS.values()), "pairs": {}, "mass_kept": {}, "build_s": {},
+                    "overlap": {}, "prob_fidelity": {}}
     maps: dict = {}
     for t_name, s_name in PAIRS:
         teacher, student = load_known(t_name), load_known(s_name)
         key = f"{t_name}->{s_name}"
         report["pairs"][key] = {}
+        report["overlap"][key] = overlap(teacher, student)
+        report["pairs"][key]["exact-raw"] = score_pair(teacher, student, raw_exact_map(teacher, student))
         for method in a.methods:
             t0 = time.perf_counter()
             vm = align.build_vocab_map(teacher, student, method=method, cache_dir=False)
@@ -144,10 +172,15 @@ def main(argv=None) -> int:
         for t_name, s_name in (("gemma3", "smollm2"), ("smollm2", "gemma3")):
             key = f"{t_name}->{s_name}"
             report["mass_kept"][key] = mass_kept(t_name, s_name, {m: maps[(key, m)] for m in a.methods})
+            with tempfile.TemporaryDirectory() as work:
+                report["prob_fidelity"][f"{MODELS[t_name]} -> {s_name}"] = fidelity_probability.measure(
+                    MODELS[t_name], MODELS[s_name], Path(work))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=1))
     plot(report, Path(a.out).with_suffix(".png"))
     print(tables(report))
+    if report["prob_fidelity"]:
+        print(fidelity_probability.tables(report["prob_fidelity"]))
     return 0
 
 
