@@ -9,13 +9,15 @@ every offsets-aligned response position of the student:
     truth   the teacher's own probability of the student token's string, by the chain rule over the teacher's
             tokens of exactly that string, from a separate float32 forward of the teacher (not the store)
 
-Positions are classed by the teacher tokens that make up the student's token: "one_to_one" (one teacher token,
-the same string), "spanning" (several teacher tokens ending exactly where the student's token ends: the
-string has a teacher probability), "straddle" (the teacher's tokens cross the student token's end) and
-"longer" (the teacher's token is longer than the student's: its string is not a sequence of teacher tokens;
-no truth). Reported per text kind: mean |q - truth| at one_to_one and at spanning positions; the share of
-target mass on tokens the student emits there (1 minus the mass on strict byte-prefixes of its token and on
-byte-fallback pieces where it emits a regular token); the share on those byte-fallback pieces alone.
+Positions are classed by the teacher tokens that make up the student's token (a.. the last one starting
+before its end): "one_to_one" (one teacher token, the same string), "spanning" (several teacher tokens
+ending exactly where the student's token ends: the string has a teacher probability), "straddle" (the
+teacher's tokens cross the student token's end), "longer" (the teacher's token is longer than the student's:
+its string is not a sequence of teacher tokens; no truth) and "partial" (the student's token is a byte
+piece of a character; no truth). Reported per text kind: mean |q - truth| at one_to_one and at spanning
+positions; the share of target mass on tokens the student emits there (1 minus the mass on strict
+byte-prefixes of its token and on byte-fallback pieces where it emits a regular token); the share on those
+byte-fallback pieces alone.
 """
 
 from __future__ import annotations
@@ -43,14 +45,16 @@ def classify(s_off: np.ndarray, t_off: np.ndarray, G: np.ndarray, t_lp: np.ndarr
             out.append((None, None))
             continue
         c1 = int(s_off[s, 1])
+        if s + 1 < len(G) and s_off[s + 1, 0] < c1:  # a byte piece followed by the rest of its character
+            out.append(("partial", None))
+            continue
         if t_off[r, 1] > c1:
             out.append(("longer", None))
             continue
-        b = r
-        while b + 1 < len(t_off) and t_off[b, 1] < c1:
+        b = r  # the last teacher token starting before c1 (byte pieces of one character share its span)
+        while b + 1 < len(t_off) and t_off[b + 1, 0] < c1:
             b += 1
-        clean = t_off[b, 1] == c1 and (b + 1 == len(t_off) or t_off[b + 1, 0] >= c1)
-        if not clean:
+        if t_off[b, 1] != c1:
             out.append(("straddle", None))
         else:
             out.append(("one_to_one" if b == r else "spanning", float(t_lp[r:b + 1].sum())))
@@ -102,8 +106,8 @@ def measure(t_spec: str, s_spec: str, work) -> dict:
                                       batch["teacher_weights"].flatten(1, 2), loader.vocab_maps,
                                       FusionParams(missing_mass=mm), dtype=torch.float64)
             L = batch["labels"].shape[1]
-            per_kind = {kind: dict(one_to_one=0, spanning=0, straddle=0, longer=0, err_one=0.0, err_span=0.0,
-                                   mass=0.0, emitted=0.0, fallback=0.0) for kind in TEXTS}
+            per_kind = {kind: dict(one_to_one=0, spanning=0, straddle=0, longer=0, partial=0, err_one=0.0,
+                                   err_span=0.0, mass=0.0, emitted=0.0, fallback=0.0) for kind in TEXTS}
             for b, eid in enumerate(batch["example_ids"]):
                 kind = eid.split("/")[0]
                 c = per_kind[kind]
@@ -138,7 +142,7 @@ def measure(t_spec: str, s_spec: str, work) -> dict:
 
 def summarize(c: dict) -> dict:
     return {"one_to_one": c["one_to_one"], "spanning": c["spanning"], "straddle": c["straddle"],
-            "longer": c["longer"], "mae_one_to_one": c["err_one"] / max(c["one_to_one"], 1),
+            "longer": c["longer"], "partial": c["partial"], "mae_one_to_one": c["err_one"] / max(c["one_to_one"], 1),
             "mae_spanning": c["err_span"] / max(c["spanning"], 1),
             "on_emitted": c["emitted"] / max(c["mass"], 1e-12), "fallback_share": c["fallback"] / max(c["mass"], 1e-12),
             "fallback_mass": c["fallback"]}

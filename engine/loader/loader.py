@@ -439,7 +439,8 @@ class FusionLoader:
         base = None if self.base_vocab_maps[t] is None else len(self.base_vocab_maps[t])
         maps = self.vocab_maps  # builds the extended maps and the student's byte-fallback table once
         spans.chain_targets(tids, tlps, own_lp, G=G, student_span=enc.pred_offsets, student_ids=enc.pred_ids,
-                            rec=rec, chain_base=base, stats=self.stats)
+                            complete=spans.complete_tokens(enc.pred_offsets, enc.pred_off), rec=rec,
+                            chain_base=base, stats=self.stats)
         if base is not None:
             spans.drop_fallback_targets(tids, tlps, vm=maps[t].numpy(), fallback=self._student_fallback,
                                         student_ids=enc.pred_ids, stats=self.stats)

@@ -3,11 +3,12 @@
 A student predicted token s covers the characters [c0, c1) of the response. Offsets alignment gives it the
 teacher token a that starts at c0 too. Where a ends before c1 ("spanning" positions: the student's token is
 longer, e.g. the student emits " international" where the teacher emits " inter" + "national"), the
-teacher's top-k at a describes only the first piece. `span_rule`:
+teacher's top-k at a describes only the first piece. (A byte-level teacher's piece of a multi-byte character
+carries the whole character's span, so a piece followed by the rest of its character spans too.) `span_rule`:
 
     first_piece   the top-k at a, projected by the vocabulary map (a's own piece lands on a student token
                   that is a strict prefix of what the student emits, or on a byte-fallback piece)
-    chain         when the teacher tokens a..b end exactly at c1 (and b + 1 starts at or after c1), the
+    chain         when the teacher tokens a..b (b: the last one starting before c1) end exactly at c1, the
                   realised student token gets the teacher's probability of the realised string by the chain
                   rule over the store's own log-probs:
                       P(s) = P(t_a) * P(t_a+1 | t_a) * ... * P(t_b | ...) = exp(sum_{i=a..b} own_lp[i])
@@ -15,7 +16,7 @@ teacher's top-k at a describes only the first piece. `span_rule`:
                   probability, projected as today. The part of P(t_a) that does not continue to the realised
                   string, P(t_a) - P(s), is the loss's missing mass: renormalised over the kept entries
                   (missing_mass=renormalize) or the tail bucket (tail_bucket). When the teacher's tokens
-                  straddle c1 (no b ends at c1) the realised string has no stored probability: t_a's slot is
+                  straddle c1 (b ends after c1) the realised string has no stored probability: t_a's slot is
                   dropped (its mass is missing mass). When t_a is not in the stored top-k nothing is written.
 
 The chain target names a student id, not a teacher id: slots hold `len(vocab_map) + student id`, and the
@@ -45,10 +46,14 @@ def extend_map(vm: np.ndarray, student_size: int) -> np.ndarray:
 def spanning_ends(student_span: np.ndarray, a: np.ndarray, offsets: np.ndarray, tok_off: np.ndarray) -> tuple:
     """For student spans [c0, c1) aligned to teacher tokens a, the spanning ones and their last teacher token.
 
-    student_span [P, 2] int; a [P] int64 global teacher token indices; offsets [N, 2] the teacher's character
-    spans (per row, response-relative); tok_off [n_rows + 1] row boundaries. Returns (spanning [P] bool: a
-    starts at c0 and ends before c1; b [P] int64: the last teacher token of the span, -1 where no teacher
-    boundary falls at c1 or the position is not spanning).
+    The teacher tokens that make up the student's token are a..b, b the last token of a's row that starts
+    before c1. Byte pieces of one character share that character's span, so a piece that ends "at c1" by
+    offsets may still be followed by the rest of its character: then b > a too (an incomplete UTF-8 piece
+    merges with its continuation). student_span [P, 2] int; a [P] int64 global teacher token indices;
+    offsets [N, 2] the teacher's character spans (per row, response-relative); tok_off [n_rows + 1] row
+    boundaries. Returns (spanning [P] bool: a starts at c0, ends at or before c1, and b > a; b [P] int64: the
+    last teacher token where it ends exactly at c1, -1 where the teacher's tokens cross c1 or the position is
+    not spanning).
     """
     P = len(a)
     b = np.full(P, -1, np.int64)
@@ -56,39 +61,44 @@ def spanning_ends(student_span: np.ndarray, a: np.ndarray, offsets: np.ndarray, 
         return np.zeros(0, bool), b
     starts, ends = offsets[:, 0].astype(np.int64), offsets[:, 1].astype(np.int64)
     c0, c1 = student_span[:, 0].astype(np.int64), student_span[:, 1].astype(np.int64)
-    spanning = (starts[a] == c0) & (ends[a] < c1)
-    if not spanning.any():
-        return spanning, b
     row = np.repeat(np.arange(len(tok_off) - 1, dtype=np.int64), np.diff(tok_off))     # [N] row of each token
-    # ends are non-decreasing within a row; a running maximum of (row, end) keys makes that hold for any
-    # stored row, so one searchsorted finds the first token of a's row whose end reaches c1
-    key = np.maximum.accumulate((row << 32) | ends)
-    q = np.nonzero(spanning)[0]
-    ra, cq = row[a[q]], c1[q]
-    cand = np.searchsorted(key, (ra << 32) | cq, side="left")
-    row_end = tok_off[ra + 1]
-    ok = cand < row_end
-    cand_c = np.minimum(cand, len(ends) - 1)
-    ok &= ends[cand_c] == cq
-    nxt = np.minimum(cand_c + 1, len(ends) - 1)
-    ok &= (cand_c + 1 >= row_end) | (starts[nxt] >= cq)
-    b[q[ok]] = cand[ok]
+    # starts are non-decreasing within a row; a running maximum of (row, start) keys makes that hold for any
+    # stored row, so one searchsorted finds the first token of a's row that starts at or after c1
+    key = np.maximum.accumulate((row << 32) | starts)
+    ra = row[a]
+    last = np.minimum(np.searchsorted(key, (ra << 32) | c1, side="left"), tok_off[ra + 1]) - 1
+    spanning = (starts[a] == c0) & (ends[a] <= c1) & (last > a)
+    clean = spanning & (ends[np.maximum(last, 0)] == c1)
+    b[clean] = last[clean]
     return spanning, b
 
 
+def complete_tokens(student_span: np.ndarray, pred_off: np.ndarray) -> np.ndarray:
+    """[S] bool: the student's predicted token holds its whole span - the next predicted token of its example
+    starts at or after its end. False for a byte piece followed by the rest of its character (its span is the
+    character's, its bytes a prefix): the string it stands for is not the span's text, so no chain there."""
+    S = len(student_span)
+    nxt = np.full(S, np.iinfo(np.int64).max, np.int64)
+    nxt[:-1] = student_span[1:, 0]
+    ends = pred_off[1:] - 1
+    nxt[ends[ends >= 0]] = np.iinfo(np.int64).max  # the last token of each example
+    return nxt >= student_span[:, 1]
+
+
 def chain_targets(tids: np.ndarray, tlps: np.ndarray, own_lp: np.ndarray, *, G: np.ndarray,
-                  student_span: np.ndarray, student_ids: np.ndarray, rec, chain_base: int | None,
-                  stats: dict) -> None:
+                  student_span: np.ndarray, student_ids: np.ndarray, complete: np.ndarray, rec,
+                  chain_base: int | None, stats: dict) -> None:
     """Apply the chain rule to one teacher's gathered top-k, in place.
 
     tids [S, K] int32 / tlps [S, K] float16: the teacher's top-k at each student position (-1 / -inf empty);
     own_lp [S] float64: the teacher's own log-prob of its realised token at the position (replaced by the
     chain's at spanning positions, for token-level advantages); G [S] int64 aligned teacher token (-1 none);
-    student_span [S, 2], student_ids [S]: the student's predicted tokens; rec: the teacher's TeacherShard;
+    student_span [S, 2], student_ids [S]: the student's predicted tokens; complete [S] (complete_tokens): where
+    the student's token stands for its whole span; rec: the teacher's TeacherShard;
     chain_base: len(vocab map) (the chain slot holds chain_base + student id), None: the student's own
     vocabulary (the slot holds the student id).
     """
-    pos = np.nonzero(G >= 0)[0]
+    pos = np.nonzero((G >= 0) & complete)[0]
     a = G[pos]
     spanning, b = spanning_ends(student_span[pos], a, rec.offsets, rec.tok_off)
     if not spanning.any():

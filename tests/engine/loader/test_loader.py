@@ -90,18 +90,19 @@ def iterate(ld):
             yield batch, b, eid
 
 
-def chain_rule(topk_ids, topk_lps, rec, r, s_off, student_id, base):
-    """issue #24's rule, literally, at a student token with span s_off aligned to teacher token r: when r ends
-    before the student's token, the slot of r's realised token gets the sum of the own log-probs of r..b (b:
-    the teacher token ending exactly at the student's end, the next one starting at or after it) and the id
-    base + student id; with no such b that slot is emptied. Other slots are untouched."""
+def chain_rule(topk_ids, topk_lps, rec, r, s_off, student_id, base, complete):
+    """issue #24's rule, literally, at a student token with span s_off aligned to teacher token r: b is the
+    last teacher token starting before the student's token ends; when b > r (and r does not reach past it),
+    the slot of r's realised token gets the sum of the own log-probs of r..b and the id base + student id if
+    b ends exactly there, else that slot is emptied. Other slots are untouched. Not where the student's token
+    is a byte piece followed by the rest of its character (complete False: it does not stand for its span)."""
     toff = np.asarray(rec["pred_offsets"]).reshape(-1, 2).tolist()
     ids, lps = list(topk_ids), list(topk_lps)
-    if toff[r][1] >= s_off[1] or rec["token_ids"][r] not in ids:
+    b = max(q for q in range(r, len(toff)) if q == r or toff[q][0] < s_off[1])
+    if not complete or b == r or toff[r][1] > s_off[1] or rec["token_ids"][r] not in ids:
         return ids, lps, False
     j = ids.index(rec["token_ids"][r])
-    b = next((q for q in range(r, len(toff)) if toff[q][1] >= s_off[1]), None)
-    if b is not None and toff[b][1] == s_off[1] and (b + 1 == len(toff) or toff[b + 1][0] >= s_off[1]):
+    if toff[b][1] == s_off[1]:
         ids[j] = base + student_id
         lps[j] = sum(float(np.float16(x)) for x in rec["token_logprobs"][r:b + 1])
     else:
@@ -137,8 +138,9 @@ def test_alignment_matches_brute_force(data, toks, span_rule):
                 assert all(r in (s, -1) for s, r in enumerate(ref))
                 ref = list(range(len(ref)))
             K = 8
-            for r_s, p, s_off, sid in zip(ref, enc.pred_pos.tolist(), enc.pred_offsets.tolist(),
-                                          enc.pred_ids.tolist()):
+            so = enc.pred_offsets.tolist()
+            complete = [i + 1 == len(so) or so[i + 1][0] >= so[i][1] for i in range(len(so))]
+            for r_s, p, s_off, sid, whole in zip(ref, enc.pred_pos.tolist(), so, enc.pred_ids.tolist(), complete):
                 got = batch["teacher_ids"][t, b, p].tolist()
                 total += 1
                 if r_s < 0:
@@ -148,9 +150,9 @@ def test_alignment_matches_brute_force(data, toks, span_rule):
                 aligned += 1
                 want_ids = rec["topk_ids"][r_s * K:(r_s + 1) * K]
                 want_lps = rec["topk_logprobs"][r_s * K:(r_s + 1) * K]
-                if span_rule == "chain" and src != "smollm2":
+                if span_rule == "chain":
                     want_ids, want_lps, span = chain_rule(want_ids, want_lps, rec, r_s, s_off, sid,
-                                                          len(toks[src]))
+                                                          len(toks[src]), whole)
                     spanning += span
                 assert got == want_ids
                 lp = batch["teacher_logprobs"][t, b, p].float().tolist()
