@@ -82,13 +82,14 @@ def stages(cfg: TrainConfig, config_path: str | None, overrides: list[str]) -> l
     train_cmd = [sys.executable, "-m", "profuser.engine.train"]
     if config_path:
         train_cmd += ["--config", config_path]
+    k = ["--k", str(cfg.data.k)] if cfg.data.k is not None else []  # None: the loader's smallest stored k
     return [
         ("prepare", [_profuser("prepare", "--input", str(run / "train.jsonl"), "--data-dir", data, "--id-field", "id"),
                      _profuser("prepare", "--input", str(run / "infer.jsonl"), "--data-dir", data_inf,
                                "--id-field", "id")]),
-        ("teach", [_profuser("teach", "--data-dir", data, "--source", *sources, "--k", str(cfg.data.k),
+        ("teach", [_profuser("teach", "--data-dir", data, "--source", *sources, *k,
                              "--max-length", str(cfg.data.max_length), "--no-progress", *engine)]),
-        ("generate", [_profuser("generate", "--data-dir", data_inf, "--source", *sources, "--k", str(cfg.data.k),
+        ("generate", [_profuser("generate", "--data-dir", data_inf, "--source", *sources, *k,
                                 "--max-new-tokens", str(cfg.demo.max_new_tokens), "--no-progress", *engine)]),
         ("score", [_profuser("score", "--data-dir", data_inf, "--sources", *sources, "--scorer", *cfg.demo.scorers,
                              "--student", cfg.model.student)]),
