@@ -1,0 +1,131 @@
+"""Sequence packing (issue #25): rows of whole examples, positions restarting per example, attention kept
+inside each example by the masks transformers builds from position_ids (the pinned version), the same
+targets, logits and gradients as the padded batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import helpers as rt
+from profuser.engine.loader.collate import IGNORE_INDEX, collate
+from profuser.engine.loader.packing import collate_packed, first_fit
+from profuser.engine.models import load_model, tiny_model_dir
+from profuser.engine.tools import synthetic as fx
+
+STUDENT = "smollm2-135m-instruct"
+
+
+def test_first_fit_keeps_whole_examples_in_order():
+    assert first_fit([5, 3, 4, 2, 9, 1], 8) == [[0, 1], [2, 3, 5], [4]]  # 9 > 8: a row of its own
+    assert first_fit([], 8) == []
+    rows = first_fit([3] * 7, 10)
+    assert rows == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory):
+    """One processed shard of 12 examples of very unequal length (the corpus' tricky responses included)."""
+    root = tmp_path_factory.mktemp("pack")
+    tok = rt.tokenizer("smollm2")
+    ex = fx.corpus(12, extra_every=3)
+    pm = fx.write_prepared(root, ex, 12)
+    fx.write_teacher(root, "self", "train", tok, STUDENT, ex, pm, k=4, seed=1)
+    ld = rt.fusion_loader(root, tok, sources=["self"], student=STUDENT, k=4, shuffle_buffer=1)
+    sh = ld._process(0)
+    return tok, sh, [(sh, i) for i in range(len(sh.example_ids))]
+
+
+def per_example(batch: dict) -> dict:
+    """{example id: (input ids, labels, teacher ids, logprobs, weights)} of the example's own positions."""
+    out = {}
+    packed = batch.get("packed", False)
+    at: dict = {}
+    for j, eid in enumerate(batch["example_ids"]):
+        b = int(batch["example_row"][j]) if packed else j
+        start = at.get(b, 0)
+        if packed:  # the example's tokens: from `start` to where its positions restart
+            pos = batch["position_ids"][b]
+            n = int(torch.nonzero(pos[start + 1:] == 0)[0, 0]) + 1 if (pos[start + 1:] == 0).any() else \
+                pos.numel() - start
+            n = min(n, int(batch["attention_mask"][b, start:].sum()))
+        else:
+            n = int(batch["attention_mask"][b].sum())
+        sl = slice(start, start + n)
+        out[eid] = (batch["input_ids"][b, sl], batch["labels"][b, sl], batch["teacher_ids"][:, b, sl],
+                    batch["teacher_logprobs"][:, b, sl], batch["teacher_weights"][:, b, sl], (b, start, n))
+        at[b] = start + n
+    return out
+
+
+def test_packed_rows_hold_the_same_examples_and_targets(shard):
+    tok, sh, items = shard
+    padded = collate(items, n_teachers=1, k=4, pad_id=0)
+    packed = collate_packed(items, n_teachers=1, k=4, pad_id=0, row_tokens=256)
+    assert packed["n_tokens"] == padded["n_tokens"]
+    assert sorted(packed["example_ids"]) == sorted(padded["example_ids"])
+    pad_frac = lambda b: 1 - b["attention_mask"].sum().item() / b["attention_mask"].numel()  # noqa: E731
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0] and pad_frac(packed) < pad_frac(padded)
+    a, b = per_example(padded), per_example(packed)
+    for eid in a:
+        for x, y in zip(a[eid][:5], b[eid][:5]):
+            assert torch.equal(x, y), eid
+        _, start, n = b[eid][5]
+        assert b[eid][5] and torch.equal(packed["position_ids"][b[eid][5][0], start:start + n], torch.arange(n))
+    assert (packed["labels"][packed["attention_mask"] == 0] == IGNORE_INDEX).all()
+
+
+def models():
+    yield "tiny", lambda tmp: load_model(tiny_model_dir(STUDENT, hidden=64, layers=2, heads=4, out_dir=tmp / "m"))
+    yield "smollm2-135m", lambda tmp: load_model(rt.need(STUDENT))
+
+
+@pytest.mark.parametrize("name,make", list(models()), ids=[n for n, _ in models()])
+def test_packed_forward_equals_padded_and_never_crosses_examples(shard, tmp_path, name, make):
+    tok, sh, items = shard
+    lm = make(tmp_path).float().eval()
+    padded = collate(items, n_teachers=1, k=4, pad_id=0)
+    packed = collate_packed(items, n_teachers=1, k=4, pad_id=0, row_tokens=192)
+
+    def logits(batch, ids=None):
+        kw = {"position_ids": batch["position_ids"]} if batch.get("packed") else {}
+        with torch.no_grad():  # no attention mask: packed rows get the block-diagonal mask from position_ids
+            return lm(input_ids=batch["input_ids"] if ids is None else ids, use_cache=False, **kw).logits
+
+    lp, lk = logits(padded), logits(packed)
+    a, b = per_example(padded), per_example(packed)
+    for j, eid in enumerate(padded["example_ids"]):
+        n = a[eid][5][2]
+        row, start, _ = b[eid][5]
+        torch.testing.assert_close(lk[row, start:start + n], lp[j, :n], rtol=1e-4, atol=1e-4)
+    # an edited example leaves every other example of its row unchanged
+    row0 = [eid for eid in packed["example_ids"] if b[eid][5][0] == 0]
+    assert len(row0) >= 2
+    victim = b[row0[0]][5]
+    ids = packed["input_ids"].clone()
+    ids[0, victim[1]:victim[1] + victim[2]] = torch.randint(10, 1000, (victim[2],))
+    edited = logits(packed, ids)
+    assert not torch.allclose(edited[0, victim[1]:victim[1] + victim[2]], lk[0, victim[1]:victim[1] + victim[2]])
+    for eid in row0[1:]:
+        _, start, n = b[eid][5]
+        torch.testing.assert_close(edited[0, start:start + n], lk[0, start:start + n], rtol=0, atol=1e-5)
+
+
+def test_packed_gradients_equal_padded(shard, tmp_path):
+    tok, sh, items = shard
+    lm = load_model(tiny_model_dir(STUDENT, hidden=64, layers=2, heads=4, out_dir=tmp_path / "m")).float()
+
+    def grads(batch):
+        lm.zero_grad()
+        kw = {"position_ids": batch["position_ids"]} if batch.get("packed") else {}
+        logits = lm(input_ids=batch["input_ids"], use_cache=False, **kw).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(), batch["labels"].flatten(),
+                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in lm.named_parameters()}
+
+    l1, g1 = grads(collate(items, n_teachers=1, k=4, pad_id=0))
+    l2, g2 = grads(collate_packed(items, n_teachers=1, k=4, pad_id=0, row_tokens=192))
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-5)
+    for k in g1:
+        torch.testing.assert_close(g2[k], g1[k], rtol=1e-4, atol=1e-6, msg=k)
