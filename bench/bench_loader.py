@@ -86,15 +86,15 @@ def disk_bytes_per_token(root: Path) -> dict:
     return out
 
 
-def make_loader(root, toks, args, shuffle=True, span_rule="chain"):
+def make_loader(root, toks, args, shuffle=True, span_rule="first_piece"):
     cfg = DataConfig(data_dir=str(root), sources=list(SOURCES), k=args.k, micro_batch_size=args.batch_size,
                      max_length=args.max_length, shuffle_buffer=1024 if shuffle else 1, span_rule=span_rule)
     return FusionLoader(cfg, toks["smollm2"], student=SOURCES["smollm2"],
                         teacher_tokenizers={n: toks[n] for n in SOURCES if n != "smollm2"})
 
 
-def bench_profuser(root, toks, args, span_rule="chain") -> dict:
-    """FusionLoader epochs; span_rule chain (the default) is row "profuser", first_piece "profuser_first_piece"."""
+def bench_profuser(root, toks, args, span_rule="first_piece") -> dict:
+    """FusionLoader epochs; span_rule first_piece (the default) is row "profuser", chain "profuser_chain"."""
     ld = make_loader(root, toks, args, span_rule=span_rule)
     epochs = []
     for _ in range(args.epochs):
@@ -109,7 +109,7 @@ def bench_profuser(root, toks, args, span_rule="chain") -> dict:
     first, rest = epochs[0], epochs[1:] or epochs
     steady_wall = statistics.median(e["wall_s"] for e in rest)
     steady_cpu = statistics.median(e["cpu_s"] for e in rest)
-    return {"method": "profuser" if span_rule == "chain" else f"profuser_{span_rule}", "epochs": epochs,
+    return {"method": "profuser" if span_rule == "first_piece" else f"profuser_{span_rule}", "epochs": epochs,
             "tokens_per_epoch": first["tokens"],
             "first_epoch_tok_s_wall": first["tokens"] / first["wall_s"],
             "first_epoch_tok_per_cpu_s": first["tokens"] / first["cpu_s"],
@@ -131,7 +131,7 @@ def fusellm_dataset(root, toks, args, out: Path, maps: list):
     """FuseLLM-format rows (aligned top-k in the student vocabulary, per position) from our batches."""
     import datasets
 
-    ld = make_loader(root, toks, args, shuffle=False, span_rule="first_piece")  # FuseLLM: no chain rule
+    ld = make_loader(root, toks, args, shuffle=False)  # FuseLLM: no chain rule
     cols = {"input_ids": [], "attention_mask": [], "labels": []}
     for t in range(len(SOURCES)):
         cols[f"per_step_aligned_indices_{t}"], cols[f"per_step_aligned_logits_{t}"] = [], []
@@ -207,7 +207,7 @@ def bench_fusellm(root, toks, args, workdir: Path, maps: list) -> dict:
 
 
 def bench_dense_vectorized(root, toks, args, maps: list) -> dict:
-    ld = make_loader(root, toks, args, shuffle=False, span_rule="first_piece")
+    ld = make_loader(root, toks, args, shuffle=False)
     V = len(toks["smollm2"])
     batches = []
     for b in ld:
@@ -261,7 +261,7 @@ def main() -> int:
     rows = [bench_profuser(root, toks, args)]
     rows[0]["init_s_wall"] = init[1]
     rows[0]["disk_bytes_per_token"] = disk_bytes_per_token(root)
-    rows.append(bench_profuser(root, toks, args, span_rule="first_piece"))  # before issue #24, same run
+    rows.append(bench_profuser(root, toks, args, span_rule="chain"))  # issue #24's rule, same run
     maps = exact_maps(toks)
     rows.append(bench_fusellm(root, toks, args, work, maps))
     rows.append(bench_dense_vectorized(root, toks, args, maps))
@@ -295,10 +295,10 @@ def _cpu_model() -> str:
 
 def table(result: dict) -> str:
     """The Markdown table docs/results.md quotes ("Streaming loader"); "vs profuser" is the CPU time ratio (how
-    many times profuser's time, span_rule chain, the default, in steady epochs)."""
+    many times profuser's time, span_rule first_piece, the default, in steady epochs)."""
     r = {row["method"]: row for row in result["rows"]}
     p, f, d = r["profuser"], r["fusellm_dense"], r["dense_vectorized"]
-    fp = r.get("profuser_first_piece")
+    ch = r.get("profuser_chain")
     load = result["load_average_before"][0]
     head = (f"Machine: {result['machine']} ({result['cpu_model']}), 1 thread pinned to one core; "
             f"load average {load:.1f} (shared machine: CPU-time figures are the comparable ones).")
@@ -308,8 +308,8 @@ def table(result: dict) -> str:
         ("profuser, steady epochs", p["tok_s_wall"], p["tok_per_cpu_s"], "1.00x", disk),
         ("profuser, first epoch (store checks)", p["first_epoch_tok_s_wall"], p["first_epoch_tok_per_cpu_s"],
          f"{first:.2f}x slower", ""),
-        *([("profuser, steady epochs, span_rule first_piece", fp["tok_s_wall"], fp["tok_per_cpu_s"],
-            f"{fp['profuser_speedup_cpu']:.2f}x", "")] if fp else []),
+        *([("profuser, steady epochs, span_rule chain", ch["tok_s_wall"], ch["tok_per_cpu_s"],
+            f"{ch['profuser_speedup_cpu']:.2f}x", "")] if ch else []),
         ("FuseLLM-style dense collation", f["tok_s_wall"], f["tok_per_cpu_s"],
          f"{f['profuser_speedup_cpu']:.0f}x slower", f"{f['disk_bytes_per_token_per_teacher']:.1f} (Arrow)"),
         ("dense target only, vectorized", d["tok_s_wall"], d["tok_per_cpu_s"],

@@ -131,7 +131,7 @@ def test_every_shipped_study_variant_is_a_valid_run(name):
         cmd = S.train_command(cfg, variant, 0)
         train = load_config(cmd[cmd.index("--config") + 1], cmd[cmd.index("--config") + 2:])
         assert train.schedule.kind == cfg.variants[variant]["schedule.kind"], variant
-        assert train.data.span_rule == cfg.variants[variant].get("data.span_rule", "chain"), variant
+        assert train.data.span_rule == cfg.variants[variant].get("data.span_rule", "first_piece"), variant
 
 
 def test_lm_eval_task_resolves_an_alias_to_its_local_folder(tmp_path, monkeypatch):
