@@ -86,6 +86,13 @@ class DataConfig:
     k: int | None = 10  # top-k entries per teacher and token used by the loss (None: the smallest stored k)
     max_length: int = 128  # prompt + response tokens per example (the response is truncated to fit)
     micro_batch_size: int = 4  # examples per rank and micro-step, per mode
+    # tokens per rank, micro-step and mode instead: examples are added while their tokens fit (an example
+    # longer than the budget is a micro-batch of its own); 0: micro_batch_size examples
+    micro_batch_tokens: int = 0
+    # pack a micro-batch's whole examples into rows (position_ids restart per example, attention stays inside
+    # each example: loader/packing.py) instead of one padded row per example
+    packing: bool = False
+    max_tokens_per_row: int = 0  # packing: tokens per row (0: max_length)
     pad_to_multiple_of: int = 8  # a batch's length is rounded up to a multiple of this
     drop_last: bool = False  # drop the last incomplete batch of an epoch
     advantage: str = "minCE"  # minCE | avgCE
@@ -457,7 +464,7 @@ _RANGES = {  # every numeric option; list options apply the range to each entry
     "optim.lr": _POS, "optim.eps": _POS, "optim.betas": _Range(0, 1, hi_open=True),
     "optim.weight_decay": _NONNEG, "optim.grad_clip": _NONNEG, "optim.min_lr_ratio": _UNIT,
     "data.micro_batch_size": _Range(1), "data.k": _Range(1), "data.max_length": _Range(2),
-    "data.pad_to_multiple_of": _Range(1),
+    "data.pad_to_multiple_of": _Range(1), "data.micro_batch_tokens": _NONNEG, "data.max_tokens_per_row": _NONNEG,
     "data.shuffle_buffer": _NONNEG, "loss.lam": _UNIT, "loss.temperature": _POS, "loss.softcap": _POS,
     "schedule.switch_fraction": _UNIT, "schedule.ramp_fraction": _UNIT, "schedule.stage1": _NONNEG,
     "schedule.stage2": _NONNEG, "checkpoint.every": _NONNEG, "checkpoint.keep_last": _NONNEG,

@@ -51,7 +51,7 @@ from ..models import load_tokenizer, pad_id
 from ..text.align import align_mined, align_offsets_batch, build_vocab_map, token_strings, tokenizer_hash
 from ..text.vocab_map import vocab_info as _vocab_info
 from . import collate as _collate
-from . import spans
+from . import packing, spans
 from .advantage import example_metric, position_weights, tie_priority
 
 DataError = store.StoreError  # bad or inconsistent input data; the message names the file (and row)
@@ -259,7 +259,8 @@ class FusionLoader:
         return order
 
     def __len__(self) -> int:
-        """Batches per epoch on this rank (an upper bound when rows are dropped)."""
+        """Batches per epoch on this rank (an upper bound when rows are dropped; with data.micro_batch_tokens the
+        count of micro_batch_size batches, an estimate: the budget's batches are known only when read)."""
         n = len(self.epoch_order(0))
         return n // self.cfg.micro_batch_size if self.cfg.drop_last else math.ceil(n / self.cfg.micro_batch_size)
 
@@ -284,8 +285,8 @@ class FusionLoader:
         rev_shards, rev_first = np.unique(order[::-1, 0], return_index=True)
         last = dict(zip(rev_shards.tolist(), (len(order) - 1 - rev_first).tolist()))  # shard -> last position
         cache: dict[int, _collate.ProcessedShard] = {}
-        batch, pos = [], self._consumed
-        B = self.cfg.micro_batch_size
+        batch, tokens, pos = [], 0, self._consumed
+        B, budget = self.cfg.micro_batch_size, self.cfg.micro_batch_tokens
         while pos < len(order):
             j, row = int(order[pos, 0]), int(order[pos, 1])
             sh = cache.get(j)
@@ -293,11 +294,18 @@ class FusionLoader:
                 sh = cache[j] = self._process(j)
             i = int(sh.row_index[row])
             if i >= 0:
+                n = int(sh.enc.ids_off[i + 1] - sh.enc.ids_off[i])
+                if budget and batch and tokens + n > budget:  # a token budget: this example opens the next
+                    out = self._collate(batch)
+                    batch, tokens = [], 0
+                    self._consumed = pos  # a resume re-reads this example first
+                    yield out
                 batch.append((sh, i))
+                tokens += n
             if last[j] == pos:
                 del cache[j]
             pos += 1
-            if len(batch) == B:
+            if not budget and len(batch) == B:
                 out = self._collate(batch)
                 batch = []
                 self._consumed = pos
@@ -310,8 +318,12 @@ class FusionLoader:
 
     def _collate(self, items) -> dict:
         self.stats["examples"] += len(items)
-        return _collate.collate(items, n_teachers=len(self.source_names), k=self.k, pad_id=pad_id(self.tokenizer),
-                                pad_to_multiple_of=self.cfg.pad_to_multiple_of)
+        args = dict(n_teachers=len(self.source_names), k=self.k, pad_id=pad_id(self.tokenizer),
+                    pad_to_multiple_of=self.cfg.pad_to_multiple_of)
+        if self.cfg.packing:
+            return packing.collate_packed(items, row_tokens=self.cfg.max_tokens_per_row or self.cfg.max_length,
+                                          **args)
+        return _collate.collate(items, **args)
 
     # ---- one shard ----------------------------------------------------------------------------------
 

@@ -71,8 +71,11 @@ class FusionStep(nn.Module):
         from profuser.kernels import fusion_loss
 
         head = self.lm.get_output_embeddings()
-        mask = None if batch.get("right_padded") else batch["attention_mask"]
-        hidden = self.backbone(input_ids=batch["input_ids"], attention_mask=mask)[0]
+        if batch.get("packed"):  # no mask: transformers builds the per-example causal mask from position_ids
+            kw = {"attention_mask": None, "position_ids": batch["position_ids"]}
+        else:
+            kw = {"attention_mask": None if batch.get("right_padded") else batch["attention_mask"]}
+        hidden = self.backbone(input_ids=batch["input_ids"], use_cache=False, **kw)[0]
         B, L, H = hidden.shape
         labels = batch["labels"].reshape(B * L)
         # [N] labelled positions; N is known on the host, so no device read (nonzero would sync)
@@ -104,17 +107,22 @@ class FusionStep(nn.Module):
 def merge_modes(batches: list[dict], pad_id: int) -> dict:
     """Concatenate micro-batches of different modes along B, right-padding to the longest L (host tensors).
 
-    Tensors: input_ids/attention_mask/labels [B, L]; teacher_ids/logprobs [T, B, L, K]; weights [T, B, L].
-    Sets right_padded (bool): every row's mask is ones then zeros (FusionStep then needs no mask).
+    Tensors: input_ids/attention_mask/labels [B, L] (and position_ids of packed batches); teacher_ids/logprobs
+    [T, B, L, K]; weights [T, B, L]. Sets right_padded (bool): every row's mask is ones then zeros (FusionStep
+    then needs no mask). Packed batches (loader/packing.py) stay packed: the padding appended to a row gets
+    position 0 at every slot (each pad token a sequence of its own), example_row is shifted by the rows before.
     """
     if len(batches) == 1:
         return dict(batches[0], right_padded=_right_padded(batches[0]["attention_mask"]))
     L = max(b["input_ids"].shape[1] for b in batches)
+    packed = [bool(b.get("packed")) for b in batches]
+    if any(packed) and not all(packed):
+        raise ValueError("merge_modes: packed and padded micro-batches in one step (data.packing is one setting)")
     fill = {"input_ids": pad_id, "attention_mask": 0, "labels": -100, "teacher_ids": -1,
-            "teacher_logprobs": 0.0, "teacher_weights": 0.0}
+            "teacher_logprobs": 0.0, "teacher_weights": 0.0, **({"position_ids": 0} if all(packed) else {})}
     out: dict = {}
     for key, value in fill.items():
-        dim = 1 if key in ("input_ids", "attention_mask", "labels") else 2
+        dim = 1 if key in ("input_ids", "attention_mask", "labels", "position_ids") else 2
         padded = []
         for b in batches:
             t = b[key]
@@ -126,6 +134,10 @@ def merge_modes(batches: list[dict], pad_id: int) -> dict:
         out[key] = torch.cat(padded, dim=0 if dim == 1 else 1)
     out["mode"] = torch.cat([b["mode"] for b in batches])
     out["example_ids"] = [i for b in batches for i in b["example_ids"]]
+    if all(packed):
+        starts = torch.tensor([0] + [b["input_ids"].shape[0] for b in batches]).cumsum(0)
+        out["example_row"] = torch.cat([b["example_row"] + s for b, s in zip(batches, starts.tolist())])
+        out["packed"] = True
     out["n_tokens"] = sum(int(b["n_tokens"]) for b in batches)
     out["right_padded"] = _right_padded(out["attention_mask"])
     return out

@@ -84,6 +84,20 @@ def test_losses_match_reference_backend(setup, baseline, tmp_path):
     assert a[3]["loss_infer"] < a[1]["loss_infer"]  # it learns
 
 
+def test_packed_training_gives_the_same_losses(setup, baseline, tmp_path):
+    """data.packing: the same examples per micro-step, packed into rows (both modes, ZeRO-3, the two_stage
+    switch): every step's losses equal the padded run's (fp32, chunked backend)."""
+    base, _ = baseline
+    run_inproc(setup, tmp_path / "packed", **{"data.packing": "true", "data.max_tokens_per_row": 96,
+                                              "checkpoint.export": False})
+    a, b = losses(base), losses(tmp_path / "packed")
+    assert sorted(b) == sorted(a)
+    for step in a:
+        for key in ("loss", "loss_infer", "loss_train", "ce_infer", "kd_infer", "ce_train", "kd_train", "tokens"):
+            if key in a[step]:
+                assert b[step][key] == pytest.approx(a[step][key], rel=2e-4, abs=1e-5), (step, key)
+
+
 def test_export_reloads_with_same_nll(setup, baseline):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
