@@ -5,7 +5,8 @@
     loader = FusionLoader(DataConfig(data_dir=..., sources=[...]), tokenizer, student=..., mode="train")
 
 loader.py (FusionLoader), collate.py (student encoding, padding), advantage.py (MinCE / AvgCE weights),
-spans.py (chain-rule targets at spanning positions), stream.py (the training recipe's endless per-mode streams).
+spans.py (chain-rule targets at spanning positions), packing.py (rows of whole examples), stream.py (the
+training recipe's endless per-mode streams).
 """
 
 from .loader import DataError, FusionLoader

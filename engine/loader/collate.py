@@ -245,7 +245,7 @@ class ProcessedShard:
     enc: EncodedBatch of the kept examples; teacher_ids [T, S, K] int32 (-1 = no aligned teacher
     token), teacher_logprobs [T, S, K] float16, teacher_weights [T, S] float32; row_index [rows of the
     shard] int64: example index of each shard row, -1 = not on this rank or dropped; example_ids list[str];
-    mode 0 (train) or 1 (infer).
+    mode: config.MODE_ID of the shard's mode (0 infer, 1 train).
     """
 
     enc: EncodedBatch
