@@ -1,5 +1,6 @@
 """`profuser demo` end to end with the real models (SmolLM2-135M-Instruct target + Gemma-3-270M), scaled
-down: prepare -> teach -> generate -> score -> train (two_stage, ZeRO-3) -> report. Slow (minutes)."""
+down: prepare -> teach -> generate -> score -> train (two_stage, ZeRO stage 0: one process) -> report. Slow
+(minutes)."""
 
 import json
 import os
