@@ -188,7 +188,9 @@ def run_pipeline(cfg: TrainConfig, config_path: str | None, overrides: list[str]
                 raise SystemExit(f"[demo] stage {name} failed (exit {rc}): {' '.join(cmd)}")
         marker.write_text(json.dumps({"state": "done", "key": key, "cmds": [c[1:] for c in cmds]}))
         timings[name] = time.time() - t0
-        print(f"[demo] {name}: {timings[name]:.0f} s", flush=True)
+        peak = train_peak_gb(cmds, cfg)
+        print(f"[demo] {name}: {timings[name]:.0f} s" + (f", peak resident memory {peak:.1f} GB (the largest "
+                                                         "training process)" if peak else ""), flush=True)
     report = Path(cfg.output_dir) / "report" / "report.md"
     if report.exists():
         print("\n" + report.read_text(), flush=True)
@@ -198,6 +200,21 @@ def run_pipeline(cfg: TrainConfig, config_path: str | None, overrides: list[str]
               + table.read_text(), flush=True)
     (run / "timings.json").write_text(json.dumps(timings, indent=2))
     return report
+
+
+def train_peak_gb(cmds: list, cfg: TrainConfig) -> float | None:
+    """The largest peak resident memory (GB) the training runs of a stage logged (metrics.jsonl peak_mem_mb);
+    None when the stage trains nothing."""
+    peaks = []
+    for cmd in cmds:
+        if "profuser.engine.train" not in cmd:
+            continue
+        out = next((a.split("=", 1)[1] for a in reversed(cmd) if a.startswith("output_dir=")), cfg.output_dir)
+        metrics = Path(out) / "metrics.jsonl"
+        if metrics.is_file():
+            rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+            peaks += [r["peak_mem_mb"] for r in rows if r.get("peak_mem_mb")]
+    return max(peaks) / 1000 if peaks else None
 
 
 def _has_cuda() -> bool:
