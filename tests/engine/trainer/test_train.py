@@ -165,6 +165,26 @@ def test_resume_after_sigkill_gives_same_losses(setup, baseline, tmp_path):
     assert min(abs(a[s + 1]["loss"] - a[s]["loss"]) / a[s]["loss"] for s in range(1, 6)) > 1e-3
 
 
+def test_packed_run_under_a_token_budget_resumes_after_sigkill(setup, tmp_path):
+    """data.packing with data.micro_batch_tokens: a run killed after step 3 and resumed gives every step the
+    uninterrupted run's loss (the resumed loader continues with the same micro-batches and packed rows)."""
+    packed = {"data.packing": "true", "data.micro_batch_tokens": 150, "data.max_tokens_per_row": 96}
+    whole = tmp_path / "whole"
+    run_inproc(setup, whole, **packed, **{"checkpoint.export": False})
+    out = tmp_path / "killed"
+    proc = spawn(setup, out, "optim.max_steps=6", *[f"{k}={v}" for k, v in packed.items()])
+    wait_for_step(proc, out, 3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = run_inproc(setup, out, **packed, **{"checkpoint.export": False})
+    assert resumed["start_step"] in (2, 4)
+    a, b = losses(whole), losses(out)
+    assert sorted(b) == sorted(a) == list(range(1, 7))
+    for step in range(1, 7):
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=2e-5), step
+        assert b[step]["tokens"] == a[step]["tokens"], step
+
+
 def test_sigterm_saves_checkpoint(setup, tmp_path):
     out = tmp_path / "term"
     proc = spawn(setup, out, "optim.max_steps=50", "checkpoint.every=0")
