@@ -257,6 +257,34 @@ class ProcessedShard:
     mode: int
 
 
+def empty_batch(n_teachers: int, B: int, L: int, k: int, pad_id: int) -> dict:
+    """The arrays of a [B, L] batch with nothing placed: input_ids pad_id, attention_mask 0, labels -100,
+    teacher_ids -1, teacher_logprobs -inf, teacher_weights 0, mode 0."""
+    return {"input_ids": np.full((B, L), pad_id, np.int64), "attention_mask": np.zeros((B, L), np.int64),
+            "labels": np.full((B, L), IGNORE_INDEX, np.int64),
+            "teacher_ids": np.full((n_teachers, B, L, k), -1, np.int32),
+            "teacher_logprobs": np.full((n_teachers, B, L, k), -np.inf, np.float16),
+            "teacher_weights": np.zeros((n_teachers, B, L), np.float32), "mode": np.zeros(B, np.int64)}
+
+
+def place(arrays: dict, b: int, at: int, sh: ProcessedShard, i: int) -> int:
+    """Write example i of `sh` into row b of `arrays` (empty_batch) from column `at`: its tokens, mask,
+    labels and teacher targets at its predicted positions, the row's mode. Returns its token count."""
+    e = sh.enc
+    a, z = e.ids_off[i], e.ids_off[i + 1]
+    n = int(z - a)
+    arrays["input_ids"][b, at:at + n] = e.input_ids[a:z]
+    arrays["attention_mask"][b, at:at + n] = 1
+    a, z = e.pred_off[i], e.pred_off[i + 1]
+    pos = at + e.pred_pos[a:z]
+    arrays["labels"][b, pos] = e.pred_ids[a:z]
+    arrays["teacher_ids"][:, b, pos] = sh.teacher_ids[:, a:z]
+    arrays["teacher_logprobs"][:, b, pos] = sh.teacher_logprobs[:, a:z]
+    arrays["teacher_weights"][:, b, pos] = sh.teacher_weights[:, a:z]
+    arrays["mode"][b] = sh.mode
+    return n
+
+
 def collate(items: list[tuple[ProcessedShard, int]], *, n_teachers: int, k: int, pad_id: int,
             pad_to_multiple_of: int = 1) -> dict:
     """Pad examples into one batch (docs/contracts.md section 4).
@@ -266,38 +294,13 @@ def collate(items: list[tuple[ProcessedShard, int]], *, n_teachers: int, k: int,
     float16, teacher_weights [T, B, L] float32, mode [B] int64, example_ids list[str], n_tokens int.
     L = longest example rounded up to pad_to_multiple_of.
     """
-    B = len(items)
     lens = [int(sh.enc.ids_off[i + 1] - sh.enc.ids_off[i]) for sh, i in items]
-    L = max(lens) if lens else 0
     m = max(int(pad_to_multiple_of), 1)
-    L = -(-L // m) * m
-    input_ids = np.full((B, L), pad_id, np.int64)
-    attn = np.zeros((B, L), np.int64)
-    labels = np.full((B, L), IGNORE_INDEX, np.int64)
-    tids = np.full((n_teachers, B, L, k), -1, np.int32)
-    tlps = np.full((n_teachers, B, L, k), -np.inf, np.float16)
-    tw = np.zeros((n_teachers, B, L), np.float32)
-    mode = np.zeros(B, np.int64)
+    L = -(-max(lens, default=0) // m) * m
+    arrays = empty_batch(n_teachers, len(items), L, k, pad_id)
     for b, (sh, i) in enumerate(items):
-        e = sh.enc
-        a, z = e.ids_off[i], e.ids_off[i + 1]
-        input_ids[b, : z - a] = e.input_ids[a:z]
-        attn[b, : z - a] = 1
-        a, z = e.pred_off[i], e.pred_off[i + 1]
-        pos = e.pred_pos[a:z]
-        labels[b, pos] = e.pred_ids[a:z]
-        tids[:, b, pos] = sh.teacher_ids[:, a:z]
-        tlps[:, b, pos] = sh.teacher_logprobs[:, a:z]
-        tw[:, b, pos] = sh.teacher_weights[:, a:z]
-        mode[b] = sh.mode
-    return {
-        "input_ids": torch.from_numpy(input_ids),
-        "attention_mask": torch.from_numpy(attn),
-        "labels": torch.from_numpy(labels),
-        "teacher_ids": torch.from_numpy(tids),
-        "teacher_logprobs": torch.from_numpy(tlps),
-        "teacher_weights": torch.from_numpy(tw),
-        "mode": torch.from_numpy(mode),
-        "example_ids": [sh.example_ids[i] for sh, i in items],
-        "n_tokens": int((labels != IGNORE_INDEX).sum()),
-    }
+        place(arrays, b, 0, sh, i)
+    out = {key: torch.from_numpy(v) for key, v in arrays.items()}
+    out["example_ids"] = [sh.example_ids[i] for sh, i in items]
+    out["n_tokens"] = int((arrays["labels"] != IGNORE_INDEX).sum())
+    return out

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .collate import IGNORE_INDEX
+from .collate import IGNORE_INDEX, empty_batch, place
 
 
 def first_fit(lengths: list[int], row_tokens: int) -> list[list[int]]:
@@ -54,53 +54,26 @@ def collate_packed(items: list, *, n_teachers: int, k: int, pad_id: int, row_tok
     """
     lens = [int(sh.enc.ids_off[i + 1] - sh.enc.ids_off[i]) for sh, i in items]
     rows = first_fit(lens, row_tokens)
-    B = len(rows)
     fill = [sum(lens[i] for i in row) for row in rows]
     m = max(int(pad_to_multiple_of), 1)
     L = -(-max(fill, default=0) // m) * m
-    input_ids = np.full((B, L), pad_id, np.int64)
-    attn = np.zeros((B, L), np.int64)
-    pos_ids = np.zeros((B, L), np.int64)
-    labels = np.full((B, L), IGNORE_INDEX, np.int64)
-    tids = np.full((n_teachers, B, L, k), -1, np.int32)
-    tlps = np.full((n_teachers, B, L, k), -np.inf, np.float16)
-    tw = np.zeros((n_teachers, B, L), np.float32)
-    mode = np.zeros(B, np.int64)
+    arrays = empty_batch(n_teachers, len(rows), L, k, pad_id)
+    pos_ids = np.zeros((len(rows), L), np.int64)
     order, example_row = [], []
     for b, row in enumerate(rows):
         at = 0
         for j in row:
             sh, i = items[j]
-            e = sh.enc
-            a, z = e.ids_off[i], e.ids_off[i + 1]
-            n = int(z - a)
-            input_ids[b, at:at + n] = e.input_ids[a:z]
-            attn[b, at:at + n] = 1
-            pos_ids[b, at:at + n] = np.arange(n)
-            a, z = e.pred_off[i], e.pred_off[i + 1]
-            pos = at + e.pred_pos[a:z]
-            labels[b, pos] = e.pred_ids[a:z]
-            tids[:, b, pos] = sh.teacher_ids[:, a:z]
-            tlps[:, b, pos] = sh.teacher_logprobs[:, a:z]
-            tw[:, b, pos] = sh.teacher_weights[:, a:z]
-            if at and sh.mode != mode[b]:
+            if at and sh.mode != arrays["mode"][b]:
                 raise ValueError("collate_packed: one row holds examples of two modes (streams are per mode)")
-            mode[b] = sh.mode
+            n = place(arrays, b, at, sh, i)
+            pos_ids[b, at:at + n] = np.arange(n)
             order.append(sh.example_ids[i])
             example_row.append(b)
             at += n
         pos_ids[b, at:] = np.arange(L - at)  # the padding: a sequence of its own
-    return {
-        "input_ids": torch.from_numpy(input_ids),
-        "attention_mask": torch.from_numpy(attn),
-        "position_ids": torch.from_numpy(pos_ids),
-        "labels": torch.from_numpy(labels),
-        "teacher_ids": torch.from_numpy(tids),
-        "teacher_logprobs": torch.from_numpy(tlps),
-        "teacher_weights": torch.from_numpy(tw),
-        "mode": torch.from_numpy(mode),
-        "example_ids": order,
-        "example_row": torch.tensor(example_row, dtype=torch.int64),
-        "n_tokens": int((labels != IGNORE_INDEX).sum()),
-        "packed": True,
-    }
+    out = {key: torch.from_numpy(v) for key, v in arrays.items()}
+    out.update(position_ids=torch.from_numpy(pos_ids), example_ids=order,
+               example_row=torch.tensor(example_row, dtype=torch.int64),
+               n_tokens=int((arrays["labels"] != IGNORE_INDEX).sum()), packed=True)
+    return out
