@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, TrainConfig
-from ..models import load_model
+from ..models import load_model, resolve_model
 from .schedule import effective_lam, lr_factor
 from .step import FusionStep
 
@@ -62,13 +62,15 @@ def load_student(cfg: TrainConfig, dtype: torch.dtype, ds_config: dict):
     """The student model in training mode. Under ZeRO-3 the weights are partitioned while they load
     (deepspeed.zero.Init through transformers' HfDeepSpeedConfig), so no rank ever holds the whole model:
     what lets a large student start on nodes whose CPU memory could not hold one full copy per rank."""
+    # an alias converts its GGUF into the model cache on first use: that conversion builds a whole model and
+    # must run before the partitioned-init context below, or it saves the empty [0] partitions
+    folder = resolve_model(cfg.model.student)
     zero3 = None
     if ds_config.get("zero_optimization", {}).get("stage") == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
         zero3 = HfDeepSpeedConfig(ds_config)  # must stay alive while the model loads
-    lm = load_model(cfg.model.student, dtype=dtype,
-                    attn_implementation=resolve_attention(cfg.model.attn_implementation))
+    lm = load_model(folder, dtype=dtype, attn_implementation=resolve_attention(cfg.model.attn_implementation))
     del zero3
     lm.config.use_cache = False
     if cfg.model.activation_checkpointing:

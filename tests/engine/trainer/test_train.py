@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import overrides, training_data
+from helpers import need, overrides, training_data
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -346,6 +346,28 @@ def test_zero3_loads_the_student_partitioned(setup, tmp_path):
     assert tuple(full_shape(head)) == (lm.config.vocab_size, lm.config.hidden_size)
     plain = load_student(cfg, torch.float32, {})             # no DeepSpeed config: a plain model
     assert not hasattr(plain.get_output_embeddings().weight, "ds_id")
+
+
+def test_an_alias_student_loads_under_zero3_from_an_empty_model_cache(setup, tmp_path, monkeypatch):
+    """An alias student (a GGUF converted once into the model cache) under ZeRO-3 with nothing cached yet: the
+    conversion runs before the partitioned-init context, so the cached folder holds whole weights and the
+    partitioned student loads (the bug: a conversion inside zero.Init saved empty [0] tensors)."""
+    from profuser.engine.config import load_config
+    from profuser.engine.dist import setup_distributed
+    from profuser.engine.trainer.deepspeed_setup import deepspeed_config, full_shape, load_student
+
+    need("smollm2-135m-instruct")
+    monkeypatch.setenv("PROFUSER_CACHE", str(tmp_path / "empty-cache"))
+    setup_distributed()
+    cfg = load_config(None, overrides(setup, tmp_path / "run", **{"model.student": "smollm2-135m-instruct"}))
+    lm = load_student(cfg, torch.float32, deepspeed_config(cfg, torch.float32))
+    head = lm.get_output_embeddings().weight
+    assert hasattr(head, "ds_id") and tuple(full_shape(head)) == (49152, 576)
+    from safetensors import safe_open
+
+    folder = next((tmp_path / "empty-cache").rglob("model.safetensors")).parent
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:  # the converted folder holds whole weights
+        assert all(f.get_slice(k).get_shape() != [0] for k in f.keys())
 
 
 def test_sft_trains_on_gold_only_with_train_only_batches(setup, tmp_path):
