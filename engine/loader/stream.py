@@ -23,7 +23,7 @@ def check_stores(cfg: TrainConfig, modes: list[str]) -> None:
     """Every store the run reads exists and matches its prepared set (seconds, before any model loads)."""
     for mode in modes:
         key, root = cfg.data.store_dir(mode)
-        store.require_stores(root, cfg.data.sources, mode, what=key)
+        store.require_stores(root, cfg.data.sources, mode, what=key, k=cfg.data.k)
 
 
 class BatchStream:

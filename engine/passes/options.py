@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .. import models
-from ..config import NAN_POLICIES, TEACHER_ENGINES
+from ..config import NAN_POLICIES, TEACHER_ENGINES, DataConfig
 from ..config_cli import Flag
 from ..store import WriteOptions
 from . import vllm_engine
@@ -40,7 +40,7 @@ class PassConfig:
     # model specs: aliases (smollm2-135m-instruct, gemma3-270m) or local Hugging Face folders
     sources: list[str] = field(default_factory=list)
     names: list[str] | None = None  # store name per source (default: the alias or the folder name)
-    k: int = 8  # top-k entries stored per teacher and token
+    k: int = DataConfig.k  # top-k entries stored per teacher and token (training's data.k default)
     batch_tokens: int = 8192  # padded tokens per forward (B * L_max)
     max_batch_size: int = 64  # examples per forward at most
     # cap on prompt + response tokens per example: the response is truncated to fit; an example whose

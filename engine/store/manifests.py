@@ -223,9 +223,11 @@ def update_manifest(data_dir, source: str, mode: str, j: int, info: dict) -> Tea
     return m
 
 
-def require_stores(data_dir, sources: list[str], mode: str, *, what: str = "data.data_dir") -> None:
+def require_stores(data_dir, sources: list[str], mode: str, *, what: str = "data.data_dir",
+                   k: int | None = None) -> None:
     """Fail in seconds, before any model loads, when the prepared set or a source's store of `mode` is
-    missing or was built for another prepared set. `what` names the config key in the message."""
+    missing, was built for another prepared set, or holds fewer than `k` top-k entries (training's data.k;
+    None: any). `what` names the config key in the message."""
     root = Path(data_dir)
     prepared = prepared_dir(root) / "manifest.json"
     if not prepared.is_file():
@@ -238,7 +240,11 @@ def require_stores(data_dir, sources: list[str], mode: str, *, what: str = "data
             step = "teach" if mode == "train" else "generate"
             raise FileNotFoundError(f"data.sources: no {mode}-mode store for source {source!r} ({manifest} is "
                                     f"missing); run `profuser {step}` first")
-        got = read_json(manifest, what="teacher manifest").get("prepared_fingerprint")
+        meta = read_json(manifest, what="teacher manifest")
+        got = meta.get("prepared_fingerprint")
+        if k is not None and isinstance(meta.get("k"), int) and meta["k"] < k:
+            raise StoreError(f"{manifest}: stores k={meta['k']} top-k entries but data.k={k}; set data.k={meta['k']} "
+                             f"(or data.k=null: the smallest stored k) or rebuild the store with --k {k}")
         if got != fingerprint:
             raise StoreError(f"{manifest}: built for another prepared set (prepared_fingerprint {got!r} != "
                              f"{fingerprint!r} in {prepared}); re-run teach/generate on this prepared set")

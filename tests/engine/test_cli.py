@@ -43,7 +43,9 @@ def test_debug_and_version_before_or_after_the_subcommand(tmp_path):
 
 def test_help_shows_defaults_and_every_training_key():
     teach = profuser("teach", "--help").stdout
-    assert "top-k entries stored per teacher and token (default: 8; key: k)" in " ".join(teach.split())
+    # one default for the stored top-k and the trained one (teach --k == data.k)
+    assert "top-k entries stored per teacher and token (training's data.k default) (default: 10; key: k)" in \
+        " ".join(teach.split())
     train = " ".join(profuser("train", "--help").stdout.split())
     from profuser.engine.config import TrainConfig
     from profuser.engine.config_cli import leaves

@@ -50,6 +50,18 @@ def test_check_passes_clean_stores_and_names_an_invalid_row(data, tmp_path):
     assert "would stop training" in lines[-1]
 
 
+def test_check_refuses_a_data_k_above_what_the_stores_hold(data, tmp_path):
+    """The stores hold top-4; data.k=8 is refused by check (and by train, the same check_stores) in seconds,
+    naming the manifest and both k; data.k=null takes the smallest stored k."""
+    from profuser.engine.store import StoreError
+
+    cfg = load_config(None, overrides(data, tmp_path / "out", **{"data.k": 8}))
+    with pytest.raises(StoreError, match=r"self/(train|infer)/manifest.json: stores k=4 top-k entries but data.k=8"):
+        check(cfg, out=lambda line: None)
+    cfg = load_config(None, overrides(data, tmp_path / "out", **{"data.k": "null"}))
+    assert check(cfg, out=lambda line: None) == 0
+
+
 def test_check_command_names_a_bad_value_in_one_line(data, tmp_path):
     p = subprocess.run([sys.executable, "-m", "profuser.engine.cli", "check",
                         *overrides(data, tmp_path / "out", **{"optim.lr": -1})], capture_output=True, text=True,
