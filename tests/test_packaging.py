@@ -55,3 +55,18 @@ def test_wheel_core_install_runs_the_readme_example(tmp_path):
                               "('transformers', 'datasets', 'pyarrow', 'deepspeed') if u.find_spec(m)])"],
                              capture_output=True, text=True)
     assert missing.stdout.strip() == "[]"  # the core install is the loss library's dependencies only
+
+
+def test_the_sdist_carries_every_file_the_extension_compiles_from(tmp_path):
+    """A build from the sdist must not silently lose profuser._C: every csrc/ file is in it (csrc/align.h
+    was missing: setup.py names only the .cpp sources; MANIFEST.in adds the headers)."""
+    import tarfile
+
+    p = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (sdist,) = tmp_path.glob("profuser-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        members = {Path(*Path(m).parts[1:]).as_posix() for m in tar.getnames()}
+    needed = {p.relative_to(REPO).as_posix() for p in (REPO / "csrc").iterdir() if p.suffix in (".h", ".cpp")}
+    assert needed and needed <= members, sorted(needed - members)
