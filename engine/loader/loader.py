@@ -392,6 +392,8 @@ class FusionLoader:
         tids = np.full((T, S, K), -1, np.int32)
         tlps = np.full((T, S, K), -np.inf, np.float16)
         own_lp = np.full((T, S), np.nan)                                  # the teacher's log-prob of its token
+        # [S] the student's token stands for its whole span (loader/spans.py); once per shard, for every teacher
+        complete = spans.complete_tokens(enc.pred_offsets, enc.pred_off) if cfg.span_rule == "chain" else None
         for t, rec in enumerate(recs):
             hit = np.nonzero(G[t] >= 0)[0]
             if hit.size:
@@ -399,8 +401,8 @@ class FusionLoader:
                 tids[t, hit] = rec.topk_ids[g, :K]
                 tlps[t, hit] = rec.topk_logprobs[g, :K]
                 own_lp[t, hit] = rec.token_logprobs[g]
-            if cfg.span_rule == "chain":
-                self._chain(t, tids[t], tlps[t], own_lp[t], G[t], enc, rec)
+            if complete is not None:
+                self._chain(t, tids[t], tlps[t], own_lp[t], G[t], enc, rec, complete)
         tw = self._weights(enc, recs, sel, G, own_lp, winners)
         row_index = np.full(n, -1, np.int64)
         row_index[sel[ok]] = np.nonzero(ok)[0]
@@ -445,14 +447,13 @@ class FusionLoader:
                 G[t, po[i]:po[i + 1]] = np.where(r >= 0, r + a, -1)
         return G
 
-    def _chain(self, t: int, tids, tlps, own_lp, G, enc, rec) -> None:
+    def _chain(self, t: int, tids, tlps, own_lp, G, enc, rec, complete) -> None:
         """span_rule "chain" for teacher t (loader/spans.py): chain-rule targets at spanning positions, then
         the byte-fallback guard; tids / tlps [S, K] and own_lp [S] edited in place."""
         base = None if self.base_vocab_maps[t] is None else len(self.base_vocab_maps[t])
         maps = self.vocab_maps  # builds the extended maps and the student's byte-fallback table once
         spans.chain_targets(tids, tlps, own_lp, G=G, student_span=enc.pred_offsets, student_ids=enc.pred_ids,
-                            complete=spans.complete_tokens(enc.pred_offsets, enc.pred_off), rec=rec,
-                            chain_base=base, stats=self.stats)
+                            complete=complete, rec=rec, chain_base=base, stats=self.stats)
         if base is not None:
             spans.drop_fallback_targets(tids, tlps, vm=maps[t].numpy(), fallback=self._student_fallback,
                                         student_ids=enc.pred_ids, stats=self.stats)
