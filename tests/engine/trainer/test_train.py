@@ -87,9 +87,17 @@ def test_losses_match_reference_backend(setup, baseline, tmp_path):
 def test_packed_training_gives_the_same_losses(setup, baseline, tmp_path):
     """data.packing: the same examples per micro-step, packed into rows (both modes, ZeRO-3, the two_stage
     switch): every step's losses equal the padded run's (fp32, chunked backend)."""
+    from profuser.engine.config import load_config
+    from profuser.engine.loader.stream import build_streams
+    from profuser.engine.models import load_tokenizer
+
     base, _ = baseline
-    run_inproc(setup, tmp_path / "packed", **{"data.packing": "true", "data.max_tokens_per_row": 96,
-                                              "checkpoint.export": False})
+    packed = {"data.packing": "true", "data.max_tokens_per_row": 128}  # two examples of <= 64 tokens per row
+    # the run's batches are packed (so equal losses below cannot come from packing silently off)
+    cfg = load_config(None, overrides(setup, tmp_path / "probe", **packed))
+    batch = build_streams(cfg, load_tokenizer(setup["student"]), ["train"], 0, 1)["train"].next()
+    assert batch["packed"] and batch["input_ids"].shape[0] < len(batch["example_ids"])
+    run_inproc(setup, tmp_path / "packed", **packed, **{"checkpoint.export": False})
     a, b = losses(base), losses(tmp_path / "packed")
     assert sorted(b) == sorted(a)
     for step in a:
