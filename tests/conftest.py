@@ -33,3 +33,25 @@ def _seed():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_folders_removed_when_the_module_passes(request, tmp_path_factory):
+    """Module-scoped fixtures' folders (tiny models, stores, runs) otherwise stay until the session ends and
+    add up to gigabytes (CI's disk ran out, stop 30); a module with a failure keeps its folders to debug."""
+    import shutil
+
+    made = []
+    mktemp = tmp_path_factory.mktemp
+
+    def recording(basename, numbered=True):
+        made.append(mktemp(basename, numbered))
+        return made[-1]
+
+    tmp_path_factory.mktemp = recording
+    failed_before = request.session.testsfailed
+    yield
+    del tmp_path_factory.mktemp
+    if request.session.testsfailed == failed_before:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
