@@ -192,7 +192,9 @@ def run_pass(cfg: PassConfig, mode: str, shard_fn: Callable, *, generation: dict
 
     shard_fn(model, tok, device, j, prepared_shard_j, where, progress) -> (TeacherShard, counters).
     Returns {source name: run_shards stats}."""
-    PreparedManifest.load(cfg.data_dir)  # fail before loading any model
+    prepared = PreparedManifest.load(cfg.data_dir)  # fail before loading any model
+    if mode == "train":  # teacher forcing reads the gold responses; a prompts-only pool has none
+        prepared.require_gold(cfg.data_dir, "teach (the training-mode pass teacher-forces them; use generate)")
     di = _dist.dist_info(cfg.rank, cfg.world_size)
     out = {}
     for spec, name in zip(cfg.sources, cfg.source_names):

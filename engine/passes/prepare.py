@@ -19,6 +19,11 @@ record, so a teacher store can never be silently joined with another prepared se
 
 Bad rows (unparsable JSON, missing or non-string fields, empty prompt or response) raise a ValueError
 naming the file and line/row, or are skipped and counted with --on-bad-row skip.
+
+A pool of prompts without gold answers (ProFuser's inference mode: the sources answer, the scorers vote):
+`--prompts-only` reads the prompt (and system) of each record and never its response, even when the record has
+one; the set's responses are empty and its manifest says `prompts_only`, so `teach` (which teacher-forces the
+gold) and the `similarity` scorer (which compares with it) refuse it by name, and `generate` answers it.
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ class PrepareConfig:
     limit: int | None = None  # keep only the first N examples
     overwrite: bool = False  # replace a different prepared set in data_dir
     wait: bool = False  # another `prepare` of the same folder is running: wait for it instead of failing
+    # a pool of prompts without gold answers (inference mode only): responses are never read, stored empty
+    prompts_only: bool = False
 
     def __post_init__(self):
         self.id_field = self.id_field or None
@@ -187,15 +194,21 @@ def normalize(rec, cfg: PrepareConfig) -> tuple[str | None, str, str, str | None
     if rid is not None and not isinstance(rid, (str, int)):
         raise BadRow(f"field {cfg.id_field!r} must be a string or integer")
     if rec.get(cfg.messages_field) is not None:
-        prompt, response, system, multi = _from_messages(rec[cfg.messages_field], cfg)
+        msgs = rec[cfg.messages_field]
+        if cfg.prompts_only and isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) \
+                and msgs[-1].get("role") == "user":  # a pool conversation ends with the user's turn
+            msgs = msgs + [{"role": "assistant", "content": "-"}]
+        prompt, response, system, multi = _from_messages(msgs, cfg)
     else:
         prompt = _str_field(rec, cfg.prompt_field)
-        response = _str_field(rec, cfg.response_field)
+        response = "" if cfg.prompts_only else _str_field(rec, cfg.response_field)
         system = _str_field(rec, cfg.system_field, optional=True)
         multi = False
+    if cfg.prompts_only:
+        response = ""  # never stored: no stage can read a pool's answer
     if not prompt.strip():
         raise BadRow("empty prompt")
-    if not response.strip():
+    if not response.strip() and not cfg.prompts_only:
         raise BadRow("empty response")
     return (None if rid is None else str(rid)), prompt, response, system, multi
 
@@ -268,7 +281,7 @@ def prepare(cfg: PrepareConfig, *, log=print) -> PreparedManifest:
         fp.update(json.dumps([rows["example_id"][i], rows["prompt"][i], rows["response"][i],
                               rows["system"][i]], ensure_ascii=False).encode() + b"\n")
     manifest = PreparedManifest(fingerprint=fp.hexdigest(), n_examples=n, shard_size=cfg.shard_size,
-                                n_shards=-(-n // cfg.shard_size), sources=sources)
+                                n_shards=-(-n // cfg.shard_size), sources=sources, prompts_only=cfg.prompts_only)
 
     out = prepared_dir(cfg.data_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -292,7 +305,8 @@ def prepare(cfg: PrepareConfig, *, log=print) -> PreparedManifest:
             table = pa.Table.from_pydict({k: v[sl] for k, v in rows.items()}, schema=PREPARED_SCHEMA)
             manifest.shards.append(write_prepared_shard(cfg.data_dir, j, table))
         manifest.save(cfg.data_dir)  # last: its presence means the set is complete
-    log(f"prepare: {n} examples in {manifest.n_shards} shards -> {out} (fingerprint {manifest.fingerprint[:12]}; "
+    what = "prompts (no gold answers)" if cfg.prompts_only else "examples"
+    log(f"prepare: {n} {what} in {manifest.n_shards} shards -> {out} (fingerprint {manifest.fingerprint[:12]}; "
         f"skipped {counts['bad']} bad rows, {counts['duplicate']} exact duplicates; "
         f"{counts['multi_turn']} multi-turn conversations kept their last exchange)")
     return manifest

@@ -359,6 +359,11 @@ def reuse_scores(path: Path, key: str, N: int, S: int) -> np.ndarray | None:
 def score(cfg: ScoreConfig, *, scorers: list[Scorer] | None = None, log=print) -> dict:
     if len(cfg.sources) < 1:
         raise ValueError("no --sources given")
+    names = [sc.name for sc in scorers] if scorers is not None else [scorer_name(spec) for spec in cfg.scorers]
+    if "similarity" in names:
+        PreparedManifest.load(cfg.data_dir).require_gold(
+            cfg.data_dir, "the similarity scorer (it compares each answer with the gold one; vote with judge: "
+            "or rm: scorers)")
     prep, responses, valid = load_generated(cfg.data_dir, cfg.sources)
     ids, prompts, gold = prep["example_id"].to_pylist(), prep["prompt"].to_pylist(), prep["response"].to_pylist()
     systems = prep["system"].to_pylist()

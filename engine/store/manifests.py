@@ -93,6 +93,13 @@ class PreparedManifest:
     sources: list = field(default_factory=list)  # input files: [{path, sha256, rows, skipped}]
     shards: list = field(default_factory=list)  # per shard {rows, bytes, sha256} (schema 2)
     schema_version: int = SCHEMA_VERSION
+    prompts_only: bool = False  # a pool without gold answers (prepare --prompts-only): inference mode only
+
+    def require_gold(self, data_dir, what: str) -> None:
+        """StoreError naming the manifest when this set has no gold answers and `what` needs them."""
+        if self.prompts_only:
+            raise StoreError(f"{prepared_dir(data_dir) / 'manifest.json'}: a pool of prompts without gold answers "
+                             f"(prepare --prompts-only); {what} needs the gold responses")
 
     def shard_rows(self, j: int) -> int:
         if not 0 <= j < self.n_shards:

@@ -147,3 +147,33 @@ def test_build_corpus_reproduces_shipped_file(tmp_path):
     subprocess.run([sys.executable, str(REPO / "data" / "build_corpus.py"), "--out", str(out)], check=True,
                    capture_output=True, timeout=120)
     assert out.read_bytes() == (REPO / "data" / "wordnet_instruct.jsonl").read_bytes()
+
+
+def test_a_prompts_only_pool_never_stores_an_answer_and_gold_readers_refuse_it(tmp_path):
+    """Inference mode's pool: prompts without gold answers. prepare --prompts-only drops the responses even when
+    the records have them; teach (teacher forcing on the gold) and the similarity scorer refuse the set by name."""
+    from profuser.engine.passes import score as S
+    from profuser.engine.passes import teach as T
+    from profuser.engine.passes.options import PassConfig
+
+    src = write_jsonl(tmp_path / "in.jsonl", ROWS + [{"messages": [{"role": "user", "content": "Open?"}]}])
+    with pytest.raises(ValueError, match="in.jsonl:6: messages must end with a user message followed by"):
+        P.prepare(P.PrepareConfig(inputs=[str(src)], data_dir=str(tmp_path / "gold")), log=lambda s: None)
+    m = P.prepare(P.PrepareConfig(inputs=[str(src)], data_dir=str(tmp_path / "d"), prompts_only=True),
+                  log=lambda s: None)
+    _, rows = read_all(tmp_path / "d")
+    assert m.prompts_only and [r["prompt"] for r in rows] == ["Define 'cat'.", "Define 'dog'.", "Hi?", "2",
+                                                             "Define 'eel'.", "Open?"]
+    assert {r["response"] for r in rows} == {""}  # not one gold answer reached the store
+    assert not any(b"feline" in p.read_bytes() for p in (tmp_path / "d").rglob("*") if p.is_file())
+    manifest = f"{store.prepared_dir(tmp_path / 'd') / 'manifest.json'}"
+    with pytest.raises(store.StoreError, match=f"^{manifest}: a pool of prompts without gold answers.*teach"):
+        T.teach(PassConfig(data_dir=str(tmp_path / "d"), sources=["no-such-model-is-loaded"]))
+    with pytest.raises(store.StoreError, match=f"^{manifest}: a pool .*the similarity scorer"):
+        S.score(S.ScoreConfig(data_dir=str(tmp_path / "d"), sources=["a", "b"], scorers=["similarity"]))
+    # the CLI flag, and a gold set of the same prompts is another set (its fingerprint differs)
+    r = subprocess.run([sys.executable, "-m", "profuser.engine.cli", "prepare", "--input", str(src), "--data-dir",
+                        str(tmp_path / "cli"), "--prompts-only"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "6 prompts (no gold answers)" in r.stdout + r.stderr
+    assert store.PreparedManifest.load(tmp_path / "cli").fingerprint == m.fingerprint
