@@ -163,11 +163,15 @@ class CheckpointConfig:
     # resume although the stores, the vote or a vocabulary map differ from those the checkpoint trained on
     allow_changed_data: bool = False
     export: bool = True  # write the final student as a transformers folder (output_dir/final)
+    export_dir: str | None = None  # where the export goes (None: output_dir/final)
 
 
 @dataclass
 class EvalConfig:
     data: str | None = None  # held-out JSONL / Parquet (prompt, response[, system]); None disables eval
+    # validation pairs (never the test set): scored every `every` steps and at the end, and the export is the
+    # student of the step with the lowest validation bits/byte (early stopping; final/selected.json says which)
+    validation: str | None = None
     max_examples: int = 64  # held-out examples evaluated
     every: int = 0  # periodic student eval every N optimizer steps (0: only at the end)
     batch_size: int = 8  # evaluation batch size

@@ -17,13 +17,16 @@ The recipe, top to bottom (one optimizer step = `optim.grad_accum` micro-steps p
                   micro-step ONE fusion_loss call over the rows of both modes, each row weighted by
                   w_m * world_size / N_m (N_m: the mode's GLOBAL token count over the window and all ranks):
                       loss = sum_m w_m L_m;  engine.backward(loss);  engine.step()
-    log_step      metrics.jsonl / TensorBoard / progress bar (rank 0), periodic eval
+    log_step      metrics.jsonl / TensorBoard / progress bar (rank 0), periodic eval; with eval.validation
+                  the validation set too, and the step with the lowest validation bits/byte so far is kept
+                  (exported to <output_dir>/best-step: early stopping without stopping)
     checkpoints   every `checkpoint.every` steps, at the end and on SIGTERM (trainer/checkpoint.py); a run
                   resumes from `<output_dir>/checkpoints/latest` (checkpoint.resume=auto; README
                   "Reliability" says what is identical); a
                   non-finite loss stops the run with the step and the batch's example ids after saving
                   the state before that step
-    finish        final eval, export as a transformers folder, report (student, target, every source)
+    finish        final eval, export as a transformers folder (with eval.validation: the selected step's
+                  student, and selected.json saying which step), report (student, target, every source)
 
 Ranks: the global rank owns data shards and rank 0 writes the shared files; the local rank only picks the
 GPU (engine/dist.py). The module DeepSpeed wraps and the window it runs are in trainer/step.py, the
@@ -34,6 +37,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import signal
 import sys
 import time
@@ -48,6 +53,7 @@ from profuser.engine.config import MODES, TrainConfig, dump_yaml, load_config, r
 from profuser.engine.config_cli import add_config_arguments, flag_overrides, keys_help
 from profuser.engine.dist import DistInfo, release_freed_memory, setup_distributed, teardown_distributed
 from profuser.engine.errors import report_errors
+from profuser.engine.fileio import write_text_atomic
 from profuser.engine.loader.stream import BatchStream, build_streams, check_max_length, check_stores, check_vocab_rows
 from profuser.engine.models import load_tokenizer, pad_id, resolve_dtype
 from profuser.engine.store import WriterLock
@@ -82,6 +88,8 @@ class TrainingRun:
     last_saved: int = -1
     log: MetricsLogger | None = None
     evaluator: object = None
+    validator: object = None  # eval.validation: picks the exported step
+    selection: dict = field(default_factory=lambda: {"curve": [], "best": None})  # <output_dir>/validation.json
     sigterm: bool = False
     summary: dict = field(default_factory=dict)
     lock: WriterLock | None = None  # rank 0: one training run per output_dir
@@ -94,6 +102,10 @@ class TrainingRun:
     @property
     def ckpt_dir(self) -> Path:
         return self.out / "checkpoints"
+
+    @property
+    def export_dir(self) -> Path:
+        return Path(self.cfg.checkpoint.export_dir) if self.cfg.checkpoint.export_dir else self.out / "final"
 
     def trainer_state(self, loader_states: dict | None = None) -> dict:
         return {"step": self.step, "world_size": self.info.world_size,
@@ -170,7 +182,11 @@ def setup(cfg: TrainConfig) -> TrainingRun:
     resume(run)
     run.log = MetricsLogger(run.out, rank=info.rank, total_steps=cfg.optim.max_steps, start_step=run.step,
                             tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
-    run.evaluator = make_evaluator(cfg, tok, device)
+    run.evaluator = make_evaluator(cfg, tok, device, cfg.eval.data, cfg.eval.max_examples)
+    run.validator = make_evaluator(cfg, tok, device, cfg.eval.validation)
+    selection = run.out / "validation.json"
+    if run.validator is not None and run.step > 0 and selection.is_file():  # resumed: the curve so far
+        run.selection = json.loads(selection.read_text())
     run.summary["start_step"] = run.step
     return run
 
@@ -201,9 +217,11 @@ def loop(run: TrainingRun) -> int:
         weights = dict(zip(MODES, fusion_weights(cfg.schedule, run.step, cfg.optim.max_steps)))
         result = train_step(run, weights)
         log_step(run, result, weights, clock)
-        if run.evaluator is not None and cfg.eval.every and run.step % cfg.eval.every == 0 \
-                and run.step < cfg.optim.max_steps:
-            run.log.log({"kind": "eval", "step": run.step, **run.evaluator(run.engine.module.lm)})
+        if cfg.eval.every and run.step % cfg.eval.every == 0 and run.step < cfg.optim.max_steps:
+            if run.evaluator is not None:
+                run.log.log({"kind": "eval", "step": run.step, **run.evaluator(run.engine.module.lm)})
+            if run.validator is not None:
+                validate(run)
             run.engine.module.lm.train()
         if sigterm_on_any_rank(run):
             run.save()
@@ -266,6 +284,36 @@ def sigterm_on_any_rank(run: TrainingRun) -> bool:
     return bool(flag.item())
 
 
+def export(run: TrainingRun, out: Path) -> Path:
+    """The engine's student as a transformers folder `out` (ZeRO-3 consolidates it from this step's checkpoint;
+    stages 0-2 hold the whole module and need none)."""
+    if run.info.rank == 0 and out.resolve().parent != run.out.resolve() and out.is_dir() and any(out.iterdir()) \
+            and not (out / ckpt.EXPORT_MARKER).is_file():  # checkpoint.export_dir names a folder of its own
+        raise output_dir.OutputDirError(f"checkpoint.export_dir={out}: not empty and not a profuser export (no "
+                                        f"{ckpt.EXPORT_MARKER}): its files are not this run's to replace")
+    checkpoint = None
+    if run.stage == 3:
+        checkpoint = run.save() if run.last_saved != run.step else run.ckpt_dir / ckpt.tag_for(run.step)
+    path = ckpt.export_student(run.engine.module.lm, run.tok, checkpoint, out, stage=run.stage, rank=run.info.rank)
+    release_freed_memory()
+    return path
+
+
+def validate(run: TrainingRun) -> None:
+    """Validation bits/byte of this step; the best step so far is exported to <output_dir>/best-step (not to
+    the export folder: that appears only when the run has finished, so a killed run is never taken for done)."""
+    res = run.validator(run.engine.module.lm)
+    run.log.log({"kind": "validation", "step": run.step, **res})
+    sel = run.selection
+    sel["curve"].append({"step": run.step, "bits_per_byte": res["bits_per_byte"]})
+    if sel["best"] is None or res["bits_per_byte"] < sel["best"]["bits_per_byte"]:
+        sel["best"] = {"step": run.step, "bits_per_byte": res["bits_per_byte"]}
+        if run.cfg.checkpoint.export:
+            export(run, run.out / "best-step")
+    if run.info.rank == 0:
+        write_text_atomic(run.out / "validation.json", json.dumps(sel, indent=1))
+
+
 def finish(run: TrainingRun) -> None:
     """Final checkpoint, eval of the engine's own (possibly partitioned) student, export and report."""
     cfg = run.cfg
@@ -275,10 +323,20 @@ def finish(run: TrainingRun) -> None:
         res = run.evaluator(run.engine.module.lm)
         run.log.log({"kind": "eval", "step": run.step, **res})
         run.summary["eval"] = res
+    if run.validator is not None:
+        validate(run)
+        run.summary["selected"] = run.selection["best"]
     if cfg.checkpoint.export:
-        export_dir = ckpt.export_student(run.engine.module.lm, run.tok, final, run.out / "final", stage=run.stage,
-                                         rank=run.info.rank)
-        release_freed_memory()
+        export_dir = run.export_dir
+        if run.validator is None:
+            export(run, export_dir)
+        elif run.info.rank == 0:  # the selected step's student becomes the export
+            shutil.rmtree(export_dir, ignore_errors=True)
+            os.replace(run.out / "best-step", export_dir)
+            write_text_atomic(export_dir / "selected.json", json.dumps(
+                {**run.selection["best"], "validation": cfg.eval.validation, "max_steps": cfg.optim.max_steps,
+                 "curve": run.selection["curve"]}, indent=1))
+        dist.barrier()
         run.summary["export"] = str(export_dir)
         if run.info.rank == 0 and cfg.eval.data:  # student after, target before, every source
             run.summary["report"] = str(final_report(cfg, export_dir, run.out / "report"))

@@ -349,6 +349,9 @@ def resume_point(paths: list[Path], *, rank: int, world_size: int, config_digest
     return None
 
 
+EXPORT_MARKER = "profuser_export.json"  # in every export: the folder is a profuser export, replaceable
+
+
 def export_student(lm, tok, checkpoint: Path, out: Path, *, stage: int, rank: int) -> Path:
     """Write the student as a transformers folder (safetensors + config + tokenizer), atomically (rank 0).
     A tokenizer without a chat template gets the fallback one it was trained with (text/chat.py).
@@ -383,6 +386,7 @@ def export_student(lm, tok, checkpoint: Path, out: Path, *, stage: int, rank: in
         tok.save_pretrained(str(tmp))
         if not getattr(tok, "chat_template", None):  # e.g. the Gemma-3 GGUF: the layout it was trained with
             (tmp / "chat_template.jinja").write_text(fallback_chat_template(tok), encoding="utf-8")
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"checkpoint": str(checkpoint) if checkpoint else None}) + "\n")
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     _barrier()

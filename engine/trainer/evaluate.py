@@ -224,11 +224,12 @@ def source_models(data_dir: str | Path, sources: list[str]) -> dict[str, str]:
     return out
 
 
-def make_evaluator(cfg, tok, device: torch.device):
-    """A callable(lm) -> held-out NLL dict (every rank runs the same forwards, as ZeRO-3 requires)."""
-    if not cfg.eval.data:
+def make_evaluator(cfg, tok, device: torch.device, data: str | None = None, max_examples: int | None = None):
+    """A callable(lm) -> NLL dict on `data` (every rank runs the same forwards, as ZeRO-3 requires); None
+    without data."""
+    if not data:
         return None
-    examples = load_eval_examples(cfg.eval.data, cfg.eval.max_examples)
+    examples = load_eval_examples(data, max_examples)
 
     def evaluate_student(lm) -> dict:
         lm.eval()

@@ -389,3 +389,37 @@ def test_sft_trains_on_gold_only_with_train_only_batches(setup, tmp_path):
         assert row["loss"] == pytest.approx(row["ce_train"], rel=1e-6) and "ce_infer" not in row
     assert sft[1]["ce_train"] == pytest.approx(fuse[1]["ce_train"], rel=1e-6)
     assert fuse[1]["loss"] != pytest.approx(fuse[1]["ce_train"], rel=1e-3)  # the fusion run has its KD term
+
+
+def test_the_export_is_the_step_with_the_lowest_validation_loss(setup, tmp_path):
+    """eval.validation: every eval.every steps the validation set is scored and the export is the student of
+    the best step, not the last (lr 1.0 makes step 1 the best here and later steps worse); final/selected.json
+    names it. checkpoint.export_dir never replaces a folder that is not a profuser export."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from profuser.engine.trainer.evaluate import load_eval_examples, nll_rows, summarize
+
+    out = tmp_path / "run"
+    summary = run_inproc(setup, out, **{"eval.validation": setup["heldout"], "eval.every": 1, "optim.lr": 1.0,
+                                        "optim.warmup_steps": 0})
+    curve = json.loads((out / "validation.json").read_text())["curve"]
+    assert [c["step"] for c in curve] == list(range(1, 7))
+    best = min(curve, key=lambda c: c["bits_per_byte"])
+    assert best["step"] < 6 and curve[-1]["bits_per_byte"] > best["bits_per_byte"] * 1.05  # not the last step
+    final = out / "final"
+    selected = json.loads((final / "selected.json").read_text())
+    assert summary["selected"]["step"] == selected["step"] == best["step"] and not (out / "best-step").exists()
+    lm = AutoModelForCausalLM.from_pretrained(final).eval()
+    with torch.no_grad():
+        res = summarize(nll_rows(lm, AutoTokenizer.from_pretrained(final), load_eval_examples(setup["heldout"]),
+                                 max_length=64, batch_size=4, device=torch.device("cpu")))
+    assert res["bits_per_byte"] == pytest.approx(best["bits_per_byte"], rel=1e-5)  # that step's student
+
+    mine = tmp_path / "my-models"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    from profuser.engine.trainer.output_dir import OutputDirError
+
+    with pytest.raises(OutputDirError, match=f"checkpoint.export_dir={mine}: not empty and not a profuser export"):
+        run_inproc(setup, tmp_path / "run2", **{"checkpoint.export_dir": str(mine), "optim.max_steps": 1})
+    assert (mine / "notes.txt").read_text() == "mine"
