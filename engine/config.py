@@ -57,7 +57,8 @@ SCHEDULES = ("two_stage", "linear", "simul", "reverse", "train_only", "infer_onl
 DECAYS = ("cosine", "linear", "constant")
 
 
-RENAMED = {"data.nan_policy": "data.bad_row_policy"}  # old key -> new key (a clear error, never ignored)
+# old key -> new key (a clear error, never ignored)
+RENAMED = {"data.nan_policy": "data.bad_row_policy", "demo.n_infer": "demo.n_pool"}
 
 
 class ConfigError(ValueError):
@@ -188,20 +189,38 @@ class LogConfig:
 
 
 @dataclass
+class SpecialistConfig:
+    """A source the demo makes itself: `base` fine-tuned (sft) on the demo's gold pairs before the sources teach."""
+
+    base: str | None = None  # the model to fine-tune (alias or folder); None: no specialist
+    out: str = "runs/demo/specialist"  # its export folder: name it in data.sources (and as a judge: scorer)
+    max_steps: int = 40  # optimizer steps of its sft run (the validation set picks the exported one)
+    lr: float = 1.0e-4  # its peak learning rate
+
+
+@dataclass
 class DemoConfig:
-    """Sizes of the `profuser demo` pipeline (ignored by `train`)."""
+    """Sizes of the `profuser demo` pipeline (ignored by `train`). The corpus is split, in order, into the
+    gold pairs, the pool, the validation pairs, and (its tail) the out-of-pool test pairs."""
 
     corpus: str | None = None  # JSONL of {id, prompt, response}; None: the shipped WordNet corpus
-    n_train: int = 320  # training-mode examples (teacher-forced on the gold response)
-    n_infer: int = 96  # inference-mode prompts (each source generates)
-    n_eval: int = 48  # held-out examples for the before/after table
+    n_train: int = 256  # gold pairs: training mode (teacher-forced on the gold response), the specialist's sft
+    # the pool: prompts WITHOUT gold answers, disjoint from the gold pairs (inference mode: the sources
+    # answer, the scorers vote, the target learns from the winners); their answers are never stored
+    n_pool: int = 96
+    # the pool's last prompts whose gold answers are kept aside as a test set (transductive: their prompts
+    # and the sources' answers were trained on, never their gold answers)
+    n_test_pool: int = 0
+    n_val: int = 0  # validation pairs outside the pool: pick every run's exported step (eval.validation)
+    n_eval: int = 48  # out-of-pool test pairs (the corpus tail, never trained on): the final table
     max_new_tokens: int = 48  # generated answer length of the inference-mode pass
-    # `profuser score` scorers that vote: embedding similarity to the gold response, and every source as a
-    # judge LM (a judge favours its own answers: one judge per source cancels that out)
-    scorers: list[str] = field(default_factory=lambda: ["similarity", "judge:smollm2-135m-instruct",
-                                                        "judge:gemma3-270m"])
-    # schedule kinds trained beside the demo's own run, same config, for the final table: a fusion result
-    # means little without plain fine-tuning (sft) and training-mode-only fusion (FuseLLM) next to it
+    # `profuser score` scorers that vote on the pool's answers: every source as a judge LM (a judge favours its
+    # own answers: one judge per source cancels that out); `similarity` needs gold answers, which a pool has not
+    scorers: list[str] = field(default_factory=lambda: ["judge:smollm2-135m-instruct", "judge:gemma3-270m"])
+    specialist: SpecialistConfig = field(default_factory=SpecialistConfig)
+    # runs trained beside the demo's own, same config, for the final table (engine/tools/demo.py BASELINES):
+    # sft (plain fine-tuning on the gold pairs), train_only (FuseLLM), seqkd (sequence-level distillation:
+    # CE on the pool winners' answers, then on the gold pairs, no KL)
     baselines: list[str] = field(default_factory=lambda: ["sft", "train_only"])
 
 
@@ -474,8 +493,9 @@ _RANGES = {  # every numeric option; list options apply the range to each entry
     "schedule.stage2": _NONNEG, "checkpoint.every": _NONNEG, "checkpoint.keep_last": _NONNEG,
     "eval.max_examples": _Range(1), "eval.every": _NONNEG, "eval.batch_size": _Range(1),
     "eval.n_samples": _NONNEG, "eval.max_new_tokens": _Range(1), "log.every": _Range(1),
-    "demo.n_train": _Range(1), "demo.n_infer": _Range(1), "demo.n_eval": _Range(1),
-    "demo.max_new_tokens": _Range(1),
+    "demo.n_train": _Range(1), "demo.n_pool": _Range(1), "demo.n_eval": _Range(1), "demo.n_val": _NONNEG,
+    "demo.n_test_pool": _NONNEG, "demo.max_new_tokens": _Range(1), "demo.specialist.max_steps": _Range(1),
+    "demo.specialist.lr": _POS,
 }
 _LENGTHS = {"optim.betas": 2, "schedule.stage1": 2, "schedule.stage2": 2}
 
@@ -488,13 +508,20 @@ def check_section(cfg: Any, section: str, origins: dict | None = None) -> None:
     def fail(key, msg):
         raise ConfigError(f"{origins.get(key, '')}{key}: {msg}")
 
+    def value(key):  # the value of `key` (section.name or section.sub.name) when it is in this section
+        sec, *path = key.split(".")
+        if sec != section:
+            return None
+        obj = cfg
+        for name in path:
+            obj = getattr(obj, name)
+        return obj
+
     for key, choices in _CHOICES.items():
-        sec, name = key.split(".")
-        if sec == section and getattr(cfg, name) not in choices:
-            fail(key, f"{getattr(cfg, name)!r} is not one of {', '.join(choices)}")
+        if key.split(".")[0] == section and value(key) not in choices:
+            fail(key, f"{value(key)!r} is not one of {', '.join(choices)}")
     for key, rng in _RANGES.items():
-        sec, name = key.split(".")
-        v = getattr(cfg, name) if sec == section else None
+        v = value(key)
         if v is None:
             continue
         if key in _LENGTHS and len(v) != _LENGTHS[key]:

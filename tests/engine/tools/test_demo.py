@@ -17,7 +17,10 @@ REPO = Path(__file__).resolve().parents[3]
 def test_demo_pipeline_small(tmp_path):
     run = tmp_path / "demo"
     args = [f"output_dir={run / 'train'}", f"data.data_dir={run / 'data'}", f"data.infer_data_dir={run / 'data-infer'}",
-            "demo.n_train=24", "demo.n_infer=8", "demo.n_eval=6", "demo.max_new_tokens=12", "optim.max_steps=4",
+            "demo.n_train=24", "demo.n_pool=8", "demo.n_test_pool=4", "demo.n_val=4", "demo.n_eval=6",
+            "demo.max_new_tokens=12", "optim.max_steps=4", f"demo.specialist.out={run / 'specialist'}",
+            "demo.specialist.max_steps=2", f"data.sources=[{run / 'specialist'}, gemma3-270m]",
+            f"demo.scorers=[judge:{run / 'specialist'}, judge:gemma3-270m]",
             "optim.warmup_steps=1", "checkpoint.every=2", "eval.every=2", "eval.n_samples=1",
             "eval.max_new_tokens=8", "data.micro_batch_size=2", "optim.grad_accum=1", "log.progress=false"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
@@ -27,18 +30,22 @@ def test_demo_pipeline_small(tmp_path):
     report = json.loads((run / "train" / "report" / "report.json").read_text())
     names = set(report["results"])
     # the Gemma-3 target is also a source (student as candidate): evaluated once, as the target
-    assert names == {"student (after)", "target (before)", "source smollm2-135m-instruct"}
+    assert names == {"student (after)", "target (before)", "source specialist"}
+    assert (run / "specialist" / "selected.json").is_file()  # the specialist's step was picked on val.jsonl
+    assert json.loads((run / "train" / "final" / "selected.json").read_text())["step"] in (2, 4)
     for r in report["results"].values():
         assert r["n_examples"] == 6 and 0 < r["bits_per_byte"] < 10
     assert "| student (after) |" in p.stdout and (run / "train" / "final" / "model.safetensors").is_file()
     # the final table: the demo's run beside plain fine-tuning and FuseLLM, same held-out examples
-    table = json.loads((run / "table" / "report.json").read_text())["results"]
-    assert {"plain fine-tuning (sft)", "FuseLLM (train_only)", "target (before)"} <= set(table)
-    assert all(r["n_examples"] == 6 for r in table.values())
-    assert "plain fine-tuning (sft)" in p.stdout
+    for folder, n in (("table", 6), ("table-pool", 4)):
+        table = json.loads((run / folder / "report.json").read_text())["results"]
+        assert {"plain fine-tuning (sft)", "FuseLLM (train_only)", "sequence-level KD (seqkd)", "target (before)",
+                "source specialist"} <= set(table)
+        assert all(r["n_examples"] == n for r in table.values())
+    assert "plain fine-tuning (sft)" in p.stdout and "the in-pool test pairs" in p.stdout
     # a second run skips every finished stage
     p2 = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert p2.returncode == 0 and p2.stdout.count("done earlier, skipped") == 7, p2.stdout[-2000:]
+    assert p2.returncode == 0 and p2.stdout.count("done earlier, skipped") == 8, p2.stdout[-2000:]
 
 
 def _demo_cfg(tmp_path, *extra):
@@ -47,8 +54,8 @@ def _demo_cfg(tmp_path, *extra):
     run = tmp_path / "demo"
     return load_config(str(REPO / "configs" / "demo.yaml"),
                        [f"output_dir={run / 'train'}", f"data.data_dir={run / 'data'}",
-                        f"data.infer_data_dir={run / 'data-infer'}", "demo.n_train=12", "demo.n_infer=4",
-                        "demo.n_eval=3", *extra])
+                        f"data.infer_data_dir={run / 'data-infer'}", "demo.n_train=12", "demo.n_pool=6",
+                        "demo.n_test_pool=2", "demo.n_val=3", "demo.n_eval=3", *extra])
 
 
 def test_demo_stage_markers_rerun_on_changed_inputs(tmp_path, monkeypatch, capsys):
@@ -59,13 +66,19 @@ def test_demo_stage_markers_rerun_on_changed_inputs(tmp_path, monkeypatch, capsy
     calls = []
     monkeypatch.setattr(demo, "_has_cuda", lambda: False)
     monkeypatch.setattr(demo, "run_stage", lambda cmd, env: calls.append(cmd) or 0)
-    names = ["prepare", "teach", "generate", "score", "train", "baselines", "baselines", "table"]
+    names = ["prepare", "specialist", "specialist", "teach", "generate", "score", "train", "baselines", "baselines",
+             "table"]
     every = ["prepare"] + names
+    stage_names = list(dict.fromkeys(every))
 
     def stage_of(cmd):
         if "profuser.engine.train" in cmd:
+            if any(c.startswith("model.student=") for c in cmd):
+                return "specialist"
             return "baselines" if any(c.startswith("schedule.kind=") for c in cmd) else "train"
         sub = cmd[cmd.index("profuser.engine.cli") + 1]
+        if sub == "teach" and cmd[cmd.index("--source") + 1:cmd.index("--k")] == ["smollm2-135m-instruct"]:
+            return "specialist"
         return {"eval": "table"}.get(sub, sub)
 
     def run(cfg, **kw):
@@ -73,29 +86,39 @@ def test_demo_stage_markers_rerun_on_changed_inputs(tmp_path, monkeypatch, capsy
         demo.run_pipeline(cfg, None, [], **kw)
         return [(stage_of(c), c) for c in calls]
 
-    cfg = _demo_cfg(tmp_path)
+    cfg = _demo_cfg(tmp_path, "demo.baselines=[sft, train_only]", "demo.n_test_pool=0")
     first = run(cfg)
     assert [s for s, _ in first] == every
-    kinds = [c[-3] for s, c in first if s == "baselines"]
-    assert kinds == ["schedule.kind=sft", "schedule.kind=train_only"]
+    kinds = [[c for c in cmd if c.startswith("schedule.kind=")] for s, cmd in first if s == "baselines"]
+    assert kinds == [["schedule.kind=sft"], ["schedule.kind=train_only"]]
     assert not any("--overwrite" in c or "checkpoint.resume=never" in c for _, c in first)
     capsys.readouterr()
 
     # (a) the same config again: every stage skipped
-    assert run(_demo_cfg(tmp_path)) == []
-    assert capsys.readouterr().out.count("done earlier, skipped") == 7
+    assert run(cfg) == []
+    assert capsys.readouterr().out.count("done earlier, skipped") == len(stage_names)
 
     # (b) another demo size changes train.jsonl: prepare (both commands) ... train re-run, overwriting
-    again = run(_demo_cfg(tmp_path, "demo.n_train=16"))
+    again = run(_demo_cfg(tmp_path, "demo.baselines=[sft, train_only]", "demo.n_test_pool=0", "demo.n_train=16"))
     assert [s for s, _ in again] == every
     for stage, cmd in again:
-        if stage in ("prepare", "teach", "generate"):
+        if stage in ("prepare", "teach", "generate") or (stage == "specialist" and "teach" in cmd):
             assert cmd[-1] == "--overwrite", cmd
-    assert all(c[-1] == "checkpoint.resume=never" for s, c in again if s in ("train", "baselines"))
-    assert run(_demo_cfg(tmp_path, "demo.n_train=16")) == []
+    assert all(c[-1] == "checkpoint.resume=never" for s, c in again
+               if s in ("train", "baselines") or (s == "specialist" and "profuser.engine.train" in c))
 
-    # n_eval only feeds train (heldout.jsonl): the stores are kept
-    assert [s for s, _ in run(_demo_cfg(tmp_path, "demo.n_train=16", "demo.n_eval=4"))] == names[4:]
+    # the final pipeline: the pool's in-pool test gets its own table, seqkd is two_stage with CE only
+    cfg = _demo_cfg(tmp_path, "demo.n_train=16")
+    got = run(cfg)
+    assert [s for s, _ in got][-6:] == ["train", "baselines", "baselines", "baselines", "table", "table"]
+    seqkd = next(c for s, c in got if s == "baselines" and any(x.endswith("-seqkd") for x in c))
+    assert "schedule.kind=two_stage" in seqkd and "loss.lam=1.0" in seqkd
+    tables = [c[c.index("--out") + 1] for s, c in got if s == "table"]
+    assert [Path(t).name for t in tables] == ["table", "table-pool"]
+    assert run(cfg) == []
+
+    # n_eval only feeds train (heldout.jsonl): the stores and the specialist are kept
+    assert [s for s, _ in run(_demo_cfg(tmp_path, "demo.n_train=16", "demo.n_eval=4"))][:2] == ["train", "baselines"]
 
     # a stage that fails while overwriting keeps overwriting when re-run with the same inputs
     monkeypatch.setattr(demo, "run_stage", lambda cmd, env: calls.append(cmd) or int(stage_of(cmd) == "teach"))
@@ -103,12 +126,41 @@ def test_demo_stage_markers_rerun_on_changed_inputs(tmp_path, monkeypatch, capsy
         run(_demo_cfg(tmp_path, "demo.n_train=20"))
     monkeypatch.setattr(demo, "run_stage", lambda cmd, env: calls.append(cmd) or 0)
     resumed = run(_demo_cfg(tmp_path, "demo.n_train=20"))
-    assert [s for s, _ in resumed] == names[1:] and resumed[0][1][-1] == "--overwrite"
+    assert [s for s, _ in resumed][0] == "teach" and resumed[0][1][-1] == "--overwrite"
 
-    # --force: every stage again, with the overwrite flags
-    forced = run(_demo_cfg(tmp_path, "demo.n_train=20"), force=True)
-    assert [s for s, _ in forced] == every
-    assert forced[0][1][-1] == "--overwrite" and forced[5][1][-1] == "checkpoint.resume=never"
+    # --force: every stage again, with the overwrite flags; --until stops after the named stage
+    forced = run(_demo_cfg(tmp_path, "demo.n_train=20"), force=True, until="score")
+    assert [s for s, _ in forced] == every[:every.index("score") + 1]
+    assert all(c[-1] in ("--overwrite", "checkpoint.resume=never") for s, c in forced if s != "score")
+    from profuser.engine.config import ConfigError
 
-    # demo.baselines=[] keeps the old pipeline (no baseline runs, no table)
-    assert [s for s, _ in run(_demo_cfg(tmp_path, "demo.n_train=20", "demo.baselines=[]"), force=True)] == every[:6]
+    with pytest.raises(ConfigError, match="--until scroe: not a stage of this demo"):
+        run(_demo_cfg(tmp_path, "demo.n_train=20"), until="scroe")
+
+    # demo.baselines=[] keeps the pipeline without controls (no baseline runs, no table)
+    got = run(_demo_cfg(tmp_path, "demo.n_train=20", "demo.baselines=[]"), force=True)
+    assert [s for s, _ in got] == every[:every.index("train") + 1]
+
+
+def test_the_demo_split_keeps_the_pool_answers_out_of_every_training_file(tmp_path):
+    """split: gold pairs, the pool (prompts only), validation, the out-of-pool tail; the in-pool test is the
+    pool's last prompts with their gold answers. No id is in two training or test roles."""
+    from profuser.engine.tools import demo
+
+    cfg = _demo_cfg(tmp_path, "demo.n_pool=10", "demo.n_test_pool=4")
+    run = tmp_path / "demo"
+    demo.split_corpus(cfg, run)
+    parts = {f: [json.loads(x) for x in (run / f"{f}.jsonl").read_text().splitlines()] for f in demo.SPLIT_FILES}
+    assert {f: len(v) for f, v in parts.items()} == {"train": 12, "infer": 10, "val": 3, "heldout": 3,
+                                                     "test_pool": 4}
+    assert all(set(r) <= {"id", "prompt", "system"} for r in parts["infer"])  # no answer in the pool's file
+    ids = {f: {r["id"] for r in v} for f, v in parts.items()}
+    assert ids["test_pool"] <= ids["infer"] and [r["id"] for r in parts["infer"][-4:]] == [r["id"] for r in
+                                                                                          parts["test_pool"]]
+    for a, b in (("train", "infer"), ("train", "val"), ("infer", "val"), ("val", "heldout"), ("train", "heldout"),
+                 ("infer", "heldout")):
+        assert not ids[a] & ids[b], (a, b)
+    with pytest.raises(ValueError, match="demo.n_test_pool=11 must be <= demo.n_pool=10"):
+        demo.split_corpus(_demo_cfg(tmp_path, "demo.n_pool=10", "demo.n_test_pool=11"), run)
+    with pytest.raises(ValueError, match=r"n_train \+ n_pool \+ n_val \+ n_eval = 3018 > 3000 rows"):
+        demo.split_corpus(_demo_cfg(tmp_path, "demo.n_pool=3000"), run)
