@@ -10,9 +10,12 @@ The study config (configs/study.yaml):
     variants: {sft: {schedule.kind: sft}, two_stage: {schedule.kind: two_stage}, ...}
     seeds: [0, 1, 2]
     baseline: sft                   the variant every other one is compared with, example by example
-    eval: {data: ..., lm_eval: true, win_rate: false, ...}   StudyEval
+    comparisons: [[two_stage, sft], [two_stage, seqkd]]   pairs compared seed by seed (the criterion)
+    build_stores: false             true: `profuser demo --until score` on the base first (split, stores, vote)
+    eval: {data: [...], lm_eval: true, win_rate: false, ...}   StudyEval: the test sets and metrics
 
 Runs. Variant v with seed s is a normal `profuser train` run in <output_dir>/runs/<v>/seed<s> (its own process,
+its exported step picked on val.jsonl beside the base's stores when that file has pairs: eval.validation,
 resumable: a killed study re-run resumes the run from its checkpoint, and a run whose export
 <run>/final exists is not redone). Same steps, same tokens per step and, for one seed, the same data order in
 every variant (a mode's stream advances only on the steps that use it). Seed-major order, each run evaluated
@@ -25,10 +28,13 @@ Evaluation, the same for every exported model and for the untouched target (`mod
                 scorers of `profuser score` (a plurality vote of the two; a tie counts half)
 Each model's results are cached beside it (study_eval.json, keyed by the evaluation settings).
 
-Table: per variant the mean and the spread (sample standard deviation over seeds) of each metric, and the
-paired difference to the baseline: per example, the variant's value minus the baseline's with the same seed,
-averaged over seeds, with a 95% bootstrap interval over examples. Written as <output_dir>/study.md,
-study.json and study.png.
+Test sets: eval.data, default the demo's heldout.jsonl (out-of-pool) and test_pool.jsonl (in-pool, when it has
+pairs) beside the base's data_dir. Per test set, a table: per variant the mean and the spread (sample standard
+deviation over seeds) of each metric, and the paired difference to the baseline: per example, the variant's
+value minus the baseline's with the same seed, averaged over seeds, with a 95% bootstrap interval over
+examples. And per comparison (a, b): the per-seed differences a - b (same seed: same data order), their mean
+and the 95% t-interval over seeds; `excludes_zero` says whether that interval lies on one side of zero
+(the criterion of configs/study_pool.yaml). Written as <output_dir>/study.md, study.json and study.png.
 """
 
 from __future__ import annotations
@@ -54,7 +60,9 @@ METRICS = {"bits_per_byte": "bits/byte (lower is better)", "acc": "lm-eval acc",
 
 @dataclass
 class StudyEval:
-    data: str | None = None  # held-out JSONL; None: heldout.jsonl beside the base's data_dir (as the demo writes)
+    # test sets (JSONL of pairs), each tabulated on its own; None: heldout.jsonl (out-of-pool) and
+    # test_pool.jsonl (in-pool, when it has pairs) beside the base's data_dir, as `profuser demo` writes them
+    data: list[str] | None = None
     max_examples: int | None = None  # held-out examples evaluated (None: all)
     max_length: int | None = 512  # prompt + response tokens per example
     batch_size: int = 8  # examples per forward
@@ -77,6 +85,9 @@ class StudyConfig:
     # a finished run (its export written) keeps only the export: a checkpoint holds the weights AND the
     # optimizer state (~3 GB for Gemma-3-270M in fp32), 18 runs of which would not fit most disks
     keep_checkpoints: bool = False
+    # pairs [a, b] of variants compared seed by seed (a - b, t-interval over seeds): the success criterion
+    comparisons: list[list[str]] = field(default_factory=list)
+    build_stores: bool = False  # run `profuser demo --until score` on the base (its overrides) before training
     eval: StudyEval = field(default_factory=StudyEval)  # how every model is evaluated
 
     def __post_init__(self):
@@ -89,6 +100,9 @@ class StudyConfig:
         for name, ov in self.variants.items():
             if not isinstance(ov, (dict, type(None))):
                 raise ConfigError(f"study: variants.{name} must be a mapping of key: value overrides")
+        for pair in self.comparisons:
+            if not (isinstance(pair, list) and len(pair) == 2 and all(v in self.variants for v in pair)):
+                raise ConfigError(f"study: comparisons: {pair!r} is not a pair of variants {list(self.variants)}")
 
 
 def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> StudyConfig:
@@ -118,8 +132,22 @@ def train_command(cfg: StudyConfig, variant: str, seed: int) -> list[str]:
     cmd = [sys.executable, "-m", "profuser.engine.train"]
     if cfg.base:
         cmd += ["--config", cfg.base]
-    return cmd + as_overrides(cfg.overrides) + as_overrides(cfg.variants[variant]) + [
+    base = load_config(cfg.base, as_overrides(cfg.overrides))
+    val = Path(base.data.data_dir).parent / "val.jsonl"
+    validation = [f"eval.validation={val}"] if val.is_file() and val.stat().st_size else []
+    return cmd + as_overrides(cfg.overrides) + validation + as_overrides(cfg.variants[variant]) + [
         f"output_dir={run_dir(cfg, variant, seed)}", f"seed={seed}", "eval.data=null", "checkpoint.export=true"]
+
+
+def build_stores(cfg: StudyConfig, log=print) -> None:
+    """`profuser demo --until score` on the base with the study's overrides: split, stores, specialist, vote
+    (each stage skipped when it finished with the same inputs)."""
+    cmd = [sys.executable, "-m", "profuser.engine.cli", "demo", *(["--config", cfg.base] if cfg.base else []),
+           "--until", "score", *as_overrides(cfg.overrides)]
+    log("[study] stores: " + " ".join(cmd[2:]))
+    r = subprocess.run(cmd)
+    if r.returncode != 0:
+        raise RuntimeError(f"study: building the stores failed (exit {r.returncode}): {' '.join(cmd)}")
 
 
 def train_run(cfg: StudyConfig, variant: str, seed: int, log=print) -> None:
@@ -146,10 +174,20 @@ def train_run(cfg: StudyConfig, variant: str, seed: int, log=print) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def heldout_path(cfg: StudyConfig, base) -> Path:
+TEST_SETS = {"heldout": "out-of-pool", "test_pool": "in-pool"}  # the demo's test files and their names
+
+
+def test_sets(cfg: StudyConfig, base) -> dict[str, Path]:
+    """{name: JSONL} of the test sets: eval.data, or the demo's (those with pairs) beside the base's data_dir."""
     if cfg.eval.data:
-        return Path(cfg.eval.data)
-    return Path(base.data.data_dir).parent / "heldout.jsonl"
+        return {Path(p).stem: Path(p) for p in cfg.eval.data}
+    run = Path(base.data.data_dir).parent
+    got = {name: run / f"{f}.jsonl" for f, name in TEST_SETS.items()
+           if (run / f"{f}.jsonl").is_file() and (run / f"{f}.jsonl").stat().st_size}
+    if not got:
+        raise ConfigError(f"study: no test set: eval.data is empty and {run} has no heldout.jsonl with pairs "
+                          "(make demo, or build_stores: true, writes it)")
+    return got
 
 
 def eval_key(cfg: StudyConfig, heldout: Path) -> str:
@@ -248,6 +286,33 @@ def paired(runs: list[dict], base: list[dict], metric: str, n_boot: int, seed: i
     return {"diff": stat(np.arange(n)), "ci95": [float(lo), float(hi)]}
 
 
+# Student's t quantile t_{0.975, df} for df = 1..10 (scipy.stats.t.ppf; more seeds use df = 10, a wider interval)
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def seed_interval(diffs: list[float]) -> list[float]:
+    """95% t-interval of the mean of per-seed paired differences ([nan, nan] with one seed)."""
+    n = len(diffs)
+    if n < 2:
+        return [float("nan"), float("nan")]
+    half = float(T975[min(n - 1, len(T975)) - 1] * np.std(diffs, ddof=1) / math.sqrt(n))
+    return [float(np.mean(diffs) - half), float(np.mean(diffs) + half)]
+
+
+def compare(cfg: StudyConfig, results: dict, metrics: list[str]) -> list[dict]:
+    """Each comparison (a, b): per-seed a - b, the mean, its t-interval over seeds and the example bootstrap."""
+    out = []
+    for a, b in cfg.comparisons:
+        for m in metrics:
+            diffs = [metric_of(results[a][s], m) - metric_of(results[b][s], m) for s in cfg.seeds]
+            ci = seed_interval(diffs)
+            boot = paired([results[a][s] for s in cfg.seeds], [results[b][s] for s in cfg.seeds], m, cfg.bootstrap)
+            out.append({"a": a, "b": b, "metric": m, "per_seed": diffs, "mean": float(np.mean(diffs)),
+                        "seed_ci95": ci, "example_ci95": boot["ci95"],
+                        "excludes_zero": bool(ci[0] > 0 or ci[1] < 0) if np.isfinite(ci[0]) else None})
+    return out
+
+
 def tabulate(cfg: StudyConfig, results: dict, target: dict, walls: dict) -> dict:
     metrics = ["bits_per_byte"] + (["acc"] if cfg.eval.lm_eval else []) + (["win"] if cfg.eval.win_rate else [])
     table = {"target": {m: {"mean": metric_of(target, m), "sd": 0.0, "n": 1} for m in metrics if m != "win"}}
@@ -271,8 +336,21 @@ def tabulate(cfg: StudyConfig, results: dict, target: dict, walls: dict) -> dict
             # means are further apart than their seed spreads together; one seed has no spread (None)
             d["beyond_seed_spread"] = (bool(abs(row[m]["mean"] - b["mean"]) > row[m]["sd"] + b["sd"])
                                        if len(cfg.seeds) > 1 else None)
-    return {"config": asdict(cfg), "metrics": metrics, "table": table, "n_examples": len(target["nll"]),
-            "train_wall_s": walls}
+    return {"metrics": metrics, "table": table, "n_examples": len(target["nll"]),
+            "comparisons": compare(cfg, results, metrics)}
+
+
+def markdown_comparisons(doc: dict) -> str:
+    if not doc["comparisons"]:
+        return ""
+    lines = ["\n| comparison | metric | per seed (a - b) | mean | 95% interval over seeds | excludes 0 |",
+             "|---|---|---|---:|---|---|"]
+    for c in doc["comparisons"]:
+        per = ", ".join(f"{d:+.4f}" for d in c["per_seed"])
+        lines.append(f"| {c['a']} - {c['b']} | {c['metric']} | {per} | {c['mean']:+.4f} | "
+                     f"[{c['seed_ci95'][0]:+.4f}, {c['seed_ci95'][1]:+.4f}] | "
+                     f"{'-' if c['excludes_zero'] is None else 'yes' if c['excludes_zero'] else 'no'} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(doc: dict, baseline: str) -> str:
@@ -292,66 +370,80 @@ def markdown(doc: dict, baseline: str) -> str:
     lines.append(f"\nmean ± sd over seeds; differences to {baseline}: per example, same seed, averaged over seeds, "
                  f"95% bootstrap interval over examples; * the two means differ by more than their seed "
                  f"spreads together (sd + sd); without *, the difference is within the seed spread.")
-    if len(doc["config"]["seeds"]) == 1:
+    if all(r.get("bits_per_byte", {}).get("n", 2) == 1 for n, r in doc["table"].items() if n != "target"):
         lines.append("One seed: no seed spread, so no difference is marked; rank nothing on it alone.")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + markdown_comparisons(doc)
 
 
-def plot(doc: dict, path: Path) -> None:
+def plot(docs: dict, path: Path) -> None:
+    """One row of bar charts (a metric each) per test set."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ms = doc["metrics"]
-    fig, axes = plt.subplots(1, len(ms), figsize=(4.5 * len(ms), 3.6), squeeze=False)
-    names = list(doc["table"])
-    for ax, m in zip(axes[0], ms):
-        rows = [(n, doc["table"][n][m]) for n in names if m in doc["table"][n]]
-        ax.bar(range(len(rows)), [r["mean"] for _, r in rows], yerr=[r["sd"] for _, r in rows], capsize=3,
-               color=["#999999" if n == "target" else "#3b75af" for n, _ in rows])
-        ax.set_xticks(range(len(rows)), [n for n, _ in rows], rotation=35, ha="right", fontsize=8)
-        ax.set_title(METRICS[m], fontsize=9)
-        lo = min(r["mean"] - r["sd"] for _, r in rows)
-        hi = max(r["mean"] + r["sd"] for _, r in rows)
-        ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
+    ms = next(iter(docs.values()))["metrics"]
+    fig, axes = plt.subplots(len(docs), len(ms), figsize=(4.5 * len(ms), 3.6 * len(docs)), squeeze=False)
+    for row, (test, doc) in zip(axes, docs.items()):
+        names = list(doc["table"])
+        for ax, m in zip(row, ms):
+            rows = [(n, doc["table"][n][m]) for n in names if m in doc["table"][n]]
+            ax.bar(range(len(rows)), [r["mean"] for _, r in rows], yerr=[r["sd"] for _, r in rows], capsize=3,
+                   color=["#999999" if n == "target" else "#3b75af" for n, _ in rows])
+            ax.set_xticks(range(len(rows)), [n for n, _ in rows], rotation=35, ha="right", fontsize=8)
+            ax.set_title(f"{test}: {METRICS[m]}", fontsize=9)
+            lo = min(r["mean"] - r["sd"] for _, r in rows)
+            hi = max(r["mean"] + r["sd"] for _, r in rows)
+            ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def study(cfg: StudyConfig, log=print) -> dict:
-    """Train what is missing, evaluate every model, write study.{md,json,png}; returns the JSON document."""
+    """Train what is missing, evaluate every model on every test set, write study.{md,json,png}; returns the
+    JSON document {config, tests: {name: {metrics, table, n_examples, comparisons}}, train_wall_s}."""
     from ..trainer.evaluate import load_eval_examples
     from ..trainer.lm_eval_task import write_task
 
+    if cfg.build_stores:
+        build_stores(cfg, log)
     base = load_config(cfg.base, as_overrides(cfg.overrides))
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    heldout = heldout_path(cfg, base)
-    examples = load_eval_examples(heldout, cfg.eval.max_examples)
-    key = eval_key(cfg, heldout)
-    task_dir = write_task(examples, out / "lm_eval_task", seed=cfg.eval.seed) if cfg.eval.lm_eval else None
-    target = evaluate_model(cfg, base.model.student, out / "target" / "study_eval.json", examples, key, task_dir,
-                            None, log)
+    sets = {}
+    for name, path in test_sets(cfg, base).items():
+        examples = load_eval_examples(path, cfg.eval.max_examples)
+        task = write_task(examples, out / f"lm_eval_task-{name}", seed=cfg.eval.seed) if cfg.eval.lm_eval else None
+        sets[name] = (examples, eval_key(cfg, path), task)
+
+    def evaluate(spec, folder, name, target_answers):
+        examples, key, task = sets[name]
+        return evaluate_model(cfg, spec, folder / f"study_eval-{name}.json", examples, key, task, target_answers,
+                              log)
+
+    targets = {n: evaluate(base.model.student, out / "target", n, None) for n in sets}
     # seed-major, each run evaluated as soon as it is trained: a study stopped part-way has every variant
     # for its first seeds (`--seeds 0 1` then tabulates them without training anything)
-    results: dict = {variant: {} for variant in cfg.variants}
+    results: dict = {n: {variant: {} for variant in cfg.variants} for n in sets}
     walls = {}
     for seed in cfg.seeds:
         for variant in cfg.variants:
             train_run(cfg, variant, seed, log)
             d = run_dir(cfg, variant, seed)
-            results[variant][seed] = evaluate_model(cfg, str(d / "final"), d / "study_eval.json", examples, key,
-                                                    task_dir, target.get("answers"), log)
+            for n in sets:
+                results[n][variant][seed] = evaluate(str(d / "final"), d, n, targets[n].get("answers"))
             f = d / "study_wall.json"
             if f.exists():
                 walls[f"{variant}/seed{seed}"] = json.loads(f.read_text())["seconds"]
-    doc = tabulate(cfg, results, target, walls)
+    tests = {n: tabulate(cfg, results[n], targets[n], walls) for n in sets}
+    doc = {"config": asdict(cfg), "tests": tests, "train_wall_s": walls}
     (out / "study.json").write_text(json.dumps(doc, indent=1) + "\n")
-    (out / "study.md").write_text(markdown(doc, cfg.baseline))
-    plot(doc, out / "study.png")
-    log(markdown(doc, cfg.baseline))
+    text = "".join(f"## {n} test set ({TEST_SETS.get(n, n)}, {t['n_examples']} examples)\n\n"
+                   + markdown(t, cfg.baseline) + "\n" for n, t in tests.items())
+    (out / "study.md").write_text(text)
+    plot(tests, out / "study.png")
+    log(text)
     return doc
 
 

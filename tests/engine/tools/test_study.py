@@ -30,7 +30,7 @@ def study_file(data, out: Path, **kw) -> Path:
     ov.pop("output_dir")
     doc = {"output_dir": str(out), "overrides": ov, "seeds": [0, 1], "baseline": "sft", "bootstrap": 200,
            "variants": {"sft": {"schedule.kind": "sft"}, "two_stage": {"schedule.kind": "two_stage"}},
-           "eval": {"data": data["heldout"], "lm_eval": True, "win_rate": True,
+           "eval": {"data": [data["heldout"]], "lm_eval": True, "win_rate": True,
                     "scorers": [f"judge:{data['student']}"], "max_new_tokens": 4, "batch_size": 4}}
     doc.update(kw)
     path = out / "study.yaml"
@@ -41,26 +41,34 @@ def study_file(data, out: Path, **kw) -> Path:
 
 def test_study_trains_evaluates_tabulates_and_resumes(data, tmp_path):
     out = tmp_path / "st"
-    cfg = S.load_study(study_file(data, out))
+    cfg = S.load_study(study_file(data, out, comparisons=[["two_stage", "sft"]]))
     doc = S.study(cfg, log=lambda s: None)
-    assert set(doc["table"]) == {"target", "sft", "two_stage"}
-    assert doc["metrics"] == ["bits_per_byte", "acc", "win"]
-    n = doc["n_examples"]
-    assert n == 10
+    assert list(doc["tests"]) == ["heldout"]
+    t = doc["tests"]["heldout"]
+    assert set(t["table"]) == {"target", "sft", "two_stage"}
+    assert t["metrics"] == ["bits_per_byte", "acc", "win"]
+    assert t["n_examples"] == 10
     for variant in ("sft", "two_stage"):
-        row = doc["table"][variant]
-        for m in doc["metrics"]:
+        row = t["table"][variant]
+        for m in t["metrics"]:
             assert len(row[m]["per_seed"]) == 2 and np.isfinite(row[m]["mean"]) and row[m]["sd"] >= 0
         assert 0 <= row["acc"]["mean"] <= 1 and 0 <= row["win"]["mean"] <= 1
-    d = doc["table"]["two_stage"]["bits_per_byte"]["vs_baseline"]
+    d = t["table"]["two_stage"]["bits_per_byte"]["vs_baseline"]
     assert d["ci95"][0] <= d["diff"] <= d["ci95"][1]
     # the paired difference is the mean over seeds of per-seed differences
-    per = doc["table"]["two_stage"]["bits_per_byte"]["per_seed"]
-    base = doc["table"]["sft"]["bits_per_byte"]["per_seed"]
+    per = t["table"]["two_stage"]["bits_per_byte"]["per_seed"]
+    base = t["table"]["sft"]["bits_per_byte"]["per_seed"]
     assert d["diff"] == pytest.approx(np.mean(np.subtract(per, base)), rel=1e-9)
+    # the comparison: the same per-seed differences, and the t-interval over the two seeds (df 1: 12.706)
+    c = next(c for c in t["comparisons"] if c["metric"] == "bits_per_byte")
+    assert (c["a"], c["b"]) == ("two_stage", "sft") and c["per_seed"] == pytest.approx(np.subtract(per, base))
+    half = 12.706 * np.std(c["per_seed"], ddof=1) / np.sqrt(2)
+    assert c["seed_ci95"] == pytest.approx([np.mean(c["per_seed"]) - half, np.mean(c["per_seed"]) + half])
+    assert c["excludes_zero"] == (c["seed_ci95"][0] > 0 or c["seed_ci95"][1] < 0)
     for f in ("study.md", "study.json", "study.png"):
         assert (out / f).stat().st_size > 0
-    assert "target (untouched)" in (out / "study.md").read_text()
+    text = (out / "study.md").read_text()
+    assert "target (untouched)" in text and "| two_stage - sft | bits_per_byte |" in text
     # each run is a normal training run of its own, the two variants saw the same first training batch
     # only the exports are kept (keep_checkpoints: false, the default)
     assert not (out / "runs" / "sft" / "seed0" / "checkpoints").exists()
@@ -74,12 +82,12 @@ def test_study_trains_evaluates_tabulates_and_resumes(data, tmp_path):
     redo = out / "runs" / "two_stage" / "seed1"
     for p in sorted(redo.rglob("*"), reverse=True):
         p.unlink() if p.is_file() else p.rmdir()
-    cache = out / "runs" / "sft" / "seed1" / "study_eval.json"
+    cache = out / "runs" / "sft" / "seed1" / "study_eval-heldout.json"
     cached = cache.stat().st_mtime_ns
-    doc2 = S.study(S.load_study(study_file(data, out)), log=lambda s: None)
+    doc2 = S.study(S.load_study(study_file(data, out, comparisons=[["two_stage", "sft"]])), log=lambda s: None)
     assert keep.stat().st_mtime_ns == stamp and cache.stat().st_mtime_ns == cached
     assert (redo / "final" / "config.json").is_file()
-    assert doc2["table"]["sft"] == doc["table"]["sft"]
+    assert doc2["tests"]["heldout"]["table"]["sft"] == t["table"]["sft"]
 
 
 def test_study_config_errors_named(data, tmp_path):
@@ -91,6 +99,8 @@ def test_study_config_errors_named(data, tmp_path):
         S.load_study(study_file(data, tmp_path / "c", eval={"lm_evl": True}))
     with pytest.raises(ConfigError, match="does not exist"):
         S.load_study(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=r"comparisons: \['two_stage', 'sfd'\] is not a pair of variants"):
+        S.load_study(study_file(data, tmp_path / "d", comparisons=[["two_stage", "sfd"]]))
 
 
 def test_lm_eval_task_is_deterministic_and_well_formed(tmp_path):
