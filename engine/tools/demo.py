@@ -91,10 +91,17 @@ def _profuser(*args: str) -> list[str]:
     return [sys.executable, "-m", "profuser.engine.cli", *args]
 
 
+def source_specs(cfg: TrainConfig) -> dict[str, str]:
+    """{source name: model spec} of data.sources (store names): the specialist's name is its export folder's
+    name (demo.specialist.out), every other name is its own spec (an alias or a folder)."""
+    sp = cfg.demo.specialist
+    return {n: sp.out if sp.base and n == model_name(sp.out) else n for n in cfg.data.sources}
+
+
 def stages(cfg: TrainConfig, config_path: str | None, overrides: list[str]) -> list[tuple[str, list]]:
     run = _run_dir(cfg)
     data, data_inf = cfg.data.data_dir, cfg.data.infer_data_dir or cfg.data.data_dir
-    sources = list(cfg.data.sources)
+    sources = list(source_specs(cfg).values())
     # the default engine adds nothing to the commands: stage keys (and so finished stages) stay valid
     engine = ["--engine", cfg.data.teacher_engine] if cfg.data.teacher_engine != "hf" else []
     train_cmd = [sys.executable, "-m", "profuser.engine.train"]
@@ -118,7 +125,8 @@ def stages(cfg: TrainConfig, config_path: str | None, overrides: list[str]) -> l
         ("teach", [teach(sources)]),
         ("generate", [_profuser("generate", "--data-dir", data_inf, "--source", *sources, *k,
                                 "--max-new-tokens", str(cfg.demo.max_new_tokens), "--no-progress", *engine)]),
-        ("score", [_profuser("score", "--data-dir", data_inf, "--sources", *sources, "--scorer", *cfg.demo.scorers,
+        ("score", [_profuser("score", "--data-dir", data_inf, "--sources", *map(model_name, sources),
+                             "--scorer", *cfg.demo.scorers,
                              "--student", cfg.model.student)]),
         ("train", [train_cmd + overrides]),
     ]
@@ -148,7 +156,7 @@ def baseline_stages(cfg: TrainConfig, train_cmd: list[str]) -> list[tuple[str, l
     models = [f"ProFuser ({cfg.schedule.kind}, the demo's run)={out / 'final'}"]
     models += [f"{BASELINES[n][0]}={out}-{n}/final" for n in names]
     models += [f"{label}={spec}" for label, spec in
-               reference_models(cfg.model.student, {model_name(s): s for s in cfg.data.sources}).items()]
+               reference_models(cfg.model.student, source_specs(cfg)).items()]
     tests = [("heldout.jsonl", "table")] + ([("test_pool.jsonl", "table-pool")] if cfg.demo.n_test_pool else [])
     tables = [_profuser("eval", "--data", str(_run_dir(cfg) / data), "--max-examples", str(cfg.eval.max_examples),
                         "--max-length", str(cfg.data.max_length), "--out", str(_run_dir(cfg) / folder),

@@ -191,7 +191,9 @@ def test_sets(cfg: StudyConfig, base) -> dict[str, Path]:
 
 
 def eval_key(cfg: StudyConfig, heldout: Path) -> str:
-    doc = {"eval": asdict(cfg.eval), "answers": "left-padded batches",
+    from ..trainer.evaluate import PARTS
+
+    doc = {"eval": asdict(cfg.eval), "answers": "left-padded batches", "parts": list(PARTS),
            "heldout_sha256": hashlib.sha256(heldout.read_bytes()).hexdigest()}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -242,10 +244,10 @@ def evaluate_model(cfg: StudyConfig, spec: str, cache: Path, examples: list[dict
     lm, tok = load_model(spec).eval(), load_tokenizer(spec)
     with torch.no_grad():
         rows = nll_rows(lm, tok, examples, max_length=cfg.eval.max_length, batch_size=cfg.eval.batch_size,
-                        device=torch.device("cpu"))
+                        device=torch.device("cpu"), parts=True)
     del lm
     res = {"key": key, "model": str(spec), "ids": [e["example_id"] for e in examples],
-           "nll": [r[0] for r in rows], "bytes": [r[2] for r in rows]}
+           "nll": [r[0] for r in rows], "bytes": [r[2] for r in rows], "parts": [r[3] for r in rows]}
     if task_dir is not None:
         from ..trainer.lm_eval_task import run_task
 
@@ -313,9 +315,12 @@ def compare(cfg: StudyConfig, results: dict, metrics: list[str]) -> list[dict]:
     return out
 
 
-def tabulate(cfg: StudyConfig, results: dict, target: dict, walls: dict) -> dict:
+def tabulate(cfg: StudyConfig, results: dict, target: dict, walls: dict, references: dict | None = None) -> dict:
+    """The table of one test set: the untouched target, every source (`references`: {label: results}; one
+    model each, no seeds) and every variant over the seeds, with the paired differences and comparisons."""
     metrics = ["bits_per_byte"] + (["acc"] if cfg.eval.lm_eval else []) + (["win"] if cfg.eval.win_rate else [])
-    table = {"target": {m: {"mean": metric_of(target, m), "sd": 0.0, "n": 1} for m in metrics if m != "win"}}
+    table = {label: {m: {"mean": metric_of(res, m), "sd": 0.0, "n": 1} for m in metrics if m in res}
+             for label, res in {"target": target, **(references or {})}.items()}
     base = [results[cfg.baseline][s] for s in cfg.seeds]
     for variant in cfg.variants:
         runs = [results[variant][s] for s in cfg.seeds]
@@ -326,7 +331,7 @@ def tabulate(cfg: StudyConfig, results: dict, target: dict, walls: dict) -> dict
                       "n": len(vals), "per_seed": vals}
         table[variant] = row
     for variant, row in table.items():
-        if variant in ("target", cfg.baseline):
+        if variant not in cfg.variants or variant == cfg.baseline:
             continue
         runs = [results[variant][s] for s in cfg.seeds]
         for m in metrics:
@@ -336,8 +341,45 @@ def tabulate(cfg: StudyConfig, results: dict, target: dict, walls: dict) -> dict
             # means are further apart than their seed spreads together; one seed has no spread (None)
             d["beyond_seed_spread"] = (bool(abs(row[m]["mean"] - b["mean"]) > row[m]["sd"] + b["sd"])
                                        if len(cfg.seeds) > 1 else None)
+    # where in the answer each model's bits go (bits per answer, mean over examples and seeds)
+    parts = {label: parts_bits([res]) for label, res in {"target": target, **(references or {})}.items()}
+    parts.update({v: parts_bits([results[v][s] for s in cfg.seeds]) for v in cfg.variants})
     return {"metrics": metrics, "table": table, "n_examples": len(target["nll"]),
-            "comparisons": compare(cfg, results, metrics)}
+            "comparisons": compare(cfg, results, metrics), "parts": parts}
+
+
+def parts_bits(runs: list[dict]) -> dict:
+    """{part: bits per answer} of PARTS, the mean over the runs (seeds) of the mean over examples."""
+    from ..trainer.evaluate import PARTS
+
+    if not all("parts" in r for r in runs):
+        return {}
+    per = np.mean([np.asarray(r["parts"]).mean(0) for r in runs], 0) / math.log(2)
+    return dict(zip(PARTS, per.tolist()))
+
+
+def source_shares(base) -> dict:
+    """Per source, the share of examples it wins: the vote on the pool (inference mode) and MinCE per byte on
+    the gold pairs (training mode), from `profuser score`'s summary.json; {} when there is none."""
+    from ..store import read_json
+
+    path = Path(base.data.infer_data_dir or base.data.data_dir) / "scores" / "summary.json"
+    if not path.is_file():
+        return {}
+    got = read_json(path, what="score summary")
+    mince = (got.get("train_mince_share") or {}).get("per_byte", {})
+    return {s: {"vote_share": got.get("infer_win_share", {}).get(s), "mince_share": mince.get(s)}
+            for s in dict.fromkeys([*got.get("infer_win_share", {}), *mince])}
+
+
+def sources_markdown(shares: dict) -> str:
+    lines = ["\n## Who wins: the share of examples each source wins\n",
+             "| source | the vote on the pool (inference mode) | MinCE per byte on the gold pairs (training mode) |",
+             "|---|---:|---:|"]
+    for s, v in shares.items():
+        cells = ["–" if v[k] is None else f"{100 * v[k]:.1f}%" for k in ("vote_share", "mince_share")]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown_comparisons(doc: dict) -> str:
@@ -372,7 +414,21 @@ def markdown(doc: dict, baseline: str) -> str:
                  f"spreads together (sd + sd); without *, the difference is within the seed spread.")
     if all(r.get("bits_per_byte", {}).get("n", 2) == 1 for n, r in doc["table"].items() if n != "target"):
         lines.append("One seed: no seed spread, so no difference is marked; rank nothing on it alone.")
-    return "\n".join(lines) + "\n" + markdown_comparisons(doc)
+    return "\n".join(lines) + "\n" + markdown_comparisons(doc) + markdown_parts(doc)
+
+
+def markdown_parts(doc: dict) -> str:
+    from ..trainer.evaluate import PARTS
+
+    rows = {n: p for n, p in doc.get("parts", {}).items() if p}
+    if not rows:
+        return ""
+    lines = ["\nbits per answer by position (mean over examples and seeds): "
+             + ", ".join(PARTS) + " (trainer/evaluate.py position_parts)\n",
+             "| model | " + " | ".join(PARTS) + " | total |", "|---|" + "---:|" * (len(PARTS) + 1)]
+    for name, p in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{p[k]:.2f}" for k in PARTS) + f" | {sum(p.values()):.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(docs: dict, path: Path) -> None:
@@ -423,6 +479,14 @@ def study(cfg: StudyConfig, log=print) -> dict:
                               log)
 
     targets = {n: evaluate(base.model.student, out / "target", n, None) for n in sets}
+    # every source, evaluated the same way (its lead over the target is what fusion can pass on)
+    from ..models import reference_models
+    from ..trainer.evaluate import source_models
+
+    srcs = {label: spec for label, spec in reference_models(base.model.student, source_models(
+        base.data.data_dir, base.data.sources)).items() if label != "target (before)"}
+    refs = {n: {label: evaluate(spec, out / "sources" / label.removeprefix("source "), n, None)
+                for label, spec in srcs.items()} for n in sets}
     # seed-major, each run evaluated as soon as it is trained: a study stopped part-way has every variant
     # for its first seeds (`--seeds 0 1` then tabulates them without training anything)
     results: dict = {n: {variant: {} for variant in cfg.variants} for n in sets}
@@ -436,11 +500,13 @@ def study(cfg: StudyConfig, log=print) -> dict:
             f = d / "study_wall.json"
             if f.exists():
                 walls[f"{variant}/seed{seed}"] = json.loads(f.read_text())["seconds"]
-    tests = {n: tabulate(cfg, results[n], targets[n], walls) for n in sets}
-    doc = {"config": asdict(cfg), "tests": tests, "train_wall_s": walls}
+    tests = {n: tabulate(cfg, results[n], targets[n], walls, refs[n]) for n in sets}
+    doc = {"config": asdict(cfg), "tests": tests, "train_wall_s": walls, "sources": source_shares(base)}
     (out / "study.json").write_text(json.dumps(doc, indent=1) + "\n")
     text = "".join(f"## {n} test set ({TEST_SETS.get(n, n)}, {t['n_examples']} examples)\n\n"
                    + markdown(t, cfg.baseline) + "\n" for n, t in tests.items())
+    if doc["sources"]:
+        text += sources_markdown(doc["sources"])
     (out / "study.md").write_text(text)
     plot(tests, out / "study.png")
     log(text)

@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import MODES, ConfigError
@@ -87,9 +88,28 @@ def _encode(tok, e: dict, max_length: int | None):
         return encode_example(tok, e["prompt"], e["response"], system=e["system"], max_length=None)
 
 
+PARTS = ("first_word", "content", "final_punct", "end_of_turn")
+
+
+def position_parts(response: str, pred_offsets) -> np.ndarray:
+    """int [R]: the index in PARTS of each predicted token of `response` (pred_offsets [R, 2] as in
+    EncodedExample): the end-of-turn token (its span starts at len(response)); a token starting inside the first
+    word (up to the first whitespace); one covering the final punctuation character; and the content between."""
+    off = np.asarray(pred_offsets).reshape(-1, 2)
+    text = response.rstrip()
+    first_end = next((i for i, c in enumerate(response) if c.isspace()), len(response))
+    last = len(text) - 1 if text and not text[-1].isalnum() else -1
+    out = np.full(off.shape[0], PARTS.index("content"), np.int64)
+    out[(off[:, 1] > last) & (off[:, 0] <= last) & (last >= 0)] = PARTS.index("final_punct")
+    out[off[:, 0] < first_end] = PARTS.index("first_word")
+    out[off[:, 0] >= len(response)] = PARTS.index("end_of_turn")
+    return out
+
+
 def nll_rows(lm, tok, examples: list[dict], *, max_length: int | None, batch_size: int,
-             device: torch.device) -> list[tuple[float, int, int]]:
-    """Per example (nll_sum, n_predicted_tokens, n_bytes) under `lm` with tokenizer `tok`.
+             device: torch.device, parts: bool = False) -> list[tuple]:
+    """Per example (nll_sum, n_predicted_tokens, n_bytes) under `lm` with tokenizer `tok`; with parts=True a
+    fourth element, the NLL summed over each part of the answer ([len(PARTS)] floats, position_parts).
 
     The backbone runs on [B, L] and the output head only on the predicted positions ([N, H] -> [N, V]),
     so memory stays far below B * L * V for large vocabularies. Every rank of a ZeRO-3 job must call this
@@ -116,7 +136,12 @@ def nll_rows(lm, tok, examples: list[dict], *, max_length: int | None, batch_siz
         at = 0
         for e, x in zip(chunk, encs):
             R = x.n_predicted
-            out.append((float(-lp[at:at + R].sum()), R, predicted_bytes(e["response"], x.pred_offsets)))
+            row = (float(-lp[at:at + R].sum()), R, predicted_bytes(e["response"], x.pred_offsets))
+            if parts:
+                by = np.zeros(len(PARTS))
+                np.add.at(by, position_parts(e["response"], x.pred_offsets), -lp[at:at + R].numpy())
+                row += (by.tolist(),)
+            out.append(row)
             at += R
     return out
 

@@ -35,8 +35,11 @@ from torch import nn
 from ..config import MODE_ID, LossConfig
 from ..models import LogitTransform
 
-# columns of the per-mode statistics FusionStep returns: [len(MODE_ID), 3]
-STAT_COLUMNS = ("loss", "ce", "kd")
+# columns of the per-mode statistics FusionStep returns: [len(MODE_ID), 5]; sums over the mode's rows of the
+# row's loss, CE and KD, of the teachers' stored top-k probability mass (weighted by the row's teacher weights)
+# and of the part of it that maps into the student's vocabulary (kept_mass = kept / stored: what alignment
+# keeps of the teachers' targets)
+STAT_COLUMNS = ("loss", "ce", "kd", "kept", "stored")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -51,7 +54,8 @@ class FusionStep(nn.Module):
             batch["n_tokens"] (host int) = its labelled positions
         mode_scale: [len(MODE_ID)] float tensor on the device, indexed by MODE_ID: the per-row loss weight
             of each mode (w_m * world / N_m, see the module docstring)
-        stats: per mode (rows MODE_ID), the sums over its rows of loss_i, CE_i and KD_i (unweighted)
+        stats: per mode (rows MODE_ID), the sums over its rows of loss_i, CE_i, KD_i (unweighted) and of the
+            kept and stored teacher mass (STAT_COLUMNS)
     """
 
     def __init__(self, lm: nn.Module, loss: LossConfig, vocab_maps: list):
@@ -98,10 +102,22 @@ class FusionStep(nn.Module):
             missing_mass=self.cfg.missing_mass, reduction="sum", row_weights=mode_scale.index_select(0, row_mode),
             backend=self.cfg.backend, return_stats=True, validate=False)
         lam = self.cfg.lam
-        per_row = torch.stack([lam * st.row_ce + (1.0 - lam) * st.row_kd, st.row_ce, st.row_kd], 1)  # [N, 3]
+        kept, stored = self.teacher_mass(t_ids, t_lp, t_w)
+        per_row = torch.stack([lam * st.row_ce + (1.0 - lam) * st.row_kd, st.row_ce, st.row_kd, kept, stored], 1)
         stats = torch.zeros((len(MODE_ID), len(STAT_COLUMNS)), dtype=torch.float64, device=per_row.device)
         stats.index_add_(0, row_mode, per_row.double())
         return keep + loss, stats
+
+
+    @torch.no_grad()
+    def teacher_mass(self, t_ids: torch.Tensor, t_lp: torch.Tensor, t_w: torch.Tensor):
+        """[N] kept and stored teacher probability mass per row: sum over teachers t of w_t * sum_k p_tk over
+        the non-empty top-k entries (stored), and over those whose id maps into the student's vocabulary (kept)."""
+        p = t_lp.float().exp() * t_w.float().unsqueeze(-1)  # [T, N, K]; an empty slot has log-prob -inf
+        nonempty = t_ids >= 0
+        kept = torch.stack([ne & (vm.to(ids.device)[ids.clamp_min(0).long()] >= 0) if vm is not None else ne
+                            for vm, ids, ne in zip(self.vocab_maps, t_ids, nonempty)])
+        return (p * kept).sum((0, 2)), (p * nonempty).sum((0, 2))
 
 
 def merge_modes(batches: list[dict], pad_id: int) -> dict:
@@ -164,6 +180,7 @@ class ModeTotals:
     ce: float = 0.0  # mean CE per target token
     kd: float = 0.0  # mean KD per target token
     tokens: int = 0  # global target tokens of the mode in the window
+    kept_mass: float = float("nan")  # of the teachers' stored top-k mass, the share alignment kept
 
 
 @dataclass
@@ -228,7 +245,9 @@ def run_window(engine, window: list[list[dict]], step_modes: list[str], weights:
     modes = {}
     for m in step_modes:
         i, n = MODE_ID[m], max(counts_h[MODE_ID[m]], 1.0)
-        loss_m, ce_m, kd_m = (sums[i * len(STAT_COLUMNS) + c] / n for c in range(len(STAT_COLUMNS)))
-        modes[m] = ModeTotals(loss=loss_m, ce=ce_m, kd=kd_m, tokens=int(round(counts_h[i])))
+        col = sums[i * len(STAT_COLUMNS): (i + 1) * len(STAT_COLUMNS)]
+        loss_m, ce_m, kd_m, kept_m, stored_m = col
+        modes[m] = ModeTotals(loss=loss_m / n, ce=ce_m / n, kd=kd_m / n, tokens=int(round(counts_h[i])),
+                              kept_mass=kept_m / stored_m if stored_m > 0 else float("nan"))
     tokens = int(round(sum(counts_h[MODE_ID[m]] for m in step_modes)))
     return WindowResult(loss=total_loss, tokens=tokens, modes=modes)

@@ -322,3 +322,39 @@ def test_training_streams_use_the_configured_vocab_map(data, toks):
     for extra, want in (([], "projection"), (["data.vocab_map=exact+mined"], "exact+mined")):
         streams = build_streams(load_config(None, base + extra), toks["smollm2"], ["train", "infer"], 0, 1)
         assert {m: s.loader.cfg.vocab_map for m, s in streams.items()} == {"train": want, "infer": want}
+
+
+@pytest.mark.parametrize("span_rule", ["first_piece", "chain"])
+def test_the_first_answer_token_and_the_end_of_turn_map_onto_the_targets(tmp_path, toks, span_rule):
+    """Issue #26 diagnostics: SmolLM2 teaching Gemma-3 (the demo's pair), real tokenizers. At the answer's first
+    token and at the end of turn the teacher's realised token (its top slot here) reaches the target as the
+    target's own realised token: 'A' -> 'A', <|im_end|> -> <end_of_turn> (a wrong map there would make KD push
+    the target's first word and end of turn away from the gold). Where the target's first token spans several
+    of the teacher's ('Tokyo' = 'To' + 'kyo'), first_piece maps the first piece ('To'), chain the whole token."""
+    ex = fx.corpus(12)
+    pm = fx.write_prepared(tmp_path, ex, 4)
+    fx.write_teacher(tmp_path, "smollm2", "train", toks["smollm2"], MODELS["smollm2"], ex, pm, seed=3, true_top=1.0)
+    gemma, smol = toks["gemma3"], toks["smollm2"]
+    ld = rt.fusion_loader(tmp_path, gemma, sources=["smollm2"], student="gemma3-270m", span_rule=span_rule,
+                          teacher_tokenizers={"smollm2": smol}, shuffle_buffer=1)
+    vm = ld.vocab_maps[0].long()
+    eot = gemma.convert_tokens_to_ids("<end_of_turn>")
+    by_id = {e["example_id"]: e for e in ex}
+    spanning = one_to_one = 0
+    for batch in ld:
+        for b, eid in enumerate(batch["example_ids"]):
+            e = by_id[eid]
+            pos = (batch["labels"][b] != -100).nonzero().squeeze(1)
+            first, last = int(pos[0]), int(pos[-1])
+            s_span = chat.encode_example(gemma, e["prompt"], e["response"]).pred_offsets[0].tolist()
+            t_span = chat.encode_example(smol, e["prompt"], e["response"]).pred_offsets[0].tolist()
+            top = int(batch["teacher_ids"][0, b, first, 0])
+            if s_span == t_span or span_rule == "chain":
+                assert int(vm[top]) == int(batch["labels"][b, first]), eid
+            else:  # first_piece: the slot holds the teacher's first piece, mapped to the target's own id for it
+                assert gemma.convert_ids_to_tokens(int(vm[top])) == smol.convert_ids_to_tokens(top).lstrip("Ġ")
+            spanning += s_span != t_span
+            one_to_one += s_span == t_span
+            assert int(batch["labels"][b, last]) == eot and int(vm[int(batch["teacher_ids"][0, b, last, 0])]) == eot
+            assert smol.convert_ids_to_tokens(int(batch["teacher_ids"][0, b, last, 0])) == "<|im_end|>"
+    assert spanning >= 1 and one_to_one >= 8

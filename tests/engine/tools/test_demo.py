@@ -19,7 +19,7 @@ def test_demo_pipeline_small(tmp_path):
     args = [f"output_dir={run / 'train'}", f"data.data_dir={run / 'data'}", f"data.infer_data_dir={run / 'data-infer'}",
             "demo.n_train=24", "demo.n_pool=8", "demo.n_test_pool=4", "demo.n_val=4", "demo.n_eval=6",
             "demo.max_new_tokens=12", "optim.max_steps=4", f"demo.specialist.out={run / 'specialist'}",
-            "demo.specialist.max_steps=2", f"data.sources=[{run / 'specialist'}, gemma3-270m]",
+            "demo.specialist.max_steps=2", "data.sources=[specialist, gemma3-270m]",
             f"demo.scorers=[judge:{run / 'specialist'}, judge:gemma3-270m]",
             "optim.warmup_steps=1", "checkpoint.every=2", "eval.every=2", "eval.n_samples=1",
             "eval.max_new_tokens=8", "data.micro_batch_size=2", "optim.grad_accum=1", "log.progress=false"]

@@ -45,7 +45,9 @@ def test_study_trains_evaluates_tabulates_and_resumes(data, tmp_path):
     doc = S.study(cfg, log=lambda s: None)
     assert list(doc["tests"]) == ["heldout"]
     t = doc["tests"]["heldout"]
-    assert set(t["table"]) == {"target", "sft", "two_stage"}
+    # the target, every source other than the target (evaluated once, the same way) and the variants
+    assert set(t["table"]) == {"target", "source gpt2", "sft", "two_stage"}
+    assert t["table"]["source gpt2"]["bits_per_byte"]["n"] == 1 and "vs_baseline" not in t["table"]["source gpt2"]
     assert t["metrics"] == ["bits_per_byte", "acc", "win"]
     assert t["n_examples"] == 10
     for variant in ("sft", "two_stage"):
@@ -65,9 +67,15 @@ def test_study_trains_evaluates_tabulates_and_resumes(data, tmp_path):
     half = 12.706 * np.std(c["per_seed"], ddof=1) / np.sqrt(2)
     assert c["seed_ci95"] == pytest.approx([np.mean(c["per_seed"]) - half, np.mean(c["per_seed"]) + half])
     assert c["excludes_zero"] == (c["seed_ci95"][0] > 0 or c["seed_ci95"][1] < 0)
+    # where the bits go: the parts of every model's answers add up to its bits per answer
+    runs = [json.loads((out / "runs" / "sft" / f"seed{s}" / "study_eval-heldout.json").read_text()) for s in (0, 1)]
+    whole = np.mean([np.mean(r["nll"]) for r in runs]) / np.log(2)
+    assert set(t["parts"]) == {"target", "source gpt2", "sft", "two_stage"}
+    assert sum(t["parts"]["sft"].values()) == pytest.approx(whole, rel=1e-9)
     for f in ("study.md", "study.json", "study.png"):
         assert (out / f).stat().st_size > 0
     text = (out / "study.md").read_text()
+    assert "| model | first_word | content | final_punct | end_of_turn | total |" in text
     assert "target (untouched)" in text and "| two_stage - sft | bits_per_byte |" in text
     # each run is a normal training run of its own, the two variants saw the same first training batch
     # only the exports are kept (keep_checkpoints: false, the default)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from profuser.engine.models import load_model, load_tokenizer, tiny_model_dir
@@ -30,3 +31,36 @@ def test_batched_greedy_answers_equal_one_at_a_time(tmp_path):
     assert [s["generated"] for s in batched] == [s["generated"] for s in one]
     assert [s["example_id"] for s in batched] == [e["example_id"] for e in examples]
     assert all(len(s["generated"]) > 10 for s in one) and len({s["generated"] for s in one}) > 1
+
+
+def test_the_nll_of_each_part_of_an_answer_adds_up_to_the_whole(tmp_path):
+    """Diagnostics (issue #26): first word, content, final punctuation and end of turn, with the real SmolLM2
+    and Gemma-3 tokenizers; the parts' NLL sums to the answer's."""
+    import numpy as np
+
+    import helpers
+    from profuser.engine.text.chat import encode_example
+    from profuser.engine.trainer.evaluate import PARTS, nll_rows, position_parts
+
+    response = "An elongated fish with a small head, e.g. the eel."
+    for name in ("smollm2", "gemma3"):
+        tok = helpers.tokenizer(name)
+        x = encode_example(tok, "Define the noun 'eel'.", response)
+        parts = position_parts(response, x.pred_offsets)
+        assert parts[-1] == PARTS.index("end_of_turn") and (parts == PARTS.index("end_of_turn")).sum() == 1
+        assert parts[0] == PARTS.index("first_word") and parts[-2] == PARTS.index("final_punct")
+        assert response[slice(*x.pred_offsets[-2])].endswith(".")
+        words = {response[slice(*x.pred_offsets[r])].strip() for r in np.nonzero(parts == 0)[0]}
+        assert words == {"An"}, (name, words)
+        assert (parts == PARTS.index("content")).sum() >= 8
+    assert (position_parts("Dog", [[0, 3], [3, 3]]) == [0, 3]).all()  # no punctuation: no final_punct part
+
+    rows = [json.loads(x) for x in CORPUS.read_text().splitlines()[-5:]]
+    (tmp_path / "h.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = tiny_model_dir("smollm2-135m-instruct", out_dir=tmp_path / "m")
+    lm, tok = load_model(model).eval(), load_tokenizer(model)
+    with torch.no_grad():
+        got = nll_rows(lm, tok, load_eval_examples(tmp_path / "h.jsonl", None), max_length=None, batch_size=2,
+                       device=torch.device("cpu"), parts=True)
+    for nll, _, _, by in got:
+        assert len(by) == len(PARTS) and all(v > 0 for v in by) and sum(by) == pytest.approx(nll, rel=1e-9)

@@ -78,8 +78,23 @@ def test_one_call_equals_two_calls(backend, missing_mass):
     for n, p in lm2.named_parameters():
         torch.testing.assert_close(one[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
     # per-mode statistics: sums over each mode's rows, on the device
-    assert stats.shape == (len(MODE_ID), 3) and stats.dtype == torch.float64
+    assert stats.shape == (len(MODE_ID), 5) and stats.dtype == torch.float64
     assert all(float(stats[MODE_ID[m], 1]) > 0 for m in batches)
+    # the teachers' stored top-k mass and the part that maps into the student's vocabulary, per mode
+    maps = vocab_maps()
+    for m, b in batches.items():
+        sel = b["labels"].reshape(-1) != -100
+        kept = stored = 0.0
+        for t in range(T):
+            ids = b["teacher_ids"][t].reshape(-1, K)[sel].long()
+            p = b["teacher_logprobs"][t].reshape(-1, K)[sel].double().exp()
+            w = b["teacher_weights"][t].reshape(-1)[sel].double().unsqueeze(1)
+            mapped = ids >= 0 if maps[t] is None else (ids >= 0) & (maps[t].long()[ids.clamp_min(0)] >= 0)
+            stored += float((w * p * (ids >= 0)).sum())
+            kept += float((w * p * mapped).sum())
+        assert 0 < kept < stored  # teacher 1's map drops ~20% of its ids
+        assert float(stats[MODE_ID[m], 3]) == pytest.approx(kept, rel=1e-5)
+        assert float(stats[MODE_ID[m], 4]) == pytest.approx(stored, rel=1e-5)
 
 
 def test_count_syncs_sees_a_sync():
