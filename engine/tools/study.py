@@ -319,7 +319,8 @@ def tabulate(cfg: StudyConfig, results: dict, target: dict, walls: dict, referen
     """The table of one test set: the untouched target, every source (`references`: {label: results}; one
     model each, no seeds) and every variant over the seeds, with the paired differences and comparisons."""
     metrics = ["bits_per_byte"] + (["acc"] if cfg.eval.lm_eval else []) + (["win"] if cfg.eval.win_rate else [])
-    table = {label: {m: {"mean": metric_of(res, m), "sd": 0.0, "n": 1} for m in metrics if m in res}
+    table = {label: {m: {"mean": metric_of(res, m), "sd": 0.0, "n": 1} for m in metrics
+                     if m == "bits_per_byte" or m in res}
              for label, res in {"target": target, **(references or {})}.items()}
     base = [results[cfg.baseline][s] for s in cfg.seeds]
     for variant in cfg.variants:
@@ -356,6 +357,19 @@ def parts_bits(runs: list[dict]) -> dict:
         return {}
     per = np.mean([np.asarray(r["parts"]).mean(0) for r in runs], 0) / math.log(2)
     return dict(zip(PARTS, per.tolist()))
+
+
+def is_model(spec: str, log=print) -> bool:
+    """Whether a source's spec is a model the study can evaluate (a store written by other means may name a
+    tokenizer folder or a model that is gone): one line says which source is left out of the table."""
+    from ..models import resolve_model
+
+    try:
+        resolve_model(spec)
+        return True
+    except (ValueError, OSError, ModuleNotFoundError) as exc:
+        log(f"[study] source {spec}: not evaluated ({exc})")
+        return False
 
 
 def source_shares(base) -> dict:
@@ -484,7 +498,7 @@ def study(cfg: StudyConfig, log=print) -> dict:
     from ..trainer.evaluate import source_models
 
     srcs = {label: spec for label, spec in reference_models(base.model.student, source_models(
-        base.data.data_dir, base.data.sources)).items() if label != "target (before)"}
+        base.data.data_dir, base.data.sources)).items() if label != "target (before)" and is_model(spec, log)}
     refs = {n: {label: evaluate(spec, out / "sources" / label.removeprefix("source "), n, None)
                 for label, spec in srcs.items()} for n in sets}
     # seed-major, each run evaluated as soon as it is trained: a study stopped part-way has every variant
