@@ -28,7 +28,7 @@ ROOTS = ("", "engine", "kernels", "tests", "bench", "csrc", "docs", "configs", "
          "engine/passes", "engine/text", "engine/loader", "engine/store", "engine/tools", "engine/models",
          "bench/results")
 # the user's own files in examples (`profuser prepare --input a.jsonl`), not claims about the tree
-EXAMPLES = {"a.jsonl", "b.jsonl", "hf_folder/", "my_data.jsonl", "data.jsonl", "heldout.jsonl"}
+EXAMPLES = {"a.jsonl", "b.jsonl", "hf_folder/", "my_data.jsonl", "data.jsonl", "heldout.jsonl", "prompts.jsonl"}
 # written by runs, not part of the repository: a name under these is an output, not a claim about the tree
 OUTPUTS = ("runs/", "demo_out/", "final/", "report/", "checkpoints/", "teachers/", "prepared/", "scores/",
            "step", "tmp-", "~/", "/tmp/", "$", ".cache", "out/", "table/", "seed", "tensorboard", "models/<")
@@ -36,7 +36,9 @@ OUTPUT_FILES = {"metrics.jsonl", "config.yaml", "manifest.json", "votes.parquet"
                 "report.md", "profuser_checkpoint.json", "summary.json", "study.md", "study.json", "items.jsonl",
                 "heldout.jsonl", "chat_template.jinja", "config.json", "tokenizer.json", "latest", "study_wall.json",
                 "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "train.lock",
-                "prepare.lock", "faults.json", "model.safetensors", "tokenizer.model"}
+                "prepare.lock", "faults.json", "model.safetensors", "tokenizer.model", "selected.json",
+                "validation.json", "val.jsonl", "test_pool.jsonl", "train.jsonl", "infer.jsonl",
+                "profuser_export.json"}
 
 
 def text(path: Path) -> str:
