@@ -165,6 +165,7 @@ class CheckpointConfig:
     allow_changed_data: bool = False
     export: bool = True  # write the final student as a transformers folder (output_dir/final)
     export_dir: str | None = None  # where the export goes (None: output_dir/final)
+    export_dtype: str = "float32"  # float32 | bfloat16 | float16: the exported weights' dtype (training is unchanged)
 
 
 @dataclass
@@ -459,6 +460,7 @@ _CHOICES = {
     "loss.backend": BACKENDS,
     "schedule.kind": SCHEDULES,
     "optim.decay": DECAYS,
+    "checkpoint.export_dtype": ("float32", "bfloat16", "float16"),
 }
 
 

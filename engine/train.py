@@ -62,6 +62,7 @@ from profuser.engine.trainer import output_dir
 from profuser.engine.trainer.deepspeed_setup import build_engine, deepspeed_config, full_shape, load_student
 from profuser.engine.trainer.evaluate import final_report, make_evaluator
 from profuser.engine.trainer.metrics_log import MetricsLogger, peak_memory_mb
+from profuser.engine.trainer.model_card import write_model_card
 from profuser.engine.trainer.schedule import active_modes, fusion_weights, lr_factor, stage_of
 from profuser.engine.trainer.step import NonFiniteLossError, WindowResult, run_window
 
@@ -295,7 +296,8 @@ def export(run: TrainingRun, out: Path) -> Path:
     checkpoint = None
     if run.stage == 3:
         checkpoint = run.save() if run.last_saved != run.step else run.ckpt_dir / ckpt.tag_for(run.step)
-    path = ckpt.export_student(run.engine.module.lm, run.tok, checkpoint, out, stage=run.stage, rank=run.info.rank)
+    path = ckpt.export_student(run.engine.module.lm, run.tok, checkpoint, out, stage=run.stage, rank=run.info.rank,
+                               dtype=getattr(torch, run.cfg.checkpoint.export_dtype))
     release_freed_memory()
     return path
 
@@ -341,6 +343,8 @@ def finish(run: TrainingRun) -> None:
         run.summary["export"] = str(export_dir)
         if run.info.rank == 0 and cfg.eval.data:  # student after, target before, every source
             run.summary["report"] = str(final_report(cfg, export_dir, run.out / "report"))
+        if run.info.rank == 0:
+            write_model_card(export_dir, cfg, run.summary, run.inputs)
         dist.barrier()
 
 

@@ -352,7 +352,8 @@ def resume_point(paths: list[Path], *, rank: int, world_size: int, config_digest
 EXPORT_MARKER = "profuser_export.json"  # in every export: the folder is a profuser export, replaceable
 
 
-def export_student(lm, tok, checkpoint: Path, out: Path, *, stage: int, rank: int) -> Path:
+def export_student(lm, tok, checkpoint: Path, out: Path, *, stage: int, rank: int,
+                   dtype: torch.dtype = torch.float32) -> Path:
     """Write the student as a transformers folder (safetensors + config + tokenizer), atomically (rank 0).
     A tokenizer without a chat template gets the fallback one it was trained with (text/chat.py).
 
@@ -378,10 +379,17 @@ def export_student(lm, tok, checkpoint: Path, out: Path, *, stage: int, rank: in
                                    f"(missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
             fresh.tie_weights()
             fresh.config.use_cache = True
-            fresh.save_pretrained(str(tmp))
+            fresh.to(dtype).save_pretrained(str(tmp))
         else:
             lm.config.use_cache = True
-            lm.save_pretrained(str(tmp))
+            if dtype == torch.float32:
+                lm.save_pretrained(str(tmp))
+            else:  # a cast copy of the weights; the training module keeps its own dtype
+                state = {k: v.detach().to(dtype) for k, v in lm.state_dict().items()}
+                saved_dtype = lm.config.dtype
+                lm.config.dtype = dtype
+                lm.save_pretrained(str(tmp), state_dict=state)
+                lm.config.dtype = saved_dtype
             lm.config.use_cache = False
         tok.save_pretrained(str(tmp))
         if not getattr(tok, "chat_template", None):  # e.g. the Gemma-3 GGUF: the layout it was trained with

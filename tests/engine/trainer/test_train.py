@@ -414,6 +414,7 @@ def test_the_export_is_the_step_with_the_lowest_validation_loss(setup, tmp_path)
         res = summarize(nll_rows(lm, AutoTokenizer.from_pretrained(final), load_eval_examples(setup["heldout"]),
                                  max_length=64, batch_size=4, device=torch.device("cpu")))
     assert res["bits_per_byte"] == pytest.approx(best["bits_per_byte"], rel=1e-5)  # that step's student
+    assert f"| exported step | {best['step']} (lowest validation bits/byte" in (final / "README.md").read_text()
 
     mine = tmp_path / "my-models"
     mine.mkdir()
@@ -423,3 +424,33 @@ def test_the_export_is_the_step_with_the_lowest_validation_loss(setup, tmp_path)
     with pytest.raises(OutputDirError, match=f"checkpoint.export_dir={mine}: not empty and not a profuser export"):
         run_inproc(setup, tmp_path / "run2", **{"checkpoint.export_dir": str(mine), "optim.max_steps": 1})
     assert (mine / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_a_bf16_export_with_its_model_card(setup, tmp_path, stage):
+    """checkpoint.export_dtype=bfloat16: the export holds bf16 safetensors (ZeRO-0 and ZeRO-3 paths) whose eval
+    NLL is the fp32 engine's within bf16 rounding; its README.md card is read from the run (target, sources,
+    schedule, the data digests, the report's numbers)."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from profuser.engine.trainer.evaluate import load_eval_examples, nll_rows, summarize
+
+    out = tmp_path / "bf16"
+    summary = run_inproc(setup, out, **{"checkpoint.export_dtype": "bfloat16", "deepspeed.zero_optimization.stage":
+                                        stage, "eval.data": setup["heldout"], "eval.max_examples": 6,
+                                        "eval.references": False, "eval.n_samples": 0})
+    final = Path(summary["export"])
+    with safe_open(str(final / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    lm = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    with torch.no_grad():
+        res = summarize(nll_rows(lm, AutoTokenizer.from_pretrained(final), load_eval_examples(setup["heldout"], 6),
+                                 max_length=64, batch_size=4, device=torch.device("cpu")))
+    assert res["nll_per_token"] == pytest.approx(summary["eval"]["nll_per_token"], rel=2e-2)
+    assert res["nll_per_token"] != pytest.approx(summary["eval"]["nll_per_token"], rel=1e-7)  # it was rounded
+    card = (final / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    assert f"| target (student) | `{setup['student']}` |" in card and "| source `gpt2` |" in card
+    assert "| schedule | `two_stage`" in card and "| weights | bfloat16 safetensors |" in card
+    assert "| student (after) |" in card and len([x for x in card.splitlines() if x.startswith("- `")]) >= 3
