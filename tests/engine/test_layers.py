@@ -2,7 +2,8 @@
 `engine/train.py` run as a script cannot shadow another module.
 
 Layers of profuser.engine (a module may import its own unit and units of a lower rank only):
-    8  cli.py                      the command line (dispatches to every command, the recipe included)
+    8  cli.py, api.py              the command line (dispatches to every command, the recipe included);
+                                   the Python API (every command as a function)
     7  train.py                    the training recipe
     6  tools/                      demo, plot, synthetic stores
     5  passes/, trainer/           teacher passes; training step, schedule, checkpoints, eval
@@ -26,7 +27,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 ENGINE = REPO / "engine"
 RANK = {"commands": 0, "config": 0, "dist": 0, "errors": 0, "fileio": 0, "config_cli": 1, "models": 1, "text": 2,
-        "store": 3, "loader": 4, "passes": 5, "trainer": 5, "tools": 6, "train": 7, "cli": 8}
+        "store": 3, "loader": 4, "passes": 5, "trainer": 5, "tools": 6, "train": 7, "cli": 8,
+        "api": 8}
 
 
 def module_name(path: Path) -> str:
