@@ -38,7 +38,7 @@ def test_resolve_local_and_bad_specs(tmp_path):
     (tmp_path / "m").mkdir()
     with pytest.raises(ValueError, match="has no config.json"):
         models.resolve_model(tmp_path / "m")
-    with pytest.raises(ValueError, match=r"'nope-7b' is neither a known alias .*hub downloads are disabled"):
+    with pytest.raises(ValueError, match=r"'nope-7b' is neither a known alias .*, a local folder nor a hub id"):
         models.resolve_model("nope-7b")
     with pytest.raises(ValueError, match="tokenizer spec 'nope-7b'"):
         models.load_tokenizer("nope-7b")
@@ -212,3 +212,41 @@ def test_a_gguf_in_chunk_packages_is_assembled_once_and_checked(tmp_path, monkey
     sys.modules.pop("fakechunk_part12", None)
     with pytest.raises(ModuleNotFoundError, match="m.gguf needs the package fakechunk_part12 .*: make fake"):
         missing.assemble(tmp_path / "third")
+
+
+def test_hub_ids_resolve_through_the_hugging_face_cache_offline(tmp_path, monkeypatch):
+    """A hub id ("owner/name", "@revision") loads from a cache in the hub layout with HF_HUB_OFFLINE=1 (a tiny
+    model with the real SmolLM2 tokenizer stands in for a hub model); a stored source records the id and is
+    named by the repo's name; an id missing from the cache is one line naming it."""
+    import shutil
+
+    from profuser.engine.passes import teach as T
+    from profuser.engine.passes.options import PassConfig
+    from profuser.engine.tools import synthetic as fx
+
+    tiny = models.tiny_model_dir("smollm2-135m-instruct", out_dir=tmp_path / "tiny")
+    cache, commit = tmp_path / "hub", "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--acme--tiny-smol"
+    shutil.copytree(tiny, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+
+    assert models.resolve_model("acme/tiny-smol") == repo / "snapshots" / commit
+    assert models.resolve_model(f"acme/tiny-smol@{commit}") == repo / "snapshots" / commit
+    lm, tok = models.load_model("acme/tiny-smol"), models.load_tokenizer("acme/tiny-smol")
+    assert len(tok) == 49152 and lm.config.vocab_size == len(tok)
+    assert models.model_name("acme/tiny-smol") == "tiny-smol" and models.canonical_spec("acme/tiny-smol") == \
+        "acme/tiny-smol"
+    assert models.model_fingerprint("acme/tiny-smol") == models.model_fingerprint(tiny)  # the same files
+    with pytest.raises(ValueError, match=r"model spec 'acme/other': hub id acme/other is not in .*hub and hub "
+                                         r"downloads are off \(HF_HUB_OFFLINE=1\)"):
+        models.resolve_model("acme/other")
+
+    ex = fx.corpus(4)
+    fx.write_prepared(tmp_path / "data", ex, 4)
+    T.teach(PassConfig(data_dir=str(tmp_path / "data"), sources=["acme/tiny-smol"], k=4, progress=False))
+    manifest = json.loads((tmp_path / "data" / "teachers" / "tiny-smol" / "train" / "manifest.json").read_text())
+    assert manifest["model"] == "acme/tiny-smol"
