@@ -141,7 +141,7 @@ setup(
     install_requires=["torch>=2.6", "numpy>=1.24", "triton>=3.2; platform_system == 'Linux'"],
     extras_require={
         "engine": ENGINE,
-        "train": ENGINE + ["deepspeed>=0.16", "accelerate>=1.0", "tensorboard>=2.15", "matplotlib>=3.7",
+        "train": ENGINE + ["deepspeed>=0.16", "accelerate>=1.0", "tensorboard>=2.15", "matplotlib>=3.7", "peft>=0.13",
                            "gguf>=0.10", "sentencepiece>=0.2", "protobuf>=4"],
         "gpu": ["flash-attn"],  # sdist only, needs CUDA: pip install --no-build-isolation profuser[gpu]
         "bench": ["liger-kernel>=0.5", "cut-cross-entropy>=25.1", "matplotlib>=3.7"],

@@ -68,11 +68,25 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraConfig:
+    """A LoRA adapter (peft) trained instead of every parameter: the target with r > 0."""
+
+    r: int = 0  # adapter rank; 0: no adapter, every parameter trains
+    alpha: float = 16.0  # scaling alpha / r
+    dropout: float = 0.0  # dropout on the adapter's input
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # merged: the target with the adapter folded in (a plain transformers folder) | adapter: the PEFT adapter
+    # alone (adapter_config.json + weights; profuser loads it on its base, PeftModel.from_pretrained too)
+    export: str = "merged"
+
+
+@dataclass
 class ModelConfig:
-    student: str = "smollm2-135m-instruct"  # local HF folder or alias (see profuser.engine.models)
+    student: str = "smollm2-135m-instruct"  # local HF folder, hub id or alias (see profuser.engine.models)
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU | float32 | bfloat16 | float16
     attn_implementation: str = "auto"  # auto: flash_attention_2 when installed on GPU, else sdpa
     activation_checkpointing: bool = False  # recompute layer activations in backward (less memory)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # model.lora.r > 0 trains a LoRA adapter only
 
 
 @dataclass
@@ -461,6 +475,7 @@ _CHOICES = {
     "schedule.kind": SCHEDULES,
     "optim.decay": DECAYS,
     "checkpoint.export_dtype": ("float32", "bfloat16", "float16"),
+    "model.lora.export": ("merged", "adapter"),
 }
 
 
@@ -497,7 +512,7 @@ _RANGES = {  # every numeric option; list options apply the range to each entry
     "eval.n_samples": _NONNEG, "eval.max_new_tokens": _Range(1), "log.every": _Range(1),
     "demo.n_train": _Range(1), "demo.n_pool": _Range(1), "demo.n_eval": _Range(1), "demo.n_val": _NONNEG,
     "demo.n_test_pool": _NONNEG, "demo.max_new_tokens": _Range(1), "demo.specialist.max_steps": _Range(1),
-    "demo.specialist.lr": _POS,
+    "demo.specialist.lr": _POS, "model.lora.r": _NONNEG, "model.lora.alpha": _POS, "model.lora.dropout": _UNIT,
 }
 _LENGTHS = {"optim.betas": 2, "schedule.stage1": 2, "schedule.stage2": 2}
 
@@ -552,6 +567,9 @@ def validate(cfg: TrainConfig, origins: dict | None = None) -> None:
     problem = output_dir_problem(cfg.output_dir)
     if problem:
         fail("output_dir", f"{cfg.output_dir!r} {problem}")
+    if cfg.model.lora.r and cfg.deepspeed.get("zero_optimization", {}).get("stage", 3) == 3:
+        fail("model.lora.r", "a LoRA adapter trains under ZeRO stages 0-2 (its frozen base fits each rank; "
+                             "stage 3 is not supported yet): set deepspeed.zero_optimization.stage=0, 1 or 2")
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
         fail("checkpoint.resume", f"{cfg.checkpoint.resume} does not exist (use auto, never or a path)")
     stage = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)

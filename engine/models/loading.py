@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -27,8 +28,16 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(resolve_model(spec)), dtype=dtype,
-                                                 attn_implementation=attn_implementation)
+    folder = resolve_model(spec)
+    adapter = folder / "adapter_config.json"
+    if adapter.is_file() and not (folder / "config.json").is_file():  # a LoRA export: its base + the adapter
+        from peft import PeftModel
+
+        base = json.loads(adapter.read_text())["base_model_name_or_path"]
+        model = AutoModelForCausalLM.from_pretrained(str(resolve_model(base)), dtype=dtype,
+                                                     attn_implementation=attn_implementation)
+        return PeftModel.from_pretrained(model, str(folder)).merge_and_unload().eval()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation=attn_implementation)
     return model.eval()
 
 

@@ -70,7 +70,7 @@ def resolve_model(spec: str | os.PathLike) -> Path:
     if repo is not None:
         path = hub_snapshot(key, repo, _MODEL_FILES)
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             raise ValueError(f"model spec {key!r}: folder {path} has no config.json (not an HF model folder)")
         return path
     raise ValueError(f"model spec {key!r} is neither a known alias ({', '.join(sorted(ALIASES))}), a local "

@@ -349,6 +349,19 @@ def resume_point(paths: list[Path], *, rank: int, world_size: int, config_digest
     return None
 
 
+def save_lora(lm, out: Path, dtype: torch.dtype) -> None:
+    """A LoRA student: the adapter alone (model.lora.export=adapter) or the target with the adapter folded in
+    (merged: a copy, so training goes on with the adapter unmerged)."""
+    peft_model = lm.peft_model
+    if getattr(lm, "lora_export", "merged") == "adapter":
+        peft_model.save_pretrained(str(out))
+        return
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    merged.config.use_cache = True
+    merged.to(dtype).save_pretrained(str(out))
+    del merged
+
+
 EXPORT_MARKER = "profuser_export.json"  # in every export: the folder is a profuser export, replaceable
 
 
@@ -380,6 +393,8 @@ def export_student(lm, tok, checkpoint: Path, out: Path, *, stage: int, rank: in
             fresh.tie_weights()
             fresh.config.use_cache = True
             fresh.to(dtype).save_pretrained(str(tmp))
+        elif getattr(lm, "peft_model", None) is not None:  # a LoRA run (stages 0-2: the module is whole here)
+            save_lora(lm, tmp, dtype)
         else:
             lm.config.use_cache = True
             if dtype == torch.float32:

@@ -75,8 +75,24 @@ def load_student(cfg: TrainConfig, dtype: torch.dtype, ds_config: dict):
     lm.config.use_cache = False
     if cfg.model.activation_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.model.lora.r:
+        add_lora(lm, cfg.model.lora)
     lm.train()
     return lm
+
+
+def add_lora(lm: nn.Module, lora) -> None:
+    """Inject a LoRA adapter into `lm` in place (peft): only the adapter's parameters train, the base and the
+    lm_head are frozen (the fused loss then skips the head's gradient). The PeftModel that exports the adapter
+    is kept as lm.peft_model (outside the module tree, so DeepSpeed and state_dict never see it twice)."""
+    from peft import LoraConfig, get_peft_model
+
+    if lm.is_gradient_checkpointing:
+        lm.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    peft_model = get_peft_model(lm, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                               target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+    object.__setattr__(lm, "peft_model", peft_model)
+    object.__setattr__(lm, "lora_export", lora.export)
 
 
 def full_shape(p: torch.Tensor) -> torch.Size:
@@ -100,12 +116,16 @@ def build_engine(cfg: TrainConfig, lm: nn.Module, vocab_maps: list, dtype: torch
                     "model's state twice (about 2x host memory, slower steps); stage=0 trains the same "
                     "(docs/training.md)")
     wrapper = FusionStep(lm, dataclasses.replace(cfg.loss, lam=effective_lam(cfg)), vocab_maps)
-    if optimizer is None:
-        decay = [p for p in wrapper.parameters() if len(full_shape(p)) >= 2]
-        no_decay = [p for p in wrapper.parameters() if len(full_shape(p)) < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}],
-                                      lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    if optimizer is None:  # the trainable parameters only (a LoRA run freezes the base)
+        trainable = [p for p in wrapper.parameters() if p.requires_grad]
+        decay = [p for p in trainable if len(full_shape(p)) >= 2]
+        no_decay = [p for p in trainable if len(full_shape(p)) < 2]
+        groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        # an empty group (a LoRA adapter has matrices only) would be dropped by DeepSpeed after the scheduler
+        # counted it
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr,
+                                      betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg.optim, s))
     engine, _, _, _ = deepspeed.initialize(model=wrapper, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
