@@ -33,23 +33,24 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
-def hub_snapshot(spec: str, repo: tuple[str, str | None], files: list[str]) -> Path:
+def hub_snapshot(spec: str, repo: tuple[str, str | None], files: list[str], *, repo_type: str = "model",
+                 what: str = "model spec") -> Path:
     """The cached snapshot folder of a hub id (downloaded first when the network is allowed)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     repo_id, revision = repo
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=files,
+        return Path(snapshot_download(repo_id, repo_type=repo_type, revision=revision, allow_patterns=files,
                                       cache_dir=os.environ.get("HF_HUB_CACHE") or None,
                                       local_files_only=hub_offline()))
     except LocalEntryNotFoundError:
         where = os.environ.get("HF_HUB_CACHE") or "the Hugging Face cache"
-        raise ValueError(f"model spec {spec!r}: hub id {repo_id}" + (f" at {revision}" if revision else "")
+        raise ValueError(f"{what} {spec!r}: hub id {repo_id}" + (f" at {revision}" if revision else "")
                          + f" is not in {where} and hub downloads are off (HF_HUB_OFFLINE=1): download it where "
                          f"there is network (`hf download {repo_id}`) or unset HF_HUB_OFFLINE") from None
     except (HfHubHTTPError, OSError) as exc:
-        raise ValueError(f"model spec {spec!r}: hub id {repo_id} could not be fetched ({exc})") from None
+        raise ValueError(f"{what} {spec!r}: hub id {repo_id} could not be fetched ({exc})") from None
 
 
 def resolve_model(spec: str | os.PathLike) -> Path:

@@ -60,6 +60,7 @@ class PrepareConfig:
     """Options of `prepare` (field names are those of the input records)."""
 
     # JSONL / Parquet files or datasets folders (default: the shipped WordNet corpus)
+    # hub dataset ids (owner/name[@revision], from the Hugging Face cache) too
     inputs: list[str] = field(default_factory=lambda: [str(shipped_corpus())])
     data_dir: str = "runs/default"  # the store folder to write prepared/ into
     prompt_field: str = "prompt"  # input column of the prompt
@@ -125,8 +126,14 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, object]]:
 
 
 def _iter_datasets(path: Path, split: str | None) -> Iterator[tuple[str, object]]:
-    from datasets import DatasetDict, load_from_disk
+    from datasets import DatasetDict, load_dataset, load_from_disk
 
+    if not any((path / f).is_file() for f in ("dataset_dict.json", "dataset_info.json", "state.json")):
+        # a folder of data files (a hub dataset's snapshot): the `datasets` loader picks the splits from names
+        ds = load_dataset(str(path), split=split or "train")
+        for row, rec in enumerate(ds):
+            yield f"{path} ({split or 'train'}) row {row}", rec
+        return
     ds = load_from_disk(str(path))
     if isinstance(ds, DatasetDict):
         if split is None:
@@ -138,8 +145,23 @@ def _iter_datasets(path: Path, split: str | None) -> Iterator[tuple[str, object]
         yield f"{path} row {row}", rec
 
 
+DATA_FILES = ["*.jsonl", "*.json", "*.parquet", "*.csv", "**/*.jsonl", "**/*.json", "**/*.parquet", "**/*.csv"]
+
+
+def resolve_input(spec: str | Path) -> Path:
+    """A local file or folder, or a hub dataset id (owner/name[@revision]) resolved to its snapshot in the
+    Hugging Face cache (offline with HF_HUB_OFFLINE=1: one line naming a missing id)."""
+    from ..models.resolve import hub_id, hub_snapshot
+
+    path = Path(spec)
+    repo = None if path.exists() else hub_id(str(spec))
+    if repo is None:
+        return path
+    return hub_snapshot(str(spec), repo, DATA_FILES, repo_type="dataset", what="input dataset")
+
+
 def iter_records(path: Path, split: str | None = None) -> Iterator[tuple[str, object]]:
-    path = Path(path)
+    path = resolve_input(path)
     if path.is_dir():
         return _iter_datasets(path, split)
     if not path.is_file():
@@ -246,7 +268,7 @@ def prepare(cfg: PrepareConfig, *, log=print) -> PreparedManifest:
     sources = []
     counts = {"bad": 0, "duplicate": 0, "multi_turn": 0}
     for inp in cfg.inputs:
-        path = Path(inp)
+        path = resolve_input(inp)
         n_in = n_bad = 0
         for where, rec in iter_records(path, cfg.split):
             if cfg.limit is not None and len(rows["example_id"]) >= cfg.limit:

@@ -177,3 +177,26 @@ def test_a_prompts_only_pool_never_stores_an_answer_and_gold_readers_refuse_it(t
     assert r.returncode == 0, r.stderr
     assert "6 prompts (no gold answers)" in r.stdout + r.stderr
     assert store.PreparedManifest.load(tmp_path / "cli").fingerprint == m.fingerprint
+
+
+def test_a_hub_dataset_id_prepares_from_the_hugging_face_cache(tmp_path, monkeypatch):
+    """prepare --input owner/name: the dataset's snapshot in the Hugging Face cache (hub layout, offline), its
+    split read by the `datasets` loader; the same rows as the JSONL itself; a missing id is one line naming it."""
+    rows = [r for r in ROWS if "prompt" in r]
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = tmp_path / "hub" / "datasets--acme--defs"
+    (repo / "snapshots" / commit / "data").mkdir(parents=True)
+    write_jsonl(repo / "snapshots" / commit / "data" / "train.jsonl", rows)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "ds-cache"))
+    monkeypatch.chdir(tmp_path)
+    hub = P.prepare(P.PrepareConfig(inputs=["acme/defs"], data_dir=str(tmp_path / "h"), split="train"),
+                    log=lambda s: None)
+    local = P.prepare(P.PrepareConfig(inputs=[str(write_jsonl(tmp_path / "in.jsonl", rows))],
+                                      data_dir=str(tmp_path / "l")), log=lambda s: None)
+    assert hub.n_examples == len(rows) and hub.fingerprint == local.fingerprint
+    with pytest.raises(ValueError, match=r"input dataset 'acme/nope': hub id acme/nope is not in .*HF_HUB_OFFLINE=1"):
+        P.prepare(P.PrepareConfig(inputs=["acme/nope"], data_dir=str(tmp_path / "n")), log=lambda s: None)
