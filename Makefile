@@ -96,7 +96,7 @@ bench-teach: install  ## teacher-pass throughput (transformers engine)
 bench-teach-vllm: vllm-env  ## vLLM vs transformers teacher passes, same prompts, same run
 	$(VLLM_PY) bench/bench_teach.py --engines hf vllm --examples 64 $(BENCH_TEACH_ARGS)
 
-demo: install  ## the whole pipeline on the shipped corpus with real small models (~17 min, 2 cores)
+demo: install  ## the whole pipeline on the shipped corpus with real small models (2 cores: docs/results.md)
 	$(VENV)/bin/profuser demo --config configs/demo.yaml $(DEMO_ARGS)
 
 bench: bench-loss bench-align bench-align-fidelity bench-loader bench-train  ## every CPU benchmark (bench/results/)
