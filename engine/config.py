@@ -74,6 +74,7 @@ class LoraConfig:
     r: int = 0  # adapter rank; 0: no adapter, every parameter trains
     alpha: float = 16.0  # scaling alpha / r
     dropout: float = 0.0  # dropout on the adapter's input
+    # the modules that get an adapter (names of the target's linear layers)
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     # merged: the target with the adapter folded in (a plain transformers folder) | adapter: the PEFT adapter
     # alone (adapter_config.json + weights; profuser loads it on its base, PeftModel.from_pretrained too)
