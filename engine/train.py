@@ -186,8 +186,18 @@ def setup(cfg: TrainConfig) -> TrainingRun:
     run.evaluator = make_evaluator(cfg, tok, device, cfg.eval.data, cfg.eval.max_examples)
     run.validator = make_evaluator(cfg, tok, device, cfg.eval.validation)
     selection = run.out / "validation.json"
-    if run.validator is not None and run.step > 0 and selection.is_file():  # resumed: the curve so far
-        run.selection = json.loads(selection.read_text())
+    if run.validator is not None and run.step > 0 and selection.is_file():  # resumed: the curve up to this step
+        # (a run killed after a validation but before that step's checkpoint redoes the steps after it)
+        saved = json.loads(selection.read_text())
+        curve = [c for c in saved["curve"] if c["step"] <= run.step]
+        best = min(curve, key=lambda c: c["bits_per_byte"]) if curve else None
+        if best is not None and cfg.checkpoint.export and saved.get("exported_step") != best["step"]:
+            # that step's student is not in best-step (exported under other settings, or overwritten by a step
+            # this resume redoes): pick among the steps from here on, whose students can still be exported
+            warnings.warn(f"{selection}: the export of validation-best step {best['step']} is not in best-step; "
+                          f"the export is picked among steps > {run.step}", stacklevel=1)
+            best = None
+        run.selection = {"curve": curve, "best": best, "exported_step": saved.get("exported_step")}
     run.summary["start_step"] = run.step
     return run
 
@@ -313,6 +323,7 @@ def validate(run: TrainingRun) -> None:
         sel["best"] = {"step": run.step, "bits_per_byte": res["bits_per_byte"]}
         if run.cfg.checkpoint.export:
             export(run, run.out / "best-step")
+            sel["exported_step"] = run.step
     if run.info.rank == 0:
         write_text_atomic(run.out / "validation.json", json.dumps(sel, indent=1))
 

@@ -391,6 +391,26 @@ def test_sft_trains_on_gold_only_with_train_only_batches(setup, tmp_path):
     assert fuse[1]["loss"] != pytest.approx(fuse[1]["ce_train"], rel=1e-3)  # the fusion run has its KD term
 
 
+def test_a_killed_run_resumes_its_validation_curve(setup, tmp_path):
+    """eval.validation with SIGKILL after step 3 (checkpoints every 2 steps): the resumed run's validation curve
+    and selected step equal an uninterrupted run's (steps redone after the checkpoint are not counted twice)."""
+    val = {"eval.validation": setup["heldout"], "eval.every": 1, "optim.lr": 1.0, "optim.warmup_steps": 0}
+    whole = tmp_path / "whole"
+    run_inproc(setup, whole, **val)
+    out = tmp_path / "killed"
+    proc = spawn(setup, out, "optim.max_steps=6", "checkpoint.export=true", *[f"{k}={v}" for k, v in val.items()])
+    wait_for_step(proc, out, 3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = run_inproc(setup, out, **val)
+    assert resumed["start_step"] in (2, 4)
+    a, b = (json.loads((d / "validation.json").read_text()) for d in (whole, out))
+    assert [c["step"] for c in b["curve"]] == list(range(1, 7))
+    for x, y in zip(a["curve"], b["curve"]):
+        assert y["bits_per_byte"] == pytest.approx(x["bits_per_byte"], rel=1e-5)
+    assert b["best"]["step"] == a["best"]["step"] == json.loads((out / "final" / "selected.json").read_text())["step"]
+
+
 def test_the_export_is_the_step_with_the_lowest_validation_loss(setup, tmp_path):
     """eval.validation: every eval.every steps the validation set is scored and the export is the student of
     the best step, not the last (lr 1.0 makes step 1 the best here and later steps worse); final/selected.json
