@@ -90,7 +90,8 @@ class TrainingRun:
     log: MetricsLogger | None = None
     evaluator: object = None
     validator: object = None  # eval.validation: picks the exported step
-    selection: dict = field(default_factory=lambda: {"curve": [], "best": None})  # <output_dir>/validation.json
+    # <output_dir>/validation.json: the curve, the best step, and the step whose student best-step holds
+    selection: dict = field(default_factory=lambda: {"curve": [], "best": None, "exported_step": None})
     sigterm: bool = False
     summary: dict = field(default_factory=dict)
     lock: WriterLock | None = None  # rank 0: one training run per output_dir
@@ -191,7 +192,8 @@ def setup(cfg: TrainConfig) -> TrainingRun:
         saved = json.loads(selection.read_text())
         curve = [c for c in saved["curve"] if c["step"] <= run.step]
         best = min(curve, key=lambda c: c["bits_per_byte"]) if curve else None
-        if best is not None and cfg.checkpoint.export and saved.get("exported_step") != best["step"]:
+        # (a file written before exported_step was recorded is trusted)
+        if best is not None and cfg.checkpoint.export and saved.get("exported_step", best["step"]) != best["step"]:
             # that step's student is not in best-step (exported under other settings, or overwritten by a step
             # this resume redoes): pick among the steps from here on, whose students can still be exported
             warnings.warn(f"{selection}: the export of validation-best step {best['step']} is not in best-step; "
