@@ -394,7 +394,9 @@ def test_sft_trains_on_gold_only_with_train_only_batches(setup, tmp_path):
 def test_a_killed_run_resumes_its_validation_curve(setup, tmp_path):
     """eval.validation with SIGKILL after step 3 (checkpoints every 2 steps): the resumed run's validation curve
     and selected step equal an uninterrupted run's (steps redone after the checkpoint are not counted twice)."""
-    val = {"eval.validation": setup["heldout"], "eval.every": 1, "optim.lr": 1.0, "optim.warmup_steps": 0}
+    # the default small lr: at lr 1.0 the fp32 noise between two processes' thread counts grows to 1e-2 in a
+    # few steps (measured in CI), which would hide whether the curve was resumed right
+    val = {"eval.validation": setup["heldout"], "eval.every": 1}
     whole = tmp_path / "whole"
     run_inproc(setup, whole, **val)
     out = tmp_path / "killed"
