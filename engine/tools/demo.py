@@ -107,6 +107,9 @@ def stages(cfg: TrainConfig, config_path: str | None, overrides: list[str]) -> l
     train_cmd = [sys.executable, "-m", "profuser.engine.train"]
     if config_path:
         train_cmd += ["--config", config_path]
+    # training ignores the demo section: its overrides stay off the training commands, so that a demo-only
+    # change (the jury, a size read by the split) does not change a training stage's key and re-run it
+    overrides = [o for o in overrides if not o.split("=", 1)[0].lstrip("-").startswith("demo.")]
     k = ["--k", str(cfg.data.k)] if cfg.data.k is not None else []  # None: the loader's smallest stored k
     teach = lambda srcs: _profuser("teach", "--data-dir", data, "--source", *srcs, *k,  # noqa: E731
                                    "--max-length", str(cfg.data.max_length), "--no-progress", *engine)

@@ -81,9 +81,9 @@ def test_demo_stage_markers_rerun_on_changed_inputs(tmp_path, monkeypatch, capsy
             return "specialist"
         return {"eval": "table"}.get(sub, sub)
 
-    def run(cfg, **kw):
+    def run(cfg, overrides_=(), **kw):
         calls.clear()
-        demo.run_pipeline(cfg, None, [], **kw)
+        demo.run_pipeline(cfg, None, list(overrides_), **kw)
         return [(stage_of(c), c) for c in calls]
 
     cfg = _demo_cfg(tmp_path, "demo.baselines=[sft, train_only]", "demo.n_test_pool=0")
@@ -117,8 +117,16 @@ def test_demo_stage_markers_rerun_on_changed_inputs(tmp_path, monkeypatch, capsy
     assert [Path(t).name for t in tables] == ["table", "table-pool"]
     assert run(cfg) == []
 
+    # another jury re-runs the vote and what follows, never the specialist or the stores
+    jury = "demo.scorers=[judge:gemma3-270m]"  # in the config and among the overrides, as `profuser demo` has it
+    run(_demo_cfg(tmp_path, "demo.n_train=16"), overrides_=["demo.n_val=3"])  # keys with demo overrides given
+    got = run(_demo_cfg(tmp_path, "demo.n_train=16", jury), overrides_=["demo.n_val=3", jury])
+    assert [s for s, _ in got][0] == "score" and "judge:gemma3-270m" in got[0][1]
+    assert not any(c.startswith("demo.") for _, cmd in got for c in cmd if "profuser.engine.train" in cmd)
+
     # n_eval only feeds train (heldout.jsonl): the stores and the specialist are kept
-    assert [s for s, _ in run(_demo_cfg(tmp_path, "demo.n_train=16", "demo.n_eval=4"))][:2] == ["train", "baselines"]
+    got = run(_demo_cfg(tmp_path, "demo.n_train=16", "demo.n_eval=4", jury), overrides_=["demo.n_val=3", jury])
+    assert [s for s, _ in got][:2] == ["train", "baselines"]
 
     # a stage that fails while overwriting keeps overwriting when re-run with the same inputs
     monkeypatch.setattr(demo, "run_stage", lambda cmd, env: calls.append(cmd) or int(stage_of(cmd) == "teach"))
