@@ -230,9 +230,9 @@ class DemoConfig:
     n_val: int = 0  # validation pairs outside the pool: pick every run's exported step (eval.validation)
     n_eval: int = 48  # out-of-pool test pairs (the corpus tail, never trained on): the final table
     max_new_tokens: int = 48  # generated answer length of the inference-mode pass
-    # `profuser score` scorers that vote on the pool's answers: every source as a judge LM (a judge favours its
-    # own answers: one judge per source cancels that out); `similarity` needs gold answers, which a pool has not
-    scorers: list[str] = field(default_factory=lambda: ["judge:smollm2-135m-instruct", "judge:gemma3-270m"])
+    # `profuser score` scorers that vote on the pool's answers: the sources other than the target as judge LMs
+    # (the target does not judge its own teachers); `similarity` needs gold answers, which a pool has not
+    scorers: list[str] = field(default_factory=lambda: ["judge:smollm2-135m-instruct"])
     specialist: SpecialistConfig = field(default_factory=SpecialistConfig)
     # runs trained beside the demo's own, same config, for the final table (engine/tools/demo.py BASELINES):
     # sft (plain fine-tuning on the gold pairs), train_only (FuseLLM), seqkd (sequence-level distillation:
