@@ -8,7 +8,7 @@
     profuser.score(data_dir="runs/x-pool", sources=["smollm2-135m-instruct", "b"], scorers=["judge:..."])
     profuser.train("configs/demo.yaml", **{"optim.lr": 3e-5, "output_dir": "runs/x/train"})   # -> summary
 
-Each function resolves its config exactly as its command does (config.merge + config.build: the dataclass
+Each function resolves its config exactly as its command does (config_tree.merge + build: the dataclass
 defaults <- the YAML file, when `config` is given <- the keyword arguments, dotted keys for nested ones), so a
 wrong key or value raises ConfigError naming it. `train` runs in this process (one rank; a process group of
 its own is set up and left for the next call); use a launcher (`deepspeed`, `torchrun`) for several ranks.
@@ -19,7 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .config import build, load_config, merge
+from .config import load_config
+from .config_tree import build, merge
 
 
 def resolve(cls, config: str | Path | None, kwargs: dict[str, Any]):

@@ -4,10 +4,10 @@
     config_from_args(Cls, args) -> Cls               defaults <- YAML <- flags <- key=value, every value checked
 
 The same resolution and the same checks as training's (config.load_config): values are type-checked against
-the field's annotation (config.build), an unknown key or a bad value is a ConfigError naming the key
+the field's annotation (config_tree.build), an unknown key or a bad value is a ConfigError naming the key
 and where it came from (the YAML file, `--flag` or `override`), YAML and overrides use the same spelling.
 Flags are generated from the fields: `--field-name` (nested dataclasses: `--section.field-name`), their help
-from the comment beside the field (config.field_comments) and their default from the dataclass, so no
+from the comment beside the field (config_tree.field_comments) and their default from the dataclass, so no
 default is written twice. A command keeps its established flag names through `flags` (Flag: another name,
 nargs, a `--no-x` switch for a True default, a parser for KEY=VALUE lists). A dict field is YAML / override
 only. The command's dataclass then checks what types cannot express (its __post_init__).
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import ConfigError, build, field_comments, merge, yaml_scalar
+from .config_tree import ConfigError, build, field_comments, merge, yaml_scalar
 
 DEST = "cfg__"  # argparse dest prefix of a generated flag: cfg__<key with dots as __>
 
@@ -157,7 +157,7 @@ def load(cls, path: str | Path | None = None, overrides: list[str] | tuple[str, 
 
 def config_from_args(cls, args: argparse.Namespace):
     """The command's config: defaults <- --config YAML <- flags <- key=value overrides (later wins), through
-    config.merge and config.build, as training's config (config.load_config)."""
+    config_tree.merge and config_tree.build, as training's config (config.load_config)."""
     items, swallowed = given_flags(args)
     overrides = swallowed + list(getattr(args, "overrides", None) or [])
     tree, origins = merge(getattr(args, "config", None), items, overrides)

@@ -26,11 +26,14 @@ PROFUSER_MALLOC=system, and whenever the user set glibc's MALLOC_* variables or 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 _ENV = (("RANK", "WORLD_SIZE", "LOCAL_RANK"),
         ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
@@ -158,12 +161,54 @@ def setup_distributed():
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
     on_gpu = torch.cuda.is_available()
     if not td.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        # on the CPU, DeepSpeed's communication backend JIT-builds (or loads) its shared-memory op first
+        with contextlib.nullcontext() if on_gpu else extension_build_guard("deepspeed_shm_comm"):
+            deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     info = DistInfo(td.get_rank(), td.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     device = device_for(info.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return info, device
+
+
+def _build_directory(name: str) -> Path | None:
+    """torch's JIT build folder of extension `name` (TORCH_EXTENSIONS_DIR or the per-Python, per-accelerator
+    default under ~/.cache/torch_extensions); None when this torch no longer has the private helper."""
+    from torch.utils import cpp_extension
+
+    try:
+        return Path(cpp_extension._get_build_directory(name, verbose=False))
+    except (AttributeError, TypeError, OSError):
+        return None
+
+
+@contextlib.contextmanager
+def extension_build_guard(name: str, log=print):
+    """Around code that JIT-builds or loads torch extension `name`: clears a build lock that a killed process
+    left behind, which would otherwise hang every later run forever without a word.
+
+    torch serializes a build with an empty `lock` file in the build folder (FileBaton): created with O_EXCL,
+    removed when the build ends, waited on by everyone else with no timeout and no owner to check. A process
+    killed mid-build (SIGKILL, the end of a job's time) leaves it, and every later training run on the CPU
+    sleeps in DeepSpeed's init_distributed. Here every profuser process holds an flock on a sidecar file for
+    the whole build: the kernel releases it when its holder dies, so whoever holds it finds either no `lock`
+    or a stale one, and removes the stale one (named in one line)."""
+    folder = _build_directory(name)
+    if folder is None:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "profuser.flock", "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # another profuser process building: wait for its build
+        try:
+            baton = folder / "lock"
+            if baton.exists():
+                baton.unlink(missing_ok=True)
+                log(f"[profuser] removed {baton}: a build lock left by a process killed while building "
+                    f"the torch extension {name} (no profuser process was building it)")
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def teardown_distributed() -> None:

@@ -45,8 +45,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import ConfigError, TrainConfig, config_path, load_config
+from ..config import ConfigError, TrainConfig, load_config
 from ..config_cli import add_config_arguments, flag_overrides, keys_help
+from ..config_tree import config_path
 from ..models import model_name, reference_models
 from ..passes.prepare import shipped_corpus
 
@@ -229,6 +230,8 @@ def run_pipeline(cfg: TrainConfig, config_path: str | None, overrides: list[str]
         old = _read_marker(marker)
         if not force and old is not None and old.get("key") == key and old.get("state") == "done":
             print(f"[demo] {name}: done earlier, skipped", flush=True)
+            if name == until:  # --until a stage finished earlier: still nothing after it
+                break
             continue
         # replace what other inputs built: forced, the stage finished / started with another key, or an
         # interrupted overwriting attempt with this key (its stores / checkpoints may still be the old ones)

@@ -52,8 +52,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ConfigError, config_path, load_config
+from ..config import ConfigError, load_config
 from ..config_cli import add_config_arguments, config_from_args, load
+from ..config_tree import config_path
 
 METRICS = {"bits_per_byte": "bits/byte (lower is better)", "acc": "lm-eval acc", "win": "win rate vs target"}
 

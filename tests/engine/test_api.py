@@ -5,11 +5,11 @@ score -> train, and a wrong key named as the commands name it."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
 import profuser
+from helpers import isolated_process_group
 from profuser.engine.config import ConfigError
 from profuser.engine.models import tiny_model_dir
 from profuser.engine.tools import synthetic as fx
@@ -17,16 +17,7 @@ from profuser.engine.tools import synthetic as fx
 
 @pytest.fixture(scope="module", autouse=True)
 def _isolate_process_group():
-    """profuser.train sets RANK/WORLD_SIZE/MASTER_* and a gloo group: undone after the module."""
-    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.get(k) for k in keys}
-    yield
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    yield from isolated_process_group()
 
 
 def test_the_pipeline_through_the_python_api(tmp_path):

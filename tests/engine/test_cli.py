@@ -108,7 +108,7 @@ def test_config_show_resolves_any_command():
 
 def test_one_resolution_path_for_training_and_every_other_command(tmp_path):
     """Training (config.load_config) and a pass (config_cli.config_from_args) resolve through the same
-    config.merge + config.build: the same messages for the same mistakes, flags named as the origin."""
+    config_tree.merge + build: the same messages for the same mistakes, flags named as the origin."""
     from profuser.engine import train
     from profuser.engine.config import ConfigError, load_config
     from profuser.engine.config_cli import load, resolved

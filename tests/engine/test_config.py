@@ -126,10 +126,10 @@ def test_choice_lists_have_one_home():
 
 
 def test_a_shipped_config_loads_by_name_from_any_folder(tmp_path, monkeypatch):
-    from profuser.engine import config
+    from profuser.engine import config, config_tree
 
     monkeypatch.chdir(tmp_path)  # no checkout here: `--config demo` is the installed profuser.configs/demo.yaml
-    assert {"demo", "study"} <= set(config.shipped_configs())
+    assert {"demo", "study"} <= set(config_tree.shipped_configs())
     cfg = config.load_config("demo", ["optim.max_steps=3"])
     repo_demo = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
     assert cfg.optim.max_steps == 3 and cfg.model.student == config.load_config(repo_demo).model.student

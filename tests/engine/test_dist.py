@@ -105,3 +105,37 @@ def test_cpu_device_keeps_freed_buffers_and_releases_them_on_request(device):
 @pytest.mark.parametrize("env", [{"MALLOC_ARENA_MAX": "2"}, {"LD_PRELOAD": "libjemalloc.so.2-absent"}])
 def test_users_own_allocator_settings_win(env):
     assert malloc_probe(**env)["applied"] is False
+
+
+def test_a_build_lock_left_by_a_killed_process_is_cleared_and_a_live_build_is_waited_for(tmp_path, monkeypatch):
+    """torch's JIT build lock (an empty `lock` file, waited on forever) left by a process killed mid-build made
+    every later CPU training run sleep in DeepSpeed's init_distributed. The guard removes a stale one, and
+    leaves the lock of a build that a live process (holding the sidecar flock) is running until it ends."""
+    import fcntl
+    import threading
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = tmp_path / "some_op"
+    folder.mkdir()
+    (folder / "lock").touch()  # its builder was killed
+    logs = []
+    with dist.extension_build_guard("some_op", log=logs.append):
+        assert not (folder / "lock").exists()
+    assert len(logs) == 1 and str(folder / "lock") in logs[0] and "some_op" in logs[0]
+
+    entered = threading.Event()
+    with open(folder / "profuser.flock", "a") as held:  # a live profuser process is building
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        (folder / "lock").touch()
+
+        def other():
+            with dist.extension_build_guard("some_op", log=logs.append):
+                entered.set()
+
+        t = threading.Thread(target=other)
+        t.start()
+        assert not entered.wait(0.5) and (folder / "lock").exists()  # waits; the live build's lock stays
+        (folder / "lock").unlink()  # the build ends: torch removes its lock, then the flock is released
+        fcntl.flock(held.fileno(), fcntl.LOCK_UN)
+    t.join(60)
+    assert entered.is_set() and len(logs) == 1

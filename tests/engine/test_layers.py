@@ -2,17 +2,18 @@
 `engine/train.py` run as a script cannot shadow another module.
 
 Layers of profuser.engine (a module may import its own unit and units of a lower rank only):
-    8  cli.py, api.py              the command line (dispatches to every command, the recipe included);
+    9  cli.py, api.py              the command line (dispatches to every command, the recipe included);
                                    the Python API (every command as a function)
-    7  train.py                    the training recipe
-    6  tools/                      demo, plot, synthetic stores
-    5  passes/, trainer/           teacher passes; training step, schedule, checkpoints, eval
-    4  loader/                     the streaming loader
-    3  store/                      the stores on disk
-    2  text/                       chat encoding, alignment, known tokenizers
-    1  models/, config_cli.py      model / tokenizer / dtype / logit-transform rules; every command's options
-    0  commands.py, config.py,     the subcommand table; typed configs and choice lists; ranks and devices;
+    8  train.py                    the training recipe
+    7  tools/                      demo, plot, synthetic stores
+    6  passes/, trainer/           teacher passes; training step, schedule, checkpoints, eval
+    5  loader/                     the streaming loader
+    4  store/                      the stores on disk
+    3  text/                       chat encoding, alignment, known tokenizers
+    2  models/, config_cli.py      model / tokenizer / dtype / logit-transform rules; every command's options
+    1  commands.py, config.py,     the subcommand table; typed configs and choice lists; ranks and devices;
        dist.py, errors.py, fileio.py  one-line errors; atomic writes, full-disk errors, the one lock
+    0  config_tree.py              typed dataclass trees from YAML and key=value overrides
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 ENGINE = REPO / "engine"
-RANK = {"commands": 0, "config": 0, "dist": 0, "errors": 0, "fileio": 0, "config_cli": 1, "models": 1, "text": 2,
-        "store": 3, "loader": 4, "passes": 5, "trainer": 5, "tools": 6, "train": 7, "cli": 8,
-        "api": 8}
+RANK = {"config_tree": 0, "commands": 1, "config": 1, "dist": 1, "errors": 1, "fileio": 1, "config_cli": 2,
+        "models": 2, "text": 3, "store": 4, "loader": 5, "passes": 6, "trainer": 6, "tools": 7, "train": 8, "cli": 9,
+        "api": 9}
 
 
 def module_name(path: Path) -> str:

@@ -10,12 +10,14 @@
     fusion_loader(root, tok, sources=..., student=..., **data)  a FusionLoader over a DataConfig whose k is
                            the stores' and whose max_length does not truncate, unless given
     fusion_vocab_maps, fusion_batch  loader-format batches of random tokens for FusionStep / run_window
+    isolated_process_group()  generator for a module fixture around in-process `train()` calls
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 
 import pytest
 
@@ -140,3 +142,21 @@ def fusion_batch(g, mode: int, B: int, L: int, *, V: int, V_T: int, K: int, tag:
             "teacher_logprobs": tlp.to(torch.float16), "teacher_weights": torch.rand(T, B, L, generator=g),
             "mode": torch.full((B,), mode), "example_ids": [f"{tag}-{b}" for b in range(B)],
             "n_tokens": int((labels != -100).sum())}
+
+
+def isolated_process_group():
+    """Generator for a module fixture (`yield from isolated_process_group()`): train() in this process sets
+    RANK/WORLD_SIZE/MASTER_* and a gloo group; both are undone after the module so later tests in the same
+    pytest worker (and their subprocesses) do not inherit them."""
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in keys}
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -140,6 +140,8 @@ def test_demo_stage_markers_rerun_on_changed_inputs(tmp_path, monkeypatch, capsy
     forced = run(_demo_cfg(tmp_path, "demo.n_train=20"), force=True, until="score")
     assert [s for s, _ in forced] == every[:every.index("score") + 1]
     assert all(c[-1] in ("--overwrite", "checkpoint.resume=never") for s, c in forced if s != "score")
+    # ... also when that stage finished earlier (a study building its stores again): nothing after it runs
+    assert run(_demo_cfg(tmp_path, "demo.n_train=20"), until="score") == []
     from profuser.engine.config import ConfigError
 
     with pytest.raises(ConfigError, match="--until scroe: not a stage of this demo"):

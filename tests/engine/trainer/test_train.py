@@ -18,27 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import need, overrides, training_data
+from helpers import isolated_process_group, need, overrides, training_data
 
 REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _isolate_process_group():
-    """train() in this process sets RANK/WORLD_SIZE/MASTER_* and a gloo group; undo both after the module so
-    later tests in the same pytest worker (and their subprocesses) do not inherit them."""
-    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.get(k) for k in keys}
-    yield
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    yield from isolated_process_group()
 
 
 @pytest.fixture(scope="module")
