@@ -220,5 +220,16 @@ def teardown_distributed() -> None:
     """
     import torch.distributed as td
 
-    if td.is_initialized():
+    if not td.is_initialized():
+        return
+    try:
+        import deepspeed.comm as ds_comm
+    except ImportError:
+        ds_comm = None
+    if ds_comm is not None and ds_comm.comm.cdb is not None:
+        # DeepSpeed's own call also drops its references to the groups (data parallel, world, ...): destroyed
+        # under it, a second train() in one process (the Python API, a notebook training the fusion run and
+        # then its baseline) reused the dead groups and failed with "Group ... is not registered"
+        ds_comm.destroy_process_group()
+    else:
         td.destroy_process_group()

@@ -28,7 +28,8 @@ ROOTS = ("", "engine", "kernels", "tests", "bench", "csrc", "docs", "configs", "
          "engine/passes", "engine/text", "engine/loader", "engine/store", "engine/tools", "engine/models",
          "bench/results")
 # the user's own files in examples (`profuser prepare --input a.jsonl`), not claims about the tree
-EXAMPLES = {"a.jsonl", "b.jsonl", "hf_folder/", "my_data.jsonl", "data.jsonl", "heldout.jsonl", "prompts.jsonl"}
+EXAMPLES = {"a.jsonl", "b.jsonl", "hf_folder/", "my_data.jsonl", "data.jsonl", "heldout.jsonl", "prompts.jsonl",
+            "fuse.yaml", "test.jsonl"}
 # written by runs, not part of the repository: a name under these is an output, not a claim about the tree
 OUTPUTS = ("runs/", "demo_out/", "final/", "report/", "checkpoints/", "teachers/", "prepared/", "scores/",
            "step", "tmp-", "~/", "/tmp/", "$", ".cache", "out/", "table/", "seed", "tensorboard", "models/<")

@@ -151,10 +151,9 @@ def isolated_process_group():
     keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     saved = {k: os.environ.get(k) for k in keys}
     yield
-    import torch.distributed as dist
+    from profuser.engine.dist import teardown_distributed
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    teardown_distributed()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
