@@ -19,6 +19,7 @@ COMMANDS = {
     "study": ("tools.study", "schedules x seeds from one config, every model evaluated the same way, one table"),
     "plot": ("tools.plot", "render loss and eval curves to PNG"),
     "check": ("tools.check", "check a config and its stores (checksums, every row's values) without training"),
+    "export": ("tools.export", "an exported model as a folder to publish (--push-ready: checked as users load it)"),
     "repoint": ("tools.repoint", "tell a store where its source model folder lives now"),
     "demo": ("tools.demo", "run the whole pipeline on the embedded default"),
     "config": ("tools.show_config", "a command's resolved config (`profuser config show teach ...`), every key"),

@@ -104,7 +104,7 @@ def test_the_fuse_your_own_models_page_end_to_end(tmp_path, monkeypatch):
 
     cmds = commands()
     assert [c[0] for c in cmds] == ["prepare", "prepare", "teach", "generate", "score", "check", "train",
-                                    "train", "eval"], cmds
+                                    "train", "eval", "export"], cmds
     for cmd in cmds:
         argv = cmd + SMALL.get(cmd[0], [])  # a later flag wins: the page's own values are overridden
         t0 = time.time()
@@ -119,6 +119,8 @@ def test_the_fuse_your_own_models_page_end_to_end(tmp_path, monkeypatch):
     report = (work / "runs/mine/table/report.md").read_text()
     assert all(name in report for name in ("fused", "sft", "target"))
 
+    published = work / "runs/mine/publish"
+    assert "license: apache-2.0" in (published / "README.md").read_text() and not any(published.glob("*.json.tmp"))
     python = blocks("python")[0]
     r = subprocess.run([sys.executable, "-c", python], cwd=work, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
