@@ -1,7 +1,8 @@
-"""The distribution as users install it: an isolated `pip wheel .` (no torch in the build environment: the
-C++ extension needs pybind11 and ninja only), installed into a fresh venv with the core dependencies
-alone (torch, numpy, triton), runs the README's loss-library example; the pipeline's dependencies are not
-there, and the loss library does not need them.
+"""The distribution as users install it: the sdist, an isolated `pip wheel` built from that sdist (as `pip install
+profuser` builds where no wheel fits; no torch in the build environment: the C++ extension needs pybind11 and
+ninja only), repaired to a manylinux tag and installed into a fresh venv with the core dependencies alone
+(torch, numpy, triton): profuser._C imports and the README's loss-library example runs; the pipeline's
+dependencies are not there, and the loss library does not need them.
 
 The fresh venv sees the core dependencies through links to this interpreter's installed copies (a .pth file
 naming a folder of links), not through a second 1.7 GB install of torch: CI's disk ran out with one (stop 30).
@@ -17,6 +18,7 @@ import venv
 from importlib import metadata
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,9 +68,19 @@ def link_core_dependencies(env_dir: Path, names: tuple[str, ...]) -> None:
     (site / "core-links.pth").write_text(f"{links}\n")
 
 
-def test_wheel_core_install_runs_the_readme_example(tmp_path):
+@pytest.fixture(scope="module")
+def sdist(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sdist")
+    p = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(out)], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (archive,) = out.glob("profuser-*.tar.gz")
+    return archive
+
+
+def test_wheel_from_the_sdist_core_install_runs_the_readme_example(tmp_path, sdist):
     dist = tmp_path / "dist"
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(dist), str(REPO)],
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(dist), str(sdist)],
                            capture_output=True, text=True, timeout=900)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     assert "torch" not in re.findall(r"Collecting (\S+)", build.stdout)  # the isolated build env has no torch
@@ -108,15 +120,12 @@ def test_wheel_core_install_runs_the_readme_example(tmp_path):
     assert ext.returncode == 0, ext.stderr[-2000:]  # the repaired wheel's extension loads
 
 
-def test_the_sdist_carries_every_file_the_extension_compiles_from(tmp_path):
+def test_the_sdist_carries_every_file_the_extension_compiles_from(sdist):
     """A build from the sdist must not silently lose profuser._C: every csrc/ file is in it (csrc/align.h
-    was missing: setup.py names only the .cpp sources; MANIFEST.in adds the headers)."""
+    was missing: setup.py names only the .cpp sources; MANIFEST.in adds the headers). The wheel test above
+    builds from this sdist and imports the extension."""
     import tarfile
 
-    p = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    (sdist,) = tmp_path.glob("profuser-*.tar.gz")
     with tarfile.open(sdist) as tar:
         members = {Path(*Path(m).parts[1:]).as_posix() for m in tar.getnames()}
     needed = {p.relative_to(REPO).as_posix() for p in (REPO / "csrc").iterdir() if p.suffix in (".h", ".cpp")}
