@@ -146,6 +146,7 @@ setup(
         "gpu": ["flash-attn"],  # sdist only, needs CUDA: pip install --no-build-isolation profuser[gpu]
         "bench": ["liger-kernel>=0.5", "cut-cross-entropy>=25.1", "matplotlib>=3.7"],
         "test": ["pytest>=8", "pytest-xdist>=3", "editdistance>=0.8"],
+        "trackers": ["wandb>=0.19", "mlflow-skinny>=2.20"],  # log.report_to: [wandb, mlflow]
         "eval": ENGINE + ["lm-eval>=0.4.5"],  # the lm-eval task of `profuser eval --lm-eval` and `profuser study`
         # vLLM pins its own transformers (< 5.20 for 0.32) and torch; ENGINE's transformers>=5,<6 admits both
         "vllm": ENGINE + ["vllm>=0.11"],

@@ -55,6 +55,7 @@ NAN_POLICIES = ("error", "drop")  # teach / generate: a NaN from the model (erro
 BAD_ROW_POLICIES = ("error", "drop")  # readers: an invalid stored row (error naming it, or drop and count)
 SCHEDULES = ("two_stage", "linear", "simul", "reverse", "train_only", "infer_only", "sft")
 DECAYS = ("cosine", "linear", "constant")
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # log.report_to (trainer/trackers.py)
 
 
 @dataclass
@@ -190,7 +191,10 @@ class EvalConfig:
 @dataclass
 class LogConfig:
     every: int = 1  # log a metrics row every N optimizer steps
-    tensorboard: bool = True  # TensorBoard event files in output_dir/tensorboard
+    # trackers every metrics row also goes to: tensorboard (output_dir/tensorboard) | wandb | mlflow
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    project: str = "profuser"  # the W&B project / the MLflow experiment
+    run_name: str | None = None  # the tracker run's name (None: the output folder's name)
     progress: bool = True  # tqdm bar on rank 0
 
 
@@ -297,6 +301,7 @@ _CHOICES = {
     "optim.decay": DECAYS,
     "checkpoint.export_dtype": ("float32", "bfloat16", "float16"),
     "model.lora.export": ("merged", "adapter"),
+    "log.report_to": TRACKERS,
 }
 
 
@@ -356,8 +361,10 @@ def check_section(cfg: Any, section: str, origins: dict | None = None) -> None:
         return obj
 
     for key, choices in _CHOICES.items():
-        if key.split(".")[0] == section and value(key) not in choices:
-            fail(key, f"{value(key)!r} is not one of {', '.join(choices)}")
+        v = value(key) if key.split(".")[0] == section else None
+        for x in (v if isinstance(v, list) else [v] if key.split(".")[0] == section else []):
+            if x not in choices:  # a list option: each entry
+                fail(key, f"{x!r} is not one of {', '.join(choices)}" + (f" (in {v})" if isinstance(v, list) else ""))
     for key, rng in _RANGES.items():
         v = value(key)
         if v is None:

@@ -21,7 +21,8 @@ from typing import Any
 import yaml
 
 # old key -> new key (a clear error, never ignored)
-RENAMED = {"data.nan_policy": "data.bad_row_policy", "demo.n_infer": "demo.n_pool"}
+RENAMED = {"data.nan_policy": "data.bad_row_policy", "demo.n_infer": "demo.n_pool",
+           "log.tensorboard": "log.report_to (a list: [tensorboard, wandb, mlflow]; [] for none)"}
 
 
 class ConfigError(ValueError):

@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from profuser.engine.config import MODES, TrainConfig, dump_yaml, load_config, resume_digest
+from profuser.engine.config import MODES, TrainConfig, dump_yaml, load_config, resume_digest, to_dict
 from profuser.engine.config_cli import add_config_arguments, flag_overrides, keys_help
 from profuser.engine.dist import DistInfo, release_freed_memory, setup_distributed, teardown_distributed
 from profuser.engine.errors import report_errors
@@ -183,7 +183,8 @@ def setup(cfg: TrainConfig) -> TrainingRun:
               inputs={k: v for s in streams.values() for k, v in s.loader.input_digests().items()})
     resume(run)
     run.log = MetricsLogger(run.out, rank=info.rank, total_steps=cfg.optim.max_steps, start_step=run.step,
-                            tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
+                            report_to=cfg.log.report_to, config=to_dict(cfg), project=cfg.log.project,
+                            run_name=cfg.log.run_name, progress=cfg.log.progress)
     run.evaluator = make_evaluator(cfg, tok, device, cfg.eval.data, cfg.eval.max_examples)
     run.validator = make_evaluator(cfg, tok, device, cfg.eval.validation)
     selection = run.out / "validation.json"

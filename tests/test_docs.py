@@ -39,7 +39,7 @@ OUTPUT_FILES = {"metrics.jsonl", "config.yaml", "manifest.json", "votes.parquet"
                 "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "train.lock",
                 "prepare.lock", "faults.json", "model.safetensors", "tokenizer.model", "selected.json",
                 "validation.json", "val.jsonl", "test_pool.jsonl", "train.jsonl", "infer.jsonl",
-                "profuser_export.json"}
+                "profuser_export.json", "trackers.json"}
 
 
 def text(path: Path) -> str:

@@ -34,7 +34,7 @@ DOLLY, ALPACA = "databricks/databricks-dolly-15k", "tatsu-lab/alpaca"
 SMALL = {"generate": ["--max-new-tokens", "24"], "train": [
          "optim.max_steps=4", "optim.warmup_steps=1", "checkpoint.every=2", "data.max_length=96",
          "data.micro_batch_size=2", "eval.max_examples=6", "eval.every=2", "eval.n_samples=1",
-         "eval.max_new_tokens=8", "eval.references=false", "log.tensorboard=false", "log.progress=false"]}
+         "eval.max_new_tokens=8", "eval.references=false", "log.report_to=[]", "log.progress=false"]}
 
 
 @pytest.fixture(scope="module", autouse=True)

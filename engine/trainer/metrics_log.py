@@ -1,4 +1,4 @@
-"""Training logs: a tqdm progress bar, `metrics.jsonl` and TensorBoard event files (rank 0 only).
+"""Training logs: a tqdm progress bar, `metrics.jsonl` and the trackers of log.report_to (trackers.py; rank 0 only).
 
 Every row of metrics.jsonl is one JSON object with at least `step` and `kind` ("train" | "eval"); train
 rows carry loss, per-mode loss components (ce/kd per mode), w_infer/w_train, lr, grad_norm, tokens/s,
@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .trackers import open_trackers
+
 
 def peak_memory_mb() -> float:
     """Peak accelerator memory (CUDA) or, on CPU, the peak resident set size of this process, in MiB."""
@@ -27,10 +29,11 @@ def peak_memory_mb() -> float:
 
 class MetricsLogger:
     def __init__(self, output_dir: str | Path, *, rank: int, total_steps: int, start_step: int = 0,
-                 tensorboard: bool = True, progress: bool = True):
+                 report_to: list[str] = (), config: dict | None = None, project: str = "profuser",
+                 run_name: str | None = None, progress: bool = True):
         self.active = rank == 0
         self.path = Path(output_dir) / "metrics.jsonl"
-        self._tb = None
+        self._trackers = []
         self._bar = None
         if not self.active:
             return
@@ -40,10 +43,8 @@ class MetricsLogger:
                     if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
             self.path.write_text("".join(ln + "\n" for ln in keep))
         self._fh = open(self.path, "a")
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=start_step + 1)
+        self._trackers = open_trackers(list(report_to), output_dir, start_step=start_step, config=config or {},
+                                       project=project, run_name=run_name)
         if progress:
             from tqdm import tqdm
 
@@ -56,11 +57,8 @@ class MetricsLogger:
         row = {"time": round(time.time(), 3), **row}
         self._fh.write(json.dumps(row) + "\n")
         self._fh.flush()
-        if self._tb is not None:
-            prefix = row.get("kind", "train")
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time"):
-                    self._tb.add_scalar(f"{prefix}/{k}", v, row["step"])
+        for tracker in self._trackers:
+            tracker.log(row, row["step"])
 
     def progress(self, n: int, postfix: dict) -> None:
         if self._bar is not None:
@@ -80,6 +78,6 @@ class MetricsLogger:
             return
         if self._bar is not None:
             self._bar.close()
-        if self._tb is not None:
-            self._tb.close()
+        for tracker in self._trackers:
+            tracker.close()
         self._fh.close()

@@ -40,7 +40,7 @@ def test_the_pipeline_through_the_python_api(tmp_path):
     summary = profuser.train(None, **{"output_dir": str(tmp_path / "run"), "model.student": model,
                                       "data.data_dir": data, "data.infer_data_dir": infer, "data.sources": ["tiny"],
                                       "data.k": 4, "data.micro_batch_size": 2, "optim.max_steps": 2,
-                                      "log.progress": False, "log.tensorboard": False,
+                                      "log.progress": False, "log.report_to": [],
                                       "deepspeed.zero_optimization.stage": 0})
     assert summary["exit_code"] == 0 and (tmp_path / "run" / "final" / "model.safetensors").is_file()
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

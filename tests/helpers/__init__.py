@@ -93,7 +93,7 @@ def overrides(data: dict, out, **extra) -> list[str]:
     kv = {"output_dir": str(out), "model.student": data["student"], "data.data_dir": data["data"],
           "data.sources": "[self, gpt2]", "data.k": 4, "data.max_length": 64, "data.micro_batch_size": 2,
           "data.shuffle_buffer": 8, "optim.max_steps": 6, "optim.grad_accum": 2, "optim.lr": 3e-3,
-          "optim.warmup_steps": 1, "log.progress": False, "log.tensorboard": False,
+          "optim.warmup_steps": 1, "log.progress": False, "log.report_to": [],
           "eval.data": "null", "checkpoint.every": 2}
     kv.update(extra)
     return [f"{k}={v}" for k, v in kv.items()]
