@@ -283,7 +283,7 @@ def log_step(run: TrainingRun, result: WindowResult, weights: dict, clock: dict)
     for mode, totals in result.modes.items():
         if totals.tokens > 0:
             row.update({f"loss_{mode}": totals.loss, f"ce_{mode}": totals.ce, f"kd_{mode}": totals.kd,
-                        f"kept_mass_{mode}": totals.kept_mass})
+                        f"kept_mass_{mode}": totals.kept_mass, f"student_mass_{mode}": totals.student_mass})
     run.log.log(row)
     run.log.progress(cfg.log.every if step % cfg.log.every == 0 else step % cfg.log.every, {
         "loss": f"{row['loss']:.4f}", **{k: f"{row[k]:.3f}" for k in row if k[:3] in ("ce_", "kd_")},

@@ -418,9 +418,9 @@ class _ChunkedFusionLoss(torch.autograd.Function):
         if want_stats:
             st = make_stats(target, RowTerms(out.loss, out.ce, out.kd, out.sup), out.argmax)
             extra = (st.ce, st.kd, st.accuracy, st.kept_fraction, st.student_mass_on_support, st.row_ce,
-                     st.row_kd)
+                     st.row_kd, st.row_mass)
         else:
-            extra = tuple(torch.zeros(()) for _ in range(7))
+            extra = tuple(torch.zeros(()) for _ in range(8))
         ctx.mark_non_differentiable(*extra)
         return (loss,) + extra
 

@@ -22,6 +22,7 @@ FusionStats: 0-dim float tensors from the same pass as the loss, no gradient:
     student_mass_on_support  mean over KD rows of sum_{distinct teacher ids j} softmax(z_i)_j
     row_ce, row_kd           [N] per row: CE_i (0 on ignored rows), KD_i (0 on rows without KD); group
                              sums (per mode, per source) stay on the device: no host sync to log them
+    row_mass                 [N] per row: the student's mass on the teachers' support (0 on rows without KD)
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class FusionStats:
     student_mass_on_support: torch.Tensor
     row_ce: torch.Tensor | None = None
     row_kd: torch.Tensor | None = None
+    row_mass: torch.Tensor | None = None
 
     def as_dict(self) -> dict[str, float]:
         """Python floats (one host sync), for logging."""

@@ -139,5 +139,6 @@ def reference_fusion_loss(
             kept_fraction=(kept_total / nonempty_total if nonempty_total > 0 else zero).to(torch.float32),
             student_mass_on_support=mean(s_sup.detach(), has_kd),
             row_ce=ce.detach().to(torch.float32), row_kd=kd.detach().to(torch.float32),
+            row_mass=torch.where(has_kd, s_sup.detach(), zero).to(torch.float32),
         )
     return loss, stats

@@ -165,4 +165,6 @@ def make_stats(target: SparseTarget, terms: RowTerms, argmax: torch.Tensor) -> F
         student_mass_on_support=mean_over(terms.sup_mass, target.has_kd),
         row_ce=terms.ce.detach().to(torch.float32),
         row_kd=terms.kd.detach().to(torch.float32),
+        row_mass=torch.where(target.has_kd, terms.sup_mass.detach().to(torch.float32),
+                             torch.zeros((), device=terms.sup_mass.device)),
     )

@@ -90,9 +90,9 @@ class _TritonFusionLoss(torch.autograd.Function):
         if want_stats:
             st = make_stats(target, terms, rs.argmax)
             extra = (st.ce, st.kd, st.accuracy, st.kept_fraction, st.student_mass_on_support, st.row_ce,
-                     st.row_kd)
+                     st.row_kd, st.row_mass)
         else:
-            extra = tuple(torch.zeros((), device=hidden.device) for _ in range(7))
+            extra = tuple(torch.zeros((), device=hidden.device) for _ in range(8))
         ctx.mark_non_differentiable(*extra)
         return (loss,) + extra
 

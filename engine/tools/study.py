@@ -387,27 +387,36 @@ def source_shares(base) -> dict:
             for s in dict.fromkeys([*got.get("infer_win_share", {}), *mince])}
 
 
-def kept_mass(runs: list[Path]) -> dict:
-    """{mode: mean kept_mass_<mode> over the training steps and the runs (seeds)}: of the teachers' stored
-    top-k mass, the share the vocabulary maps keep (metrics.jsonl); a mode no run trained on is absent."""
+# per-mode columns of metrics.jsonl the study averages: (column prefix, the table's title)
+MODE_STATS = {
+    "kept_mass": "Kept teacher mass: of the teachers' stored top-k probability, the share aligned onto the "
+                 "target's vocabulary (mean over steps and seeds)",
+    "student_mass": "Student mass on the teachers' support: the target's probability on the token ids the "
+                    "aligned teachers name, the part of its distribution the KD term sees (mean over steps and "
+                    "seeds)",
+}
+
+
+def mode_means(runs: list[Path], column: str) -> dict:
+    """{mode: mean <column>_<mode> over the training steps and the runs (seeds)} from metrics.jsonl (a MODE_STATS
+    column); a mode no run trained on, or a column older runs did not log, is absent."""
     got: dict = {}
     for d in runs:
         f = d / "metrics.jsonl"
         rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.is_file() else []
         for r in rows:
             for k, v in r.items():
-                if k.startswith("kept_mass_") and r.get("kind") == "train" and v == v:  # v == v: not NaN
-                    got.setdefault(k.removeprefix("kept_mass_"), []).append(v)
+                if k.startswith(f"{column}_") and r.get("kind") == "train" and v == v:  # v == v: not NaN
+                    got.setdefault(k.removeprefix(f"{column}_"), []).append(v)
     return {m: float(np.mean(v)) for m, v in got.items()}
 
 
-def kept_markdown(kept: dict) -> str:
-    rows = {v: k for v, k in kept.items() if k}
+def mode_markdown(values: dict, column: str) -> str:
+    rows = {v: k for v, k in values.items() if k}
     if not rows:
         return ""
     modes = sorted({m for k in rows.values() for m in k})
-    lines = ["\n## Kept teacher mass: of the teachers' stored top-k probability, the share aligned onto the "
-             "target's vocabulary (mean over steps and seeds)\n", "| variant | " + " | ".join(modes) + " |",
+    lines = [f"\n## {MODE_STATS[column]}\n", "| variant | " + " | ".join(modes) + " |",
              "|---|" + "---:|" * len(modes)]
     lines += [f"| {v} | " + " | ".join(f"{k[m]:.4f}" if m in k else "–" for m in modes) + " |"
               for v, k in rows.items()]
@@ -544,13 +553,14 @@ def study(cfg: StudyConfig, log=print) -> dict:
                 walls[f"{variant}/seed{seed}"] = json.loads(f.read_text())["seconds"]
     tests = {n: tabulate(cfg, results[n], targets[n], walls, refs[n]) for n in sets}
     doc = {"config": asdict(cfg), "tests": tests, "train_wall_s": walls, "sources": source_shares(base),
-           "kept_mass": {v: kept_mass([run_dir(cfg, v, s) for s in cfg.seeds]) for v in cfg.variants}}
+           **{c: {v: mode_means([run_dir(cfg, v, s) for s in cfg.seeds], c) for v in cfg.variants}
+              for c in MODE_STATS}}
     (out / "study.json").write_text(json.dumps(doc, indent=1) + "\n")
     text = "".join(f"## {n} test set ({TEST_SETS.get(n, n)}, {t['n_examples']} examples)\n\n"
                    + markdown(t, cfg.baseline) + "\n" for n, t in tests.items())
     if doc["sources"]:
         text += sources_markdown(doc["sources"])
-    text += kept_markdown(doc["kept_mass"])
+    text += "".join(mode_markdown(doc[c], c) for c in MODE_STATS)
     (out / "study.md").write_text(text)
     plot(tests, out / "study.png")
     log(text)

@@ -35,11 +35,13 @@ from torch import nn
 from ..config import MODE_ID, LossConfig
 from ..models import LogitTransform
 
-# columns of the per-mode statistics FusionStep returns: [len(MODE_ID), 5]; sums over the mode's rows of the
+# columns of the per-mode statistics FusionStep returns: [len(MODE_ID), 7]; sums over the mode's rows of the
 # row's loss, CE and KD, of the teachers' stored top-k probability mass (weighted by the row's teacher weights)
 # and of the part of it that maps into the student's vocabulary (kept_mass = kept / stored: what alignment
-# keeps of the teachers' targets)
-STAT_COLUMNS = ("loss", "ce", "kd", "kept", "stored")
+# keeps of the teachers' targets), of the student's probability mass on the teachers' support and of the rows
+# with kept teacher mass, the rows that have a KD term (student_mass = mass / kd_rows: how much of what the
+# student predicts the KD term sees at all)
+STAT_COLUMNS = ("loss", "ce", "kd", "kept", "stored", "mass", "kd_rows")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -49,13 +51,14 @@ class NonFiniteLossError(RuntimeError):
 class FusionStep(nn.Module):
     """The module DeepSpeed wraps: student backbone -> labelled rows -> one fused loss call for all modes.
 
-    forward(batch, mode_scale) -> (loss [], stats [len(MODE_ID), 3])
+    forward(batch, mode_scale) -> (loss [], stats [len(MODE_ID), len(STAT_COLUMNS)])
         batch: the loader's dict, modes concatenated along B (see merge_modes); tensors on device;
             batch["n_tokens"] (host int) = its labelled positions
         mode_scale: [len(MODE_ID)] float tensor on the device, indexed by MODE_ID: the per-row loss weight
             of each mode (w_m * world / N_m, see the module docstring)
         stats: per mode (rows MODE_ID), the sums over its rows of loss_i, CE_i, KD_i (unweighted) and of the
-            kept and stored teacher mass (STAT_COLUMNS)
+            kept and stored teacher mass, the student's mass on the teachers' support and the KD rows
+            (STAT_COLUMNS)
     """
 
     def __init__(self, lm: nn.Module, loss: LossConfig, vocab_maps: list):
@@ -103,7 +106,8 @@ class FusionStep(nn.Module):
             backend=self.cfg.backend, return_stats=True, validate=False)
         lam = self.cfg.lam
         kept, stored = self.teacher_mass(t_ids, t_lp, t_w)
-        per_row = torch.stack([lam * st.row_ce + (1.0 - lam) * st.row_kd, st.row_ce, st.row_kd, kept, stored], 1)
+        per_row = torch.stack([lam * st.row_ce + (1.0 - lam) * st.row_kd, st.row_ce, st.row_kd, kept, stored,
+                               st.row_mass, (kept > 0).to(kept.dtype)], 1)
         stats = torch.zeros((len(MODE_ID), len(STAT_COLUMNS)), dtype=torch.float64, device=per_row.device)
         stats.index_add_(0, row_mode, per_row.double())
         return keep + loss, stats
@@ -181,6 +185,7 @@ class ModeTotals:
     kd: float = 0.0  # mean KD per target token
     tokens: int = 0  # global target tokens of the mode in the window
     kept_mass: float = float("nan")  # of the teachers' stored top-k mass, the share alignment kept
+    student_mass: float = float("nan")  # the student's mean probability mass on the teachers' support (KD rows)
 
 
 @dataclass
@@ -246,8 +251,9 @@ def run_window(engine, window: list[list[dict]], step_modes: list[str], weights:
     for m in step_modes:
         i, n = MODE_ID[m], max(counts_h[MODE_ID[m]], 1.0)
         col = sums[i * len(STAT_COLUMNS): (i + 1) * len(STAT_COLUMNS)]
-        loss_m, ce_m, kd_m, kept_m, stored_m = col
+        loss_m, ce_m, kd_m, kept_m, stored_m, mass_m, kd_rows_m = col
         modes[m] = ModeTotals(loss=loss_m / n, ce=ce_m / n, kd=kd_m / n, tokens=int(round(counts_h[i])),
-                              kept_mass=kept_m / stored_m if stored_m > 0 else float("nan"))
+                              kept_mass=kept_m / stored_m if stored_m > 0 else float("nan"),
+                              student_mass=mass_m / kd_rows_m if kd_rows_m > 0 else float("nan"))
     tokens = int(round(sum(counts_h[MODE_ID[m]] for m in step_modes)))
     return WindowResult(loss=total_loss, tokens=tokens, modes=modes)

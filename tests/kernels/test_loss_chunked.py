@@ -218,6 +218,7 @@ def test_stats_independent(backend):
     assert abs(float(st.accuracy) - float(acc[valid].mean())) < 1e-6
     assert abs(float(st.kept_fraction) - float(kept.sum() / nonempty.sum())) < 1e-6
     assert abs(float(st.student_mass_on_support) - float(mass_sup[has_kd].mean())) < 1e-5
+    torch.testing.assert_close(st.row_mass.double(), mass_sup, rtol=1e-5, atol=1e-6)  # per row, 0 without KD
     ref_loss, _, ref_st = run("reference", to64(case), return_stats=True)
     assert abs(float(st.kd) - float(ref_st.kd)) < 1e-4
 

@@ -365,6 +365,9 @@ def test_stats_match_reference():
             a, r = getattr(st, k), getattr(rst, k)
             assert a.dim() == 0 and not a.requires_grad
             torch.testing.assert_close(a.double(), r.double(), rtol=1e-5, atol=1e-5, msg=k)
+        for k in ("row_ce", "row_kd", "row_mass"):
+            torch.testing.assert_close(getattr(st, k).double(), getattr(rst, k).double(), rtol=1e-5, atol=1e-5,
+                                       msg=k)
     assert 0 < float(st.kept_fraction) < 1
 
 

@@ -81,6 +81,9 @@ def test_study_trains_evaluates_tabulates_and_resumes(data, tmp_path):
     # the kept teacher mass of the runs' training steps: sft trains on the gold pairs only (train mode)
     assert set(doc["kept_mass"]["sft"]) == {"train"} and set(doc["kept_mass"]["two_stage"]) == {"infer", "train"}
     assert all(0 < v <= 1 for k in doc["kept_mass"].values() for v in k.values())
+    assert set(doc["student_mass"]["sft"]) == {"train"} and set(doc["student_mass"]["two_stage"]) == {"infer", "train"}
+    assert all(0 < v < 1 for k in doc["student_mass"].values() for v in k.values())
+    assert "Student mass on the teachers' support" in (out / "study.md").read_text()
     assert "target (untouched)" in text and "| two_stage - sft | bits_per_byte |" in text
     # each run is a normal training run of its own, the two variants saw the same first training batch
     # only the exports are kept (keep_checkpoints: false, the default)

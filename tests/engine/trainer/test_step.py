@@ -16,7 +16,7 @@ from helpers import fusion_batch, fusion_vocab_maps
 from profuser.engine.config import MODE_ID, LossConfig
 from profuser.engine.tools.sync_counter import count_syncs, paused_forward
 from profuser.engine.trainer import step as step_mod
-from profuser.engine.trainer.step import FusionStep, merge_modes, run_window
+from profuser.engine.trainer.step import STAT_COLUMNS, FusionStep, merge_modes, run_window
 from profuser.kernels import fusion_loss
 
 V, V_T, T, K = 61, 80, 2, 4
@@ -61,24 +61,24 @@ def test_one_call_equals_two_calls(backend, missing_mass):
     one = {n: p.grad.clone() for n, p in lm.named_parameters()}
 
     lm2 = make_lm()  # the two-call formulation, as the engine ran it before
-    total = 0.0
+    total, mode_stats = 0.0, {}
     for m, b in batches.items():
         hidden = lm2.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])[0]
         B, L, H = hidden.shape
         sel = b["labels"].reshape(-1) != -100
         ids = b["teacher_ids"].reshape(T, B * L, K)[:, sel]
-        loss_m = fusion_loss(hidden.reshape(B * L, H)[sel], lm2.lm_head.weight, b["labels"].reshape(-1)[sel], ids,
-                             b["teacher_logprobs"].reshape(T, B * L, K)[:, sel],
-                             b["teacher_weights"].reshape(T, -1)[:, sel],
-                             vocab_maps=vocab_maps(), lam=0.6, missing_mass=missing_mass, num_items=counts[m],
-                             backend=backend)
+        loss_m, mode_stats[m] = fusion_loss(
+            hidden.reshape(B * L, H)[sel], lm2.lm_head.weight, b["labels"].reshape(-1)[sel], ids,
+            b["teacher_logprobs"].reshape(T, B * L, K)[:, sel], b["teacher_weights"].reshape(T, -1)[:, sel],
+            vocab_maps=vocab_maps(), lam=0.6, missing_mass=missing_mass, num_items=counts[m], backend=backend,
+            return_stats=True)
         total = total + weights[m] * loss_m
     total.backward()
     torch.testing.assert_close(loss.detach(), total.detach(), rtol=1e-5, atol=1e-6)
     for n, p in lm2.named_parameters():
         torch.testing.assert_close(one[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
     # per-mode statistics: sums over each mode's rows, on the device
-    assert stats.shape == (len(MODE_ID), 5) and stats.dtype == torch.float64
+    assert stats.shape == (len(MODE_ID), len(STAT_COLUMNS)) and stats.dtype == torch.float64
     assert all(float(stats[MODE_ID[m], 1]) > 0 for m in batches)
     # the teachers' stored top-k mass and the part that maps into the student's vocabulary, per mode
     maps = vocab_maps()
@@ -95,6 +95,12 @@ def test_one_call_equals_two_calls(backend, missing_mass):
         assert 0 < kept < stored  # teacher 1's map drops ~20% of its ids
         assert float(stats[MODE_ID[m], 3]) == pytest.approx(kept, rel=1e-5)
         assert float(stats[MODE_ID[m], 4]) == pytest.approx(stored, rel=1e-5)
+        # the student's mass on the support, summed over the mode's KD rows, and those rows: the mode's own call
+        st = mode_stats[m]
+        n_kd = int((st.row_mass > 0).sum())
+        assert 0 < n_kd and float(stats[MODE_ID[m], 6]) == n_kd
+        assert float(stats[MODE_ID[m], 5]) == pytest.approx(float(st.row_mass.double().sum()), rel=1e-4)
+        assert float(stats[MODE_ID[m], 5]) / n_kd == pytest.approx(float(st.student_mass_on_support), rel=1e-4)
 
 
 def test_count_syncs_sees_a_sync():
