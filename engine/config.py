@@ -395,9 +395,6 @@ def validate(cfg: TrainConfig, origins: dict | None = None) -> None:
     problem = output_dir_problem(cfg.output_dir)
     if problem:
         fail("output_dir", f"{cfg.output_dir!r} {problem}")
-    if cfg.model.lora.r and cfg.deepspeed.get("zero_optimization", {}).get("stage", 3) == 3:
-        fail("model.lora.r", "a LoRA adapter trains under ZeRO stages 0-2 (its frozen base fits each rank; "
-                             "stage 3 is not supported yet): set deepspeed.zero_optimization.stage=0, 1 or 2")
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
         fail("checkpoint.resume", f"{cfg.checkpoint.resume} does not exist (use auto, never or a path)")
     stage = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)

@@ -371,7 +371,8 @@ def export_student(lm, tok, checkpoint: Path, out: Path, *, stage: int, rank: in
     A tokenizer without a chat template gets the fallback one it was trained with (text/chat.py).
 
     ZeRO-3 parameters are partitioned, so the fp32 weights are consolidated from the checkpoint with
-    DeepSpeed's zero_to_fp32 helpers; with stages 0-2 every rank holds the full module.
+    DeepSpeed's zero_to_fp32 helpers (a LoRA run's frozen base and adapter both: the same adapter is put on a
+    fresh base, loaded, then merged or saved alone); with stages 0-2 every rank holds the full module.
     """
     tmp = out.with_name(out.name + ".tmp")
     if rank == 0:
@@ -383,6 +384,13 @@ def export_student(lm, tok, checkpoint: Path, out: Path, *, stage: int, rank: in
             sd = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
             sd = {k.removeprefix("lm."): v for k, v in sd.items()}
             fresh = AutoModelForCausalLM.from_config(copy.deepcopy(lm.config), dtype=torch.float32)
+            lora = getattr(lm, "peft_model", None)
+            if lora is not None:  # the same adapter on the fresh base: the state dict names both (base_layer, lora_A/B)
+                from peft import get_peft_model
+
+                peft_fresh = get_peft_model(fresh, copy.deepcopy(lora.peft_config["default"]))
+                object.__setattr__(fresh, "peft_model", peft_fresh)
+                object.__setattr__(fresh, "lora_export", getattr(lm, "lora_export", "merged"))
             missing, unexpected = fresh.load_state_dict(sd, strict=False)
             tied = set(getattr(fresh, "_tied_weights_keys", None) or [])
             if fresh.config.tie_word_embeddings:
@@ -392,7 +400,10 @@ def export_student(lm, tok, checkpoint: Path, out: Path, *, stage: int, rank: in
                                    f"(missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
             fresh.tie_weights()
             fresh.config.use_cache = True
-            fresh.to(dtype).save_pretrained(str(tmp))
+            if lora is not None:
+                save_lora(fresh, tmp, dtype)
+            else:
+                fresh.to(dtype).save_pretrained(str(tmp))
         elif getattr(lm, "peft_model", None) is not None:  # a LoRA run (stages 0-2: the module is whole here)
             save_lora(lm, tmp, dtype)
         else:
