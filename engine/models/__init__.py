@@ -8,7 +8,7 @@ conversion, loading, the logit transform, tiny test models. A model spec is eith
 
     aliases.py   ALIASES, cache_root()
     gguf.py      the one-time GGUF -> safetensors conversion (convert_once: lock + atomic rename)
-    resolve.py   resolve_model / resolve_tokenizer, same_model, canonical_spec, model_fingerprint, model_name
+    resolve.py   resolve_model / resolve_tokenizer, hub_id, same_model, canonical_spec, model_fingerprint, model_name
     loading.py   load_model, load_tokenizer, resolve_dtype, pad_id
     logits.py    LogitTransform (scale, softcap), output_logits
     tiny.py      tiny_model_dir (random weights, real tokenizer)
@@ -20,6 +20,7 @@ from .loading import load_model, load_tokenizer, pad_id, resolve_dtype
 from .logits import LogitTransform, output_logits
 from .resolve import (
                       canonical_spec,
+                      hub_id,
                       model_fingerprint,
                       model_name,
                       reference_models,
@@ -30,5 +31,5 @@ from .resolve import (
 from .tiny import tiny_model_dir
 
 __all__ = ["ALIASES", "ENV_CACHE", "Alias", "LogitTransform", "MARKER", "cache_root", "canonical_spec", "convert_once",
-           "load_model", "load_tokenizer", "model_fingerprint", "model_name", "output_logits", "pad_id",
+           "hub_id", "load_model", "load_tokenizer", "model_fingerprint", "model_name", "output_logits", "pad_id",
            "reference_models", "resolve_dtype", "resolve_model", "resolve_tokenizer", "same_model", "tiny_model_dir"]

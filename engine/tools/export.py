@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..config_cli import Flag, add_config_arguments, config_from_args
 from ..config_tree import ConfigError
+from ..models import hub_id
 from ..trainer.checkpoint import EXPORT_MARKER
 
 PICKLES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
@@ -71,11 +72,6 @@ def export_folder(src: str | Path) -> Path:
     return folder
 
 
-def _is_hub_id(spec: str) -> bool:
-    parts = spec.split("/")
-    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~")) and not Path(spec).exists()
-
-
 def check_files(folder: Path) -> None:
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLES)
     if pickles:
@@ -92,7 +88,7 @@ def check_adapter(folder: Path, base_model: str | None) -> None:
         cfg["base_model_name_or_path"] = base_model
         path.write_text(json.dumps(cfg, indent=2) + "\n")
     base = str(cfg.get("base_model_name_or_path") or "")
-    if not _is_hub_id(base):
+    if not base or hub_id(base) is None:
         raise ExportError(f"{path}: base_model_name_or_path {base!r} is not a hub id (owner/name), so no one else "
                           "can load the adapter; pass --base-model owner/name")
 

@@ -14,12 +14,7 @@ import json
 from pathlib import Path
 
 from ..fileio import write_text_atomic
-
-
-def _hub_id(spec: str) -> str | None:
-    """A spec that looks like a hub id (owner/name, no local folder of that name), else None."""
-    parts = spec.split("/")
-    return spec if len(parts) == 2 and all(parts) and not Path(spec).exists() else None
+from ..models import hub_id
 
 
 def model_card(cfg, summary: dict, inputs: dict) -> str:
@@ -31,7 +26,8 @@ def model_card(cfg, summary: dict, inputs: dict) -> str:
     except ImportError:  # pragma: no cover - the engine imported without the top-level package
         __version__ = "unknown"
     sources = source_models(cfg.data.data_dir, list(cfg.data.sources))
-    base = _hub_id(str(cfg.model.student))
+    repo = hub_id(str(cfg.model.student))
+    base = repo[0] if repo else None
     head = ["---", "library_name: transformers", "tags: [profuser, knowledge-fusion, distillation]"]
     if base:
         head.append(f"base_model: {base}")

@@ -96,7 +96,7 @@ class Mlflow(Tracker):
         self.id = run.info.run_id
 
     def log(self, row, step):
-        self.mlflow.log_metrics({k.replace("/", "."): v for k, v in _numbers(row).items()}, step=step)
+        self.mlflow.log_metrics(_numbers(row), step=step)
 
     def close(self):
         self.mlflow.end_run()
@@ -119,6 +119,6 @@ def open_trackers(names: list[str], output_dir: str | Path, *, start_step: int, 
         elif t == "mlflow":
             trackers.append(Mlflow(config, project, name, ids.get("mlflow")))
             ids["mlflow"] = trackers[-1].id
-    if set(ids) & {"wandb", "mlflow"}:
+    if ids:  # the ids of the runs a resume continues (tensorboard needs none)
         ids_path.write_text(json.dumps(ids, indent=2) + "\n")
     return trackers

@@ -39,8 +39,8 @@ def test_mlflow_and_tensorboard_get_every_row_and_a_resumed_run_continues(tmp_pa
     assert json.loads((out / "trackers.json").read_text())["mlflow"] == run_id
 
     client = MlflowClient()
-    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train.loss")] == [(1, 2.5), (2, 2.0)]
-    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "eval.bits_per_byte")] == [(2, 1.25)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == [(1, 2.5), (2, 2.0)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "eval/bits_per_byte")] == [(2, 1.25)]
     run = client.get_run(run_id)
     assert run.data.params["optim.lr"] == "0.0001" and run.info.run_name == "run-a"
     assert mlflow.get_experiment(run.info.experiment_id).name == "fusion-tests"
