@@ -161,14 +161,25 @@ def setup_distributed():
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
     on_gpu = torch.cuda.is_available()
     if not td.is_initialized():
-        # on the CPU, DeepSpeed's communication backend JIT-builds (or loads) its shared-memory op first
-        with contextlib.nullcontext() if on_gpu else extension_build_guard("deepspeed_shm_comm"):
-            deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        if not on_gpu:  # DeepSpeed's CPU backend JIT-builds (or loads) its shared-memory op: do it here, guarded,
+            # so init_distributed finds it built (the guard must not span init_distributed itself: its rendezvous
+            # waits for the other ranks of this host, which would be waiting for the guard)
+            with extension_build_guard("deepspeed_shm_comm"):
+                _build_deepspeed_shm_op()
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     info = DistInfo(td.get_rank(), td.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     device = device_for(info.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return info, device
+
+
+def _build_deepspeed_shm_op() -> None:
+    try:
+        from deepspeed.comm.torch import build_shm_op
+    except ImportError:  # a DeepSpeed without it builds nothing at init
+        return
+    build_shm_op()
 
 
 def _build_directory(name: str) -> Path | None:
