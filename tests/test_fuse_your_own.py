@@ -120,7 +120,8 @@ def test_the_fuse_your_own_models_page_end_to_end(tmp_path, monkeypatch):
     assert all(name in report for name in ("fused", "sft", "target"))
 
     published = work / "runs/mine/publish"
-    assert "license: apache-2.0" in (published / "README.md").read_text() and not any(published.glob("*.json.tmp"))
+    assert "license: apache-2.0" in (published / "README.md").read_text()
+    assert not (published / "profuser_export.json").exists() and any(published.glob("*.safetensors"))
     python = blocks("python")[0]
     r = subprocess.run([sys.executable, "-c", python], cwd=work, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
