@@ -48,6 +48,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from .. import dist as _dist
 from .. import models
 from ..config import CE_METRICS, ConfigError
 from ..config_cli import Flag, add_config_arguments, config_from_args
@@ -303,7 +304,7 @@ class ScoreConfig:
     sources: list[str] = field(default_factory=list)  # source names (folders under teachers/)
     # rm:<path> | similarity[:<dir>] | judge:<model spec> (several vote)
     scorers: list[str] = field(default_factory=lambda: ["similarity"])
-    device: str = "cpu"  # device of the scorer models
+    device: str = "auto"  # device of the scorer models: auto (this rank's GPU, else cpu) | cpu | cuda | cuda:N
     student: str | None = None  # the target's model spec: its own source wins MinCE ties in the summary
 
 
@@ -385,7 +386,8 @@ def score(cfg: ScoreConfig, *, scorers: list[Scorer] | None = None, log=print) -
     if scorers is not None:
         plan = [(sc.name, f"object:{type(sc).__qualname__}:{sc.name}", lambda sc=sc: sc) for sc in scorers]
     else:
-        plan = [(scorer_name(spec), scorer_identity(spec), lambda spec=spec: make_scorer(spec, cfg.device))
+        device = str(_dist.device_for(_dist.dist_info().local_rank, cfg.device))
+        plan = [(scorer_name(spec), scorer_identity(spec), lambda spec=spec: make_scorer(spec, device))
                 for spec in cfg.scorers]
     out = scores_dir(cfg.data_dir)
     out.mkdir(parents=True, exist_ok=True)
