@@ -144,6 +144,8 @@ def export(cfg: ExportConfig, log=print) -> Path:
 def finish(cfg: ExportConfig, src: Path, tmp: Path, log=print) -> None:
     """The copy in `tmp`: weights re-saved in --dtype, and with --push-ready every check and the licence."""
     adapter = (tmp / "adapter_config.json").is_file()
+    if cfg.dtype and adapter:
+        log(f"[export] --dtype {cfg.dtype}: not applied, an adapter is copied in the dtype its run exported")
     if cfg.dtype and not adapter:
         import torch
         from transformers import AutoModelForCausalLM
