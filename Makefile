@@ -16,7 +16,7 @@ PIPQ := 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || tru
 PYTEST_ARGS ?=
 
 # Every target's `## ` comment is its line in `make help` (a test checks that each target has one).
-.PHONY: help venv install build lint test test-fast test-slow demo bench bench-loss bench-align bench-align-fidelity bench-loader bench-train gpu-suite gpu-wheels kernel-report vllm-env test-vllm qwen study-pool wheel bench-teach bench-teach-vllm corpus clean
+.PHONY: help venv install build lint test test-floors test-fast test-slow demo bench bench-loss bench-align bench-align-fidelity bench-loader bench-train gpu-suite gpu-wheels kernel-report vllm-env test-vllm qwen study-pool wheel bench-teach bench-teach-vllm corpus clean
 
 help:  ## this list
 	@grep -hE '^[a-zA-Z][a-zA-Z_-]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-zA-Z_-]+):.*## (.*)/\1\t\2/' \
@@ -64,6 +64,16 @@ test-fast: install  ## the tests without slow or multi-process ones, stop at the
 
 test-slow: install  ## the slow tests (model loads, the long fault run)
 	$(VPY) -m pytest -q -m "slow" $(PYTEST_ARGS)
+
+# The declared floors of the core install (setup.py install_requires) on the loss library's tests: numpy and
+# triton at the oldest series the floors admit, torch linked from .venv (tests/helpers/venvs.py says why)
+FLOORS_VENV ?= .venv-floors
+$(FLOORS_VENV)/.deps: setup.py tests/helpers/venvs.py | install
+	cd tests && ../$(VPY) -m helpers.venvs floors ../$(FLOORS_VENV)
+	touch $@
+
+test-floors: $(FLOORS_VENV)/.deps  ## the loss library's tests at the declared dependency floors (in .venv-floors)
+	$(FLOORS_VENV)/bin/python -P -m pytest -q -p no:cacheprovider -n 2 tests/kernels $(PYTEST_ARGS)
 
 # vLLM's CPU build in its own venv (it pins transformers < 5.20; requirements-vllm.txt says why). vLLM
 # brings CUDA builds of torchvision / torchaudio / torchcodec and a triton that do not import here and that

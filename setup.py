@@ -137,8 +137,10 @@ setup(
     package_data={"profuser.data": ["*.jsonl", "LICENSE-WordNet.txt"], "profuser.configs": ["*.yaml"]},
     ext_modules=_ext_modules(),
     cmdclass={"build_ext": OptionalBuildExt},
-    # the loss library: torch and numpy; triton for the GPU kernels (PyPI's CUDA torch pins its own)
-    install_requires=["torch>=2.6", "numpy>=1.24", "triton>=3.2; platform_system == 'Linux'"],
+    # the loss library: torch and numpy; triton for the GPU kernels (PyPI's CUDA torch pins its own). Floors
+    # tested by `make test-floors` (numpy 1.24.*, triton 3.4.*; .ci/run runs it): triton 3.2 and 3.3 fail the
+    # kernels under the interpreter, and torch 2.8 is the first that pins a triton >= 3.4
+    install_requires=["torch>=2.8", "numpy>=1.24", "triton>=3.4; platform_system == 'Linux'"],
     extras_require={
         "engine": ENGINE,
         "train": ENGINE + ["deepspeed>=0.16", "accelerate>=1.0", "tensorboard>=2.15", "matplotlib>=3.7", "peft>=0.13",

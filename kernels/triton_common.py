@@ -31,13 +31,39 @@ AUTOTUNE = os.environ.get("PROFUSER_AUTOTUNE", "0") not in ("", "0") and not INT
 NUM_SMS_DEFAULT = 132  # H100 SXM; the real count is read from the device at launch
 
 
+def _version(text: str) -> tuple[int, int]:
+    major, minor = (text.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def interpreter_conflict() -> str | None:
+    """Why the CPU interpreter cannot run these kernels with the installed triton and numpy, or None.
+
+    The interpreter of triton < 3.7 turns a scalar kernel argument used as a loop bound into a Python int
+    with int() of a 1-element array, which numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted
+    to Python scalars"): every kernel fails. Measured here (tests/kernels, `make test-floors`): triton 3.4-3.6
+    fail with numpy 2.4.6 and pass with numpy 2.3.5 and 1.24.4; triton 3.7.1 passes with numpy 2.4.6. On a GPU
+    numpy plays no part: this is the interpreter's problem only."""
+    import numpy
+
+    if _version(numpy.__version__) >= (2, 4) and _version(triton.__version__) < (3, 7):
+        return (f"TRITON_INTERPRET=1 with triton {triton.__version__} and numpy {numpy.__version__}: the interpreter "
+                "of triton < 3.7 cannot run kernels under numpy >= 2.4; install triton>=3.7 or numpy<2.4")
+    return None
+
+
 @contextlib.contextmanager
 def launching(device: torch.device):
     """Context of a kernel launch: the tensors' CUDA device made current (Triton launches on the current
     device, so a tensor on cuda:1 would otherwise be read from cuda:0's context), and triton's deprecation
     warning for tl.make_block_ptr silenced (it fires at every interpreted call). Block pointers are kept on
     purpose: on sm_90 they cut these kernels' register spills several-fold against per-element pointer
-    tensors, and tensor descriptors need a device-side allocator."""
+    tensors, and tensor descriptors need a device-side allocator. On the CPU, a triton / numpy pair whose
+    interpreter cannot run the kernels is one named RuntimeError (interpreter_conflict)."""
+    if device.type != "cuda" and INTERPRET:
+        conflict = interpreter_conflict()
+        if conflict:
+            raise RuntimeError(conflict)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="tl.make_block_ptr is deprecated")
         if device.type == "cuda":

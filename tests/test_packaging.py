@@ -4,9 +4,9 @@ ninja only), repaired to a manylinux tag and installed into a fresh venv with th
 (torch, numpy, triton): profuser._C imports and the README's loss-library example runs; the pipeline's
 dependencies are not there, and the loss library does not need them.
 
-The fresh venv sees the core dependencies through links to this interpreter's installed copies (a .pth file
-naming a folder of links), not through a second 1.7 GB install of torch: CI's disk ran out with one (stop 30).
-pip still resolves the wheel's install_requires against that venv, so a missing or wrong requirement fails."""
+The fresh venv sees the core dependencies through links to this interpreter's installed copies
+(helpers.venvs.link_core_dependencies). pip still resolves the wheel's install_requires against that venv, so a
+missing or wrong requirement fails. The declared floors run the loss tests in `make test-floors`."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import re
 import subprocess
 import sys
 import venv
-from importlib import metadata
 from pathlib import Path
 
 import pytest
-from packaging.requirements import Requirement
+
+from helpers.venvs import link_core_dependencies
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,44 +28,6 @@ def readme_loss_example() -> str:
     text = (REPO / "README.md").read_text()
     section = text[text.index("## The fusion loss library"):]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
-
-
-def closure(*names: str) -> list[metadata.Distribution]:
-    """The installed distributions `names` need, theirs included (markers evaluated here, no extras)."""
-    seen: dict[str, metadata.Distribution] = {}
-    todo = list(names)
-    while todo:
-        name = todo.pop()
-        dist = metadata.distribution(name)
-        key = dist.metadata["Name"].lower().replace("_", "-")
-        if key in seen:
-            continue
-        seen[key] = dist
-        for spec in dist.requires or []:
-            req = Requirement(spec)
-            if req.marker is None or req.marker.evaluate({"extra": ""}):
-                todo.append(req.name)
-    return list(seen.values())
-
-
-def link_core_dependencies(env_dir: Path, names: tuple[str, ...]) -> None:
-    """Make `names` (and what they need) importable and pip-visible in the venv at `env_dir`: a folder of
-    links to their top-level files in this interpreter's site-packages, named by a .pth file."""
-    links = env_dir / "core-links"
-    links.mkdir()
-    dists = closure(*names)
-    # a venv of Python < 3.12 comes with its own older setuptools, which would shadow the linked one
-    own = [d.metadata["Name"] for d in dists if d.metadata["Name"].lower() in ("setuptools", "wheel")]
-    if own:
-        subprocess.run([str(env_dir / "bin" / "python"), "-m", "pip", "uninstall", "-y", "-q", *own],
-                       capture_output=True, check=True)
-    for dist in dists:
-        for top in {Path(str(f)).parts[0] for f in dist.files or [] if not str(f).startswith("..")}:
-            src = Path(dist.locate_file(top))
-            if src.exists() and not (links / top).exists():
-                (links / top).symlink_to(src)
-    (site,) = env_dir.glob("lib/python*/site-packages")
-    (site / "core-links.pth").write_text(f"{links}\n")
 
 
 @pytest.fixture(scope="module")

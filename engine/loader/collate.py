@@ -86,7 +86,7 @@ class _Plan:
         if prefix.count(_SENTINEL) != 1 or _SENTINEL in self.suffix:
             raise ValueError("the prompt is not inserted verbatim")
         self.head, self.tail = prefix.split(_SENTINEL)
-        segs = prefix_segments(tok, _SENTINEL, system, lambda t, p, s: chat.render_parts(t, p, s)[0])
+        segs = prefix_segments(tok, _SENTINEL, system, lambda t, p, s, h: chat.render_parts(t, p, s, h)[0])
         if segs is None:
             raise ValueError("the template rewrites its content")
         k = next(i for i, (text, special) in enumerate(segs) if not special and _SENTINEL in text)
@@ -154,24 +154,28 @@ class StudentEncoder:
         return pre, suf
 
     def encode_batch(self, prompts: list[str], responses: list[str], systems: list[str | None], *,
-                     max_length: int | None = None, errors: list | None = None) -> EncodedBatch:
+                     max_length: int | None = None, errors: list | None = None,
+                     histories: list | None = None) -> EncodedBatch:
         """Encode n conversations like chat.encode_example (see EncodedBatch for the shapes).
 
         errors: when a list is given, an example that encode_example would reject (ValueError: prompt
         longer than max_length, ids that do not describe the text) is encoded as empty (L = R = 0) and
-        (i, message) is appended; otherwise the ValueError propagates.
+        (i, message) is appended; otherwise the ValueError propagates. histories: the earlier turns per
+        example (None: a single exchange); a batch with any goes through encode_example one by one (the
+        template plans describe a single exchange; multi-turn rows cut their history to max_length there).
         """
-        if not self.fast:
-            return _encode_each(self.tok, prompts, responses, systems, max_length, errors)
+        if not self.fast or (histories is not None and any(histories)):
+            return _encode_each(self.tok, prompts, responses, systems, max_length, errors, histories)
         pre, suf = self._parts(prompts, systems)
         return _assemble(self.tok, prompts, responses, pre, suf, max_length, errors)
 
 
-def _encode_each(tok, prompts, responses, systems, max_length, errors) -> EncodedBatch:
+def _encode_each(tok, prompts, responses, systems, max_length, errors, histories=None) -> EncodedBatch:
     encs = []
     for i in range(len(prompts)):
         try:
             encs.append(chat.encode_example(tok, prompts[i], responses[i], system=systems[i],
+                                            history=None if histories is None else histories[i],
                                             max_length=max_length))
         except ValueError as exc:
             if errors is None:

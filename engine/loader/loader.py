@@ -367,6 +367,7 @@ class FusionLoader:
         idx = pa.array(sel)
         prompts = prep["prompt"].combine_chunks().take(idx).to_pylist()
         systems = prep["system"].combine_chunks().take(idx).to_pylist()
+        histories = prep["history"].combine_chunks().take(idx).to_pylist()
         if infer:
             resp = [r.responses.take(idx).to_pylist() for r in recs]
             responses = [resp[w][i] for i, w in enumerate(winners.tolist())]
@@ -374,7 +375,7 @@ class FusionLoader:
             responses = prep["response"].combine_chunks().take(idx).to_pylist()
         errors = []
         enc = self._encoder.encode_batch(prompts, responses, systems, max_length=cfg.max_length,
-                                         errors=errors)
+                                         errors=errors, histories=histories)
         ok = np.ones(len(sel), bool)
         for i, msg in errors:
             if "max_length" not in msg:

@@ -90,6 +90,7 @@ def check_max_length(cfg: TrainConfig, tok, modes: list[str], sample: int = 512)
         key, root = cfg.data.store_dir(mode)
         pm = store.PreparedManifest.load(root)
         rows = store.read_prepared_shard(root, 0, pm).slice(0, sample)
+        # without the earlier turns of multi-turn rows: encode_example cuts those to fit, never the prompt
         enc = StudentEncoder(tok).encode_batch(rows["prompt"].to_pylist(), [""] * rows.num_rows,
                                                rows["system"].to_pylist())
         prompt_len = np.array([enc.pred_pos[a] + 1 for a in enc.pred_off[:-1].tolist()])  # templated prompt tokens

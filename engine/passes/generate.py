@@ -170,11 +170,11 @@ def generate_shard(model, tok, cfg: GenerateConfig, device, table: pa.Table, whe
                    shard: int):
     """Generated records of one prepared shard (rows in shard order) and counters."""
     eids, prompts = table["example_id"].to_pylist(), table["prompt"].to_pylist()
-    systems = table["system"].to_pylist()
+    systems, histories = table["system"].to_pylist(), table["history"].to_pylist()
     prefixes, stop = [], None
-    for i, (p, s) in enumerate(zip(prompts, systems)):
+    for i, (p, s, h) in enumerate(zip(prompts, systems, histories)):
         try:
-            enc = encode_example(tok, p, "", system=s)  # empty response: pred 0 is the end-of-turn
+            enc = encode_example(tok, p, "", system=s, history=h)  # empty response: pred 0 is the end-of-turn
         except ValueError as exc:
             raise ValueError(f"{where}: row {i} (example_id {eids[i]!r}): {exc}") from exc
         prefixes.append(enc.input_ids[: int(enc.pred_pos[0]) + 1])
@@ -206,7 +206,7 @@ def generate_shard(model, tok, cfg: GenerateConfig, device, table: pa.Table, whe
     R = np.array([r[1].shape[0] for r in results], np.int64)
     records = TeacherShard(
         example_ids=eids, responses=[r[0] for r in results], tok_off=np.concatenate([[0], np.cumsum(R)]),
-        prompt_shas=[prompt_fingerprint(p, s) for p, s in zip(prompts, systems)],
+        prompt_shas=[prompt_fingerprint(p, s, h) for p, s, h in zip(prompts, systems, histories)],
         offsets=np.concatenate([r[1] for r in results]).reshape(-1, 2),
         token_ids=np.concatenate([r[2] for r in results]), token_logprobs=np.concatenate([r[3] for r in results]),
         topk_ids=np.concatenate([r[4] for r in results]).reshape(-1, cfg.k),

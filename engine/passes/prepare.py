@@ -6,14 +6,20 @@
 
 Inputs: JSONL (one JSON object per line), Parquet, or a local `datasets` folder (save_to_disk; a
 DatasetDict needs --split). A record is either {prompt, response[, system][, id]} (field names
-configurable) or {messages: [{role, content}, ...]}: the last message must be the assistant's response,
-the user message before it is the prompt and a leading system message is the system prompt. Earlier turns
-of a multi-turn conversation are dropped (counted; --multi-turn error refuses them instead), because a
-teacher record describes one (prompt, response) pair.
+configurable) or {messages: [{role, content}, ...]}: after an optional leading system message (the system
+prompt), user and assistant messages alternate, ending with the assistant's. A multi-turn conversation is kept
+whole: with --multi-turn every (the default) each assistant turn becomes an example whose history (the
+`history` column) is the turns before it, so the loss covers every assistant turn and each source is
+teacher-forced on every one, aligned per turn; --multi-turn last predicts only the final turn (the earlier
+ones its history); --multi-turn error refuses them. Every model renders the history with its own chat
+template; max_length cuts it from its oldest exchange, never the predicted turn's prompt (text/chat.py).
+An example holds one predicted turn because a teacher record describes one response: a conversation of n
+turns costs n forwards of its growing context (docs/store_format.md).
 
-example_id: the record's id field when present (must be unique), else the first 16 hex digits of
-sha256(system \\0 prompt \\0 response): stable across runs, machines and input order; exact duplicates
-are dropped and counted. The fingerprint is sha256 over every (example_id, prompt, response, system) in
+example_id: the record's id field when present (must be unique; `<id>#<n>` for the n-th assistant turn of a
+multi-turn record under --multi-turn every), else the first 16 hex digits of sha256(system \\0 prompt \\0
+response [\\0 history]): stable across runs, machines and input order; exact duplicates are dropped and
+counted. The fingerprint is sha256 over every (example_id, prompt, response, system[, history]) in
 output order: any change of content or order gives another fingerprint, which the teacher manifests
 record, so a teacher store can never be silently joined with another prepared set.
 
@@ -70,7 +76,9 @@ class PrepareConfig:
     id_field: str | None = "id"  # field holding a stable id (null or '': hash the content)
     split: str | None = None  # split of a DatasetDict folder
     on_bad_row: str = "error"  # an invalid input row: error naming file and row, or skip and count
-    multi_turn: str = "last"  # a multi-turn conversation: keep its last exchange (last), or error
+    # a multi-turn conversation: one example per assistant turn, the turns before it its context (every); its
+    # last assistant turn only, in the context of the earlier ones (last); or a bad row (error)
+    multi_turn: str = "every"
     shard_size: int = DEFAULT_SHARD_SIZE  # examples per prepared shard
     limit: int | None = None  # keep only the first N examples
     overwrite: bool = False  # replace a different prepared set in data_dir
@@ -82,8 +90,8 @@ class PrepareConfig:
         self.id_field = self.id_field or None
         if self.on_bad_row not in ("error", "skip"):
             raise ValueError(f"on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
-        if self.multi_turn not in ("last", "error"):
-            raise ValueError(f"multi_turn must be 'last' or 'error', got {self.multi_turn!r}")
+        if self.multi_turn not in ("every", "last", "error"):
+            raise ValueError(f"multi_turn must be 'every', 'last' or 'error', got {self.multi_turn!r}")
         if self.shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
         if not self.inputs:
@@ -189,25 +197,37 @@ def _str_field(rec: dict, name: str, *, optional: bool = False) -> str | None:
     return val
 
 
-def _from_messages(msgs, cfg: PrepareConfig) -> tuple[str, str, str | None, bool]:
-    """(prompt, response, system, dropped_earlier_turns) of a chat-messages record."""
+def _from_messages(msgs, cfg: PrepareConfig) -> tuple[list[tuple[str, str, list | None]], str | None, bool]:
+    """([(prompt, response, history)] the turns to predict, system, multi-turn?) of a chat-messages record.
+
+    The messages after an optional leading system message alternate user / assistant from the user's and
+    end with the assistant's. multi_turn 'every' predicts each assistant turn (with the turns before it as
+    its history), 'last' only the final one (the earlier turns its history), 'error' refuses more than one.
+    """
     if not isinstance(msgs, list) or not msgs:
         raise BadRow(f"field {cfg.messages_field!r} must be a non-empty list of {{role, content}}")
-    for m in msgs:
+    for i, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise BadRow("each message must be an object with string 'role' and 'content'")
+            raise BadRow(f"message {i} must be an object with string 'role' and 'content'")
     system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
     turns = msgs[1:] if system is not None else msgs
-    if len(turns) < 2 or turns[-1]["role"] != "assistant" or turns[-2]["role"] != "user":
+    for i, m in enumerate(turns):
+        want = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != want:
+            raise BadRow(f"message {i + (system is not None)}: role {m['role']!r} where {want!r} was expected (after "
+                         "an optional system message, user and assistant alternate from the user's)")
+    if len(turns) < 2 or len(turns) % 2:
         raise BadRow("messages must end with a user message followed by the assistant's response")
     multi = len(turns) > 2
     if multi and cfg.multi_turn == "error":
-        raise BadRow(f"multi-turn conversation ({len(turns)} turns) and --multi-turn error")
-    return turns[-2]["content"], turns[-1]["content"], system, multi
+        raise BadRow(f"multi-turn conversation ({len(turns) // 2} exchanges) and --multi-turn error")
+    ends = range(1, len(turns), 2) if cfg.multi_turn == "every" and not cfg.prompts_only else [len(turns) - 1]
+    history = [{"role": m["role"], "content": m["content"]} for m in turns]
+    return [(turns[a - 1]["content"], turns[a]["content"], history[:a - 1] or None) for a in ends], system, multi
 
 
-def normalize(rec, cfg: PrepareConfig) -> tuple[str | None, str, str, str | None, bool]:
-    """(explicit id or None, prompt, response, system, dropped_turns); raises BadRow."""
+def normalize(rec, cfg: PrepareConfig) -> tuple[str | None, list[tuple[str, str, list | None]], str | None, bool]:
+    """(explicit id or None, [(prompt, response, history)], system, multi-turn?); raises BadRow."""
     if isinstance(rec, BadRow):
         raise rec
     if not isinstance(rec, dict):
@@ -220,26 +240,34 @@ def normalize(rec, cfg: PrepareConfig) -> tuple[str | None, str, str, str | None
         if cfg.prompts_only and isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) \
                 and msgs[-1].get("role") == "user":  # a pool conversation ends with the user's turn
             msgs = msgs + [{"role": "assistant", "content": "-"}]
-        prompt, response, system, multi = _from_messages(msgs, cfg)
+        turns, system, multi = _from_messages(msgs, cfg)
     else:
         prompt = _str_field(rec, cfg.prompt_field)
         response = "" if cfg.prompts_only else _str_field(rec, cfg.response_field)
         system = _str_field(rec, cfg.system_field, optional=True)
-        multi = False
-    if cfg.prompts_only:
-        response = ""  # never stored: no stage can read a pool's answer
-    if not prompt.strip():
-        raise BadRow("empty prompt")
-    if not response.strip() and not cfg.prompts_only:
-        raise BadRow("empty response")
-    return (None if rid is None else str(rid)), prompt, response, system, multi
+        turns, multi = [(prompt, response, None)], False
+    if cfg.prompts_only:  # never stored: no stage can read a pool's answer
+        turns = [(p, "", h) for p, _, h in turns]
+    for prompt, response, _ in turns:
+        if not prompt.strip():
+            raise BadRow("empty prompt")
+        if not response.strip() and not cfg.prompts_only:
+            raise BadRow("empty response")
+    return (None if rid is None else str(rid)), turns, system, multi
 
 
-def content_id(prompt: str, response: str, system: str | None) -> str:
+def content_id(prompt: str, response: str, system: str | None, history: list | None = None) -> str:
     h = hashlib.sha256()
     h.update((system or "").encode() + b"\0" + (b"S" if system is not None else b"N") + b"\0")
     h.update(prompt.encode() + b"\0" + response.encode())
+    if history:  # a single exchange hashes as it always did
+        h.update(b"\0H" + json.dumps([[m["role"], m["content"]] for m in history], ensure_ascii=False).encode())
     return h.hexdigest()[:16]
+
+
+def _row_key(eid: str, prompt: str, response: str, system: str | None, history: list | None) -> bytes:
+    """One row's part of the prepared fingerprint (history only when present: older sets keep theirs)."""
+    return json.dumps([eid, prompt, response, system] + ([history] if history else []), ensure_ascii=False).encode()
 
 
 def _sha256_file(path: Path) -> str:
@@ -263,10 +291,10 @@ def _sha256_file(path: Path) -> str:
 
 def prepare(cfg: PrepareConfig, *, log=print) -> PreparedManifest:
     """Read every input, write the shards and the manifest; returns the manifest."""
-    rows = {"example_id": [], "prompt": [], "response": [], "system": []}
+    rows = {"example_id": [], "prompt": [], "response": [], "system": [], "history": []}
     seen: dict[str, str] = {}
     sources = []
-    counts = {"bad": 0, "duplicate": 0, "multi_turn": 0}
+    counts = {"bad": 0, "duplicate": 0, "multi_turn": 0, "multi_turn_examples": 0}
     for inp in cfg.inputs:
         path = resolve_input(inp)
         n_in = n_bad = 0
@@ -275,22 +303,30 @@ def prepare(cfg: PrepareConfig, *, log=print) -> PreparedManifest:
                 break
             n_in += 1
             try:
-                rid, prompt, response, system, multi = normalize(rec, cfg)
+                rid, turns, system, multi = normalize(rec, cfg)
             except BadRow as exc:
                 if cfg.on_bad_row == "error":
                     raise ValueError(f"{where}: {exc} (use --on-bad-row skip to skip bad rows)") from None
                 n_bad += 1
                 continue
-            eid = rid if rid is not None else content_id(prompt, response, system)
-            if eid in seen:
-                if rid is not None:
-                    raise ValueError(f"{where}: duplicate {cfg.id_field!r} {rid!r} (first at {seen[eid]})")
-                counts["duplicate"] += 1
-                continue
-            seen[eid] = where
             counts["multi_turn"] += int(multi)
-            for k, v in (("example_id", eid), ("prompt", prompt), ("response", response), ("system", system)):
-                rows[k].append(v)
+            for t, (prompt, response, history) in enumerate(turns):
+                if cfg.limit is not None and len(rows["example_id"]) >= cfg.limit:
+                    break
+                if rid is None:
+                    eid = content_id(prompt, response, system, history)
+                else:  # one id per predicted turn: the record's id, with the turn's number when it has several
+                    eid = rid if len(turns) == 1 else f"{rid}#{t + 1}"
+                if eid in seen:
+                    if rid is not None:
+                        raise ValueError(f"{where}: duplicate {cfg.id_field!r} {eid!r} (first at {seen[eid]})")
+                    counts["duplicate"] += 1
+                    continue
+                seen[eid] = where
+                counts["multi_turn_examples"] += int(multi)
+                for k, v in (("example_id", eid), ("prompt", prompt), ("response", response), ("system", system),
+                             ("history", history)):
+                    rows[k].append(v)
         counts["bad"] += n_bad
         sources.append({"path": str(path.resolve()), "sha256": _sha256_file(path), "rows": n_in,
                         "skipped": n_bad})
@@ -300,8 +336,7 @@ def prepare(cfg: PrepareConfig, *, log=print) -> PreparedManifest:
 
     fp = hashlib.sha256()
     for i in range(n):
-        fp.update(json.dumps([rows["example_id"][i], rows["prompt"][i], rows["response"][i],
-                              rows["system"][i]], ensure_ascii=False).encode() + b"\n")
+        fp.update(_row_key(*(rows[k][i] for k in ("example_id", "prompt", "response", "system", "history"))) + b"\n")
     manifest = PreparedManifest(fingerprint=fp.hexdigest(), n_examples=n, shard_size=cfg.shard_size,
                                 n_shards=-(-n // cfg.shard_size), sources=sources, prompts_only=cfg.prompts_only)
 
@@ -330,7 +365,9 @@ def prepare(cfg: PrepareConfig, *, log=print) -> PreparedManifest:
     what = "prompts (no gold answers)" if cfg.prompts_only else "examples"
     log(f"prepare: {n} {what} in {manifest.n_shards} shards -> {out} (fingerprint {manifest.fingerprint[:12]}; "
         f"skipped {counts['bad']} bad rows, {counts['duplicate']} exact duplicates; "
-        f"{counts['multi_turn']} multi-turn conversations kept their last exchange)")
+        f"{counts['multi_turn']} multi-turn conversations gave {counts['multi_turn_examples']} examples, "
+        + ("one per assistant turn)" if cfg.multi_turn == "every" and not cfg.prompts_only
+           else "their last turn predicted, the earlier ones its context)"))
     return manifest
 
 

@@ -70,16 +70,17 @@ from .forward import forward_predicted, length_batches
 
 
 class Scorer(ABC):
-    """score(prompts, responses, references, systems=None) -> float64 [N], higher is better.
+    """score(prompts, responses, references, systems=None, histories=None) -> float64 [N], higher is better.
 
-    systems: the rows' system prompts (None entries: no system prompt); scorers that ignore them may.
+    systems: the rows' system prompts (None entries: no system prompt); histories: the earlier turns of
+    multi-turn rows ([{role, content}] or None); scorers that ignore the context may.
     """
 
     name: str
 
     @abstractmethod
     def score(self, prompts: list[str], responses: list[str], references: list[str],
-              systems: list[str | None] | None = None) -> np.ndarray: ...
+              systems: list[str | None] | None = None, histories: list | None = None) -> np.ndarray: ...
 
 
 class RewardModelScorer(Scorer):
@@ -93,20 +94,22 @@ class RewardModelScorer(Scorer):
             self.model.config.pad_token_id = models.pad_id(self.tok)
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.convert_ids_to_tokens(self.model.config.pad_token_id)
+        self.tok.truncation_side = "left"  # a conversation over max_length loses its oldest text, never the answer
         self.batch_size, self.max_length, self.device = batch_size, max_length, device
 
-    def text(self, prompt: str, response: str) -> str:
+    def text(self, prompt: str, response: str, history: list | None = None) -> str:
         if getattr(self.tok, "chat_template", None):
-            return self.tok.apply_chat_template([{"role": "user", "content": prompt},
-                                                 {"role": "assistant", "content": response}], tokenize=False)
-        return f"{prompt}\n\n{response}"
+            return self.tok.apply_chat_template(list(history or []) + [{"role": "user", "content": prompt},
+                                                {"role": "assistant", "content": response}], tokenize=False)
+        return "".join(f"{m['content']}\n\n" for m in history or []) + f"{prompt}\n\n{response}"
 
     @torch.no_grad()
-    def score(self, prompts, responses, references=None, systems=None) -> np.ndarray:
+    def score(self, prompts, responses, references=None, systems=None, histories=None) -> np.ndarray:
         out = []
+        histories = [None] * len(prompts) if histories is None else list(histories)
         for s in range(0, len(prompts), self.batch_size):
             sl = slice(s, s + self.batch_size)
-            texts = [self.text(p, r) for p, r in zip(prompts[sl], responses[sl])]
+            texts = [self.text(p, r, h) for p, r, h in zip(prompts[sl], responses[sl], histories[sl])]
             enc = self.tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length,
                            add_special_tokens=not getattr(self.tok, "chat_template", None)).to(self.device)
             logits = self.model(**enc).logits.float()
@@ -147,7 +150,7 @@ class SimilarityScorer(Scorer):
             out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1))
         return torch.cat(out) if out else torch.zeros(0, 1)
 
-    def score(self, prompts, responses, references, systems=None) -> np.ndarray:
+    def score(self, prompts, responses, references, systems=None, histories=None) -> np.ndarray:
         if references is None:
             raise ValueError("the similarity scorer needs the gold responses")
         return (self.embed(list(responses)) * self.embed(list(references))).sum(-1).double().cpu().numpy()
@@ -160,11 +163,14 @@ class JudgeLMScorer(Scorer):
         self.model = models.load_model(spec).to(device)
         self.batch_tokens, self.device = batch_tokens, torch.device(device)
 
-    def score(self, prompts, responses, references=None, systems=None) -> np.ndarray:
+    def score(self, prompts, responses, references=None, systems=None, histories=None) -> np.ndarray:
         systems = [None] * len(prompts) if systems is None else list(systems)
-        if len(systems) != len(prompts):
-            raise ValueError(f"{len(systems)} system prompts for {len(prompts)} prompts")
-        encs = [encode_example(self.tok, p, r, system=s) for p, r, s in zip(prompts, responses, systems)]
+        histories = [None] * len(prompts) if histories is None else list(histories)
+        if len(systems) != len(prompts) or len(histories) != len(prompts):
+            raise ValueError(f"{len(systems)} system prompts and {len(histories)} histories for {len(prompts)} "
+                             "prompts")
+        encs = [encode_example(self.tok, p, r, system=s, history=h)
+                for p, r, s, h in zip(prompts, responses, systems, histories)]
         out = np.zeros(len(encs))
         pad = models.pad_id(self.tok)
         for batch in length_batches([len(e.input_ids) for e in encs], self.batch_tokens, 64):
@@ -330,12 +336,14 @@ def load_generated(data_dir, sources: list[str]) -> tuple[pa.Table, list[list[st
 SCORE_KEY = b"profuser.score_key"  # Parquet schema metadata of scores/<scorer>.parquet: what was scored
 
 
-def inputs_digest(ids, prompts, gold, systems, sources, responses, valid) -> str:
-    """sha256 of everything a scorer sees (and of which rows it skips): equal digests, equal scores."""
+def inputs_digest(ids, prompts, gold, systems, sources, responses, valid, histories=None) -> str:
+    """sha256 of everything a scorer sees (and of which rows it skips): equal digests, equal scores.
+    Histories count only when a row has one (single-exchange sets keep the digests they always had)."""
     import hashlib
 
     h = hashlib.sha256()
-    for part in (ids, prompts, gold, systems, sources, *responses):
+    extra = [histories] if histories is not None and any(histories) else []
+    for part in (ids, prompts, gold, systems, sources, *responses, *extra):
         h.update(json.dumps(part, ensure_ascii=False).encode())
     h.update(np.ascontiguousarray(valid).tobytes())
     return h.hexdigest()
@@ -367,7 +375,7 @@ def score(cfg: ScoreConfig, *, scorers: list[Scorer] | None = None, log=print) -
             "or rm: scorers)")
     prep, responses, valid = load_generated(cfg.data_dir, cfg.sources)
     ids, prompts, gold = prep["example_id"].to_pylist(), prep["prompt"].to_pylist(), prep["response"].to_pylist()
-    systems = prep["system"].to_pylist()
+    systems, histories = prep["system"].to_pylist(), prep["history"].to_pylist()
     N, S = len(ids), len(cfg.sources)
     n_excluded = {s: int((~valid[:, j]).sum()) for j, s in enumerate(cfg.sources)}
     if sum(n_excluded.values()):
@@ -391,8 +399,12 @@ def score(cfg: ScoreConfig, *, scorers: list[Scorer] | None = None, log=print) -
                 for spec in cfg.scorers]
     out = scores_dir(cfg.data_dir)
     out.mkdir(parents=True, exist_ok=True)
-    inputs = inputs_digest(ids, prompts, gold, systems, cfg.sources, responses, valid)
+    inputs = inputs_digest(ids, prompts, gold, systems, cfg.sources, responses, valid, histories)
     table: dict[str, np.ndarray] = {}
+
+    def context(rows):  # earlier turns only where a row has some: a scorer written before them still works
+        return {"histories": [histories[i] for i in rows]} if any(histories) else {}
+
     for name, ident, get in plan:
         if name in table:
             raise ValueError(f"two scorers named {name!r}")
@@ -409,7 +421,8 @@ def score(cfg: ScoreConfig, *, scorers: list[Scorer] | None = None, log=print) -
             if not rows:
                 continue
             got = np.asarray(sc.score([prompts[i] for i in rows], [responses[j][i] for i in rows],
-                                      [gold[i] for i in rows], systems=[systems[i] for i in rows]), np.float64)
+                                      [gold[i] for i in rows], systems=[systems[i] for i in rows],
+                                      **context(rows)), np.float64)
             if got.shape != (len(rows),):
                 raise ValueError(f"scorer {name!r} returned shape {got.shape} for {len(rows)} responses")
             m[rows, j] = got

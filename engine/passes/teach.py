@@ -56,10 +56,11 @@ def teach_shard(model, tok, cfg: PassConfig, device, table: pa.Table, where: str
     """Records of one prepared shard (rows in shard order)."""
     eids, prompts = table["example_id"].to_pylist(), table["prompt"].to_pylist()
     responses, systems = table["response"].to_pylist(), table["system"].to_pylist()
+    histories = table["history"].to_pylist()
     encs = []
-    for i, (p, r, s) in enumerate(zip(prompts, responses, systems)):
+    for i, (p, r, s, h) in enumerate(zip(prompts, responses, systems, histories)):
         try:
-            encs.append(encode_example(tok, p, r, system=s, max_length=cfg.max_length))
+            encs.append(encode_example(tok, p, r, system=s, history=h, max_length=cfg.max_length))
         except ValueError as exc:
             raise ValueError(f"{where}: row {i} (example_id {eids[i]!r}): {exc}") from exc
     n = len(encs)
@@ -73,7 +74,7 @@ def teach_shard(model, tok, cfg: PassConfig, device, table: pa.Table, where: str
     pred_offsets = np.concatenate([e.pred_offsets for e in encs]) if n else np.zeros((0, 2), np.int32)
     records = TeacherShard(
         example_ids=eids, responses=responses, tok_off=off, offsets=pred_offsets,
-        prompt_shas=[prompt_fingerprint(p, s) for p, s in zip(prompts, systems)],
+        prompt_shas=[prompt_fingerprint(p, s, h) for p, s, h in zip(prompts, systems, histories)],
         token_ids=np.concatenate([e.pred_ids for e in encs]).astype(np.int32), token_logprobs=tok_lp,
         topk_ids=topk_ids, topk_logprobs=topk_lp,
         n_bytes=np.array([predicted_bytes(r, e.pred_offsets) for r, e in zip(responses, encs)], np.int32))

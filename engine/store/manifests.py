@@ -40,15 +40,20 @@ SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 DEFAULT_SHARD_SIZE = 1024
 
+TURN = pa.struct([("role", pa.string()), ("content", pa.string())])
 PREPARED_SCHEMA = pa.schema([
     ("example_id", pa.string()), ("prompt", pa.string()), ("response", pa.string()), ("system", pa.string()),
+    # the earlier turns of a multi-turn conversation (user, assistant, ...; null for a single exchange)
+    ("history", pa.list_(TURN)),
 ])
 
 
-def prompt_fingerprint(prompt: str, system: str | None) -> str:
+def prompt_fingerprint(prompt: str, system: str | None, history: list | None = None) -> str:
     """What a teacher row records of the conversation it saw (besides the response): 16 hex digits of
-    sha256 over (system, prompt). A prepared prompt or system prompt edited in place no longer matches."""
-    return hashlib.sha256(json.dumps([system, prompt], ensure_ascii=False).encode()).hexdigest()[:16]
+    sha256 over (system, prompt[, earlier turns]). A prepared prompt, system prompt or earlier turn edited in
+    place no longer matches. A single exchange (no history) hashes as it always did: older stores stay valid."""
+    key = [system, prompt] + ([[[m["role"], m["content"]] for m in history]] if history else [])
+    return hashlib.sha256(json.dumps(key, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def _check_version(obj: dict, path: Path) -> int:
@@ -135,6 +140,8 @@ def read_prepared_shard(data_dir, j: int, manifest: PreparedManifest | None = No
     t = read_table(path, what="prepared shard")
     if t.num_rows != manifest.shard_rows(j):
         raise StoreError(f"{path}: {t.num_rows} rows, the prepared manifest says {manifest.shard_rows(j)}")
+    if "history" not in t.column_names:  # written before multi-turn conversations: every row a single exchange
+        t = t.append_column("history", pa.nulls(t.num_rows, pa.list_(TURN)))
     return t
 
 

@@ -188,11 +188,12 @@ class TeacherShard:
         self._check_values(flag, vocab_size)
         if prepared is not None:  # the row against the conversation it claims to be about
             systems, prompts = prepared["system"].to_pylist(), prepared["prompt"].to_pylist()
+            histories = prepared["history"].to_pylist() if "history" in prepared.column_names else [None] * len(prompts)
             if self.prompt_shas is not None:
-                for i, (sha, p, s) in enumerate(zip(_pylist(self.prompt_shas), prompts, systems)):
-                    if sha != prompt_fingerprint(p, s):
-                        flag(i, "its prompt fingerprint differs from the prepared row's (the prompt or system "
-                                "prompt was edited after this store was written)")
+                for i, (sha, p, s, h) in enumerate(zip(_pylist(self.prompt_shas), prompts, systems, histories)):
+                    if sha != prompt_fingerprint(p, s, h):
+                        flag(i, "its prompt fingerprint differs from the prepared row's (the prompt, system "
+                                "prompt or an earlier turn was edited after this store was written)")
             if gold:
                 for i, (a, b) in enumerate(zip(responses, prepared["response"].to_pylist())):
                     if a != b:

@@ -22,6 +22,11 @@ offsets (slow tokenizers, MistralCommonBackend) fall back to cumulative decoding
 is [len(decode(ids[:i])), len(decode(ids[:i+1]))), with pieces that decode to an incomplete character
 ("\\ufffd") folded into the character they complete.
 
+Multi-turn conversations: `history` holds the earlier turns ([{role, content}], user / assistant from the
+user's). They are context inside the prefix, rendered by the same template (every model renders the
+conversation its own way), so the predicted tokens and their offsets are still those of `response` and the
+alignment stays per turn. max_length drops the oldest exchanges before it cuts the response.
+
 Suffix detection renders the conversation once with a sentinel as the assistant content: everything
 after the sentinel is the suffix. This is robust to templates that strip or rewrite the content
 (e.g. Gemma's `| trim`). A tokenizer without a chat template gets a plain fallback template (Gemma turn
@@ -66,10 +71,13 @@ class EncodedExample:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _messages(prompt: str, response: str | None, system: str | None) -> list[dict]:
+def _messages(prompt: str, response: str | None, system: str | None, history: list | None = None) -> list[dict]:
+    """The conversation as chat messages: system, the earlier turns (history: [{role, content}], alternating
+    user / assistant and ending with the assistant's), the prompt, then the response when given."""
     msgs = []
     if system is not None:
         msgs.append({"role": "system", "content": system})
+    msgs += [{"role": m["role"], "content": m["content"]} for m in (history or ())]
     msgs.append({"role": "user", "content": prompt})
     if response is not None:
         msgs.append({"role": "assistant", "content": response})
@@ -120,7 +128,7 @@ _GEMMA_FALLBACK = (
     "{%- if m['role'] == 'system' -%}{%- set sys.text = m['content'] -%}"
     "{%- elif m['role'] == 'user' -%}"
     "{{ '<start_of_turn>user\n' }}{%- if sys.text is not none -%}{{ sys.text + '\n\n' }}{%- endif -%}"
-    "{{ m['content'] + '<end_of_turn>\n' }}"
+    "{{ m['content'] + '<end_of_turn>\n' }}{%- set sys.text = none -%}"  # the first user turn only, as Gemma's
     "{%- else -%}{{ '<start_of_turn>model\n' + m['content'] + '<end_of_turn>\n' }}{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}")
@@ -155,11 +163,16 @@ def _jinja(template: str):
     return compiled
 
 
-def _fallback_render(tok, prompt: str, response: str | None, system: str | None) -> str:
-    """The fallback template rendered (fallback_chat_template). Returns the prefix when response is None."""
-    return _jinja(fallback_chat_template(tok)).render(messages=_messages(prompt, response, system),
+def _fallback_render(tok, prompt: str, response: str | None, system: str | None, history=None) -> str:
+    """The fallback template rendered (fallback_chat_template). Returns the prefix when response is None.
+
+    BOS and the EOS ending the predicted turn render empty (their ids: _fallback_specials); the EOS ending each
+    earlier assistant turn of the prefix is its token's text, which the segmenting encoder (literal_text)
+    maps to the token's id: the ids a renderer with the real EOS gives."""
+    eos = getattr(tok, "eos_token", None) if response is None and history else ""
+    return _jinja(fallback_chat_template(tok)).render(messages=_messages(prompt, response, system, history),
                                                       add_generation_prompt=response is None,
-                                                      bos_token="", eos_token="")  # ids: _fallback_specials
+                                                      bos_token="", eos_token=eos or "")
 
 
 def _fallback_specials(tok) -> tuple[list[int], list[int]]:
@@ -170,21 +183,21 @@ def _fallback_specials(tok) -> tuple[list[int], list[int]]:
     return bos, eos
 
 
-def templated_prompt_ids(tok, prompt: str, system: str | None = None) -> list[int]:
-    """Ids of the templated prompt (without the fallback template's BOS): special-token text in the prompt
-    or system prompt stays text; control tokens come only from the template (text/literal_text.py)."""
-    return prefix_ids(tok, prompt, system, lambda t, p, s: render_parts(t, p, s)[0])
+def templated_prompt_ids(tok, prompt: str, system: str | None = None, history: list | None = None) -> list[int]:
+    """Ids of the templated prompt (without the fallback template's BOS): special-token text in the prompt,
+    system prompt or earlier turns stays text; control tokens come only from the template (literal_text.py)."""
+    return prefix_ids(tok, prompt, system, lambda t, p, s, h: render_parts(t, p, s, h)[0], history)
 
 
-def render_parts(tok, prompt: str, system: str | None = None) -> tuple[str, str]:
-    """(prefix, suffix) strings of the template around the assistant content."""
+def render_parts(tok, prompt: str, system: str | None = None, history: list | None = None) -> tuple[str, str]:
+    """(prefix, suffix) strings of the template around the assistant content (history: the earlier turns)."""
     if getattr(tok, "chat_template", None):
-        prefix = tok.apply_chat_template(_messages(prompt, None, system), tokenize=False,
+        prefix = tok.apply_chat_template(_messages(prompt, None, system, history), tokenize=False,
                                          add_generation_prompt=True)
-        full = tok.apply_chat_template(_messages(prompt, _SENTINEL, system), tokenize=False)
+        full = tok.apply_chat_template(_messages(prompt, _SENTINEL, system, history), tokenize=False)
     else:
-        prefix = _fallback_render(tok, prompt, None, system)
-        full = _fallback_render(tok, prompt, _SENTINEL, system)
+        prefix = _fallback_render(tok, prompt, None, system, history)
+        full = _fallback_render(tok, prompt, _SENTINEL, system, history)
     at = full.find(_SENTINEL)
     if at < 0:
         raise ValueError("the chat template dropped the assistant content; cannot locate the response")
@@ -343,26 +356,35 @@ def predicted_bytes_rows(responses: list[str], offsets: np.ndarray, tok_off: np.
     return out
 
 
-def encode_example(tok, prompt: str, response: str, *, system: str | None = None,
+def encode_example(tok, prompt: str, response: str, *, system: str | None = None, history: list | None = None,
                    max_length: int | None = None) -> EncodedExample:
-    """Encode one (prompt, response) conversation; see EncodedExample for the shapes.
+    """Encode one conversation turn; see EncodedExample for the shapes.
 
-    max_length truncates the response (then the end-of-turn is not predicted: the turn did not end);
-    the prompt part is never truncated: ValueError if the prefix alone leaves no room for a token.
+    history: the earlier turns of a multi-turn conversation ([{role, content}], alternating user / assistant,
+    ending with the assistant's), context only: the predicted tokens are those of `response`. max_length
+    first cuts the history from its oldest exchange (user + assistant) until the whole turn fits or no
+    history is left, then truncates the response (then the end-of-turn is not predicted: the turn did not
+    end); the prompt itself is never truncated: ValueError if the prefix alone leaves no room for a token.
     """
     if not isinstance(prompt, str) or not isinstance(response, str):
         raise ValueError(f"prompt and response must be str, got {type(prompt).__name__} and "
                          f"{type(response).__name__}")
-    _, suffix = render_parts(tok, prompt, system)
-    prefix_ids = templated_prompt_ids(tok, prompt, system)
-    suffix_ids = template_ids(tok, suffix)
-    if not getattr(tok, "chat_template", None):
-        before, after = _fallback_specials(tok)
-        prefix_ids, suffix_ids = before + prefix_ids, suffix_ids + after
+    history = check_history(history)
+    resp_ids, resp_off = tokenize_with_offsets(tok, response)
+    while True:
+        _, suffix = render_parts(tok, prompt, system, history)
+        prefix_ids = templated_prompt_ids(tok, prompt, system, history)
+        suffix_ids = template_ids(tok, suffix)
+        if not getattr(tok, "chat_template", None):
+            before, after = _fallback_specials(tok)
+            prefix_ids, suffix_ids = before + prefix_ids, suffix_ids + after
+        if not history or max_length is None or \
+                len(prefix_ids) + len(resp_ids) + max(len(suffix_ids), 1) <= max_length:
+            break
+        history = history[2:]  # the oldest exchange goes first (models see the most recent context)
     if not prefix_ids:
         raise ValueError("the templated prompt encodes to no tokens: nothing predicts the first response "
                          "token")
-    resp_ids, resp_off = tokenize_with_offsets(tok, response)
     eot = end_of_turn_id(tok, suffix_ids)
     if not suffix_ids:
         suffix_ids = [eot]
@@ -385,3 +407,21 @@ def encode_example(tok, prompt: str, response: str, *, system: str | None = None
     pred_ids = input_ids[pred_pos + 1].copy()
     return EncodedExample(input_ids=input_ids, pred_pos=pred_pos, pred_offsets=pred_offsets,
                           pred_ids=pred_ids)
+
+
+def check_history(history) -> list[dict]:
+    """The earlier turns as a list of {role, content}: user and assistant alternating from the user's,
+    ending with the assistant's (the prompt is the next user turn). None or [] -> []. ValueError naming the
+    turn otherwise (a prepared set holds only such histories: passes/prepare.py)."""
+    if history is None:
+        return []
+    out = []
+    for i, m in enumerate(history):
+        role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
+        want = "user" if i % 2 == 0 else "assistant"
+        if role != want or not isinstance(content, str):
+            raise ValueError(f"history turn {i}: expected a {want} message with string content, got {m!r:.80}")
+        out.append({"role": role, "content": content})
+    if len(out) % 2:
+        raise ValueError(f"history of {len(out)} turns ends with a user message (the prompt is the next one)")
+    return out

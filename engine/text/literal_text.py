@@ -11,8 +11,9 @@ in segments: the special tokens the TEMPLATE writes become their ids, every run 
     encode_text(tok, text)              ids of content                              list[int]
     encode_texts(tok, texts, offsets)   many at once (the fast backend), with character spans
     template_ids(tok, text)             ids of template-only text (a suffix): specials parsed
-    prefix_ids(tok, prompt, system)     the templated prompt, control tokens only where the template puts them
-    prefix_segments(tok, prompt, system)  [(text, is_special)] behind prefix_ids
+    prefix_ids(tok, prompt, system, render, history)       the templated prompt, control tokens only where the
+                                                           template puts them
+    prefix_segments(tok, prompt, system, render, history)  [(text, is_special)] behind prefix_ids
 
 Segmenting gives the ids a normal encode would give whenever the content holds no special-token text
 (tokenizers split at special tokens first and encode each run on its own); `tests/engine/text/
@@ -120,33 +121,52 @@ def _split(pattern, text: str) -> list[tuple[str, bool]]:
     return out
 
 
-def prefix_segments(tok, prompt: str, system: str | None, render) -> list[tuple[str, bool]] | None:
+def _history_mark(i: int) -> str:
+    return f"\x00\x04PROFUSER_TURN{i}\x04\x00"
+
+
+def _fill(text: str, values: list[tuple[str, str]]) -> str:
+    """text with each placeholder replaced by its value."""
+    for mark, value in values:
+        text = text.replace(mark, value)
+    return text
+
+
+def prefix_segments(tok, prompt: str, system: str | None, render, history: list | None = None
+                    ) -> list[tuple[str, bool]] | None:
     """The templated prompt as [(text, is_special)], special only where the template writes a special
     token; None when the template rewrites its content (then it cannot be segmented).
 
-    render(tok, prompt, system) -> the templated prefix string (text.chat.render_parts' first part)."""
+    render(tok, prompt, system, history) -> the templated prefix string (text.chat.render_parts' first part);
+    history: the earlier turns [{role, content}], each content a placeholder of its own while segmenting."""
     _, pattern = special_tokens(tok)
-    rendered = render(tok, prompt, system)
-    marked = render(tok, _PROMPT, None if system is None else _SYSTEM)
-    for p, s in ((prompt, system), (prompt.strip(), None if system is None else system.strip())):  # `| trim`
-        segs = [(t, True) if special else (t.replace(_PROMPT, p).replace(_SYSTEM, s if s is not None else ""), False)
-                for t, special in _split(pattern, marked)]
+    history = list(history or ())
+    rendered = render(tok, prompt, system, history)
+    marks = [{"role": m["role"], "content": _history_mark(i)} for i, m in enumerate(history)]
+    marked = render(tok, _PROMPT, None if system is None else _SYSTEM, marks)
+    for strip in (False, True):  # as given, then as a template with `| trim` writes them
+        fill = (lambda t: t.strip()) if strip else (lambda t: t)
+        values = [(_PROMPT, fill(prompt)), (_SYSTEM, fill(system) if system is not None else "")]
+        values += [(_history_mark(i), fill(m["content"])) for i, m in enumerate(history)]
+        segs = [(t, True) if special else (_fill(t, values), False) for t, special in _split(pattern, marked)]
         if "".join(t for t, _ in segs) == rendered:
             return segs
     return None
 
 
-def prefix_ids(tok, prompt: str, system: str | None, render) -> list[int]:
+def prefix_ids(tok, prompt: str, system: str | None, render, history: list | None = None) -> list[int]:
     """The templated prompt's ids: control tokens only where the template writes them (module header)."""
-    segs = prefix_segments(tok, prompt, system, render)
+    segs = prefix_segments(tok, prompt, system, render, history)
     table, pattern = special_tokens(tok)
     if segs is None:
-        for name, text in (("prompt", prompt), ("system prompt", system)):
+        texts = [("prompt", prompt), ("system prompt", system)]
+        texts += [(f"earlier turn {i} ({m['role']})", m["content"]) for i, m in enumerate(history or ())]
+        for name, text in texts:
             found = pattern.search(text) if (pattern is not None and text) else None
             if found:
                 raise ValueError(f"the {name} holds special-token text {found.group(0)!r} and this chat template "
                                  "rewrites its content, so it cannot be kept as text")
-        return template_ids(tok, render(tok, prompt, system))
+        return template_ids(tok, render(tok, prompt, system, history))
     ids: list[int] = []
     for text, special in segs:
         ids += [table[text]] if special else encode_text(tok, text)

@@ -34,9 +34,10 @@ EXTRA = [
 ]
 
 
-def corpus(n: int, *, extra_every: int = 4, system_every: int = 7) -> list[dict]:
-    """n examples {example_id, prompt, response, system} from the shipped corpus, every
-    `extra_every`-th response replaced by a tricky one and every `system_every`-th given a system prompt."""
+def corpus(n: int, *, extra_every: int = 4, system_every: int = 7, history_every: int = 0) -> list[dict]:
+    """n examples {example_id, prompt, response, system, history} from the shipped corpus, every
+    `extra_every`-th response replaced by a tricky one, every `system_every`-th given a system prompt and
+    every `history_every`-th made the second turn of a conversation (history: the previous row's exchange)."""
     rows = []
     with open(shipped_corpus()) as f:
         for line in f:
@@ -51,8 +52,11 @@ def corpus(n: int, *, extra_every: int = 4, system_every: int = 7) -> list[dict]
     for i, r in enumerate(rows):
         tricky = extra_every and i % extra_every == 1
         resp = EXTRA[(i // extra_every) % len(EXTRA)] if tricky else r["response"]
+        multi = history_every and i % history_every == 2
         out.append({"example_id": r["id"], "prompt": r["prompt"], "response": resp,
-                    "system": "You are terse." if system_every and i % system_every == 3 else None})
+                    "system": "You are terse." if system_every and i % system_every == 3 else None,
+                    "history": [{"role": "user", "content": rows[i - 1]["prompt"]},
+                                {"role": "assistant", "content": rows[i - 1]["response"]}] if multi else None})
     return out
 
 
@@ -76,7 +80,7 @@ def records(tok, examples: list[dict], responses: list[str], k: int, rng: np.ran
     offs, tids, tlps, kids, klps, nb = [], [], [], [], [], []
     V = len(tok)
     for ex, resp in zip(examples, responses):
-        enc = chat.encode_example(tok, ex["prompt"], resp, system=ex["system"])
+        enc = chat.encode_example(tok, ex["prompt"], resp, system=ex["system"], history=ex.get("history"))
         R = enc.pred_ids.shape[0]
         scale = rng.uniform(0.3, 3.0)  # per (source, example): spreads the MinCE winners
         lp = -np.cumsum(rng.exponential(scale, (R, k)), axis=1)  # descending, all < 0
@@ -94,7 +98,7 @@ def records(tok, examples: list[dict], responses: list[str], k: int, rng: np.ran
     lens = [t.shape[0] for t in tids]
     return store.TeacherShard(
         example_ids=[e["example_id"] for e in examples], responses=list(responses),
-        prompt_shas=[store.prompt_fingerprint(e["prompt"], e["system"]) for e in examples],
+        prompt_shas=[store.prompt_fingerprint(e["prompt"], e["system"], e.get("history")) for e in examples],
         tok_off=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
         offsets=np.concatenate(offs).astype(np.int32), token_ids=np.concatenate(tids).astype(np.int32),
         token_logprobs=np.concatenate(tlps).astype(np.float32),

@@ -33,12 +33,13 @@ from ..config_cli import Flag, add_config_arguments, config_from_args
 from ..dist import device_for, release_freed_memory
 from ..models import load_model, load_tokenizer, output_logits, pad_id, reference_models, resolve_dtype
 from ..store import TeacherManifest, read_json
-from ..text.chat import encode_example, predicted_bytes
+from ..text.chat import check_history, encode_example, predicted_bytes
 
 
 def load_eval_examples(path: str | Path, max_examples: int | None = None) -> list[dict]:
-    """Rows {example_id, prompt, response, system} from a JSONL file, a Parquet file or a folder of
-    part-*.parquet (a prepared set). ValueError naming the file and row when a field is missing."""
+    """Rows {example_id, prompt, response, system, history} from a JSONL file, a Parquet file or a folder of
+    part-*.parquet (a prepared set; history: the earlier turns of a multi-turn row, else None). ValueError
+    naming the file and row when a field is missing or malformed."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"eval data {path} does not exist")
@@ -73,19 +74,25 @@ def _row(r: dict, path: Path, i: int) -> dict:
     for key in ("prompt", "response"):
         if not isinstance(r.get(key), str):
             raise ValueError(f"{path}: row {i}: field {key!r} missing or not a string")
+    try:
+        history = check_history(r.get("history")) or None
+    except ValueError as exc:
+        raise ValueError(f"{path}: row {i}: field 'history': {exc}") from None
     return {"example_id": str(r.get("example_id", r.get("id", i))), "prompt": r["prompt"],
-            "response": r["response"], "system": r.get("system")}
+            "response": r["response"], "system": r.get("system"), "history": history}
 
 
 def _encode(tok, e: dict, max_length: int | None):
     """encode_example with the training max_length; a prompt that alone exceeds it is evaluated untruncated
     instead of failing the run (every model must see the same held-out examples to be comparable)."""
     try:
-        return encode_example(tok, e["prompt"], e["response"], system=e["system"], max_length=max_length)
+        return encode_example(tok, e["prompt"], e["response"], system=e["system"], history=e.get("history"),
+                              max_length=max_length)
     except ValueError:
         if max_length is None:
             raise
-        return encode_example(tok, e["prompt"], e["response"], system=e["system"], max_length=None)
+        return encode_example(tok, e["prompt"], e["response"], system=e["system"], history=e.get("history"),
+                              max_length=None)
 
 
 PARTS = ("first_word", "content", "final_punct", "end_of_turn")
@@ -168,7 +175,7 @@ def generate_samples(lm, tok, examples: list[dict], *, max_new_tokens: int, devi
         batch = examples[start:start + batch_size]
         prefixes = []
         for e in batch:
-            enc = encode_example(tok, e["prompt"], "", system=e["system"])
+            enc = encode_example(tok, e["prompt"], "", system=e["system"], history=e.get("history"))
             prefixes.append(torch.as_tensor(enc.input_ids[: int(enc.pred_pos[0]) + 1], dtype=torch.long))
         width = max(len(p) for p in prefixes)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)

@@ -150,3 +150,24 @@ def test_empty_slots_may_hold_inf(backend, missing_mass):
     torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="teacher_logprobs"):   # a non-empty slot still may not be inf
         fusion_loss(*args, _nan_at(lp_inf, (0, 0, 0), -float("inf")), kw["teacher_weights"], backend=backend)
+
+
+def test_an_interpreter_that_cannot_run_the_kernels_is_one_named_error(monkeypatch):
+    """triton < 3.7's CPU interpreter fails every kernel under numpy >= 2.4 (a cryptic TypeError per launch): the
+    launch says which versions conflict and what to install instead (kernels/triton_common.py)."""
+    import numpy
+    import triton
+
+    from profuser.kernels import triton_common as tc
+
+    if not tc.INTERPRET:
+        pytest.skip("the conflict is the CPU interpreter's")
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    with pytest.raises(RuntimeError, match=r"triton 3\.6\.0 and numpy 2\.4\.6.*install triton>=3\.7 or numpy<2\.4"):
+        call(backend="triton")
+    for t, n in (("3.7.1", "2.4.6"), ("3.4.0", "2.3.5"), ("3.4.0", "1.24.4"), ("3.10.0+git1", "2.10.0")):
+        monkeypatch.setattr(numpy, "__version__", n)
+        monkeypatch.setattr(triton, "__version__", t)
+        assert tc.interpreter_conflict() is None, (t, n)
+    assert torch.isfinite(call(backend="triton"))

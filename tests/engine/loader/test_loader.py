@@ -34,7 +34,7 @@ def toks():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, toks):
     root = tmp_path_factory.mktemp("store")
-    ex = fx.corpus(N)
+    ex = fx.corpus(N, history_every=5)  # some rows are second turns: context from the history, aligned per turn
     pm = fx.write_prepared(root, ex, SHARD)
     for s, src in enumerate(SOURCES):
         fx.write_teacher(root, src, "train", toks[src], MODELS[src], ex, pm, seed=10 + s)
@@ -111,19 +111,22 @@ def chain_rule(topk_ids, topk_lps, rec, r, s_off, student_id, base, complete):
 
 
 @pytest.mark.parametrize("span_rule", ["first_piece", "chain"])
-def test_alignment_matches_brute_force(data, toks, span_rule):
+@pytest.mark.parametrize("max_length", [64, 96])  # 64 cuts some responses and every history; 96 keeps most histories
+def test_alignment_matches_brute_force(data, toks, span_rule, max_length):
     root, ex, _ = data
     by_id = {e["example_id"]: e for e in ex}
     rows = store_rows(root, "train")
-    ld = loader(root, toks, micro_batch_size=5, max_length=64, span_rule=span_rule)  # 64 truncates some
-    seen, aligned, total, spanning = set(), 0, 0, 0
+    ld = loader(root, toks, micro_batch_size=5, max_length=max_length, span_rule=span_rule)
+    seen, aligned, total, spanning, in_context = set(), 0, 0, 0, 0
     for batch, b, eid in iterate(ld):
         seen.add(eid)
         e = by_id[eid]
         enc = chat.encode_example(toks["smollm2"], e["prompt"], e["response"], system=e["system"],
-                                  max_length=64)
+                                  history=e["history"], max_length=max_length)
         L = enc.input_ids.shape[0]
         assert batch["input_ids"][b, :L].tolist() == enc.input_ids.tolist()
+        if e["history"] is not None:  # a second turn: the first exchange is in its context (when it fits)
+            in_context += e["history"][1]["content"] in toks["smollm2"].decode(enc.input_ids[:enc.pred_pos[0]])
         assert batch["attention_mask"][b].sum().item() == L
         labels = batch["labels"][b]
         pos = np.nonzero(labels.numpy() != -100)[0]
@@ -162,7 +165,7 @@ def test_alignment_matches_brute_force(data, toks, span_rule):
         off[pos] = False
         assert (batch["teacher_ids"][:, b, off] == -1).all()
         assert (batch["teacher_weights"][:, b, off] == 0).all()
-    assert seen == set(by_id)
+    assert seen == set(by_id) and (in_context > 0 or max_length == 64)
     assert 0.5 < aligned / total < 1.0  # real cross-tokenizer text: most but not all positions align
     if span_rule == "chain":  # the texts have spanning positions, and the loader counted what it did there
         assert spanning > 0 and ld.stats["span_chain"] + ld.stats["span_straddle"] > 0
@@ -252,7 +255,8 @@ def test_infer_mode_uses_the_vote_winner(data, toks):
         e = by_id[eid]
         resp = rows[winners[eid]][eid]["response"]
         assert resp == fx.infer_response(winners[eid], e)
-        enc = chat.encode_example(toks["smollm2"], e["prompt"], resp, system=e["system"], max_length=2048)
+        enc = chat.encode_example(toks["smollm2"], e["prompt"], resp, system=e["system"], history=e["history"],
+                                  max_length=2048)
         assert batch["input_ids"][b, :enc.input_ids.shape[0]].tolist() == enc.input_ids.tolist()
         for t in range(3):
             has = batch["teacher_ids"][t, b, :, 0] >= 0

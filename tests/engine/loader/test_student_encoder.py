@@ -62,3 +62,26 @@ def test_encode_batch_raises_without_an_error_list():
     tok = rt.load("smollm2")
     with pytest.raises(ValueError, match="max_length=8"):
         StudentEncoder(tok).encode_batch(["What is a cat?"], ["An animal."], [None], max_length=8)
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma3+template", "gpt2"])
+@pytest.mark.parametrize("max_length", [None, 60])
+def test_multi_turn_rows_equal_encode_example(name, max_length, monkeypatch):
+    """A batch with earlier turns (the loader's multi-turn rows) encodes each row as encode_example does,
+    history cut to max_length included; single-exchange rows beside them are unchanged."""
+    tok = load(name, monkeypatch)
+    ex = fx.corpus(12, extra_every=3, system_every=4)
+    histories = [None if i % 3 == 0 else [{"role": "user", "content": ex[i - 1]["prompt"]},
+                                          {"role": "assistant", "content": " " + ex[i - 1]["response"]}] * (i % 3)
+                 for i in range(len(ex))]
+    prompts, responses, systems = ([e[k] for e in ex] for k in ("prompt", "response", "system"))
+    errors = []
+    got = StudentEncoder(tok).encode_batch(prompts, responses, systems, max_length=max_length, errors=errors,
+                                           histories=histories)
+    assert not errors
+    for i, e in enumerate(ex):
+        want = chat.encode_example(tok, e["prompt"], e["response"], system=e["system"], history=histories[i],
+                                   max_length=max_length)
+        a, z = got.ids_off[i], got.ids_off[i + 1]
+        np.testing.assert_array_equal(got.input_ids[a:z], want.input_ids)
+        np.testing.assert_array_equal(got.pred_offsets[got.pred_off[i]:got.pred_off[i + 1]], want.pred_offsets)

@@ -39,14 +39,16 @@ def read_all(data_dir):
 def test_jsonl_records_and_messages(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", ROWS)
     m = P.prepare(P.PrepareConfig(inputs=[str(src)], data_dir=str(tmp_path / "d"), shard_size=2), log=lambda s: None)
-    assert (m.n_examples, m.n_shards, m.shard_size) == (5, 3, 2)
+    assert (m.n_examples, m.n_shards, m.shard_size) == (6, 3, 2)  # the two-exchange chat gives two examples
     _, rows = read_all(tmp_path / "d")
-    assert [r["prompt"] for r in rows] == ["Define 'cat'.", "Define 'dog'.", "Hi?", "2", "Define 'eel'."]
-    assert [r["response"] for r in rows] == ["A small domesticated feline.", "A domesticated canid.", "Hello!", "two",
-                                             "A long fish."]
-    assert [r["system"] for r in rows] == [None, "Be brief.", "S", None, None]
+    assert [r["prompt"] for r in rows] == ["Define 'cat'.", "Define 'dog'.", "Hi?", "1", "2", "Define 'eel'."]
+    assert [r["response"] for r in rows] == ["A small domesticated feline.", "A domesticated canid.", "Hello!", "one",
+                                             "two", "A long fish."]
+    assert [r["system"] for r in rows] == [None, "Be brief.", "S", None, None, None]
+    assert [r["history"] for r in rows] == [None, None, None, None, [{"role": "user", "content": "1"},
+                                                                     {"role": "assistant", "content": "one"}], None]
     assert rows[0]["example_id"] == P.content_id("Define 'cat'.", "A small domesticated feline.", None)
-    assert len({r["example_id"] for r in rows}) == 5
+    assert len({r["example_id"] for r in rows}) == 6
     # a system prompt changes the id (same prompt/response otherwise)
     assert P.content_id("p", "r", None) != P.content_id("p", "r", "")
 
@@ -102,10 +104,80 @@ def test_bad_rows_named_or_skipped(tmp_path, line, message):
 def test_multi_turn_policy_and_duplicates(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", ROWS + [ROWS[0]])
     m = P.prepare(P.PrepareConfig(inputs=[str(src)], data_dir=str(tmp_path / "d")), log=lambda s: None)
-    assert m.n_examples == 5  # the exact duplicate is dropped
+    assert m.n_examples == 6  # the exact duplicate is dropped; the two-exchange chat gives two
+    last = P.prepare(P.PrepareConfig(inputs=[str(src)], data_dir=str(tmp_path / "l"), multi_turn="last"),
+                     log=lambda s: None)
+    assert last.n_examples == 5 and last.fingerprint != m.fingerprint
+    _, rows = read_all(tmp_path / "l")
+    assert (rows[3]["prompt"], rows[3]["response"]) == ("2", "two")  # the last turn, its context kept
+    assert rows[3]["history"] == [{"role": "user", "content": "1"}, {"role": "assistant", "content": "one"}]
     with pytest.raises(ValueError, match=r"in.jsonl:4: multi-turn"):
         P.prepare(P.PrepareConfig(inputs=[str(src)], data_dir=str(tmp_path / "e"), multi_turn="error"),
                   log=lambda s: None)
+
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Define 'eel'."},
+        {"role": "assistant", "content": "A long fish."}, {"role": "user", "content": "And 'emu'?"},
+        {"role": "assistant", "content": "A big bird."}, {"role": "user", "content": "And 'elk'?"},
+        {"role": "assistant", "content": "A large deer."}]
+
+
+def test_every_assistant_turn_is_an_example_with_its_context(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": "c1", "messages": CHAT}, {"messages": CHAT[:5]}])
+    m = P.prepare(P.PrepareConfig(inputs=[str(src)], data_dir=str(tmp_path / "d")), log=lambda s: None)
+    _, rows = read_all(tmp_path / "d")
+    # c1's three turns; the id-less chat repeats c1's first two turns in content, but its ids are content hashes
+    assert [r["example_id"] for r in rows[:3]] == ["c1#1", "c1#2", "c1#3"] and m.n_examples == 5
+    assert [r["response"] for r in rows] == ["A long fish.", "A big bird.", "A large deer.", "A long fish.",
+                                             "A big bird."]
+    assert [len(r["history"] or []) for r in rows] == [0, 2, 4, 0, 2]
+    assert {r["system"] for r in rows} == {"Be brief."}
+    assert rows[2]["history"] == [{"role": m_["role"], "content": m_["content"]} for m_ in CHAT[1:5]]
+    assert rows[4]["example_id"] == P.content_id("And 'emu'?", "A big bird.", "Be brief.", CHAT[1:3])
+    assert rows[4]["example_id"] != P.content_id("And 'emu'?", "A big bird.", "Be brief.")  # the context counts
+    # a pool conversation ends with the user's turn: its last prompt is generated for, the rest is context
+    pool = write_jsonl(tmp_path / "pool.jsonl", [{"messages": CHAT[:6]}])
+    P.prepare(P.PrepareConfig(inputs=[str(pool)], data_dir=str(tmp_path / "p"), prompts_only=True),
+              log=lambda s: None)
+    _, rows = read_all(tmp_path / "p")
+    assert [(r["prompt"], r["response"], len(r["history"])) for r in rows] == [("And 'elk'?", "", 4)]
+
+
+@pytest.mark.parametrize("msgs, message", [
+    (CHAT[:3] + CHAT[4:], r"message 3: role 'assistant' where 'user' was expected"),
+    ([CHAT[1], {"role": "tool", "content": "x"}], r"message 1: role 'tool' where 'assistant' was expected"),
+    (CHAT[:4], "messages must end with a user message followed by the assistant's response"),
+    ([CHAT[1], {"role": "assistant", "content": 3}], "message 1 must be an object with string 'role' and 'content'"),
+])
+def test_malformed_conversations_are_named(tmp_path, msgs, message):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"messages": msgs}])
+    with pytest.raises(ValueError, match=rf"in.jsonl:1: {message}"):
+        P.prepare(P.PrepareConfig(inputs=[str(src)], data_dir=str(tmp_path / "d")), log=lambda s: None)
+
+
+def test_single_exchange_sets_keep_their_fingerprint_and_old_shards_read(tmp_path):
+    """The history column changes nothing for single-exchange data: teacher stores built before it stay valid,
+    and a prepared shard written without the column reads with an empty history."""
+    rows = [r for r in ROWS if "prompt" in r]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    m = P.prepare(P.PrepareConfig(inputs=[str(src)], data_dir=str(tmp_path / "d")), log=lambda s: None)
+    import hashlib
+
+    fp = hashlib.sha256()
+    for r in rows:
+        eid = P.content_id(r["prompt"], r["response"], r.get("system"))
+        fp.update(json.dumps([eid, r["prompt"], r["response"], r.get("system")], ensure_ascii=False).encode() + b"\n")
+    assert m.fingerprint == fp.hexdigest()  # the rule before multi-turn conversations
+    assert store.prompt_fingerprint("p", "s") == store.prompt_fingerprint("p", "s", None) == \
+        hashlib.sha256(json.dumps(["s", "p"]).encode()).hexdigest()[:16]
+    assert store.prompt_fingerprint("p", "s", [{"role": "user", "content": "a"}, {"role": "assistant",
+                                                                                  "content": "b"}]) != \
+        store.prompt_fingerprint("p", "s")
+    shard = store.prepared_dir(tmp_path / "d") / store.shard_name(0)
+    pq.write_table(pq.read_table(shard).drop_columns(["history"]), shard)  # as an older profuser wrote it
+    m.shards[0] = {**m.shards[0], "sha256": store.files.file_sha256(shard)}
+    m.save(tmp_path / "d")
+    assert store.read_prepared_shard(tmp_path / "d", 0)["history"].to_pylist() == [None] * len(rows)
 
 
 def test_rerun_is_idempotent_and_refuses_another_set(tmp_path):

@@ -48,7 +48,7 @@ def check_against_forward(spec, rows, examples):
     model, tok = models.load_model(spec), models.load_tokenizer(spec)
     with torch.no_grad():
         for row, e in zip(rows, examples):
-            enc = encode_example(tok, e["prompt"], "", system=e.get("system"))
+            enc = encode_example(tok, e["prompt"], "", system=e.get("system"), history=e.get("history"))
             prefix = enc.input_ids[: enc.pred_pos[0] + 1].astype(np.int64)
             R = row["n_tokens"]
             ids = np.concatenate([prefix, np.array(row["token_ids"], np.int64)])
@@ -317,6 +317,30 @@ def test_judge_encodes_the_system_prompt(tiny_smol, monkeypatch):
     monkeypatch.setattr(S, "encode_example", spy)
     judge.score(prompts, responses, None, systems=systems)
     assert seen == systems
+
+
+def test_a_conversation_is_answered_and_judged_in_its_context(tmp_path, tiny_smol):
+    """Inference mode on multi-turn pools: the source answers the last user turn after the earlier turns (its own
+    template), and the judge scores the answer in the same context."""
+    from profuser.engine.passes import prepare as P
+
+    chats = [[{"role": "user", "content": "Define 'eel'."}, {"role": "assistant", "content": "A long fish."},
+              {"role": "user", "content": "And 'emu'?"}],
+             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]]
+    src = tmp_path / "pool.jsonl"
+    src.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats))
+    P.prepare(P.PrepareConfig(inputs=[str(src)], data_dir=str(tmp_path), prompts_only=True), log=lambda s: None)
+    G.generate(gen_cfg(tmp_path, tiny_smol))
+    prepared = store.read_prepared_shard(tmp_path, 0).to_pylist()
+    assert [len(e["history"] or []) for e in prepared] == [2, 0]
+    rows = infer_rows(tmp_path)  # validates each row's prompt fingerprint, history included
+    check_against_forward(tiny_smol, rows, prepared)
+    judge = S.JudgeLMScorer(tiny_smol)
+    args = ([e["prompt"] for e in prepared], [r["response"] or "x" for r in rows], None)
+    histories = [e["history"] for e in prepared]
+    got = judge.score(*args, systems=[e["system"] for e in prepared], histories=histories)
+    alone = judge.score(*args, systems=[e["system"] for e in prepared])
+    assert got[0] != pytest.approx(alone[0], abs=1e-6) and got[1] == pytest.approx(alone[1], abs=1e-9)
 
 
 def test_score_resumes_per_scorer_and_rescores_what_changed(tmp_path, monkeypatch):

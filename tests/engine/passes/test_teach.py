@@ -46,7 +46,7 @@ def reference_rows(spec, examples, k=K):
     out = []
     with torch.no_grad():
         for e in examples:
-            enc = chat.encode_example(tok, e["prompt"], e["response"], system=e.get("system"))
+            enc = chat.encode_example(tok, e["prompt"], e["response"], system=e.get("system"), history=e.get("history"))
             logits = model(torch.from_numpy(enc.input_ids[None].astype(np.int64))).logits[0]
             lp = torch.log_softmax(logits.float(), -1)[torch.from_numpy(enc.pred_pos.astype(np.int64))]
             v, i = lp.topk(k, -1)
@@ -93,6 +93,28 @@ def test_teach_matches_full_forward(tmp_path, tiny):
     # the reader validates every shard against the prepared set
     st = store.TeacherStore(tmp_path, "src", "train", tokenizer_hash=m.tokenizer_hash)
     assert st.shard(1).n_rows == 2
+
+
+def test_teach_forces_every_assistant_turn_of_a_conversation(tmp_path, tiny_smol):
+    """A multi-turn conversation: one record per assistant turn, each the full forward of the conversation up to
+    that turn (the earlier turns in the model's own template), its predicted tokens that turn's response."""
+    turns = [("Define 'eel'.", "A long fish."), ("And 'emu'?", "A big bird of Australia."), ("And 'elk'?", "A deer.")]
+    msgs = [{"role": "system", "content": "Be brief."}]
+    for q, a in turns:
+        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    make_prepared(tmp_path, examples=[{"id": "chat", "messages": msgs}, EXAMPLES[0]], shard_size=4)
+    teach.teach(cfg_for(tmp_path, tiny_smol))
+    prepared = store.read_prepared_shard(tmp_path, 0).to_pylist()
+    assert [(e["example_id"], len(e["history"] or [])) for e in prepared[:3]] == [("chat#1", 0), ("chat#2", 2),
+                                                                                  ("chat#3", 4)]
+    assert len(prepared) == 4 and prepared[3]["history"] is None
+    rows = read_rows(tmp_path)
+    assert_rows_match(rows, reference_rows(tiny_smol, prepared), prepared)
+    third = chat.encode_example(models.load_tokenizer(tiny_smol), "And 'elk'?", "A deer.", system="Be brief.",
+                                history=prepared[2]["history"])
+    assert rows[2]["token_ids"] == third.pred_ids.tolist() and third.pred_pos[0] > 40  # after both earlier turns
+    tok_hash = store.TeacherManifest.load(tmp_path, "src", "train").tokenizer_hash
+    assert store.TeacherStore(tmp_path, "src", "train", tokenizer_hash=tok_hash).shard(0).n_rows == 4
 
 
 def test_resume_after_kill_between_and_inside_shards(tmp_path, tiny_smol, monkeypatch):

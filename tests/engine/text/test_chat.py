@@ -183,3 +183,66 @@ def test_exported_fallback_template_gives_the_training_ids(name, tmp_path):
         full = exported.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
                                             tokenize=False)
         assert full.endswith("Assistant: yo" + tok.eos_token)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# multi-turn conversations: earlier turns are context, the predicted tokens are the last response's
+# ------------------------------------------------------------------------------------------------------------
+
+HISTORY = [{"role": "user", "content": "Define 'eel'."}, {"role": "assistant", "content": "A long fish."},
+           {"role": "user", "content": "And 'emu'?"}, {"role": "assistant", "content": " A big bird. "}]
+MULTI_TURN_NAMES = ["smollm2", "gemma3", "gpt2", "mistral-sp", "deepseek", "llama3", "qwen2.5"]
+
+
+@pytest.mark.parametrize("name", MULTI_TURN_NAMES)
+@pytest.mark.parametrize("system", [None, "Be brief."])
+def test_history_is_rendered_by_the_template_and_predicts_only_the_last_turn(name, system):
+    """The prefix is the model's own template over the whole conversation (its fallback for tokenizers without
+    one: each earlier assistant turn ended by the EOS id, as an export's template writes it); the predicted
+    tokens are the last response's, exactly as without history."""
+    from profuser.engine.text.chat import fallback_chat_template
+
+    tok = real_tokenizers.load(name)
+    for response in TEXTS[:4]:
+        e = encode_example(tok, "And 'elk'?", response, system=system, history=HISTORY)
+        alone = encode_example(tok, "And 'elk'?", response, system=system)
+        check_example(tok, "And 'elk'?", response, e)
+        np.testing.assert_array_equal(e.pred_ids, alone.pred_ids)
+        np.testing.assert_array_equal(e.pred_offsets, alone.pred_offsets)
+        assert len(e.input_ids) > len(alone.input_ids) + 8
+        msgs = ([{"role": "system", "content": system}] if system else []) + HISTORY + \
+            [{"role": "user", "content": "And 'elk'?"}]
+        template = getattr(tok, "chat_template", None) or fallback_chat_template(tok)
+        prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, chat_template=template)
+        P = int(e.pred_pos[0]) + 1
+        assert tok(prompt, add_special_tokens=False)["input_ids"] == e.input_ids[:P].tolist()
+        assert "A long fish." in tok.decode(e.input_ids[:P].tolist())
+
+
+def test_max_length_cuts_the_oldest_exchange_first_never_the_prompt():
+    tok = real_tokenizers.load("smollm2")
+    full = encode_example(tok, "And 'elk'?", "A large deer.", history=HISTORY)
+    newest = encode_example(tok, "And 'elk'?", "A large deer.", history=HISTORY[2:])
+    none = encode_example(tok, "And 'elk'?", "A large deer.")
+    assert encode_example(tok, "And 'elk'?", "A large deer.", history=HISTORY,
+                          max_length=len(full.input_ids)).input_ids.tolist() == full.input_ids.tolist()
+    cut = encode_example(tok, "And 'elk'?", "A large deer.", history=HISTORY, max_length=len(full.input_ids) - 1)
+    assert cut.input_ids.tolist() == newest.input_ids.tolist()
+    cut = encode_example(tok, "And 'elk'?", "A large deer.", history=HISTORY, max_length=len(newest.input_ids) - 1)
+    assert cut.input_ids.tolist() == none.input_ids.tolist()
+    P = int(none.pred_pos[0]) + 1  # no history left: the response is cut as for a single exchange
+    cut = encode_example(tok, "And 'elk'?", "A large deer.", history=HISTORY, max_length=P + 2)
+    assert cut.input_ids.tolist() == none.input_ids[:P + 2].tolist()
+    with pytest.raises(ValueError, match="leaves no room for the response"):
+        encode_example(tok, "And 'elk'?", "A large deer.", history=HISTORY, max_length=P)
+
+
+@pytest.mark.parametrize("history, message", [
+    ([{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}], "history turn 0: expected a user"),
+    ([{"role": "user", "content": "x"}], "ends with a user message"),
+    ([{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}], "history turn 0"),
+    (["hi", "there"], "history turn 0"),
+])
+def test_malformed_history_is_named(history, message):
+    with pytest.raises(ValueError, match=message):
+        encode_example(real_tokenizers.load("gpt2"), "q", "a", history=history)

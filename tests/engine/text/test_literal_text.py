@@ -29,6 +29,13 @@ def test_special_token_text_in_data_stays_text(name):
     text = "Say " + " then ".join(CONTROL) + " done."
     plain = encode_example(tok, "Define 'eel'.", "A long fish.", system="Be brief.")
     enc = encode_example(tok, f"Q: {text}", f"A: {text}", system=f"S: {text}")
+    # in the earlier turns of a conversation too (each message its own placeholder while segmenting)
+    turns = [{"role": "user", "content": f"U: {text}"}, {"role": "assistant", "content": f"M: {text}"}]
+    plain_turns = [{"role": "user", "content": "U"}, {"role": "assistant", "content": "M"}]
+    multi = encode_example(tok, f"Q: {text}", f"A: {text}", system=f"S: {text}", history=turns)
+    n_multi = sum(i in control_ids(tok) for i in encode_example(tok, "Q", "A", system="S",
+                                                                history=plain_turns).input_ids.tolist())
+    assert sum(i in control_ids(tok) for i in multi.input_ids.tolist()) == n_multi
     n_template = sum(i in control_ids(tok) for i in plain.input_ids.tolist())
     # the same number of control tokens as with plain text: all of them from the template, none from data
     assert sum(i in control_ids(tok) for i in enc.input_ids.tolist()) == n_template

@@ -64,3 +64,33 @@ def test_the_nll_of_each_part_of_an_answer_adds_up_to_the_whole(tmp_path):
                        device=torch.device("cpu"), parts=True)
     for nll, _, _, by in got:
         assert len(by) == len(PARTS) and all(v > 0 for v in by) and sum(by) == pytest.approx(nll, rel=1e-9)
+
+
+def test_held_out_conversations_are_scored_in_their_context(tmp_path):
+    """A prepared multi-turn set as eval data: each row's NLL is that of its turn after the earlier ones (the
+    full forward of the conversation), not of the turn alone; a malformed history is named."""
+    import numpy as np
+
+    from profuser.engine.passes import prepare as P
+    from profuser.engine.text.chat import encode_example
+    from profuser.engine.trainer.evaluate import nll_rows
+
+    msgs = [{"role": "user", "content": "Define 'eel'."}, {"role": "assistant", "content": "A long fish."},
+            {"role": "user", "content": "And 'emu'?"}, {"role": "assistant", "content": "A big bird."}]
+    (tmp_path / "c.jsonl").write_text(json.dumps({"messages": msgs}) + "\n")
+    P.prepare(P.PrepareConfig(inputs=[str(tmp_path / "c.jsonl")], data_dir=str(tmp_path / "d")), log=lambda s: None)
+    ex = load_eval_examples(tmp_path / "d" / "prepared")
+    assert [len(e["history"] or []) for e in ex] == [0, 2]
+    model = tiny_model_dir("smollm2-135m-instruct", out_dir=tmp_path / "m")
+    lm, tok = load_model(model).eval(), load_tokenizer(model)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        got = nll_rows(lm, tok, ex, max_length=None, batch_size=2, device=cpu)
+        alone = nll_rows(lm, tok, [{**ex[1], "history": None}], max_length=None, batch_size=1, device=cpu)
+        enc = encode_example(tok, "And 'emu'?", "A big bird.", history=msgs[:2])
+        lp = torch.log_softmax(lm(torch.from_numpy(enc.input_ids[None].astype(np.int64))).logits[0].float(), -1)
+    assert got[1][0] == pytest.approx(-lp[enc.pred_pos, enc.pred_ids].double().sum().item(), rel=1e-4)
+    assert got[1][1:] == alone[0][1:] and got[1][0] != pytest.approx(alone[0][0], rel=1e-6)
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "a", "response": "b", "history": [msgs[1]]}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl: row 0: field 'history': history turn 0: expected a user"):
+        load_eval_examples(tmp_path / "bad.jsonl")
