@@ -52,6 +52,7 @@ from ..store import (
     prepared_dir,
     write_prepared_shard,
 )
+from ..text.chat import split_conversation
 
 
 def shipped_corpus() -> Path:
@@ -198,32 +199,16 @@ def _str_field(rec: dict, name: str, *, optional: bool = False) -> str | None:
 
 
 def _from_messages(msgs, cfg: PrepareConfig) -> tuple[list[tuple[str, str, list | None]], str | None, bool]:
-    """([(prompt, response, history)] the turns to predict, system, multi-turn?) of a chat-messages record.
-
-    The messages after an optional leading system message alternate user / assistant from the user's and
-    end with the assistant's. multi_turn 'every' predicts each assistant turn (with the turns before it as
-    its history), 'last' only the final one (the earlier turns its history), 'error' refuses more than one.
-    """
-    if not isinstance(msgs, list) or not msgs:
-        raise BadRow(f"field {cfg.messages_field!r} must be a non-empty list of {{role, content}}")
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise BadRow(f"message {i} must be an object with string 'role' and 'content'")
-    system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
-    turns = msgs[1:] if system is not None else msgs
-    for i, m in enumerate(turns):
-        want = "user" if i % 2 == 0 else "assistant"
-        if m["role"] != want:
-            raise BadRow(f"message {i + (system is not None)}: role {m['role']!r} where {want!r} was expected (after "
-                         "an optional system message, user and assistant alternate from the user's)")
-    if len(turns) < 2 or len(turns) % 2:
-        raise BadRow("messages must end with a user message followed by the assistant's response")
-    multi = len(turns) > 2
-    if multi and cfg.multi_turn == "error":
-        raise BadRow(f"multi-turn conversation ({len(turns) // 2} exchanges) and --multi-turn error")
-    ends = range(1, len(turns), 2) if cfg.multi_turn == "every" and not cfg.prompts_only else [len(turns) - 1]
-    history = [{"role": m["role"], "content": m["content"]} for m in turns]
-    return [(turns[a - 1]["content"], turns[a]["content"], history[:a - 1] or None) for a in ends], system, multi
+    """([(prompt, response, history)] the turns to predict, system, multi-turn?) of a chat-messages record:
+    every assistant turn (multi_turn 'every'), the final one ('last'), or a BadRow for more than one ('error')."""
+    try:
+        system, turns = split_conversation(msgs, every=cfg.multi_turn == "every" and not cfg.prompts_only)
+    except ValueError as exc:
+        raise BadRow(f"field {cfg.messages_field!r}: {exc}" if "non-empty list" in str(exc) else str(exc)) from None
+    n = len(turns[-1][2] or []) // 2 + 1  # exchanges in the conversation
+    if n > 1 and cfg.multi_turn == "error":
+        raise BadRow(f"multi-turn conversation ({n} exchanges) and --multi-turn error")
+    return turns, system, n > 1
 
 
 def normalize(rec, cfg: PrepareConfig) -> tuple[str | None, list[tuple[str, str, list | None]], str | None, bool]:

@@ -409,6 +409,31 @@ def encode_example(tok, prompt: str, response: str, *, system: str | None = None
                           pred_ids=pred_ids)
 
 
+def split_conversation(msgs, *, every: bool = True) -> tuple[str | None, list[tuple[str, str, list | None]]]:
+    """Chat messages -> (system, [(prompt, response, history)]): the turns a model is trained or evaluated on.
+
+    After an optional leading system message, user and assistant messages alternate from the user's and end with
+    the assistant's. every=True: one turn per assistant message, its history the messages before its prompt (None
+    for the first); every=False: the final assistant message only. ValueError naming the message otherwise."""
+    if not isinstance(msgs, list) or not msgs:
+        raise ValueError("must be a non-empty list of {role, content}")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i} must be an object with string 'role' and 'content'")
+    system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
+    turns = msgs[1:] if system is not None else msgs
+    for i, m in enumerate(turns):
+        want = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != want:
+            raise ValueError(f"message {i + (system is not None)}: role {m['role']!r} where {want!r} was expected "
+                             "(after an optional system message, user and assistant alternate from the user's)")
+    if len(turns) < 2 or len(turns) % 2:
+        raise ValueError("messages must end with a user message followed by the assistant's response")
+    plain = [{"role": m["role"], "content": m["content"]} for m in turns]
+    ends = range(1, len(plain), 2) if every else [len(plain) - 1]
+    return system, [(plain[a - 1]["content"], plain[a]["content"], plain[:a - 1] or None) for a in ends]
+
+
 def check_history(history) -> list[dict]:
     """The earlier turns as a list of {role, content}: user and assistant alternating from the user's,
     ending with the assistant's (the prompt is the next user turn). None or [] -> []. ValueError naming the

@@ -33,13 +33,15 @@ from ..config_cli import Flag, add_config_arguments, config_from_args
 from ..dist import device_for, release_freed_memory
 from ..models import load_model, load_tokenizer, output_logits, pad_id, reference_models, resolve_dtype
 from ..store import TeacherManifest, read_json
-from ..text.chat import check_history, encode_example, predicted_bytes
+from ..text.chat import check_history, encode_example, predicted_bytes, split_conversation
 
 
 def load_eval_examples(path: str | Path, max_examples: int | None = None) -> list[dict]:
     """Rows {example_id, prompt, response, system, history} from a JSONL file, a Parquet file or a folder of
-    part-*.parquet (a prepared set; history: the earlier turns of a multi-turn row, else None). ValueError
-    naming the file and row when a field is missing or malformed."""
+    part-*.parquet (a prepared set; history: the earlier turns of a multi-turn row, else None). A record may
+    hold chat `messages` instead: one row per assistant turn, in the context of the turns before it (as
+    `prepare` writes them; ids <id>#<n>). ValueError naming the file and row when a field is missing or
+    malformed."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"eval data {path} does not exist")
@@ -52,9 +54,9 @@ def load_eval_examples(path: str | Path, max_examples: int | None = None) -> lis
             raise ValueError(f"eval data {path}: folder without part-*.parquet files")
         for f in files:
             for i, r in enumerate(pq.read_table(f).to_pylist()):
-                rows.append(_row(r, f, i))
+                rows += _rows(r, f, i)
                 if max_examples and len(rows) >= max_examples:
-                    return rows
+                    return rows[:max_examples]
         return rows
     with open(path) as fh:
         for i, line in enumerate(fh):
@@ -64,10 +66,24 @@ def load_eval_examples(path: str | Path, max_examples: int | None = None) -> lis
                 r = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: row {i}: not valid JSON ({e})") from None
-            rows.append(_row(r, path, i))
+            rows += _rows(r, path, i)
             if max_examples and len(rows) >= max_examples:
-                break
+                return rows[:max_examples]
     return rows
+
+
+def _rows(r: dict, path: Path, i: int) -> list[dict]:
+    if not isinstance(r, dict):
+        raise ValueError(f"{path}: row {i}: a record must be a JSON object, got {type(r).__name__}")
+    if r.get("messages") is None:
+        return [_row(r, path, i)]
+    try:
+        system, turns = split_conversation(r["messages"])
+    except ValueError as exc:
+        raise ValueError(f"{path}: row {i}: field 'messages': {exc}") from None
+    rid = str(r.get("example_id", r.get("id", i)))
+    return [{"example_id": rid if len(turns) == 1 else f"{rid}#{t + 1}", "prompt": p, "response": a,
+             "system": system, "history": h} for t, (p, a, h) in enumerate(turns)]
 
 
 def _row(r: dict, path: Path, i: int) -> dict:

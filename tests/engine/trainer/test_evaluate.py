@@ -91,6 +91,14 @@ def test_held_out_conversations_are_scored_in_their_context(tmp_path):
         lp = torch.log_softmax(lm(torch.from_numpy(enc.input_ids[None].astype(np.int64))).logits[0].float(), -1)
     assert got[1][0] == pytest.approx(-lp[enc.pred_pos, enc.pred_ids].double().sum().item(), rel=1e-4)
     assert got[1][1:] == alone[0][1:] and got[1][0] != pytest.approx(alone[0][0], rel=1e-6)
+    # a JSONL of chat records gives the same rows (one per assistant turn, in context) as its prepared set
+    from_jsonl = load_eval_examples(tmp_path / "c.jsonl")
+    assert [(e["prompt"], e["response"], e["history"]) for e in from_jsonl] == \
+        [(e["prompt"], e["response"], e["history"]) for e in ex]
+    assert [e["example_id"] for e in from_jsonl] == ["0#1", "0#2"]
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "a", "response": "b", "history": [msgs[1]]}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl: row 0: field 'history': history turn 0: expected a user"):
         load_eval_examples(tmp_path / "bad.jsonl")
+    (tmp_path / "bad2.jsonl").write_text(json.dumps({"messages": msgs[:3]}) + "\n")
+    with pytest.raises(ValueError, match=r"bad2.jsonl: row 0: field 'messages': messages must end with a user"):
+        load_eval_examples(tmp_path / "bad2.jsonl")
