@@ -1,8 +1,9 @@
 """`profuser demo` (`make demo`): the whole ProFuser pipeline on the shipped corpus with real small models.
 
 The setting fusion is for: a small gold set, a larger pool of prompts without gold answers, sources that know
-more than the target. Stages (each one a `profuser` subcommand in its own process, so a model's memory is
-returned to the OS before the next stage loads another):
+more than the target. Stages (`profuser` subcommands, printed as such; each one that loads a model runs in its
+own process, so its memory is returned to the OS before the next stage loads another, and `prepare`, which
+loads none, runs in the demo's process through the same function):
 
     split      corpus -> <run>/train.jsonl (the n_train gold pairs), infer.jsonl (the next n_pool rows as
                prompts only: the pool), val.jsonl (n_val pairs after the pool), heldout.jsonl (the n_eval pairs
@@ -209,6 +210,15 @@ def _read_marker(marker: Path) -> dict | None:
 
 
 def run_stage(cmd: list[str], env: dict) -> int:
+    """One command of a stage: `prepare` (it loads no model: nothing to hand back to the OS) in this process
+    through the same function its command runs, every other command in a process of its own."""
+    if cmd[1:4] == ["-m", "profuser.engine.cli", "prepare"]:
+        from ..errors import report_errors
+        from ..passes import prepare
+
+        parser = argparse.ArgumentParser(prog="profuser prepare")
+        prepare.add_arguments(parser)
+        return report_errors("profuser prepare", prepare.run_command, parser.parse_args(cmd[4:]))
     return subprocess.run(cmd, env=env).returncode
 
 

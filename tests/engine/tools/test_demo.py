@@ -174,3 +174,26 @@ def test_the_demo_split_keeps_the_pool_answers_out_of_every_training_file(tmp_pa
         demo.split_corpus(_demo_cfg(tmp_path, "demo.n_pool=10", "demo.n_test_pool=11"), run)
     with pytest.raises(ValueError, match=r"n_train \+ n_pool \+ n_val \+ n_eval = 3018 > 3000 rows"):
         demo.split_corpus(_demo_cfg(tmp_path, "demo.n_pool=3000"), run)
+
+
+def test_the_prepare_stage_runs_in_process_through_its_command(tmp_path, monkeypatch, capsys):
+    """`prepare` loads no model: the demo runs its printed command in its own process (the same parser and
+    function as `profuser prepare`), an error as the command's one line; other commands get a process each."""
+    from profuser.engine import store
+    from profuser.engine.tools import demo
+
+    def no_subprocess(*a, **kw):
+        raise AssertionError("prepare ran in a subprocess")
+
+    monkeypatch.setattr(demo.subprocess, "run", no_subprocess)
+    src = tmp_path / "train.jsonl"
+    src.write_text(json.dumps({"id": "a", "prompt": "Define 'eel'.", "response": "A long fish."}) + "\n")
+    cmd = demo._profuser("prepare", "--input", str(src), "--data-dir", str(tmp_path / "d"), "--id-field", "id")
+    assert demo.run_stage(cmd, {}) == 0
+    assert store.PreparedManifest.load(tmp_path / "d").n_examples == 1
+    src.write_text('{"id": "a", "prompt": "x"}\n')
+    assert demo.run_stage(cmd + ["--overwrite"], {}) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("profuser prepare: error: ") and "train.jsonl:1: missing field 'response'" in err[-1]
+    with pytest.raises(AssertionError, match="subprocess"):
+        demo.run_stage(demo._profuser("teach", "--data-dir", str(tmp_path / "d")), {})
