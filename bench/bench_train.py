@@ -2,6 +2,7 @@
 
     python bench/bench_train.py                     # SmolLM2-135M architecture, B=4, L=128, T=2, K=10
     python bench/bench_train.py --batch 8 --length 256 --steps 6
+    python bench/bench_train.py --variants engine,engine-lora      # a LoRA step's memory vs a full step
 
 All variants train the same student (SmolLM2-135M-Instruct: 134.5M parameters, 49,152-token
 vocabulary, tied embeddings) from the same weights on the same seeded batches, one optimizer step per
@@ -13,6 +14,9 @@ vocabulary, one in Gemma-3's 262,144-token vocabulary mapped by a vocab map), on
             backend on CPU, Triton on GPU): never a [B, L, V] tensor.
   engine-zero3  the same under ZeRO-3 at world size 1: shows ZeRO-3's own cost (parameters gathered
             into fresh buffers every forward), which pays off only across ranks.
+  engine-lora   the engine training a LoRA adapter (model.lora.r=16 on q/k/v/o, peft) instead of every
+            parameter: the base and lm_head frozen (no gradients or AdamW states for them). Its loss is
+            the same objective on fewer trainable parameters, so compare its memory and time, not its loss.
   fusellm   what an HF Trainer compute_loss override does in FuseLLM / FuseChat: full logits [B, L, V],
             every teacher densified to a [B, L, V] distribution in the student vocabulary (mapped,
             renormalized top-K), fused by the same per-position teacher weights, then
@@ -20,7 +24,8 @@ vocabulary, one in Gemma-3's 262,144-token vocabulary mapped by a vocab map), on
 
 Each variant runs in its own process (peak memory is per process): tokens/s counts target tokens
 (labels != -100) over the timed steps (after --warmup steps); peak memory is the step's peak above the
-state after model + optimizer setup (RSS high-water mark on CPU, max_memory_allocated on GPU).
+state after model + optimizer setup (RSS high-water mark on CPU, max_memory_allocated on GPU), and the total
+peak includes that state (parameters, gradients, optimizer states: what LoRA saves).
 Output: bench/results/train_<cpu|gpu>_b<B>_l<L>.json and a Markdown table (the README quotes it).
 """
 
@@ -111,7 +116,12 @@ def measure_variant(variant: str, lm, batches: list[dict], vms: list, device: to
         B = batches[0]["input_ids"].shape[0]
         cfg = load_config(None, ["optim.lr=1e-5", "optim.grad_clip=1.0", "optim.decay=constant",
                                  f"data.micro_batch_size={B}",
-                                 f"deepspeed.zero_optimization.stage={3 if variant == 'engine-zero3' else 0}"])
+                                 f"deepspeed.zero_optimization.stage={3 if variant == 'engine-zero3' else 0}"]
+                          + (["model.lora.r=16"] if variant == "engine-lora" else []))
+        if cfg.model.lora.r:  # as training's load_student does (trainer/deepspeed_setup.py)
+            from profuser.engine.trainer.deepspeed_setup import add_lora
+
+            add_lora(lm, cfg.model.lora)
         engine, _, _ = build_engine(cfg, lm, [v.to(device) if v is not None else None for v in vms], dtype)
 
         def step(b):
@@ -144,7 +154,8 @@ def measure_variant(variant: str, lm, batches: list[dict], vms: list, device: to
     dt = time.perf_counter() - t0
     steps = len(batches) - warmup
     out = {"variant": variant, "tokens_per_s": tokens / dt, "s_per_step": dt / steps, "peak_mem_mb": mem.peak_mb(),
-           "tokens": tokens}
+           "total_peak_mem_mb": mem.total_peak_mb(), "tokens": tokens,
+           "trainable_params_m": sum(p.numel() for p in lm.parameters() if p.requires_grad) / 1e6}
     if engine is not None:
         engine.destroy()  # another engine may be built in this process (ZeRO-3 hooks must go)
     return out
@@ -169,7 +180,7 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--variants", default="fusellm,engine,engine-zero3")
+    ap.add_argument("--variants", default="fusellm,engine,engine-zero3,engine-lora")
     ap.add_argument("--malloc", choices=["system", "keep"], default="system",
                     help="CPU only, every variant alike: glibc's default allocator (the README's table) or "
                          "freed buffers kept for reuse, as `profuser train` runs (engine/dist.py)")
@@ -207,13 +218,14 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"\n{meta['machine']}; B={args.batch}, L={args.length}, K={args.k}, {args.steps} timed steps\n")
-    print("| variant | target tokens/s | s/step | peak memory above setup (MiB) | speed vs FuseLLM "
-          "| memory vs FuseLLM |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| variant | trainable params (M) | target tokens/s | s/step | peak memory above setup (MiB) "
+          "| total peak (MiB) | speed vs FuseLLM | memory vs FuseLLM |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if "tokens_per_s" in r:
-            print(f"| {r['variant']} | {r['tokens_per_s']:.0f} | {r['s_per_step']:.2f} | {r['peak_mem_mb']:.0f} | "
-                  f"{r.get('speed_vs_fusellm', 1):.2f}x | {r.get('mem_vs_fusellm', 1):.2f}x |")
+            print(f"| {r['variant']} | {r['trainable_params_m']:.1f} | {r['tokens_per_s']:.0f} | {r['s_per_step']:.2f} "
+                  f"| {r['peak_mem_mb']:.0f} | {r['total_peak_mem_mb']:.0f} | {r.get('speed_vs_fusellm', 1):.2f}x "
+                  f"| {r.get('mem_vs_fusellm', 1):.2f}x |")
         else:
             print(f"| {r['variant']} | failed: {r.get('note', '')[:80]} |")
     print(f"\nJSON: {out}")

@@ -184,7 +184,7 @@ def section_step(device: torch.device, dry: bool) -> list[dict]:
         B, L, warmup, steps = 2, 2048, 2, 5
     batches, vms = bench_train.make_batches(warmup + steps, B, L, 2, 10, cfg["vocab_size"])
     rows = []
-    for variant in ("fusellm", "engine", "engine-zero3"):
+    for variant in ("fusellm", "engine", "engine-zero3", "engine-lora"):
         free_memory(device)
         torch.manual_seed(0)
         lm = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation="sdpa", use_cache=False)).to(device, dtype)
@@ -238,16 +238,18 @@ def table(report: dict) -> str:
                          f"{'-' if frac is None else f'{100 * frac:.0f}%'} | {r['peak_mem_mib']:.0f} | "
                          f"{'-' if vs is None else f'{vs:.2f}x'} | {r['loss']:.4f} |")
     if report.get("step"):
-        lines += ["", "| step variant | params (M) | target tokens/s | s/step | peak MiB above setup "
-                  "| speed vs FuseLLM | memory vs FuseLLM |", "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += ["", "| step variant | params (M) | trainable (M) | target tokens/s | s/step | peak MiB above setup "
+                  "| total peak MiB | speed vs FuseLLM | memory vs FuseLLM |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in report["step"]:
             if r["status"] != "ok":
                 lines.append(f"| {r['variant']} | {r['params_m']:.0f} | {r['status']}: {r.get('note', '')[:80]} |"
-                             " | | | |")
+                             " | | | | | |")
                 continue
             mem = r.get("mem_vs_fusellm")
-            lines.append(f"| {r['variant']} | {r['params_m']:.0f} | {r['tokens_per_s']:.0f} | {r['s_per_step']:.3f} | "
-                         f"{r['peak_mem_mb']:.0f} | {r.get('speed_vs_fusellm', float('nan')):.2f}x | "
+            lines.append(f"| {r['variant']} | {r['params_m']:.0f} | {r['trainable_params_m']:.1f} | "
+                         f"{r['tokens_per_s']:.0f} | {r['s_per_step']:.3f} | {r['peak_mem_mb']:.0f} | "
+                         f"{r['total_peak_mem_mb']:.0f} | {r.get('speed_vs_fusellm', float('nan')):.2f}x | "
                          f"{'-' if mem is None else f'{mem:.2f}x'} |")
     return "\n".join(lines)
 

@@ -90,10 +90,14 @@ class PeakMemory:
                 f.write("5")
 
     def peak_mb(self) -> float:
+        return self.total_peak_mb() - self.base / (2**20 if self.cuda else 1)
+
+    def total_peak_mb(self) -> float:
+        """The peak since construction including what existed then (the model, optimizer states), MiB."""
         if self.cuda:
             torch.cuda.synchronize()
-            return (torch.cuda.max_memory_allocated() - self.base) / 2**20
-        return _status_kb("VmHWM") - self.base
+            return torch.cuda.max_memory_allocated() / 2**20
+        return _status_kb("VmHWM")
 
 
 def time_calls(fn: Callable[[], object], device: torch.device, warmup: int = 1, reps: int = 3):

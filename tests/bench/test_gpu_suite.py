@@ -58,5 +58,7 @@ def test_loss_methods_agree(report):
 
 def test_step_variants_trained(report):
     rows = {r["variant"]: r for r in report["step"]}
-    assert set(rows) == {"fusellm", "engine", "engine-zero3"}
+    assert set(rows) == {"fusellm", "engine", "engine-zero3", "engine-lora"}
+    # LoRA trains the adapter alone: a small share of the parameters (the dry run's tiny model: q/k/v/o of 2 layers)
+    assert 0 < rows["engine-lora"]["trainable_params_m"] < 0.5 * rows["engine"]["trainable_params_m"]
     assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in rows.values()), rows
