@@ -2,7 +2,7 @@
 
     python bench/bench_train.py                     # SmolLM2-135M architecture, B=4, L=128, T=2, K=10
     python bench/bench_train.py --batch 8 --length 256 --steps 6
-    python bench/bench_train.py --variants engine,engine-lora      # a LoRA step's memory vs a full step
+    python bench/bench_train.py --variants fusellm,engine,engine-lora --tag lora   # a LoRA step vs a full step
 
 All variants train the same student (SmolLM2-135M-Instruct: 134.5M parameters, 49,152-token
 vocabulary, tied embeddings) from the same weights on the same seeded batches, one optimizer step per
@@ -184,6 +184,8 @@ def main() -> int:
     ap.add_argument("--malloc", choices=["system", "keep"], default="system",
                     help="CPU only, every variant alike: glibc's default allocator (the README's table) or "
                          "freed buffers kept for reuse, as `profuser train` runs (engine/dist.py)")
+    ap.add_argument("--tag", default="", help="suffix of the JSON's name (a run that must not replace the "
+                    "default run's file, e.g. one on a loaded machine)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -213,7 +215,7 @@ def main() -> int:
             "batch": args.batch, "length": args.length, "teachers": "2 (student vocab + Gemma-3 262k mapped)",
             "k": args.k, "steps": args.steps, "warmup": args.warmup, "malloc": args.malloc,
             "date": time.strftime("%Y-%m-%d %H:%M"), "load_average_1m_at_end": os.getloadavg()[0]}
-    tag = "" if args.malloc == "system" else f"_malloc-{args.malloc}"
+    tag = ("" if args.malloc == "system" else f"_malloc-{args.malloc}") + (f"_{args.tag}" if args.tag else "")
     out = RESULTS / f"train_{harness.machine_slug()}_b{args.batch}_l{args.length}{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
