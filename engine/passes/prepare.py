@@ -204,7 +204,7 @@ def _from_messages(msgs, cfg: PrepareConfig) -> tuple[list[tuple[str, str, list 
     try:
         system, turns = split_conversation(msgs, every=cfg.multi_turn == "every" and not cfg.prompts_only)
     except ValueError as exc:
-        raise BadRow(f"field {cfg.messages_field!r}: {exc}" if "non-empty list" in str(exc) else str(exc)) from None
+        raise BadRow(f"field {cfg.messages_field!r}: {exc}") from None
     n = len(turns[-1][2] or []) // 2 + 1  # exchanges in the conversation
     if n > 1 and cfg.multi_turn == "error":
         raise BadRow(f"multi-turn conversation ({n} exchanges) and --multi-turn error")

@@ -88,7 +88,8 @@ def test_custom_fields_and_id_field(tmp_path):
     (json.dumps({"prompt": "p"}) + "\n", "missing field 'response'"),
     (json.dumps({"prompt": "p", "response": 3}) + "\n", "field 'response' must be a string"),
     (json.dumps({"prompt": "p", "response": "  "}) + "\n", "empty response"),
-    (json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n", "messages must end with a user message"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n",
+     "field 'messages': messages must end with a user message"),
     (json.dumps([1, 2]) + "\n", "a record must be a JSON object"),
 ])
 def test_bad_rows_named_or_skipped(tmp_path, line, message):
@@ -151,7 +152,7 @@ def test_every_assistant_turn_is_an_example_with_its_context(tmp_path):
 ])
 def test_malformed_conversations_are_named(tmp_path, msgs, message):
     src = write_jsonl(tmp_path / "in.jsonl", [{"messages": msgs}])
-    with pytest.raises(ValueError, match=rf"in.jsonl:1: {message}"):
+    with pytest.raises(ValueError, match=rf"in.jsonl:1: field 'messages': {message}"):
         P.prepare(P.PrepareConfig(inputs=[str(src)], data_dir=str(tmp_path / "d")), log=lambda s: None)
 
 
@@ -229,7 +230,8 @@ def test_a_prompts_only_pool_never_stores_an_answer_and_gold_readers_refuse_it(t
     from profuser.engine.passes.options import PassConfig
 
     src = write_jsonl(tmp_path / "in.jsonl", ROWS + [{"messages": [{"role": "user", "content": "Open?"}]}])
-    with pytest.raises(ValueError, match="in.jsonl:6: messages must end with a user message followed by"):
+    with pytest.raises(ValueError, match="in.jsonl:6: field 'messages': messages must end with a user message "
+                                         "followed by"):
         P.prepare(P.PrepareConfig(inputs=[str(src)], data_dir=str(tmp_path / "gold")), log=lambda s: None)
     m = P.prepare(P.PrepareConfig(inputs=[str(src)], data_dir=str(tmp_path / "d"), prompts_only=True),
                   log=lambda s: None)
