@@ -56,7 +56,16 @@ metadata:
 def build_items(pairs: list[dict], seed: int = 0) -> list[dict]:
     """[{example_id?, prompt, response}] -> [{id, question, choices [4], label}] (label: the gold's index).
 
-    ValueError when fewer than N_CHOICES distinct responses exist (no three distractors to draw)."""
+    Rows with earlier turns (`history`: a multi-turn conversation's later turns) are left out, with a warning
+    counting them: lm-eval renders an item as one user message, so their context would be lost. ValueError
+    when fewer than N_CHOICES distinct responses exist (no three distractors to draw)."""
+    single = [p for p in pairs if not p.get("history")]
+    if len(single) < len(pairs):
+        import warnings
+
+        warnings.warn(f"lm-eval task: {len(pairs) - len(single)} of {len(pairs)} rows continue a conversation "
+                      "(earlier turns) and are left out: lm-eval renders an item as one user message", stacklevel=2)
+    pairs = single
     texts = sorted({p["response"].strip() for p in pairs})
     if len(texts) < N_CHOICES:
         raise ValueError(f"lm-eval task: {len(texts)} distinct responses, need at least {N_CHOICES}")

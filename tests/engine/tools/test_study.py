@@ -136,6 +136,12 @@ def test_lm_eval_task_is_deterministic_and_well_formed(tmp_path):
     assert os.path.isabs(cfg["dataset_kwargs"]["data_files"]["test"])
     with pytest.raises(ValueError, match="need at least 4"):
         T.build_items(pairs[:3])
+    # a conversation's later turns cannot be one lm-eval item (their context would be lost): left out, counted
+    turns = [{**p, "history": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]}
+             if i % 4 == 1 else p for i, p in enumerate(pairs)]
+    with pytest.warns(UserWarning, match="10 of 40 rows continue a conversation"):
+        kept = T.build_items(turns)
+    assert [it["question"] for it in kept] == [p["prompt"] for i, p in enumerate(pairs) if i % 4 != 1]
 
 
 def test_shipped_study_config_loads():
