@@ -59,6 +59,16 @@ def _cat(xs: list, shape: tuple, dtype=np.int32) -> np.ndarray:
     """np.concatenate that also takes an empty list (an empty array of `shape`)."""
     return np.concatenate(xs) if xs else np.zeros(shape, dtype)
 
+def _in_order(n: int, parts: list[tuple[list[int], EncodedBatch]]) -> EncodedBatch:
+    """One batch of n examples from batches of some of them: parts [(their indices among the n, batch)]."""
+    encs: list = [None] * n
+    for idx, b in parts:
+        for j, i in enumerate(idx):
+            a, z, p, q = b.ids_off[j], b.ids_off[j + 1], b.pred_off[j], b.pred_off[j + 1]
+            encs[i] = chat.EncodedExample(b.input_ids[a:z], b.pred_pos[p:q], b.pred_offsets[p:q], b.pred_ids[p:q])
+    return _from_examples(encs)
+
+
 def _from_examples(encs: list[chat.EncodedExample]) -> EncodedBatch:
     lens = np.array([e.input_ids.shape[0] for e in encs], dtype=np.int64)
     rs = np.array([e.pred_ids.shape[0] for e in encs], dtype=np.int64)
@@ -161,13 +171,26 @@ class StudentEncoder:
         errors: when a list is given, an example that encode_example would reject (ValueError: prompt
         longer than max_length, ids that do not describe the text) is encoded as empty (L = R = 0) and
         (i, message) is appended; otherwise the ValueError propagates. histories: the earlier turns per
-        example (None: a single exchange); a batch with any goes through encode_example one by one (the
-        template plans describe a single exchange; multi-turn rows cut their history to max_length there).
+        example (None: a single exchange); rows with some go through encode_example one by one (the template
+        plans describe a single exchange; multi-turn rows cut their history to max_length there), the others
+        through the plans, and the two are put back in order.
         """
-        if not self.fast or (histories is not None and any(histories)):
+        multi = [i for i, h in enumerate(histories or ()) if h]
+        if not self.fast or len(multi) == len(prompts) > 0:
             return _encode_each(self.tok, prompts, responses, systems, max_length, errors, histories)
-        pre, suf = self._parts(prompts, systems)
-        return _assemble(self.tok, prompts, responses, pre, suf, max_length, errors)
+        if not multi:
+            pre, suf = self._parts(prompts, systems)
+            return _assemble(self.tok, prompts, responses, pre, suf, max_length, errors)
+        single = [i for i in range(len(prompts)) if not histories[i]]
+        parts = []
+        for idx, multi_turn in ((single, False), (multi, True)):
+            errs = None if errors is None else []
+            args = ([prompts[i] for i in idx], [responses[i] for i in idx], [systems[i] for i in idx])
+            parts.append((idx, self.encode_batch(*args, max_length=max_length, errors=errs,
+                                                 histories=[histories[i] for i in idx] if multi_turn else None)))
+            if errors is not None:
+                errors += [(idx[j], msg) for j, msg in errs]
+        return _in_order(len(prompts), parts)
 
 
 def _encode_each(tok, prompts, responses, systems, max_length, errors, histories=None) -> EncodedBatch:
