@@ -52,7 +52,7 @@ from ..store import (
     prepared_dir,
     write_prepared_shard,
 )
-from ..text.chat import split_conversation
+from ..text.chat import split_conversation, turn_id
 
 
 def shipped_corpus() -> Path:
@@ -301,7 +301,7 @@ def prepare(cfg: PrepareConfig, *, log=print) -> PreparedManifest:
                 if rid is None:
                     eid = content_id(prompt, response, system, history)
                 else:  # one id per predicted turn: the record's id, with the turn's number when it has several
-                    eid = rid if len(turns) == 1 else f"{rid}#{t + 1}"
+                    eid = turn_id(rid, t, len(turns))
                 if eid in seen:
                     if rid is not None:
                         raise ValueError(f"{where}: duplicate {cfg.id_field!r} {eid!r} (first at {seen[eid]})")

@@ -434,6 +434,12 @@ def split_conversation(msgs, *, every: bool = True) -> tuple[str | None, list[tu
     return system, [(plain[a - 1]["content"], plain[a]["content"], plain[:a - 1] or None) for a in ends]
 
 
+def turn_id(record_id: str, t: int, n_turns: int) -> str:
+    """The example id of turn t (0-based) of a record giving n_turns examples: the record's id for one,
+    `<id>#<t + 1>` for several (prepare and eval data name a conversation's turns alike)."""
+    return record_id if n_turns == 1 else f"{record_id}#{t + 1}"
+
+
 def check_history(history) -> list[dict]:
     """The earlier turns as a list of {role, content}: user and assistant alternating from the user's,
     ending with the assistant's (the prompt is the next user turn). None or [] -> []. ValueError naming the

@@ -33,7 +33,7 @@ from ..config_cli import Flag, add_config_arguments, config_from_args
 from ..dist import device_for, release_freed_memory
 from ..models import load_model, load_tokenizer, output_logits, pad_id, reference_models, resolve_dtype
 from ..store import TeacherManifest, read_json
-from ..text.chat import check_history, encode_example, predicted_bytes, split_conversation
+from ..text.chat import check_history, encode_example, predicted_bytes, split_conversation, turn_id
 
 
 def load_eval_examples(path: str | Path, max_examples: int | None = None) -> list[dict]:
@@ -82,7 +82,7 @@ def _rows(r: dict, path: Path, i: int) -> list[dict]:
     except ValueError as exc:
         raise ValueError(f"{path}: row {i}: field 'messages': {exc}") from None
     rid = str(r.get("example_id", r.get("id", i)))
-    return [{"example_id": rid if len(turns) == 1 else f"{rid}#{t + 1}", "prompt": p, "response": a,
+    return [{"example_id": turn_id(rid, t, len(turns)), "prompt": p, "response": a,
              "system": system, "history": h} for t, (p, a, h) in enumerate(turns)]
 
 
