@@ -88,7 +88,8 @@ def disk_bytes_per_token(root: Path) -> dict:
 
 def make_loader(root, toks, args, shuffle=True, span_rule="first_piece"):
     cfg = DataConfig(data_dir=str(root), sources=list(SOURCES), k=args.k, micro_batch_size=args.batch_size,
-                     max_length=args.max_length, shuffle_buffer=1024 if shuffle else 1, span_rule=span_rule)
+                     max_length=args.max_length, shuffle_buffer=1024 if shuffle else 1, span_rule=span_rule,
+                     packing=False)  # one row per example, as recorded
     return FusionLoader(cfg, toks["smollm2"], student=SOURCES["smollm2"],
                         teacher_tokenizers={n: toks[n] for n in SOURCES if n != "smollm2"})
 

@@ -69,7 +69,7 @@ def main() -> int:
         fx.write_teacher(root, "smollm2", "train", load_known("smollm2"), "smollm2-135m-instruct", ex, pm, k=10,
                          seed=2)
         loader = FusionLoader(DataConfig(data_dir=str(root), sources=["self", "smollm2"], k=10, max_length=128,
-                                         shuffle_buffer=1), tok, student=STUDENT)
+                                         shuffle_buffer=1, packing=False), tok, student=STUDENT)  # as recorded
         batches = [b for _, b in zip(range(3), loader)]
         mark("loader, vocabulary maps, 3 batches")
         lm = load_model(STUDENT).float().train()

@@ -93,7 +93,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as work:
         root = Path(work)
         build(root, args.examples)
-        variants = [("padded", {"micro_batch_size": 4}),
+        variants = [("padded", {"micro_batch_size": 4, "packing": False}),
                     ("packed", {"micro_batch_size": 4, "packing": True}),
                     ("packed+budget", {"micro_batch_tokens": 512, "packing": True})]
         for name, data in variants:

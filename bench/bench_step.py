@@ -68,7 +68,8 @@ def run(root: Path, examples: list[dict], args, *, online: bool, profile: bool =
     lm = load_model(STUDENT).float().train()
     lm.config.use_cache = False
     loader = FusionLoader(DataConfig(data_dir=str(root), sources=list(SOURCES), k=10, max_length=128,
-                                     micro_batch_size=4, shuffle_buffer=1), tok, student=STUDENT)
+                                     micro_batch_size=4, shuffle_buffer=1, packing=False),  # padded, as
+                            tok, student=STUDENT)                            # recorded; bench_packing: packed
     step = FusionStep(lm, LossConfig(lam=0.9), loader.vocab_maps)
     opt = torch.optim.AdamW(lm.parameters(), lr=1e-5)
     scale = torch.ones(2)

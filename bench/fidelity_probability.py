@@ -96,7 +96,8 @@ def measure(t_spec: str, s_spec: str, work) -> dict:
     out: dict = {}
     for rule in RULES:
         loader = FusionLoader(DataConfig(data_dir=str(work), sources=["t"], k=K, max_length=4096, shuffle_buffer=1,
-                                         micro_batch_size=len(examples), span_rule=rule), s_tok,
+                                         micro_batch_size=len(examples), span_rule=rule, packing=False),
+                              s_tok,
                               student=s_spec)
         batch = next(iter(loader))
         out[rule] = {}

@@ -13,7 +13,8 @@ Sections, sized for under 7 minutes on one H100:
          (TFLOP/s) and a 2 GiB device-to-device copy (TB/s, bytes read + written)
   check  every backend against the reference on fresh random inputs in fp32 and bf16 (suite_checks.py:
          ragged shapes, V = 262,144, softcap, temperature, tail bucket, vocab maps; loss and all gradients),
-         the host syncs of one engine micro-step, and `pytest -m gpu`
+         the host syncs of one engine micro-step, the engine's packing check (attention kept inside the
+         examples of a packed row) for sdpa, eager and flash-attention where installed, and `pytest -m gpu`
   loss   forward+backward at N = 16,384, T = 3, K = 8, bf16, for H = 4,096 / V = 128,256 (Llama-3) and
          H = 3,840 / V = 262,144 (Gemma-3): triton, triton (deterministic), chunked, Cut Cross-Entropy (CE
          only), Liger fused-linear CE (CE only), Liger fused-linear JSD (one dense teacher), naive dense;
@@ -106,7 +107,8 @@ def section_env(device: torch.device, dry: bool) -> dict:
 def section_check(device: torch.device, dry: bool) -> dict:
     import suite_checks
 
-    out = {"backends": suite_checks.run_checks(device, dry), "syncs": suite_checks.sync_check(device)}
+    out = {"backends": suite_checks.run_checks(device, dry), "syncs": suite_checks.sync_check(device),
+           "packing": suite_checks.packing_check(device, dry)}
     if device.type == "cuda":
         env = dict(os.environ, PROFUSER_TEST_REAL_TRITON="1", PYTHONUNBUFFERED="1")
         env.pop("TRITON_INTERPRET", None)
@@ -224,6 +226,10 @@ def table(report: dict) -> str:
                                           for r in bad))
         lines.append("host syncs in a micro-step: " + ", ".join(
             f"{b}: {'none' if s['ok'] else s}" for b, s in chk["syncs"].items()))
+        lines.append("packed attention kept inside examples: " + ", ".join(
+            f"{r['model']}/{r['attn_implementation']} " + (f"ok (leak {r['leak']:.1e})" if r["ok"] else
+                                                           f"FAIL {r['error'][:120]}")
+            for r in chk.get("packing", [])))
         lines.append(f"pytest -m gpu: {chk['pytest_gpu']['summary']}")
     if report.get("loss"):
         lines += ["", "| case | method | ms (median) | TFLOP/s (6NHV) | of matmul peak | peak MiB | vs CCE | loss |",

@@ -185,3 +185,46 @@ def sync_check(device: torch.device) -> dict:
         out[backend] = {"python_entry_points": counts, "cuda_sync_warnings": len(cpp), "first": cpp[:3],
                         "ok": not counts and not cpp}
     return out
+
+
+def packing_check(device: torch.device, dry: bool) -> list[dict]:
+    """The engine's start-up packing check (engine/trainer/packing_check.py) on the device, for every attention
+    implementation this machine has: a random-init Llama-shaped and a Gemma-3-shaped backbone (sliding windows
+    shorter than the check's rows, so they matter), bf16 on CUDA, fp32 on the CPU. One row per (model,
+    implementation): the leak (0 or rounding where attention keeps a packed row's examples apart), ok or the
+    error. flash_attention_2/3 run only where their packages import (the varlen bounds path)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    from profuser.engine.trainer.packing_check import check_packed_attention
+
+    H, layers = (64, 2) if dry else (2048, 4)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    impls = ["sdpa", "eager"]
+    if device.type == "cuda" and is_flash_attn_2_available():
+        impls.append("flash_attention_2")
+    if device.type == "cuda" and is_flash_attn_3_available():
+        impls.append("flash_attention_3")
+    models = {
+        "llama": lambda: LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=H, intermediate_size=2 * H,
+                                                      num_hidden_layers=layers, num_attention_heads=H // 64,
+                                                      num_key_value_heads=max(H // 256, 1))),
+        "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(
+            vocab_size=32000, hidden_size=H, intermediate_size=2 * H, num_hidden_layers=layers,
+            num_attention_heads=H // 64, num_key_value_heads=max(H // 256, 1), head_dim=64, sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"] * (layers // 2))),
+    }
+    rows = []
+    for name, make in models.items():
+        torch.manual_seed(0)
+        lm = make().to(device=device, dtype=dtype)
+        for impl in impls:
+            row = {"model": name, "attn_implementation": impl, "dtype": str(dtype).removeprefix("torch.")}
+            try:
+                lm.set_attn_implementation(impl)
+                row.update(leak=check_packed_attention(lm.model, lm.config, device, dtype, name), ok=True)
+            except Exception as exc:  # noqa: BLE001 - a row per failure, the suite goes on
+                row.update(ok=False, error=f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+            rows.append(row)
+        del lm
+    return rows

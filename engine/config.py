@@ -97,8 +97,9 @@ class DataConfig:
     # longer than the budget is a micro-batch of its own); 0: micro_batch_size examples
     micro_batch_tokens: int = 0
     # pack a micro-batch's whole examples into rows (position_ids restart per example, attention stays inside
-    # each example: loader/packing.py) instead of one padded row per example
-    packing: bool = False
+    # each example: loader/packing.py, checked on the run's model at start: trainer/packing_check.py) instead
+    # of one padded row per example; never more positions than padding, the same gradients
+    packing: bool = True
     max_tokens_per_row: int = 0  # packing: tokens per row (0: max_length)
     pad_to_multiple_of: int = 8  # a batch's length is rounded up to a multiple of this
     drop_last: bool = False  # drop the last incomplete batch of an epoch

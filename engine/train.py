@@ -11,7 +11,9 @@ Launch (any of; no launcher-specific code, no sys.path edits):
 The recipe, top to bottom (one optimizer step = `optim.grad_accum` micro-steps per rank):
     setup         process group, the run's output folder claimed (trainer/output_dir.py), stores checked
                   (seconds, before any model loads), student loaded (partitioned under ZeRO-3), loaders,
-                  DeepSpeed engine, resume from the latest checkpoint (its data digests checked)
+                  DeepSpeed engine, with data.packing the check that the student's attention keeps a packed
+                  row's examples apart (trainer/packing_check.py), resume from the latest checkpoint (its
+                  data digests checked)
     train_step    w1, w2 = schedule(step): inference- / training-mode weights (a mode with w = 0 is not
                   loaded this step); fetch the window's micro-batches; trainer.step.run_window: per
                   micro-step ONE fusion_loss call over the rows of both modes, each row weighted by
@@ -63,6 +65,7 @@ from profuser.engine.trainer.deepspeed_setup import build_engine, deepspeed_conf
 from profuser.engine.trainer.evaluate import final_report, make_evaluator
 from profuser.engine.trainer.metrics_log import MetricsLogger, peak_memory_mb
 from profuser.engine.trainer.model_card import write_model_card
+from profuser.engine.trainer.packing_check import check_packed_attention
 from profuser.engine.trainer.schedule import active_modes, fusion_weights, lr_factor, stage_of
 from profuser.engine.trainer.step import NonFiniteLossError, WindowResult, run_window
 
@@ -178,6 +181,8 @@ def setup(cfg: TrainConfig) -> TrainingRun:
     check_vocab_rows(loader, full_shape(lm.get_output_embeddings().weight)[0], cfg.model.student)
     vocab_maps = [vm.to(device) if vm is not None else None for vm in loader.vocab_maps]
     engine, _, stage = build_engine(cfg, lm, vocab_maps, dtype)
+    if cfg.data.packing:  # before the first packed step: does this model keep a row's examples apart?
+        check_packed_attention(engine.module.backbone, lm.config, device, dtype, cfg.model.student)
     run = TrainingRun(cfg=cfg, info=info, device=device, engine=engine, stage=stage, tok=tok, streams=streams,
               pad_id=pad_id(tok), config_yaml=config_yaml, lock=lock,
               inputs={k: v for s in streams.values() for k, v in s.loader.input_digests().items()})

@@ -33,6 +33,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import MODE_ID, LossConfig
+from ..loader.packing import forward_kwargs as packed_forward_kwargs
+from ..loader.packing import varlen_bounds
 from ..models import LogitTransform
 
 # columns of the per-mode statistics FusionStep returns: [len(MODE_ID), 7]; sums over the mode's rows of the
@@ -78,8 +80,8 @@ class FusionStep(nn.Module):
         from profuser.kernels import fusion_loss
 
         head = self.lm.get_output_embeddings()
-        if batch.get("packed"):  # no mask: transformers builds the per-example causal mask from position_ids
-            kw = {"attention_mask": None, "position_ids": batch["position_ids"]}
+        if batch.get("packed"):  # attention kept inside each example (loader/packing.py)
+            kw = packed_forward_kwargs(batch, self.lm.config._attn_implementation)
         else:
             kw = {"attention_mask": None if batch.get("right_padded") else batch["attention_mask"]}
         hidden = self.backbone(input_ids=batch["input_ids"], use_cache=False, **kw)[0]
@@ -130,7 +132,8 @@ def merge_modes(batches: list[dict], pad_id: int) -> dict:
     Tensors: input_ids/attention_mask/labels [B, L] (and position_ids of packed batches); teacher_ids/logprobs
     [T, B, L, K]; weights [T, B, L]. Sets right_padded (bool): every row's mask is ones then zeros (FusionStep
     then needs no mask). Packed batches (loader/packing.py) stay packed: the padding appended to a row gets
-    position 0 at every slot (each pad token a sequence of its own), example_row is shifted by the rows before.
+    position 0 at every slot (each pad token a sequence of its own), example_row is shifted by the rows before,
+    the varlen bounds are those of the merged rows.
     """
     if len(batches) == 1:
         return dict(batches[0], right_padded=_right_padded(batches[0]["attention_mask"]))
@@ -157,6 +160,7 @@ def merge_modes(batches: list[dict], pad_id: int) -> dict:
     if all(packed):
         starts = torch.tensor([0] + [b["input_ids"].shape[0] for b in batches]).cumsum(0)
         out["example_row"] = torch.cat([b["example_row"] + s for b, s in zip(batches, starts.tolist())])
+        out["cu_seq_lens"], out["max_seq_len"] = varlen_bounds(out["position_ids"])
         out["packed"] = True
     out["n_tokens"] = sum(int(b["n_tokens"]) for b in batches)
     out["right_padded"] = _right_padded(out["attention_mask"])

@@ -43,6 +43,13 @@ def test_backend_checks_pass_and_cover_the_matrix(report):
     assert all(k in rows[0] for k in ("loss", "d_hidden", "d_weight"))
 
 
+def test_the_packing_check_runs_on_both_model_shapes(report):
+    rows = report["check"]["packing"]
+    assert {(r["model"], r["attn_implementation"]) for r in rows} == {
+        (m, a) for m in ("llama", "gemma3") for a in ("sdpa", "eager")}
+    assert all(r["ok"] and r["leak"] <= 1e-5 for r in rows), rows
+
+
 def test_micro_step_sync_free(report):
     syncs = report["check"]["syncs"]
     assert set(syncs) == {"chunked", "triton"} and all(s["ok"] for s in syncs.values()), syncs

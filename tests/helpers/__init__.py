@@ -102,11 +102,12 @@ def overrides(data: dict, out, **extra) -> list[str]:
 def fusion_loader(root, tok, *, sources, student: str, mode: str = "train", seed: int = 0, rank: int = 0,
                   world_size: int = 1, teacher_tokenizers: dict | None = None, source_models: dict | None = None,
                   **data):
-    """FusionLoader(DataConfig(data_dir=root, sources=sources, **data), tok, ...); `data` are DataConfig keys."""
+    """FusionLoader(DataConfig(data_dir=root, sources=sources, **data), tok, ...); `data` are DataConfig keys.
+    One padded row per example unless `packing=True` is passed (the tests read examples by row)."""
     from profuser.engine.config import DataConfig
     from profuser.engine.loader import FusionLoader
 
-    data = {"k": None, "max_length": 4096, **data}
+    data = {"k": None, "max_length": 4096, "packing": False, **data}
     return FusionLoader(DataConfig(data_dir=str(root), sources=list(sources), **data), tok, student=student,
                         mode=mode, seed=seed, rank=rank, world_size=world_size,
                         teacher_tokenizers=teacher_tokenizers, source_models=source_models)

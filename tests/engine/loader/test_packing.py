@@ -9,7 +9,7 @@ import torch
 
 import helpers as rt
 from profuser.engine.loader.collate import IGNORE_INDEX, collate
-from profuser.engine.loader.packing import collate_packed, first_fit
+from profuser.engine.loader.packing import collate_packed, first_fit, layout
 from profuser.engine.models import load_model, tiny_model_dir
 from profuser.engine.tools import synthetic as fx
 
@@ -21,6 +21,24 @@ def test_first_fit_keeps_whole_examples_in_order():
     assert first_fit([], 8) == []
     rows = first_fit([3] * 7, 10)
     assert rows == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_layout_never_lays_out_more_positions_than_padding():
+    """Rows of row_tokens, or of the longest example when that is fewer positions: never more than the padded
+    batch (n rows of the longest), and fuller rows where they pay."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        n, m = int(torch.randint(1, 9, (1,), generator=g)), int(torch.randint(1, 9, (1,), generator=g))
+        lengths = torch.randint(1, 130, (n,), generator=g).tolist()
+        rows = layout(lengths, 128, m)
+        width = -(-max(sum(lengths[i] for i in r) for r in rows) // m) * m
+        assert sorted(i for r in rows for i in r) == list(range(n))
+        assert len(rows) * width <= n * (-(-max(lengths) // m) * m), lengths
+    # rows of 128: [40 40 30 | 70] = 2 x 110 = 220 positions; rows of the longest (70): [40 30 | 40 | 70] =
+    # 3 x 70 = 210; padded: 4 x 70 = 280
+    assert layout([40, 40, 70, 30], 128) == [[0, 3], [1], [2]]
+    assert layout([60, 60, 61, 30], 128) == [[0, 1], [2, 3]]  # 2 x 120 = 240 < 4 x 61 = 244
+    assert layout([20] * 12, 128) == first_fit([20] * 12, 128)  # a budget's many short examples: full rows
 
 
 @pytest.fixture(scope="module")

@@ -47,9 +47,10 @@ def losses(out, kind="train"):
 
 @pytest.fixture(scope="module")
 def baseline(setup, tmp_path_factory):
-    """An uninterrupted chunked-backend run (ZeRO-3, world size 1) with eval and export."""
+    """An uninterrupted chunked-backend run (ZeRO-3, world size 1) with eval and export, padded (the packed
+    default is compared with it below)."""
     out = tmp_path_factory.mktemp("base")
-    summary = run_inproc(setup, out, **{"eval.data": setup["heldout"], "eval.max_examples": 6,
+    summary = run_inproc(setup, out, **{"data.packing": "false", "eval.data": setup["heldout"], "eval.max_examples": 6,
                                         "eval.references": False, "eval.n_samples": 1, "eval.max_new_tokens": 4})
     return out, summary
 
