@@ -182,3 +182,26 @@ def test_loader_packs_under_a_token_budget_and_resumes_the_same_rows(tmp_path):
     for x, y in zip(rest_a, rest_b):
         assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["position_ids"], y["position_ids"])
     assert [x["example_ids"] for x in first + rest_a] == [x["example_ids"] for x in batches]
+
+
+def test_merged_modes_carry_the_varlen_bounds_of_the_merged_rows(shard):
+    """merge_modes (one forward for both modes) pads packed rows to the longest and recomputes the bounds:
+    every example is one sequence of its own length, each appended pad token one of length 1."""
+    from collections import Counter
+
+    from profuser.engine.loader.packing import varlen_bounds
+    from profuser.engine.trainer.step import merge_modes
+
+    tok, sh, items = shard
+    a = collate_packed(items[:5], n_teachers=1, k=4, pad_id=0, row_tokens=192)
+    b = collate_packed(items[5:], n_teachers=1, k=4, pad_id=0, row_tokens=192)
+    assert a["input_ids"].shape[1] != b["input_ids"].shape[1]  # one of them gets padded
+    m = merge_modes([a, b], pad_id=0)
+    cu, longest = varlen_bounds(m["position_ids"])
+    assert torch.equal(m["cu_seq_lens"], cu) and m["max_seq_len"] == longest
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    real = [int(sh.enc.ids_off[i + 1] - sh.enc.ids_off[i]) for _, i in items]
+    pads = Counter(lengths) - Counter(real)  # what is left: the rows' padding, every example being a sequence
+    assert not Counter(real) - Counter(lengths)
+    assert sum(n * c for n, c in pads.items()) == int((m["attention_mask"] == 0).sum())
+    assert sum(lengths) == m["input_ids"].numel()
