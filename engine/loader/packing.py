@@ -85,8 +85,10 @@ def varlen_bounds(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
 def forward_kwargs(batch: dict, attn_implementation: str | None) -> dict:
     """The backbone's keyword arguments for a packed batch (module docstring): position_ids, no mask, and on
     flash-attention the varlen bounds (transformers' FlashAttentionKwargs)."""
+    from transformers.utils.generic import is_flash_attention_requested  # transformers' own rule, not a copy
+
     kw = {"attention_mask": None, "position_ids": batch["position_ids"]}
-    if attn_implementation and "flash" in attn_implementation:  # transformers' is_flash_attention_requested
+    if is_flash_attention_requested(requested_attention_implementation=attn_implementation):
         cu, longest = batch["cu_seq_lens"], int(batch["max_seq_len"])
         kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
     return kw
